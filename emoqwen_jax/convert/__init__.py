@@ -1,0 +1,5 @@
+"""Conversion between Hugging Face Qwen2.5-VL checkpoints, our orbax model directories and back."""
+
+from emoqwen_jax.convert.hf_import import config_from_hf, from_hf
+
+__all__ = ["config_from_hf", "from_hf"]

@@ -1,0 +1,193 @@
+"""Import a Hugging Face Qwen2.5-VL directory (config.json + safetensors, sharded or not) without torch.
+
+Every compressor expert starts as a copy of HF's patch merger, so a fresh import computes exactly what
+Qwen2.5-VL computes (any gate mixing of identical experts is the merger itself); the gate is freshly
+initialised from ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from emoqwen_jax.convert import hf_names
+from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.model.compressor import GateNetwork
+from emoqwen_jax.model.config import CompressorConfig, TextConfig, VisionConfig
+from emoqwen_jax.model.layers import as_dtype
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Hugging Face directory {path!r} does not exist")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path!r} has no config.json (expected a Qwen2.5-VL save_pretrained directory)")
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
+def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | None = None,
+                   dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
+    """Translates an HF Qwen2.5-VL config dict (nested transformers-5 or flat release format)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unknown architecture model_type={model_type!r} (architectures="
+                         f"{hf.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}")
+    text = dict(hf.get("text_config") or {})
+    for key, value in hf.items():  # the released checkpoints keep text fields at the top level
+        if key not in ("text_config", "vision_config"):
+            text.setdefault(key, value)
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
+    vis = dict(hf["vision_config"])
+    vis_rope = vis.get("rope_parameters") or {}
+    text_cfg = TextConfig(
+        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
+        num_heads=text["num_attention_heads"],
+        num_kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
+        intermediate_size=text["intermediate_size"], rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    vision_cfg = VisionConfig(
+        depth=vis["depth"], hidden_size=vis["hidden_size"], num_heads=vis["num_heads"],
+        intermediate_size=vis["intermediate_size"], in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+        patch_size=vis.get("patch_size", vis.get("spatial_patch_size", 14)),
+        temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
+        window_size=vis.get("window_size", 112), fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", ())),
+        tokens_per_second=float(vis.get("tokens_per_second", 2)), rope_theta=float(vis_rope.get("rope_theta", 1e4)))
+    out_hidden = vis.get("out_hidden_size", text_cfg.hidden_size)
+    if out_hidden != text_cfg.hidden_size:
+        raise ValueError(f"vision out_hidden_size={out_hidden} != text hidden_size={text_cfg.hidden_size}")
+    comp = CompressorConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in (compressor or {}).items()})
+    return ModelConfig(
+        vision=vision_cfg, text=text_cfg, compressor=comp,
+        image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
+        vision_start_token_id=hf.get("vision_start_token_id", 151652),
+        vision_end_token_id=hf.get("vision_end_token_id", 151653),
+        dtype=dtype, param_dtype=param_dtype or dtype)
+
+
+class TensorReader:
+    """Lazy reader over one or many safetensors files; names normalised to the file layout
+    (``model.layers.*``, ``visual.*``) whichever of HF's prefixes the files use."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path!r} has no *.safetensors weights")
+        self._where: dict[str, tuple[str, str]] = {}
+        for name in files:
+            full = os.path.join(path, name)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"weight shard {full!r} named in the index is missing")
+            with safe_open(full, framework="np") as f:
+                for key in f.keys():
+                    self._where[_normalise(key)] = (full, key)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self._where:
+            raise KeyError(key)
+        full, raw = self._where[key]
+        with safe_open(full, framework="np") as f:
+            return f.get_tensor(raw)
+
+
+def _normalise(key: str) -> str:
+    for old, new in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def load_entries(reader: TensorReader, entries: list[hf_names.Entry], pure: dict, dtype) -> set[str]:
+    """Fills ``pure`` (our pure-dict state of ShapeDtypeStructs) from ``reader``; returns the keys used."""
+    missing = sorted({k for e in entries for k in e.hf_keys if k not in reader._where})
+    if missing:
+        raise ValueError(f"{len(missing)} weight(s) missing from the checkpoint, e.g. {missing[:5]}")
+    used: set[str] = set()
+    for entry in entries:
+        arrays = [hf_names.hf_to_ours(reader.get(k), entry.kind) for k in entry.hf_keys]
+        used.update(entry.hf_keys)
+        value = arrays[0] if len(arrays) == 1 and entry.path[:2] != ("compressor", "experts") else np.stack(arrays)
+        want = tuple(_get(pure, entry.path).shape)
+        if tuple(value.shape) != want:
+            raise ValueError(f"shape of {entry.hf_keys[0]} does not fit: checkpoint gives {tuple(value.shape)} "
+                             f"(after conversion), the config needs {want} for {'/'.join(map(str, entry.path))}")
+        _set(pure, entry.path, jnp.asarray(value.astype(dtype)))
+    return used
+
+
+def _iter_paths(tree, prefix=()) -> Iterator[tuple]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _iter_paths(v, prefix + (k,))
+    else:
+        yield prefix
+
+
+def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
+            compressor: Mapping[str, Any] | None = None, seed: int = 0) -> EmotionQwen:
+    """Builds ``EmotionQwen`` from a Qwen2.5-VL directory; every expert is a copy of HF's merger.
+
+    Args:
+      path: directory with config.json and model.safetensors (or sharded files with an index).
+      dtype: compute dtype ('float32' for parity, 'bfloat16' for training); ``param_dtype`` defaults to it.
+      compressor: overrides of ``CompressorConfig`` fields (e.g. ``{"num_experts": 2}``).
+      seed: initialises the gating network (absent from Qwen2.5-VL).
+    """
+    hf = read_hf_config(path)
+    config = config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype)
+    reader = TensorReader(path)
+    abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    np_dtype = np.dtype(as_dtype(config.param_dtype))
+    entries = hf_names.backbone_entries(config)
+    entries += hf_names.expert_entries(config, [hf_names.HF_MERGER_PREFIX] * config.compressor.num_experts)
+    used = load_entries(reader, entries, pure, np_dtype)
+    if "gate" in pure.get("compressor", {}) and pure["compressor"]["gate"] is not None:
+        cdt = dict(dtype=as_dtype(config.dtype), param_dtype=as_dtype(config.param_dtype))
+        gate = GateNetwork(config.vision.hidden_size, config.compressor, rngs=nnx.Rngs(seed), **cdt)
+        pure["compressor"]["gate"] = nnx.to_pure_dict(nnx.state(gate))
+    unfilled = [p for p in _iter_paths(pure) if isinstance(_get(pure, p), jax.ShapeDtypeStruct)]
+    if unfilled:
+        raise ValueError(f"parameters not provided by the checkpoint: {unfilled[:5]}")
+    extra = sorted(set(reader.keys()) - used)
+    if extra:
+        log.warning("ignoring %d checkpoint tensors not used by the model, e.g. %s", len(extra), extra[:5])
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,91 @@
+"""The one table that ties our parameter paths to Hugging Face Qwen2.5-VL safetensors names.
+
+Import and export both walk this table, so a name is written once. Each entry says how the HF tensor becomes
+ours: ``copy`` (same layout), ``linear`` (HF [out, in] -> our kernel [in, out]), ``patch_embed`` (Conv3d
+[D, C, 2, 14, 14] -> kernel [C*2*14*14, D]). Expert entries carry one HF name per expert (stacked on axis 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from emoqwen_jax.model.config import ModelConfig
+
+# HF's own merger, copied into every expert of a fresh import.
+HF_MERGER_PREFIX = "visual.merger"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: tuple  # path in our nnx state (strings and list indices)
+    hf_keys: tuple[str, ...]  # one key; or one per expert for stacked expert weights
+    kind: str  # 'copy' | 'linear' | 'patch_embed'
+
+
+def _linear(path: tuple, hf: str, bias: bool) -> list[Entry]:
+    out = [Entry(path + ("kernel",), (hf + ".weight",), "linear")]
+    if bias:
+        out.append(Entry(path + ("bias",), (hf + ".bias",), "copy"))
+    return out
+
+
+def backbone_entries(config: ModelConfig) -> list[Entry]:
+    """ViT and decoder parameters (everything except the compressor)."""
+    e: list[Entry] = [Entry(("visual", "patch_embed", "proj", "kernel"), ("visual.patch_embed.proj.weight",),
+                            "patch_embed")]
+    for i in range(config.vision.depth):
+        ours, hf = ("visual", "blocks", i), f"visual.blocks.{i}"
+        e += [Entry(ours + ("norm1", "weight"), (f"{hf}.norm1.weight",), "copy"),
+              Entry(ours + ("norm2", "weight"), (f"{hf}.norm2.weight",), "copy")]
+        e += _linear(ours + ("attn", "qkv"), f"{hf}.attn.qkv", True)
+        e += _linear(ours + ("attn", "proj"), f"{hf}.attn.proj", True)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            e += _linear(ours + ("mlp", proj), f"{hf}.mlp.{proj}", True)
+    lm = ("language_model",)
+    e.append(Entry(lm + ("embed_tokens",), ("model.embed_tokens.weight",), "copy"))
+    for i in range(config.text.num_layers):
+        ours, hf = lm + ("layers", i), f"model.layers.{i}"
+        e += [Entry(ours + ("input_layernorm", "weight"), (f"{hf}.input_layernorm.weight",), "copy"),
+              Entry(ours + ("post_attention_layernorm", "weight"), (f"{hf}.post_attention_layernorm.weight",), "copy")]
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            e += _linear(ours + ("self_attn", proj), f"{hf}.self_attn.{proj}", True)
+        e += _linear(ours + ("self_attn", "o_proj"), f"{hf}.self_attn.o_proj", False)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            e += _linear(ours + ("mlp", proj), f"{hf}.mlp.{proj}", False)
+    e.append(Entry(lm + ("norm", "weight"), ("model.norm.weight",), "copy"))
+    if not config.text.tie_word_embeddings:
+        e += _linear(lm + ("lm_head",), "lm_head", False)
+    return e
+
+
+def expert_entries(config: ModelConfig, merger_prefixes: list[str]) -> list[Entry]:
+    """Stacked expert mergers; ``merger_prefixes[e]`` is the HF prefix of expert e's merger."""
+    ex = ("compressor", "experts")
+    pick = lambda suffix: tuple(f"{p}.{suffix}" for p in merger_prefixes)  # noqa: E731
+    return [Entry(ex + ("ln_q_weight",), pick("ln_q.weight"), "copy"),
+            Entry(ex + ("mlp_0_kernel",), pick("mlp.0.weight"), "linear"),
+            Entry(ex + ("mlp_0_bias",), pick("mlp.0.bias"), "copy"),
+            Entry(ex + ("mlp_2_kernel",), pick("mlp.2.weight"), "linear"),
+            Entry(ex + ("mlp_2_bias",), pick("mlp.2.bias"), "copy")]
+
+
+def hf_to_ours(tensor: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "copy":
+        return tensor
+    if kind == "linear":
+        return tensor.T
+    if kind == "patch_embed":
+        return tensor.reshape(tensor.shape[0], -1).T
+    raise ValueError(f"unknown conversion kind {kind!r}")
+
+
+def ours_to_hf(array: np.ndarray, kind: str, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if kind == "copy":
+        return array
+    if kind == "linear":
+        return array.T
+    if kind == "patch_embed":
+        return array.T.reshape(hf_shape)
+    raise ValueError(f"unknown conversion kind {kind!r}")

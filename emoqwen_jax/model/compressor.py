@@ -1,0 +1,141 @@
+"""The Hybrid Compressor (the paper's MoE between the ViT and the LLM).
+
+Paper mode (``routing='sample'``): E patch-merger experts (default 2: general, emotion), each exactly a
+Qwen2.5-VL patch merger — RMSNorm -> 2x2 merge -> Linear -> GELU -> Linear to the LLM width — and a gating
+network that turns each image/video into one softmax weight vector over the experts:
+
+    gate input (mean ViT feature of the item, or all its tokens) -> multi-head self-attention
+    -> [Linear -> ReLU -> LayerNorm] x 2 -> Linear -> softmax            (weights float32[G, E])
+    tokens = sum_e weight[item(token), e] * expert_e(features)
+
+Expert weights are stored stacked on a leading ``expert`` axis (float[E, ...]) so that the expert dimension
+can be sharded over an ``expert`` mesh axis; the HF merger maps onto every slice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emoqwen_jax.model.config import CompressorConfig, VisionConfig
+from emoqwen_jax.model.layers import LayerNorm, Linear, as_dtype, dot_product_attention, param
+
+Array = jax.Array
+
+
+class ExpertMergers(nnx.Module):
+    """E Qwen2.5-VL patch mergers with stacked weights: ln_q.weight [E, Dv], mlp_0 [E, 4Dv, 4Dv] (+bias),
+    mlp_2 [E, 4Dv, Dout] (+bias) — the HF names ``ln_q``, ``mlp.0``, ``mlp.2``."""
+
+    def __init__(self, num_experts: int, vision_hidden: int, out_hidden: int, merge_unit: int, *,
+                 rngs: nnx.Rngs, dtype, param_dtype, eps: float = 1e-6):
+        e, dv, dm = num_experts, vision_hidden, vision_hidden * merge_unit
+        init = jax.nn.initializers.normal(0.02)
+        zeros = jax.nn.initializers.zeros
+        self.ln_q_weight = nnx.Param(jnp.ones((e, dv), param_dtype), logical_axes=("expert", "embed"))
+        self.mlp_0_kernel = param(rngs, init, (e, dm, dm), param_dtype, ("expert", "merge", "mlp"))
+        self.mlp_0_bias = param(rngs, zeros, (e, dm), param_dtype, ("expert", "mlp"))
+        self.mlp_2_kernel = param(rngs, init, (e, dm, out_hidden), param_dtype, ("expert", "mlp", "embed_out"))
+        self.mlp_2_bias = param(rngs, zeros, (e, out_hidden), param_dtype, ("expert", "embed_out"))
+        self.merge_unit = merge_unit
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        """x float[P, Dv] (groups of ``merge_unit`` consecutive patches form one token) -> float[E, U, Dout]."""
+        x32 = x.astype(jnp.float32)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        h = self.ln_q_weight[...].astype(jnp.float32)[:, None, :] * normed[None].astype(jnp.float32)  # [E, P, Dv]
+        h = h.astype(self.dtype).reshape(h.shape[0], -1, self.merge_unit * h.shape[-1])  # [E, U, 4Dv]
+        h = jnp.einsum("eui,eij->euj", h, self.mlp_0_kernel[...].astype(self.dtype))
+        h = jax.nn.gelu(h + self.mlp_0_bias[...].astype(self.dtype)[:, None], approximate=False)
+        h = jnp.einsum("eui,eij->euj", h, self.mlp_2_kernel[...].astype(self.dtype))
+        return h + self.mlp_2_bias[...].astype(self.dtype)[:, None]
+
+
+class GateAttention(nnx.Module):
+    """torch ``nn.MultiheadAttention``-style self-attention (separate q/k/v projections with bias)."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(dim, dim, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(dim, dim, axes=("embed", "heads"), **kw)
+        self.v_proj = Linear(dim, dim, axes=("embed", "heads"), **kw)
+        self.out_proj = Linear(dim, dim, axes=("heads", "embed"), **kw)
+        self.num_heads = num_heads
+
+    def __call__(self, x: Array, mask: Array | None) -> Array:
+        """x float[B, T, D]; mask bool[B, 1, T, T] or None -> float[B, T, D]."""
+        b, t, d = x.shape
+        h = d // self.num_heads
+        split = lambda y: y.reshape(b, t, self.num_heads, h)  # noqa: E731
+        out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask,
+                                    scale=h**-0.5)
+        return self.out_proj(out.reshape(b, t, d))
+
+
+class GateNetwork(nnx.Module):
+    """Per-item expert weights from the item's ViT features (structure as published; sizes configurable)."""
+
+    def __init__(self, vision_hidden: int, cfg: CompressorConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        hid = cfg.gate_hidden_size
+        self.attention = GateAttention(vision_hidden, cfg.gate_num_heads, **kw)
+        self.fc1 = Linear(vision_hidden, hid, use_bias=True, axes=("embed", "gate"), **kw)
+        self.norm1 = LayerNorm(hid, axis_name="gate", dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = Linear(hid, hid, use_bias=True, axes=("gate", "gate"), **kw)
+        self.norm2 = LayerNorm(hid, axis_name="gate", dtype=dtype, param_dtype=param_dtype)
+        self.head = Linear(hid, cfg.num_experts, use_bias=True, axes=("gate", None), **kw)
+        self.gate_input = cfg.gate_input
+
+    def __call__(self, features: Array, patch_item: Array, num_items: int) -> Array:
+        """features float[P, Dv]; patch_item int[P] (-1 = padding) -> weights float32[G, E]."""
+        valid = patch_item >= 0
+        onehot = (patch_item[:, None] == jnp.arange(num_items)[None, :]) & valid[:, None]  # [P, G]
+        counts = jnp.maximum(onehot.sum(0), 1).astype(jnp.float32)
+        if self.gate_input == "pooled":
+            pooled = jnp.einsum("pg,pd->gd", onehot.astype(jnp.float32), features.astype(jnp.float32))
+            pooled = (pooled / counts[:, None]).astype(features.dtype)
+            x = self.attention(pooled[:, None, :], None)[:, 0]  # self-attention over the single pooled token
+        else:
+            same = (patch_item[:, None] == patch_item[None, :])[None, None]
+            attended = self.attention(features[None], same)[0]  # [P, Dv], attention within each item
+            x = jnp.einsum("pg,pd->gd", onehot.astype(jnp.float32), attended.astype(jnp.float32))
+            x = (x / counts[:, None]).astype(features.dtype)
+        x = self.norm1(jax.nn.relu(self.fc1(x)))
+        x = self.norm2(jax.nn.relu(self.fc2(x)))
+        return jax.nn.softmax(self.head(x).astype(jnp.float32), axis=-1)
+
+
+class HybridCompressor(nnx.Module):
+    def __init__(self, cfg: CompressorConfig, vision: VisionConfig, out_hidden: int, *, rngs: nnx.Rngs,
+                 dtype="float32", param_dtype="float32"):
+        if cfg.routing != "sample":
+            raise ValueError(f"compressor.routing={cfg.routing!r} is not available in this build; use 'sample'")
+        dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+        self.experts = ExpertMergers(cfg.num_experts, vision.hidden_size, out_hidden, vision.merge_unit, rngs=rngs,
+                                     dtype=dtype, param_dtype=param_dtype)
+        self.gate = (GateNetwork(vision.hidden_size, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                     if cfg.num_experts > 1 else None)
+        self.num_experts = cfg.num_experts
+        self.merge_unit = vision.merge_unit
+
+    def __call__(self, features: Array, patch_item: Array, num_items: int) -> tuple[Array, Array]:
+        """Mixes the experts.
+
+        Args:
+          features: float[P, Dv] ViT output (any order in which merge groups are contiguous).
+          patch_item: int[P] item id of each patch in the same order (-1 = padding).
+          num_items: G, the static number of item slots.
+        Returns:
+          tokens float[U, Dout] in the same unit order, and gate weights float32[G, E].
+        """
+        expert_out = self.experts(features)  # [E, U, Dout]
+        if self.gate is None:
+            return expert_out[0], jnp.ones((num_items, 1), jnp.float32)
+        weights = self.gate(features, patch_item, num_items)  # [G, E]
+        unit_item = patch_item.reshape(-1, self.merge_unit)[:, 0]
+        unit_weights = jnp.where((unit_item >= 0)[:, None], weights[jnp.maximum(unit_item, 0)], 0.0)
+        tokens = jnp.einsum("eud,ue->ud", expert_out.astype(jnp.float32), unit_weights)
+        return tokens.astype(expert_out.dtype), weights

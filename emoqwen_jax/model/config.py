@@ -1,0 +1,202 @@
+"""Architecture configs: frozen, validated once, built from the run config's ``config.model``.
+
+The run config (``configs/emotion_qwen.py``) is an ml_collections ConfigDict that users override from the
+command line; the model only ever sees these frozen dataclasses, so a bad value fails at start-up with a
+message that names the numbers, never deep inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The Qwen2.5-VL vision transformer (HF ``Qwen2_5_VLVisionConfig`` minus the merger, which lives in
+    the compressor)."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: C * temporal_patch * patch * patch (1176 for Qwen2.5-VL)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision.hidden_size={self.hidden_size} not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"vision head_dim={self.head_dim} must be divisible by 4 (2-D rotary splits h and w)")
+        unit = self.spatial_merge_size * self.patch_size
+        if self.window_size % unit:
+            raise ValueError(
+                f"vision.window_size={self.window_size} must be a multiple of spatial_merge_size*patch_size={unit}"
+            )
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"vision.fullatt_block_indexes {bad} outside [0, depth={self.depth})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2.5 decoder (HF ``Qwen2_5_VLTextConfig``)."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    intermediate_size: int = 18944
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"text.hidden_size={self.hidden_size} not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"text.num_heads={self.num_heads} not divisible by num_kv_heads={self.num_kv_heads}")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(
+                f"text.mrope_section={tuple(self.mrope_section)} must have 3 entries summing to head_dim/2="
+                f"{self.head_dim // 2}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressorConfig:
+    """The Hybrid Compressor: patch-merger experts mixed by a gate.
+
+    ``routing='sample'`` is the paper's mode (one softmax weight vector per image/video from the gating
+    network); ``'token'`` (scale mode: per-token top-k routing) is configured by the remaining fields.
+    """
+
+    routing: str = "sample"
+    num_experts: int = 2
+    expert_names: tuple[str, ...] = ("general", "emotion")
+    gate_input: str = "pooled"  # 'pooled': one mean ViT vector per item (as released) | 'tokens': all tokens
+    gate_num_heads: int = 8
+    gate_hidden_size: int = 512
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    dispatch: str = "einsum"
+    lb_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    init_noise_std: float = 0.0
+
+    def validate(self, vision_hidden: int) -> None:
+        if self.routing not in ("sample", "token"):
+            raise ValueError(f"compressor.routing={self.routing!r}; choose 'sample' or 'token'")
+        if self.num_experts < 1:
+            raise ValueError(f"compressor.num_experts={self.num_experts} must be >= 1")
+        if self.expert_names and len(self.expert_names) != self.num_experts:
+            raise ValueError(
+                f"compressor.expert_names={tuple(self.expert_names)} has {len(self.expert_names)} names for "
+                f"num_experts={self.num_experts} (leave it empty for generic names)"
+            )
+        if self.gate_input not in ("pooled", "tokens"):
+            raise ValueError(f"compressor.gate_input={self.gate_input!r}; choose 'pooled' or 'tokens'")
+        if vision_hidden % self.gate_num_heads:
+            raise ValueError(
+                f"vision.hidden_size={vision_hidden} not divisible by compressor.gate_num_heads={self.gate_num_heads}"
+            )
+        if self.dispatch not in ("einsum", "shard_map", "ragged"):
+            raise ValueError(f"compressor.dispatch={self.dispatch!r}; choose 'einsum', 'shard_map' or 'ragged'")
+        if self.routing == "token" and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"compressor.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    compressor: CompressorConfig = dataclasses.field(default_factory=CompressorConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of the weights (master weights stay float32 in training)
+    remat: str = "none"  # 'none' | 'block': recompute each ViT/decoder block in the backward pass
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.text.validate()
+        self.compressor.validate(self.vision.hidden_size)
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {_DTYPES}")
+        if self.remat not in ("none", "block"):
+            raise ValueError(f"model.remat={self.remat!r}; choose 'none' or 'block'")
+        ids = [self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id]
+        if max(ids) >= self.text.vocab_size:
+            raise ValueError(f"special token ids {ids} must be < text.vocab_size={self.text.vocab_size}")
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        names = tuple(self.compressor.expert_names)
+        return names if names else tuple(f"expert_{i}" for i in range(self.compressor.num_experts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Builds from a (possibly nested ConfigDict-like) mapping; unknown keys are an error."""
+        d = dict(d)
+        sub = {"vision": VisionConfig, "text": TextConfig, "compressor": CompressorConfig}
+        kwargs = {}
+        for key, value in d.items():
+            if key in sub:
+                kwargs[key] = _build(sub[key], value, prefix=f"model.{key}")
+            else:
+                kwargs[key] = value
+        return _build(cls, kwargs, prefix="model", already_built=True)
+
+
+def _build(cls, values, *, prefix: str, already_built: bool = False):
+    if isinstance(values, cls):
+        return values
+    values = dict(values)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in {prefix}; valid: {sorted(fields)}")
+    out = {}
+    for key, value in values.items():
+        default = fields[key].default
+        if isinstance(value, (list, tuple)) or (default is not dataclasses.MISSING and isinstance(default, tuple)):
+            value = tuple(value)
+        out[key] = value
+    return cls(**out)

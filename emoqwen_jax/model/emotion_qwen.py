@@ -1,0 +1,115 @@
+"""EmotionQwen: ViT -> Hybrid Compressor -> Qwen2.5 decoder.
+
+Two entry points:
+  * ``model.forward(inputs)`` — the jittable core. ``inputs`` is the dict of fixed-shape arrays built on
+    the host by ``emoqwen_jax.layout.build_model_inputs`` (the trainer builds the same dict in its data
+    pipeline with bucketed shapes).
+  * ``model(input_ids=..., pixel_values=..., image_grid_thw=..., ...)`` — a Hugging Face-style call taking
+    numpy or jax arrays: it builds the layout on the host and runs a jitted ``forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emoqwen_jax import layout
+from emoqwen_jax.model.compressor import HybridCompressor
+from emoqwen_jax.model.config import ModelConfig
+from emoqwen_jax.model.text import TextModel, causal_padding_mask
+from emoqwen_jax.model.vision import VisionTransformer, from_window_order
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    logits: Array  # float32[B, L, V]
+    gate_weights: Array  # float32[G, E], one row per visual item (images first, then videos)
+    aux_loss: Array  # float32[] auxiliary losses of the compressor (0 in paper mode)
+    rope_deltas: Array | None = None  # int32[B], HF's M-RoPE delta for decoding
+
+
+def layout_spec(config: ModelConfig) -> layout.LayoutSpec:
+    v = config.vision
+    return layout.LayoutSpec(
+        image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id, patch_size=v.patch_size,
+        spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+        tokens_per_second=v.tokens_per_second, patch_dim=v.patch_dim)
+
+
+class EmotionQwen(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        remat = config.remat == "block"
+        dt = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        self.visual = VisionTransformer(config.vision, rngs=rngs, remat=remat, **dt)
+        self.compressor = HybridCompressor(config.compressor, config.vision, config.text.hidden_size, rngs=rngs, **dt)
+        self.language_model = TextModel(config.text, rngs=rngs, remat=remat, **dt)
+
+    # ---- jittable core -------------------------------------------------------------------------------
+    def encode_vision(self, inputs: dict[str, Array]) -> tuple[Array, Array]:
+        """pixel_values float[P, 1176] + layout -> merged visual tokens float[U, D] (HF order) and gate
+        weights float32[G, E]."""
+        features = self.visual(
+            inputs["pixel_values"], pos_hw=inputs["vision_pos_hw"], window_index=inputs["vision_window_index"],
+            frame_segment=inputs["vision_frame_segment"], window_segment=inputs["vision_window_segment"])
+        tokens, gate_weights = self.compressor(features, inputs["vision_patch_item"],
+                                               inputs["vision_item_valid"].shape[0])
+        return from_window_order(tokens, inputs["vision_window_index"]), gate_weights
+
+    def embed(self, inputs: dict[str, Array]) -> tuple[Array, Array]:
+        """Token embeddings with the visual tokens scattered into the placeholder positions: float[B, L, D]."""
+        embeds = self.language_model.embed(inputs["input_ids"])
+        num_items = inputs["vision_item_valid"].shape[0]
+        if inputs["pixel_values"].shape[0] == 0:
+            return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32)
+        visual, gate_weights = self.encode_vision(inputs)
+        index = inputs["visual_token_index"]
+        gathered = visual[jnp.maximum(index, 0)].astype(embeds.dtype)
+        return jnp.where((index >= 0)[..., None], gathered, embeds), gate_weights
+
+    def forward(self, inputs: dict[str, Array]) -> ModelOutput:
+        embeds, gate_weights = self.embed(inputs)
+        mask = causal_padding_mask(inputs["attention_mask"])
+        hidden, _ = self.language_model(embeds, inputs["position_ids"], mask)
+        return ModelOutput(logits=self.language_model.logits(hidden), gate_weights=gate_weights,
+                           aux_loss=jnp.zeros((), jnp.float32), rope_deltas=inputs.get("rope_deltas"))
+
+    # ---- Hugging Face-style call ---------------------------------------------------------------------
+    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                       pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                       **layout_kwargs) -> dict[str, np.ndarray]:
+        as_np = lambda x: None if x is None else np.asarray(x)  # noqa: E731
+        return layout.build_model_inputs(
+            as_np(input_ids), as_np(attention_mask), as_np(pixel_values), as_np(image_grid_thw),
+            as_np(pixel_values_videos), as_np(video_grid_thw), as_np(second_per_grid_ts),
+            spec=layout_spec(self.config), position_ids=as_np(position_ids), **layout_kwargs)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                 **layout_kwargs: Any) -> ModelOutput:
+        inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                     video_grid_thw, second_per_grid_ts, position_ids, **layout_kwargs)
+        return _jit_forward(self, inputs)
+
+
+@nnx.jit
+def _jit_forward(model: EmotionQwen, inputs: dict[str, Array]) -> ModelOutput:
+    return model.forward(inputs)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def abstract_model(config: ModelConfig) -> EmotionQwen:
+    """The model with ShapeDtypeStruct leaves (no memory): ``jax.eval_shape`` of the constructor."""
+    return nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(0)))

