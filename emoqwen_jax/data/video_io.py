@@ -50,7 +50,7 @@ class VideoInfo:
 def probe(container: av.container.InputContainer) -> VideoInfo:
     """Demuxes (no decoding) to list every frame's pts; raises Rejected for unusable streams."""
     if not container.streams.video:
-        raise Rejected("corrupt_video", "no video stream")
+        raise Rejected("zero_frames", "the container holds no video stream (no frames)")
     stream = container.streams.video[0]
     try:
         pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
@@ -126,7 +126,7 @@ def read_video(source: str | bytes | os.PathLike,
 
 def write_video(path: str | os.PathLike | io.BytesIO, frames: np.ndarray, fps: float, *, codec: str = "libx264",
                 gop: int = 12, faststart: bool = False) -> None:
-    """uint8[T, H, W, 3] RGB → an mp4 (H, W even for yuv420p). Used by the demo set, tests and the bench."""
+    """uint8[T, H, W, 3] RGB → an mp4 (H, W even for yuv420p; T may be 0). For the demo set, tests, bench."""
     from fractions import Fraction  # noqa: PLC0415
 
     container = av.open(path, mode="w", format="mp4", options={"movflags": "faststart"} if faststart else {})
@@ -137,6 +137,7 @@ def write_video(path: str | os.PathLike | io.BytesIO, frames: np.ndarray, fps: f
         stream.gop_size = gop
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "crf": "18"}
+        container.start_encoding()
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)

@@ -18,6 +18,7 @@ def clip_dir(tmp_path_factory):
     for name, (n, fps) in specs.items():
         video_io.write_video(str(root / f"{name}.mp4"), numbered_frames(n), fps, gop=4)
     video_io.write_video(str(root / "one_frame.mp4"), numbered_frames(1), 10.0)
+    video_io.write_video(str(root / "zero_frames.mp4"), numbered_frames(0), 10.0, codec="mpeg4")
     full = (root / "c29_30.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(full[: len(full) // 3])
     video_io.write_video(str(root / "faststart.mp4"), numbered_frames(29), 30.0, gop=4, faststart=True)

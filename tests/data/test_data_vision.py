@@ -150,7 +150,7 @@ def test_seeking_decode_equals_sequential_decode(clip_dir):
 @pytest.mark.parametrize("name,reason", [("truncated.mp4", "corrupt_video"),
                                          ("truncated_faststart.mp4", "corrupt_video"), ("garbage.mp4", "corrupt_video"),
                                          ("empty.mp4", "corrupt_video"), ("missing.mp4", "missing_file"),
-                                         ("one_frame.mp4", "too_few_frames")])
+                                         ("one_frame.mp4", "too_few_frames"), ("zero_frames.mp4", "zero_frames")])
 def test_bad_videos_are_rejected_with_reason(clip_dir, name, reason):
     with pytest.raises(Rejected) as e:
         vision.process_video(str(clip_dir / name), fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PX,
