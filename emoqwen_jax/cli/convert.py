@@ -1,0 +1,64 @@
+r"""emoqwen-convert: move weights between Hugging Face and our model directories.
+
+  emoqwen-convert from-hf --hf_dir /path/to/Qwen2.5-VL-7B-Instruct --out /path/to/emoqwen-7b \
+      [--dtype float32|bfloat16] [--num_experts 2] [--expert_names general,emotion] [--seed 0] [--overwrite]
+
+``from-hf`` copies HF's patch merger into every compressor expert (so the imported model computes exactly
+what Qwen2.5-VL computes) and initialises the gating network from ``--seed``; it needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _from_hf(args: argparse.Namespace) -> int:
+    from emoqwen_jax.convert import from_hf
+    from emoqwen_jax.convert.model_dir import save_model
+    from emoqwen_jax.model import count_params
+
+    compressor = {"num_experts": args.num_experts}
+    names = [n for n in args.expert_names.split(",") if n] if args.expert_names is not None else None
+    if names is None and args.num_experts != 2:
+        names = []  # generic names expert_0..expert_{E-1}
+    if names is not None:
+        compressor["expert_names"] = tuple(names)
+    start = time.time()
+    model = from_hf(args.hf_dir, dtype=args.dtype, compressor=compressor, seed=args.seed)
+    out = save_model(model, args.out, meta={"source": "hf", "hf_dir": args.hf_dir, "seed": args.seed},
+                     overwrite=args.overwrite)
+    print(json.dumps({"out": out, "parameters": count_params(model), "num_experts": args.num_experts,
+                      "dtype": args.dtype, "seconds": round(time.time() - start, 1)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emoqwen-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("from-hf", help="Qwen2.5-VL directory -> our model directory (orbax + config.json)")
+    p.add_argument("--hf_dir", required=True, help="HF directory with config.json and *.safetensors")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--num_experts", type=int, default=2, help="compressor experts, each a copy of HF's merger")
+    p.add_argument("--expert_names", default=None, help="comma-separated expert names (default general,emotion)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the gating network's initialisation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    p.set_defaults(func=_from_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"emoqwen-convert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Our model directory: ``config.json`` (architecture + provenance) and ``params/`` (an orbax checkpoint of
+the parameters). Every command that takes ``--ckpt`` accepts one; ``emoqwen-convert from-hf`` writes one.
+
+    DIR/config.json   {"format": "emoqwen_jax.model", "version": 1, "model": {...ModelConfig...}, "meta": {...}}
+    DIR/params/       orbax StandardCheckpointer of the nnx parameter state
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from emoqwen_jax.model import EmotionQwen, ModelConfig
+
+FORMAT = "emoqwen_jax.model"
+VERSION = 1
+
+
+def save_model(model: EmotionQwen, out_dir: str, meta: dict[str, Any] | None = None, *, overwrite: bool = False) -> str:
+    """Writes ``model`` to ``out_dir``; refuses to overwrite an existing model unless asked."""
+    out_dir = os.path.abspath(out_dir)
+    params_dir = os.path.join(out_dir, "params")
+    if os.path.exists(params_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a model; pass overwrite=True (--overwrite) to replace it")
+    os.makedirs(out_dir, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, nnx.state(model, nnx.Param), force=overwrite)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), "meta": meta or {}}, f,
+                  indent=2)
+    return out_dir
+
+
+def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path!r} is not a model directory (no config.json)")
+    with open(cfg_file) as f:
+        blob = json.load(f)
+    if blob.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file} is not an emoqwen_jax model (format={blob.get('format')!r}); for a Hugging "
+                         f"Face directory use emoqwen_jax.convert.from_hf or `emoqwen-convert from-hf`")
+    return ModelConfig.from_dict(blob["model"]), blob.get("meta", {})
+
+
+def is_model_dir(path: str) -> bool:
+    try:
+        read_model_config(path)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def load_model(path: str, *, dtype: str | None = None) -> EmotionQwen:
+    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype)."""
+    config, _ = read_model_config(path)
+    if dtype is not None:
+        config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})
+    abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), state)
+    return nnx.merge(graphdef, restored)
