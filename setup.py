@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "opencv-python-headless==4.14.0.94",
     "tqdm",
     "absl-py",
+    "matplotlib==3.11.2",
 ]
 
 EXTRAS = {
@@ -34,6 +35,7 @@ EXTRAS = {
         "pytest-xdist",
         "transformers==5.24.0",
         "scikit-image",
+        "scikit-learn==1.9.1",
     ],
     "hf": ["transformers==5.24.0"],
 }
@@ -51,6 +53,9 @@ setup(
             "emoqwen-run-sample=emoqwen_jax.cli.run_sample:main",
             "emoqwen-convert=emoqwen_jax.cli.convert:main",
             "emoqwen-data=emoqwen_jax.cli.data:main",
+            "emoqwen-describe=emoqwen_jax.cli.describe:main",
+            "emoqwen-eval=emoqwen_jax.cli.eval:main",
+            "emoqwen-score=emoqwen_jax.cli.score:main",
         ]
     },
 )
