@@ -34,7 +34,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.faces.fusion = "none"  # 'none', or 'extra': face-canvas frames as an extra visual input after the frames
     c.faces.scale_factor = 1.1  # Haar detectMultiScale scaleFactor
     c.faces.min_neighbors = 5  # Haar detectMultiScale minNeighbors
-    c.faces.min_size = 24  # smallest face side in pixels the detector reports
+    c.faces.min_size = 24  # smallest face side in pixels (of the original frame) the detector reports
+    c.faces.detect_max_side = 320  # detect on frames downscaled to this longest side (0 = full size); ~4x faster at 640
     c.faces.margin = 0.1  # crop grows by this fraction of the box on each side before pasting
     c.faces.detect_every = 1  # run the detector on every n-th sampled frame, reuse boxes in between
 

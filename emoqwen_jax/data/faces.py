@@ -31,7 +31,7 @@ class FaceDetector(Protocol):
 class HaarDetector:
     """OpenCV Haar cascade (``haarcascade_frontalface_default.xml`` from ``cv2.data.haarcascades``)."""
 
-    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 24):
+    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 24, max_side: int = 0):
         import cv2  # noqa: PLC0415 — workers import it only when faces are on
 
         path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
@@ -40,29 +40,38 @@ class HaarDetector:
             raise RuntimeError(f"cannot load the Haar cascade {path}; opencv-python-headless must be 4.x")
         self._cv2 = cv2
         self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
+        self.max_side = max_side
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        gray = self._cv2.cvtColor(np.ascontiguousarray(frame), self._cv2.COLOR_RGB2GRAY)
-        boxes = self._cascade.detectMultiScale(gray, self.scale_factor, self.min_neighbors,
-                                               minSize=(self.min_size, self.min_size))
-        return np.asarray(boxes, np.int32).reshape(-1, 4)
+        cv2 = self._cv2
+        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+        # Detecting on a downscaled frame costs (max_side / side)² of the time; boxes are scaled back.
+        scale = min(1.0, self.max_side / max(gray.shape)) if self.max_side else 1.0
+        if scale < 1.0:
+            gray = cv2.resize(gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)),
+                              interpolation=cv2.INTER_AREA)
+        min_size = max(1, round(self.min_size * scale))
+        boxes = self._cascade.detectMultiScale(gray, self.scale_factor, self.min_neighbors, minSize=(min_size, min_size))
+        return np.round(np.asarray(boxes, np.float64).reshape(-1, 4) / scale).astype(np.int32)
 
 
 _DETECTORS: dict[str, Callable[..., FaceDetector]] = {"haar": HaarDetector}
 
 
 def register_detector(name: str, factory: Callable[..., FaceDetector]) -> None:
-    """Makes ``config.data.faces.detector = name`` build ``factory(scale_factor=, min_neighbors=, min_size=)``."""
+    """Makes ``config.data.faces.detector = name`` build
+    ``factory(scale_factor=, min_neighbors=, min_size=, max_side=)``."""
     _DETECTORS[name] = factory
 
 
 @functools.lru_cache(maxsize=4)
-def make_detector(name: str = "haar", scale_factor: float = 1.1, min_neighbors: int = 5,
-                  min_size: int = 24) -> FaceDetector:
+def make_detector(name: str = "haar", scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 24,
+                  max_side: int = 0) -> FaceDetector:
     """One detector per process and setting (cascades do not pickle, so grain workers build their own)."""
     if name not in _DETECTORS:
         raise ValueError(f"unknown face detector {name!r}; registered: {sorted(_DETECTORS)}")
-    return _DETECTORS[name](scale_factor=scale_factor, min_neighbors=min_neighbors, min_size=min_size)
+    return _DETECTORS[name](scale_factor=scale_factor, min_neighbors=min_neighbors, min_size=min_size,
+                            max_side=max_side)
 
 
 def face_canvas(frame: np.ndarray, boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
@@ -97,4 +106,5 @@ def capture_faces(frames: np.ndarray, detector: FaceDetector, *, margin: float =
 
 def detector_from_config(faces_cfg: Any) -> FaceDetector:
     return make_detector(faces_cfg.get("detector", "haar"), float(faces_cfg.get("scale_factor", 1.1)),
-                         int(faces_cfg.get("min_neighbors", 5)), int(faces_cfg.get("min_size", 24)))
+                         int(faces_cfg.get("min_neighbors", 5)), int(faces_cfg.get("min_size", 24)),
+                         int(faces_cfg.get("detect_max_side", 0)))

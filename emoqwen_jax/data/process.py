@@ -39,10 +39,7 @@ def empty_vision() -> dict[str, np.ndarray]:
 def _canvas_patches(canvases: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Face canvases resized to the clip's own resized size and patchified the same way."""
     _, gh, gw = (int(x) for x in grid)
-    x = vision.resize_normalize(canvases, gh * vision.PATCH_SIZE, gw * vision.PATCH_SIZE)
-    if x.shape[0] == 1:  # an image
-        x = np.repeat(x, vision.TEMPORAL_PATCH_SIZE, axis=0)
-    return vision.patchify(x)[0]
+    return vision.to_patches(vision.resize_frames(canvases, gh * vision.PATCH_SIZE, gw * vision.PATCH_SIZE))[0]
 
 
 class SampleProcessor(grain.transforms.Map):
@@ -120,7 +117,9 @@ class SampleProcessor(grain.transforms.Map):
             blocks.append(block)
         ids, labels = text.encode_conversation(turns, blocks, tok, info, system_prompt=c["system_prompt"],
                                                max_length=int(c["max_length"]))
-        sample = {k: np.concatenate(v) for k, v in parts.items()}
+        # Skip the copy when one part holds all rows (the usual single clip): pixel arrays are tens of MB.
+        sample = {k: (v[-1] if sum(len(x) > 0 for x in v) <= 1 and len(v[-1]) else np.concatenate(v))
+                  for k, v in parts.items()}
         sample.update(id=str(record["id"]), input_ids=ids, labels=labels,
                       attention_mask=np.ones_like(ids, dtype=np.int32))
         return sample

@@ -135,22 +135,39 @@ def check_size(height: int, width: int, cfg: Any) -> None:
         raise Rejected("bad_aspect_ratio", f"{height}x{width}")
 
 
-def resize_normalize(frames: Sequence[np.ndarray] | np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8[T, h, w, 3] → float32[T, height, width, 3]: PIL bicubic resize, /255, CLIP mean/std."""
-    out = np.empty((len(frames), height, width, 3), np.float32)
+def resize_frames(frames: Sequence[np.ndarray] | np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8[T, h, w, 3] → uint8[T, height, width, 3] with PIL bicubic (frames already that size are kept)."""
+    frames = [np.asarray(f) for f in frames]
+    if all(f.shape[:2] == (height, width) for f in frames):
+        return np.stack(frames).astype(np.uint8, copy=False)
+    out = np.empty((len(frames), height, width, 3), np.uint8)
     for i, frame in enumerate(frames):
-        im = PIL.Image.fromarray(np.asarray(frame))
-        if im.size != (width, height):
-            im = im.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
-        out[i] = np.asarray(im, dtype=np.float32)
-    out *= np.float32(1.0 / 255.0)
-    out -= CLIP_MEAN
-    out /= CLIP_STD
+        out[i] = np.asarray(PIL.Image.fromarray(frame).resize((width, height), resample=PIL.Image.Resampling.BICUBIC))
     return out
 
 
+# Normalisation per value of a patch row, whose layout is (C, 2, 14, 14): x/255 − mean)/std as one multiply-add.
+_ROW_SCALE = np.repeat(1.0 / (255.0 * CLIP_STD.astype(np.float64)), PATCH_DIM // 3).astype(np.float32)
+_ROW_SHIFT = np.repeat(-CLIP_MEAN.astype(np.float64) / CLIP_STD, PATCH_DIM // 3).astype(np.float32)
+
+
+def to_patches(frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Resized uint8[T, H, W, 3] → (normalised float32[P, 1176], grid). T = 1 (an image) is repeated to 2.
+
+    Patchifying the uint8 frames and normalising the rows afterwards does the big transpose on a quarter of
+    the bytes; the values equal normalise-then-patchify.
+    """
+    if frames.shape[0] == 1:
+        frames = np.repeat(frames, TEMPORAL_PATCH_SIZE, axis=0)  # a still image is a 2-frame clip
+    rows, grid = patchify(frames)
+    out = rows.astype(np.float32)
+    out *= _ROW_SCALE
+    out += _ROW_SHIFT
+    return out, grid
+
+
 def patchify(frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """float32[T, H, W, C] (T even, H, W multiples of 28) → (float32[P, 1176], (gt, gh, gw)) in HF order."""
+    """[T, H, W, C] (T even, H, W multiples of 28; any dtype) → ([P, 1176], (gt, gh, gw)) in HF order."""
     t, h, w, c = frames.shape
     tp, ps, m = TEMPORAL_PATCH_SIZE, PATCH_SIZE, MERGE_SIZE
     if t % tp or h % (ps * m) or w % (ps * m):
@@ -174,9 +191,7 @@ def process_image(image: Any, *, min_pixels: int, max_pixels: int, cfg: Any = No
     check_size(h0, w0, cfg)
     h, w = smart_resize(h0, w0, min_pixels=min_pixels, max_pixels=max_pixels,
                         max_aspect_ratio=cfg.get("max_aspect_ratio", 200.0))
-    x = resize_normalize([np.asarray(im)], h, w)
-    x = np.repeat(x, TEMPORAL_PATCH_SIZE, axis=0)  # a still image is a 2-frame clip
-    pixel_values, grid = patchify(x)
+    pixel_values, grid = to_patches(resize_frames([np.asarray(im)], h, w))
     return {"pixel_values": pixel_values, "image_grid_thw": np.asarray([grid], np.int32)}
 
 
@@ -229,7 +244,7 @@ def frames_to_patches(frames: np.ndarray, indices: np.ndarray, clip_fps: float, 
     cap = video_max_pixels(n, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
     h, w = smart_resize(h0, w0, min_pixels=min_pixels, max_pixels=cap,
                         max_aspect_ratio=cfg.get("max_aspect_ratio", 200.0))
-    pixel_values, grid = patchify(resize_normalize(frames, h, w))
+    pixel_values, grid = to_patches(resize_frames(frames, h, w))
     # qwen-vl-utils: sample_fps = nframes / total_frames · video_fps (uniform sampling ends at frame total − 1);
     # one grid step spans 2 sampled frames.
     sample_fps = n / (int(indices[-1]) + 1) * clip_fps

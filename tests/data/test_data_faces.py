@@ -18,6 +18,9 @@ def astronaut():
 def test_haar_finds_the_astronaut_face(astronaut):
     boxes = faces.make_detector("haar", 1.1, 5, 24)(astronaut)
     assert boxes.tolist() == [[177, 66, 95, 95]]
+    # Detecting on a downscaled copy finds the same face, boxes in original pixels.
+    fast = faces.make_detector("haar", 1.1, 5, 24, max_side=320)(astronaut)
+    assert fast.shape == (1, 4) and np.abs(fast[0] - [177, 66, 95, 95]).max() <= 4
 
 
 def test_canvas_keeps_faces_at_their_place_and_blanks_the_rest(astronaut):
@@ -76,5 +79,5 @@ def test_extra_fusion_adds_canvas_tokens_after_frame_tokens(astronaut, tmp_path,
         if kind == "image":  # lossless: the canvas rows are the canvas image through the same resize + patchify
             canvas = faces.face_canvas(small, faces.make_detector("haar", 1.1, 5, 12)(small))
             _, gh, gw = grids[0]
-            x = vision.resize_normalize(np.stack([canvas] * 2), gh * 14, gw * 14)
-            np.testing.assert_allclose(canvas_part, vision.patchify(x)[0], rtol=0, atol=1e-5)
+            x = vision.resize_frames(np.stack([canvas] * 2), gh * 14, gw * 14)
+            np.testing.assert_allclose(canvas_part, vision.to_patches(x)[0], rtol=0, atol=1e-5)
