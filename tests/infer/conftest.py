@@ -1,0 +1,18 @@
+"""A tiny random EmotionQwen from the shipped ``tiny`` preset (vocab 1024, tiny tokenizer layout)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+from emoqwen_jax.cli.common import model_config
+from emoqwen_jax.model import EmotionQwen
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
+import emotion_qwen  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return EmotionQwen(model_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))
