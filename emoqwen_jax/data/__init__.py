@@ -11,7 +11,7 @@ Entry points: ``process_image`` / ``process_video`` (vision), ``load_tokenizer``
 from emoqwen_jax.data.defaults import data_config
 from emoqwen_jax.data.demo import build_demo
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES, benchmark_prompt, load_manifest
-from emoqwen_jax.data.pipeline import Collate, make_dataset, make_iterator
+from emoqwen_jax.data.pipeline import Collate, load_sources, make_dataset, make_iterator
 from emoqwen_jax.data.prepare import load_prepared, prepare_dataset
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.reasons import REASONS, Rejected, RejectCounter, TooManyRejectsError
@@ -20,7 +20,7 @@ from emoqwen_jax.data.vision import process_image, process_video, sample_indices
 
 __all__ = [
     "BENCHMARK_CLASSES", "Collate", "REASONS", "RejectCounter", "Rejected", "SampleProcessor", "TokenizerInfo",
-    "TooManyRejectsError", "benchmark_prompt", "build_demo", "data_config", "load_manifest", "load_prepared",
+    "TooManyRejectsError", "benchmark_prompt", "build_demo", "data_config", "load_manifest", "load_prepared", "load_sources",
     "load_tokenizer", "make_dataset", "make_iterator", "prepare_dataset", "process_image", "process_video",
     "sample_indices", "smart_nframes", "smart_resize", "tokenizer_info",
 ]

@@ -60,6 +60,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.length_buckets = (256, 512, 1024, 2048)
     # Per-batch patch counts (rows of pixel_values / pixel_values_videos) are padded to these buckets.
     c.patch_buckets = (1024, 4096, 16384, 65536)
-    # Mixture of manifests: list of {'manifest', 'data_root', 'weight', 'format'}; empty = the single manifest.
+    # Mixture of sources for pipeline.load_sources: {'manifest', 'data_root', 'format'?, 'weight'?} or
+    # {'prepared', 'split'?, 'weight'?} entries; empty = the run passes its sources explicitly.
     c.mixture = ()
     return c

@@ -20,7 +20,8 @@ the batch's patch rows, or 0 when the batch has none of that modality)::
     sample_mask          bool[B]          False for filler rows of a padded last batch
     input_ids            int32[B, Lb]     right-padded with TokenizerInfo.pad_id (not a real token)
     attention_mask       int32[B, Lb]     1 real token, 0 padding
-    labels               int32[B, Lb]     assistant tokens, −100 elsewhere and on padding
+    labels               int32[B, Lb]     assistant tokens, −100 elsewhere and on padding; aligned with
+                                          input_ids (unshifted, as HF: logits[:, i−1] predict labels[:, i])
     pixel_values         float32[Pb, 1176]   all images of the batch in row order, zero rows after
     image_grid_thw       int32[n_img, 3]     host metadata (unpadded): one row per image
     image_sample_index   int32[n_img]        batch row each image belongs to
@@ -139,6 +140,30 @@ def as_records(source: Any) -> grain.MapDataset:
     if isinstance(source, grain.MapDataset):
         return source
     return grain.MapDataset.source(source)
+
+
+def load_sources(mixture: Sequence[Any]) -> list[tuple[Any, float]]:
+    """``config.data.mixture`` entries → ``[(records, weight), …]`` for ``make_dataset``.
+
+    An entry is ``{"manifest", "data_root", "format"?, "weight"?}`` or ``{"prepared", "split"?, "weight"?}``.
+    """
+    from emoqwen_jax.data.manifests import load_manifest  # noqa: PLC0415
+    from emoqwen_jax.data.prepare import load_prepared  # noqa: PLC0415
+
+    sources = []
+    for entry in mixture:
+        entry = dict(entry)
+        weight = float(entry.get("weight", 1.0))
+        if entry.get("prepared"):
+            sources.append((load_prepared(entry["prepared"], split=entry.get("split", "train")), weight))
+        elif entry.get("manifest") and entry.get("data_root"):
+            sources.append((load_manifest(entry["manifest"], entry["data_root"], entry.get("format", "auto")),
+                            weight))
+        else:
+            raise ValueError(f"mixture entry {entry} needs 'prepared' or 'manifest' + 'data_root'")
+    if not sources:
+        raise ValueError("config.data.mixture is empty")
+    return sources
 
 
 def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_index: int = 0,

@@ -88,5 +88,11 @@ def test_prepared_dataset_round_trips_through_the_pipeline(demo_dir, tmp_path, c
     it, counter = pipeline.make_iterator(prepared, cfg)
     batches = list(it)
     assert counter.summary()["ok"] == 18 and sum(int(b["sample_mask"].sum()) for b in batches) == 18
+    # The same data as a config mixture: the prepared set and the manifest, weighted 1:1.
+    sources = pipeline.load_sources([{"prepared": str(tmp_path / "p")},
+                                     {"manifest": str(demo_dir / "train.jsonl"), "data_root": str(demo_dir)}])
+    assert [len(r) for r, _ in sources] == [18, 18] and [w for _, w in sources] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="needs"):
+        pipeline.load_sources([{"weight": 2.0}])
     with pytest.raises(FileNotFoundError, match="emoqwen-data prepare"):
         prepare.load_prepared(str(tmp_path / "nothing"))
