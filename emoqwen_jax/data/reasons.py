@@ -20,7 +20,7 @@ REASONS = {
     "unreadable_image": "the image cannot be decoded",
     "corrupt_video": "the container or stream cannot be decoded (e.g. a truncated mp4)",
     "zero_frames": "the video decodes to no frames",
-    "too_few_frames": "the clip has fewer than min_video_frames (2) frames",
+    "too_few_frames": "the clip has fewer than 2 frames (or than min_video_frames)",
     "bad_resolution": "a frame is tiny or enormous (side < min_input_side or pixels > max_input_pixels)",
     "bad_aspect_ratio": "longer/shorter side above max_aspect_ratio (200)",
     "malformed_json": "a manifest line or file is not valid JSON (or not an object)",

@@ -216,6 +216,8 @@ def process_video(video: Any, *, fps: float, min_frames: int, max_frames: int, m
     cfg = cfg or {}
 
     def choose(total: int, clip_fps: float) -> np.ndarray:
+        if total < int(cfg.get("min_video_frames", TEMPORAL_PATCH_SIZE)):
+            raise Rejected("too_few_frames", f"{total} frame(s) < min_video_frames {cfg.get('min_video_frames')}")
         return sample_indices(total, clip_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
 
     if isinstance(video, (str, bytes, bytearray, memoryview, os.PathLike)):

@@ -158,6 +158,14 @@ def test_bad_videos_are_rejected_with_reason(clip_dir, name, reason):
     assert e.value.reason == reason
 
 
+def test_min_video_frames_is_configurable(clip_dir):
+    kw = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PX, max_pixels=MAX_PX)
+    assert len(vision.process_video(str(clip_dir / "c7_5.mp4"), **kw)["frame_indices"]) == 4
+    with pytest.raises(Rejected) as e:
+        vision.process_video(str(clip_dir / "c7_5.mp4"), cfg={"min_video_frames": 8}, **kw)
+    assert e.value.reason == "too_few_frames"
+
+
 def test_zero_frame_video_is_rejected():
     with pytest.raises(Rejected) as e:
         vision.process_video(np.zeros((0, 8, 8, 3), np.uint8), fps=2.0, min_frames=4, max_frames=16,
