@@ -22,7 +22,7 @@ from emoqwen_jax.convert import hf_names
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.compressor import GateNetwork
 from emoqwen_jax.model.config import CompressorConfig, TextConfig, VisionConfig
-from emoqwen_jax.model.layers import as_dtype
+from emoqwen_jax.model.layers import Linear, as_dtype
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,31 @@ def _iter_paths(tree, prefix=()) -> Iterator[tuple]:
         yield prefix
 
 
+def _init_routing(pure: dict, config: ModelConfig, seed: int) -> None:
+    """The gate (paper mode) or router (scale mode) do not exist in Qwen2.5-VL: initialise them fresh."""
+    cdt = dict(dtype=as_dtype(config.dtype), param_dtype=as_dtype(config.param_dtype))
+    comp = pure["compressor"]
+    if comp.get("gate") is not None:
+        gate = GateNetwork(config.vision.hidden_size, config.compressor, rngs=nnx.Rngs(seed), **cdt)
+        comp["gate"] = nnx.to_pure_dict(nnx.state(gate))
+    if comp.get("router") is not None:
+        v = config.vision
+        router = Linear(v.hidden_size * v.merge_unit, config.compressor.num_experts, use_bias=False,
+                        axes=("merge", None), rngs=nnx.Rngs(seed), **cdt)
+        comp["router"] = nnx.to_pure_dict(nnx.state(router))
+
+
+def _perturb_experts(experts: dict, std: float, seed: int) -> None:
+    """Experts 1.. get N(0, (std * tensor std)^2) noise so token routing can tell them apart; expert 0 stays
+    an exact copy of the merger."""
+    key = jax.random.key(seed + 1)
+    for name in sorted(experts):
+        key, sub = jax.random.split(key)
+        w = experts[name]
+        noise = jax.random.normal(sub, w.shape, jnp.float32) * std * jnp.std(w.astype(jnp.float32))
+        experts[name] = (w.astype(jnp.float32) + noise.at[0].set(0.0)).astype(w.dtype)
+
+
 def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
             compressor: Mapping[str, Any] | None = None, seed: int = 0) -> EmotionQwen:
     """Builds ``EmotionQwen`` from a Qwen2.5-VL directory; every expert is a copy of HF's merger.
@@ -179,10 +204,9 @@ def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *
     entries = hf_names.backbone_entries(config)
     entries += hf_names.expert_entries(config, [hf_names.HF_MERGER_PREFIX] * config.compressor.num_experts)
     used = load_entries(reader, entries, pure, np_dtype)
-    if "gate" in pure.get("compressor", {}) and pure["compressor"]["gate"] is not None:
-        cdt = dict(dtype=as_dtype(config.dtype), param_dtype=as_dtype(config.param_dtype))
-        gate = GateNetwork(config.vision.hidden_size, config.compressor, rngs=nnx.Rngs(seed), **cdt)
-        pure["compressor"]["gate"] = nnx.to_pure_dict(nnx.state(gate))
+    _init_routing(pure, config, seed)
+    if config.compressor.num_experts > 2 and config.compressor.init_noise_std > 0:
+        _perturb_experts(pure["compressor"]["experts"], config.compressor.init_noise_std, seed)
     unfilled = [p for p in _iter_paths(pure) if isinstance(_get(pure, p), jax.ShapeDtypeStruct)]
     if unfilled:
         raise ValueError(f"parameters not provided by the checkpoint: {unfilled[:5]}")

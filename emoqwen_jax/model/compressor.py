@@ -8,6 +8,9 @@ network that turns each image/video into one softmax weight vector over the expe
     -> [Linear -> ReLU -> LayerNorm] x 2 -> Linear -> softmax            (weights float32[G, E])
     tokens = sum_e weight[item(token), e] * expert_e(features)
 
+Scale mode (``routing='token'``): a float32 router sends each merged token to its top-k experts
+(``emoqwen_jax.model.moe``: capacity, load-balancing and z losses, einsum or shard_map dispatch).
+
 Expert weights are stored stacked on a leading ``expert`` axis (float[E, ...]) so that the expert dimension
 can be sharded over an ``expert`` mesh axis; the HF merger maps onto every slice.
 """
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emoqwen_jax.model import moe, sharding
 from emoqwen_jax.model.config import CompressorConfig, VisionConfig
 from emoqwen_jax.model.layers import LayerNorm, Linear, as_dtype, dot_product_attention, param
 
@@ -42,16 +46,30 @@ class ExpertMergers(nnx.Module):
         self.eps = eps
         self.dtype = dtype
 
+    def params(self) -> tuple[Array, ...]:
+        """(ln_q weight, mlp_0 kernel, mlp_0 bias, mlp_2 kernel, mlp_2 bias), each stacked on axis 0 (E)."""
+        return (self.ln_q_weight[...], self.mlp_0_kernel[...], self.mlp_0_bias[...], self.mlp_2_kernel[...],
+                self.mlp_2_bias[...])
+
+    def apply(self, units: Array, params: tuple[Array, ...]) -> Array:
+        """Expert e on its rows: units float[E', C, 4Dv] with ``params`` sliced to the same E' experts
+        -> float[E', C, Dout]. Pure in ``params`` so shard_map can hand each device its local experts."""
+        ln_w, w0, b0, w2, b2 = params
+        e, c, _ = units.shape
+        x32 = units.reshape(e, c, self.merge_unit, -1).astype(jnp.float32)  # RMSNorm is per patch (Dv)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(units.dtype)
+        h = ln_w.astype(jnp.float32)[:, None, None, :] * normed.astype(jnp.float32)
+        h = h.astype(self.dtype).reshape(e, c, -1)
+        h = jnp.einsum("eci,eij->ecj", h, w0.astype(self.dtype)) + b0.astype(self.dtype)[:, None]
+        h = jax.nn.gelu(h, approximate=False)
+        return jnp.einsum("eci,eij->ecj", h, w2.astype(self.dtype)) + b2.astype(self.dtype)[:, None]
+
     def __call__(self, x: Array) -> Array:
-        """x float[P, Dv] (groups of ``merge_unit`` consecutive patches form one token) -> float[E, U, Dout]."""
-        x32 = x.astype(jnp.float32)
-        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
-        h = self.ln_q_weight[...].astype(jnp.float32)[:, None, :] * normed[None].astype(jnp.float32)  # [E, P, Dv]
-        h = h.astype(self.dtype).reshape(h.shape[0], -1, self.merge_unit * h.shape[-1])  # [E, U, 4Dv]
-        h = jnp.einsum("eui,eij->euj", h, self.mlp_0_kernel[...].astype(self.dtype))
-        h = jax.nn.gelu(h + self.mlp_0_bias[...].astype(self.dtype)[:, None], approximate=False)
-        h = jnp.einsum("eui,eij->euj", h, self.mlp_2_kernel[...].astype(self.dtype))
-        return h + self.mlp_2_bias[...].astype(self.dtype)[:, None]
+        """Every expert on every token: x float[P, Dv] (groups of ``merge_unit`` consecutive patches form one
+        token) -> float[E, U, Dout]."""
+        units = x.reshape(-1, self.merge_unit * x.shape[-1])
+        e = self.ln_q_weight.shape[0]
+        return self.apply(jnp.broadcast_to(units[None], (e, *units.shape)), self.params())
 
 
 class GateAttention(nnx.Module):
@@ -109,33 +127,59 @@ class GateNetwork(nnx.Module):
 
 
 class HybridCompressor(nnx.Module):
+    """Experts + (paper mode) the gating network or (scale mode) a float32 token router."""
+
     def __init__(self, cfg: CompressorConfig, vision: VisionConfig, out_hidden: int, *, rngs: nnx.Rngs,
                  dtype="float32", param_dtype="float32"):
-        if cfg.routing != "sample":
-            raise ValueError(f"compressor.routing={cfg.routing!r} is not available in this build; use 'sample'")
         dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+        self.cfg = cfg
         self.experts = ExpertMergers(cfg.num_experts, vision.hidden_size, out_hidden, vision.merge_unit, rngs=rngs,
                                      dtype=dtype, param_dtype=param_dtype)
-        self.gate = (GateNetwork(vision.hidden_size, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                     if cfg.num_experts > 1 else None)
-        self.num_experts = cfg.num_experts
+        paper = cfg.routing == "sample" and cfg.num_experts > 1
+        self.gate = GateNetwork(vision.hidden_size, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) if paper else None
+        self.router = (Linear(vision.hidden_size * vision.merge_unit, cfg.num_experts, use_bias=False,
+                              axes=("merge", None), rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype)
+                       if cfg.routing == "token" else None)
         self.merge_unit = vision.merge_unit
 
-    def __call__(self, features: Array, patch_item: Array, num_items: int) -> tuple[Array, Array]:
-        """Mixes the experts.
+    def __call__(self, features: Array, patch_item: Array, num_items: int) -> tuple[Array, Array, dict]:
+        """Compresses ViT features into LLM tokens.
 
         Args:
           features: float[P, Dv] ViT output (any order in which merge groups are contiguous).
           patch_item: int[P] item id of each patch in the same order (-1 = padding).
           num_items: G, the static number of item slots.
         Returns:
-          tokens float[U, Dout] in the same unit order, and gate weights float32[G, E].
+          tokens float[U, Dout] in the same unit order; per-item expert weights float32[G, E] (the gate's in
+          paper mode, the mean router probability in scale mode); aux dict with ``aux_loss`` (to add to the
+          training loss), ``lb_loss``, ``z_loss``, ``dropped_tokens``, ``dropped_assignments``.
         """
-        expert_out = self.experts(features)  # [E, U, Dout]
-        if self.gate is None:
-            return expert_out[0], jnp.ones((num_items, 1), jnp.float32)
-        weights = self.gate(features, patch_item, num_items)  # [G, E]
         unit_item = patch_item.reshape(-1, self.merge_unit)[:, 0]
+        zero = jnp.zeros((), jnp.float32)
+        aux = {"aux_loss": zero, "lb_loss": zero, "z_loss": zero, "dropped_tokens": zero,
+               "dropped_assignments": zero}
+        if self.router is not None:
+            return self._token_mode(features, unit_item, num_items, aux)
+        # Paper mode: each expert on all tokens (sharded over the expert mesh axis), mixed per item.
+        expert_out = sharding.constrain(self.experts(features), ("expert", "units", "act_embed"))  # [E, U, Dout]
+        if self.gate is None:
+            return expert_out[0], jnp.ones((num_items, 1), jnp.float32), aux
+        weights = self.gate(features, patch_item, num_items)  # [G, E]
         unit_weights = jnp.where((unit_item >= 0)[:, None], weights[jnp.maximum(unit_item, 0)], 0.0)
         tokens = jnp.einsum("eud,ue->ud", expert_out.astype(jnp.float32), unit_weights)
-        return tokens.astype(expert_out.dtype), weights
+        return tokens.astype(expert_out.dtype), weights, aux
+
+    def _token_mode(self, features, unit_item, num_items, aux):
+        cfg = self.cfg
+        units = features.reshape(-1, self.merge_unit * features.shape[-1])  # [U, 4Dv]
+        valid = unit_item >= 0
+        logits = self.router(units.astype(jnp.float32))  # router in float32
+        tokens, sums, counts = moe.token_moe(units, logits, valid, self.experts.params(), self.experts.apply,
+                                             top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
+                                             dispatch=cfg.dispatch)
+        lb, z = moe.aux_losses(sums, cfg.top_k)
+        aux.update(lb_loss=lb, z_loss=z, aux_loss=cfg.lb_loss_weight * lb + cfg.z_loss_weight * z, **counts)
+        probs = jax.nn.softmax(logits, axis=-1)
+        onehot = ((unit_item[:, None] == jnp.arange(num_items)[None]) & valid[:, None]).astype(jnp.float32)
+        per_item = jnp.einsum("ug,ue->ge", onehot, probs) / jnp.maximum(onehot.sum(0), 1.0)[:, None]
+        return tokens, per_item, aux

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from emoqwen_jax import layout
+from emoqwen_jax.model import sharding
 from emoqwen_jax.model.compressor import HybridCompressor
 from emoqwen_jax.model.config import ModelConfig
 from emoqwen_jax.model.text import TextModel, causal_padding_mask
@@ -32,7 +33,8 @@ Array = jax.Array
 class ModelOutput:
     logits: Array  # float32[B, L, V]
     gate_weights: Array  # float32[G, E], one row per visual item (images first, then videos)
-    aux_loss: Array  # float32[] auxiliary losses of the compressor (0 in paper mode)
+    aux_loss: Array  # float32[] weighted auxiliary losses of the compressor, to add to the LM loss
+    aux: dict = dataclasses.field(default_factory=dict)  # lb_loss, z_loss, dropped_tokens, ... (for logging)
     rope_deltas: Array | None = None  # int32[B], HF's M-RoPE delta for decoding
 
 
@@ -55,33 +57,41 @@ class EmotionQwen(nnx.Module):
         self.language_model = TextModel(config.text, rngs=rngs, remat=remat, **dt)
 
     # ---- jittable core -------------------------------------------------------------------------------
-    def encode_vision(self, inputs: dict[str, Array]) -> tuple[Array, Array]:
-        """pixel_values float[P, 1176] + layout -> merged visual tokens float[U, D] (HF order) and gate
-        weights float32[G, E]."""
+    def encode_vision(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
+        """pixel_values float[P, 1176] + layout -> merged visual tokens float[U, D] (HF order), per-item expert
+        weights float32[G, E] and the compressor's aux dict."""
         features = self.visual(
             inputs["pixel_values"], pos_hw=inputs["vision_pos_hw"], window_index=inputs["vision_window_index"],
             frame_segment=inputs["vision_frame_segment"], window_segment=inputs["vision_window_segment"])
-        tokens, gate_weights = self.compressor(features, inputs["vision_patch_item"],
-                                               inputs["vision_item_valid"].shape[0])
-        return from_window_order(tokens, inputs["vision_window_index"]), gate_weights
+        tokens, gate_weights, aux = self.compressor(features, inputs["vision_patch_item"],
+                                                    inputs["vision_item_valid"].shape[0])
+        return from_window_order(tokens, inputs["vision_window_index"]), gate_weights, aux
 
-    def embed(self, inputs: dict[str, Array]) -> tuple[Array, Array]:
-        """Token embeddings with the visual tokens scattered into the placeholder positions: float[B, L, D]."""
-        embeds = self.language_model.embed(inputs["input_ids"])
+    def embed(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
+        """Token embeddings float[B, L, D] with the visual tokens scattered into the placeholder positions,
+        plus the per-item expert weights and the compressor's aux dict."""
+        embeds = sharding.constrain(self.language_model.embed(inputs["input_ids"]), ("batch", "length", "act_embed"))
         num_items = inputs["vision_item_valid"].shape[0]
         if inputs["pixel_values"].shape[0] == 0:
-            return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32)
-        visual, gate_weights = self.encode_vision(inputs)
+            zero = jnp.zeros((), jnp.float32)
+            aux = dict(aux_loss=zero, lb_loss=zero, z_loss=zero, dropped_tokens=zero, dropped_assignments=zero)
+            return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32), aux
+        visual, gate_weights, aux = self.encode_vision(inputs)
         index = inputs["visual_token_index"]
         gathered = visual[jnp.maximum(index, 0)].astype(embeds.dtype)
-        return jnp.where((index >= 0)[..., None], gathered, embeds), gate_weights
+        return jnp.where((index >= 0)[..., None], gathered, embeds), gate_weights, aux
 
-    def forward(self, inputs: dict[str, Array]) -> ModelOutput:
-        embeds, gate_weights = self.embed(inputs)
+    def hidden_states(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
+        """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
+        embeds, gate_weights, aux = self.embed(inputs)
         mask = causal_padding_mask(inputs["attention_mask"])
         hidden, _ = self.language_model(embeds, inputs["position_ids"], mask)
+        return hidden, gate_weights, aux
+
+    def forward(self, inputs: dict[str, Array]) -> ModelOutput:
+        hidden, gate_weights, aux = self.hidden_states(inputs)
         return ModelOutput(logits=self.language_model.logits(hidden), gate_weights=gate_weights,
-                           aux_loss=jnp.zeros((), jnp.float32), rope_deltas=inputs.get("rope_deltas"))
+                           aux_loss=aux["aux_loss"], aux=aux, rope_deltas=inputs.get("rope_deltas"))
 
     # ---- Hugging Face-style call ---------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,

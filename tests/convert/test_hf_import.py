@@ -103,3 +103,23 @@ def test_clear_errors(hf_dir, tmp_path):
         from_hf(variant("depth", lambda c: c["vision_config"].update(depth=3)))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         from_hf(variant("noweights", drop_weights=True))
+
+
+def test_scale_mode_import_initialises_router_and_perturbs_experts(hf_dir):
+    plain = from_hf(str(hf_dir), compressor={"routing": "token", "num_experts": 4, "expert_names": (), "top_k": 2,
+                                             "capacity_factor": 0.0})
+    noisy = from_hf(str(hf_dir), compressor={"routing": "token", "num_experts": 4, "expert_names": (), "top_k": 2,
+                                             "init_noise_std": 0.01})
+    assert plain.compressor.router.kernel[...].shape == (4 * 32, 4)
+    k_plain = np.asarray(plain.compressor.experts.mlp_0_kernel[...])
+    k_noisy = np.asarray(noisy.compressor.experts.mlp_0_kernel[...])
+    np.testing.assert_array_equal(k_noisy[0], k_plain[0])  # expert 0 stays the exact merger
+    for e in range(1, 4):
+        rel = np.abs(k_noisy[e] - k_plain[e]).std() / k_plain[e].std()
+        assert 0.005 < rel < 0.02
+    # With identical experts and no drops (dropless), token routing reproduces the merger (weights sum to 1).
+    ids, mask = O.pad_batch([[7] + O.image_tokens((1, 4, 4)) + [9]])
+    vision = dict(pixel_values=O.pixels((1, 4, 4), 0), image_grid_thw=np.array([(1, 4, 4)]))
+    base = from_hf(str(hf_dir), compressor={"num_experts": 1, "expert_names": ()})
+    np.testing.assert_allclose(np.asarray(plain(ids, mask, **vision).logits), np.asarray(base(ids, mask, **vision).logits),
+                               rtol=1e-5, atol=1e-5)

@@ -1,0 +1,109 @@
+"""Logical axis rules — the one table that maps the model's logical names onto mesh axes.
+
+Parameters (``logical_axes`` metadata on every ``nnx.Param``):
+  embed / merge / embed_out -> fsdp (+ expert: outside the MoE layer the expert axis is extra FSDP)
+  mlp, q_heads, kv_heads, heads, qkv -> tensor (Megatron-style: column-parallel in, row-parallel out)
+  vocab -> tensor; expert -> expert; gate -> replicated
+Activations (``constrain`` calls in the model):
+  batch / units -> data, fsdp, expert (every batch-like axis); act_heads, act_mlp -> tensor; act_embed,
+  length -> replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from emoqwen_jax.model import ModelConfig
+from emoqwen_jax.model.sharding import Rules, logical_to_spec
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+DEFAULT_RULES: Rules = (
+    # parameters
+    ("expert", "expert"),
+    ("embed", ("fsdp", "expert")),
+    ("merge", ("fsdp", "expert")),
+    ("embed_out", ("fsdp", "expert")),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("heads", "tensor"),
+    ("qkv", "tensor"),
+    ("vocab", "tensor"),
+    ("gate", None),
+    # activations
+    ("batch", BATCH_AXES),
+    ("units", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+)
+
+
+def param_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedSharding for every ``nnx.Variable`` in ``state`` (from its ``logical_axes`` metadata)."""
+
+    def one(var):
+        names = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+        shape = var.shape if hasattr(var, "shape") else var[...].shape
+        spec = logical_to_spec(names, shape, mesh=mesh, rules=rules) if names else PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+    """Places ``model``'s parameters on ``mesh`` by the rules (in place) and returns it."""
+    state = nnx.state(model)
+    shardings = param_shardings(state, mesh, rules)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Shards dimension ``batch_dim`` of an ``ndim`` array over every batch-like mesh axis."""
+    spec = [None] * ndim
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    spec[batch_dim] = axes or None
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+# Which dimension of each model input is its batch-like dimension (sharded over the batch axes).
+_BATCH_DIM = {"position_ids": 1, "vision_item_valid": None}
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a model-input dict (``layout.build_model_inputs`` + ``labels``) on ``mesh``: text arrays by
+    row, flat vision arrays (patches, units) by position, over every batch-like axis."""
+    out = {}
+    for key, value in batch.items():
+        value = jax.numpy.asarray(value)
+        dim = _BATCH_DIM.get(key, 0)
+        if dim is None or value.ndim == 0:
+            out[key] = jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+        else:
+            out[key] = jax.device_put(value, batch_sharding(mesh, value.ndim, dim))
+    return out
+
+
+def check_divisibility(config: ModelConfig, mesh: Mesh, batch_size: int | None = None) -> None:
+    """Errors, with the numbers, for splits that would silently replicate or mis-shard."""
+    tensor, expert = mesh.shape["tensor"], mesh.shape["expert"]
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    problems = []
+    for what, n in (("text.num_heads", config.text.num_heads), ("text.num_kv_heads", config.text.num_kv_heads),
+                    ("vision.num_heads", config.vision.num_heads)):
+        if n % tensor:
+            problems.append(f"{what}={n} is not divisible by mesh.tensor={tensor}")
+    if config.compressor.num_experts % expert:
+        problems.append(f"compressor.num_experts={config.compressor.num_experts} is not divisible by "
+                        f"mesh.expert={expert}")
+    if batch_size is not None and batch_size % batch_shards:
+        problems.append(f"global batch size {batch_size} is not divisible by data*fsdp*expert={batch_shards}")
+    if problems:
+        raise ValueError("mesh does not fit the model: " + "; ".join(problems))

@@ -1,0 +1,1 @@
+"""Training: loss, optimiser, jitted step, checkpoints and the stage runner."""
