@@ -15,8 +15,9 @@ beside the predictions. Bad input (a missing file, an id that is not in the labe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from emoqwen_jax.eval.commands import run_command
 
 BENCHMARK_CHOICES = ("dfew", "mafw", "mer2023", "mer2024", "emer")
 
@@ -52,14 +53,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"emoqwen-score: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return run_command("emoqwen-score", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

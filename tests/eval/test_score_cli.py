@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import sys
 
 import pytest
 from sklearn.metrics import f1_score
@@ -126,3 +128,20 @@ def test_fold_paths(tmp_path):
     (tmp_path / "set_4.csv").unlink()
     with pytest.raises(FileNotFoundError, match="set_4"):
         fold_paths(str(tmp_path / "set_1.csv"))
+
+
+def test_installed_console_script(tmp_path):
+    """The entry point as a user runs it (a subprocess), exit status included."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("emoqwen-score") or os.path.join(os.path.dirname(sys.executable), "emoqwen-score")
+    labels = write(tmp_path / "l.csv", "video_name,label\n1,3\n")
+    preds = jsonl(tmp_path / "p.jsonl", [{"id": "1", "response": "neutral"}])
+    res = subprocess.run([exe, "--benchmark", "dfew", "--predictions", preds, "--labels", labels],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["war"] == 1.0
+    bad = subprocess.run([exe, "--benchmark", "dfew", "--predictions", preds, "--labels", str(tmp_path / "x.csv")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

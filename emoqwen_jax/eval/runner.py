@@ -1,0 +1,109 @@
+"""Evaluation runs: a label (or EMER reference) file + a video root -> answers for every clip in a
+predictions JSONL (with a progress bar) -> scores.
+
+Every labelled clip gets exactly one line, ``{"id", "response"}``; a clip whose video is missing or cannot
+be decoded gets ``{"id", "response": null, "error": reason}`` and is scored as invalid — it is never dropped,
+so a broken video counts against the model instead of silently shrinking the test set. A video root in
+which not one clip is found is an error (a wrong path, not a broken clip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from tqdm import tqdm
+
+from emoqwen_jax.data.manifests import VIDEO_EXTENSIONS, resolve_path
+from emoqwen_jax.data.reasons import Rejected
+from emoqwen_jax.eval import emer
+from emoqwen_jax.eval.benchmarks import Benchmark, read_labels, read_predictions
+from emoqwen_jax.eval.report import score_files
+from emoqwen_jax.eval.scores import Scores
+from emoqwen_jax.infer.generate import SamplingConfig
+from emoqwen_jax.infer.session import Session
+
+
+def find_video(video_root: str, clip: str) -> str | None:
+    """``video_root``/``clip`` (with its extension, or the first of VIDEO_EXTENSIONS that exists), or None."""
+    try:
+        if os.path.splitext(clip)[1].lower() in VIDEO_EXTENSIONS:
+            path = resolve_path(video_root, clip)
+            return path if os.path.isfile(path) else None
+        for ext in VIDEO_EXTENSIONS:
+            path = resolve_path(video_root, clip + ext)
+            if os.path.isfile(path):
+                return path
+    except Rejected:  # a name that escapes the root
+        return None
+    return None
+
+
+def locate(clips: Sequence[str], video_root: str) -> dict[str, str | None]:
+    """{clip: path or None}; ValueError when the root has none of them."""
+    if not os.path.isdir(video_root):
+        raise FileNotFoundError(f"--video_root {video_root} is not a directory")
+    paths = {clip: find_video(video_root, clip) for clip in clips}
+    if clips and not any(paths.values()):
+        tried = os.path.join(video_root, clips[0])
+        raise ValueError(f"none of the {len(clips)} clips was found under {video_root} (e.g. {tried}"
+                         f"{{{','.join(VIDEO_EXTENSIONS)}}}); is --video_root right?")
+    return paths
+
+
+def answer_clips(session: Session, paths: dict[str, str | None], prompt: str, sampling: SamplingConfig,
+                 out_path: str, *, batch_size: int, seed: int = 0, desc: str = "clips") -> dict[str, int]:
+    """Writes one JSON line per clip (in ``paths`` order); returns {'answered', 'failed'} counts."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    items = list(paths.items())
+    counts = {"answered": 0, "failed": 0}
+    with open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(items), desc=desc, unit="clip") as bar:
+        for start in range(0, len(items), batch_size):
+            rows, ready = [], []  # ready: (row index, prompt) of the clips that processed
+            for clip, path in items[start:start + batch_size]:
+                try:
+                    if path is None:
+                        raise Rejected("missing_file", clip)
+                    ready.append((len(rows), session.prompt(prompt, [("video", path)])))
+                    rows.append({"id": clip, "response": None})
+                except Rejected as err:
+                    rows.append({"id": clip, "response": None, "error": err.reason})
+            if ready:
+                answers = session.answer([p for _, p in ready], sampling, seed=seed + start)
+                for (i, _), text in zip(ready, answers):
+                    rows[i]["response"] = text
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                counts["failed" if row["response"] is None else "answered"] += 1
+            f.flush()
+            bar.update(len(rows))
+    return counts
+
+
+def run_benchmark(session: Session, benchmark: Benchmark, labels_path: str, video_root: str, out_path: str, *,
+                  sampling: SamplingConfig, batch_size: int, classes: Sequence[str] | None = None,
+                  seed: int = 0) -> tuple[Scores, dict]:
+    """Answers every clip of one label file with the benchmark prompt, then scores the answers."""
+    labels = read_labels(labels_path, benchmark, classes)
+    paths = locate(list(labels), video_root)
+    counts = answer_clips(session, paths, benchmark.prompt, sampling, out_path, batch_size=batch_size, seed=seed,
+                          desc=f"{benchmark.name} {os.path.basename(labels_path)}")
+    scores, written = score_files(benchmark, out_path, labels_path, classes)
+    return scores, {"predictions": out_path, **written, **counts}
+
+
+def run_emer(session: Session, references_path: str, video_root: str, out_path: str, *, sampling: SamplingConfig,
+             batch_size: int, text_column: str | None = None, seed: int = 0) -> dict:
+    """Writes reasoning descriptions for every EMER clip, scores them by word overlap, and writes the
+    LLM-judge requests beside the predictions (``P.judge_requests.jsonl``)."""
+    references = emer.read_references(references_path, text_column)
+    paths = locate(list(references), video_root)
+    counts = answer_clips(session, paths, emer.REASONING_PROMPT, sampling, out_path, batch_size=batch_size,
+                          seed=seed, desc="emer")
+    predictions = read_predictions(out_path)
+    requests = emer.judge_requests(predictions, references, os.path.splitext(out_path)[0] + ".judge_requests.jsonl")
+    return {**emer.score_emer(predictions, references), "predictions": out_path, "judge_requests": requests,
+            **counts}

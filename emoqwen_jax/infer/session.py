@@ -1,0 +1,148 @@
+"""A checkpoint ready to answer: the model, its tokenizer and its data settings, raw media -> prompts ->
+batched generation -> text. ``emoqwen-describe`` and ``emoqwen-eval`` both run through it.
+
+Settings: our model directory's ``config.json`` may hold ``meta["data"]``, the data config the model was
+trained with (tokenizer vocabulary and cache, system prompt, frame rate, pixel budget, face fusion); the
+session starts from ``emoqwen_jax.data.defaults.data_config()``, applies ``meta["data"]`` over it, then
+the caller's overrides (benchmarks override fps and pixels so every model sees the same frames).
+
+Prompts are built with the training code's own pieces: each medium goes through
+``emoqwen_jax.data.process.SampleProcessor`` (sampling, resizing, patchify, optional face canvas), and the
+text through ``emoqwen_jax.data.text.prompt_ids`` (Qwen chat template ending in
+``<|im_start|>assistant\\n``), so a prompt at inference is token for token what the model saw in training.
+Batches are left-padded (see ``generate.py``) and bucketed to ``length_buckets``/``patch_buckets``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from emoqwen_jax.data import data_config, load_tokenizer
+from emoqwen_jax.data.process import SampleProcessor
+from emoqwen_jax.data.text import num_vision_tokens, prompt_ids
+from emoqwen_jax.infer.generate import SamplingConfig, batch_vision, generate, left_pad
+from emoqwen_jax.model import EmotionQwen
+
+MEDIA_KINDS = ("video", "image")
+log = logging.getLogger(__name__)
+
+
+def _merge(base: dict, update: dict, *, strict: bool, where: str = "data") -> dict:
+    """Recursive dict update. Unknown keys: an error when ``strict`` (a user's typo must not silently do
+    nothing), skipped with a warning otherwise (a checkpoint written by an older or newer version)."""
+    out = dict(base)
+    for key, value in update.items():
+        if key not in out:
+            if strict:
+                raise ValueError(f"unknown data setting {where}.{key}; known: {sorted(out)}")
+            log.warning("ignoring the checkpoint's unknown data setting %s.%s", where, key)
+            continue
+        out[key] = (_merge(out[key], value, strict=strict, where=f"{where}.{key}") if isinstance(out[key], dict)
+                    else value)
+    return out
+
+
+def _bucket(n: int, buckets: Sequence[int], step: int) -> int:
+    """Smallest bucket >= n, else n rounded up to a multiple of ``step``."""
+    fits = [int(b) for b in buckets if int(b) >= n]
+    return min(fits) if fits else -(-n // step) * step
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One generation prompt: token ids int32[L] and its vision arrays (``emoqwen_jax.data`` names)."""
+
+    input_ids: np.ndarray
+    vision: dict[str, np.ndarray]
+
+
+class Session:
+    def __init__(self, model: EmotionQwen, data: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None):
+        """``data``: the checkpoint's stored data settings (may be partial); ``overrides`` win over them."""
+        cfg = data_config().to_dict()
+        cfg["tokenizer_vocab_size"] = model.config.text.vocab_size
+        cfg = _merge(_merge(cfg, data or {}, strict=False), overrides or {}, strict=True)
+        self.model, self.data = model, cfg
+        self.tokenizer, self.info = load_tokenizer(int(cfg["tokenizer_vocab_size"]), cfg["tokenizer_cache_dir"])
+        mc, info = model.config, self.info
+        want = (info.image_pad_id, info.video_pad_id, info.vision_start_id, info.vision_end_id)
+        have = (mc.image_token_id, mc.video_token_id, mc.vision_start_token_id, mc.vision_end_token_id)
+        if want != have:
+            raise ValueError(f"the checkpoint's vision token ids {have} (image, video, start, end) differ from the "
+                             f"tokenizer's {want} for vocab {cfg['tokenizer_vocab_size']}")
+        self.processor = SampleProcessor(cfg)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str, overrides: dict[str, Any] | None = None, dtype: str | None = None) -> "Session":
+        """Loads one of our model directories (``emoqwen-convert from-hf`` or the trainer writes them)."""
+        from emoqwen_jax.convert.model_dir import load_model, read_model_config
+
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"--ckpt {ckpt} is not a directory")
+        _, meta = read_model_config(ckpt)
+        return cls(load_model(ckpt, dtype=dtype), meta.get("data"), overrides)
+
+    def sampling(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0) -> SamplingConfig:
+        """Sampling settings that stop at ``<|im_end|>``/``<|endoftext|>`` and pad with the tokenizer's pad."""
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              stop_ids=tuple(self.info.stop_ids), pad_id=self.info.pad_id)
+
+    def _medium(self, kind: str, path: str) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+        """One file -> its vision arrays and its placeholder's blocks [(pad id, tokens)] (clip, then canvas)."""
+        if kind not in MEDIA_KINDS:
+            raise ValueError(f"media kind {kind!r}; valid: {MEDIA_KINDS}")
+        record = {"id": os.path.basename(path), "media": [{"kind": kind, "path": path}],
+                  "conversations": [{"role": "user", "content": f"<{kind}>"}, {"role": "assistant", "content": "."}]}
+        sample = self.processor.process(record)  # raises data.reasons.Rejected for unreadable media
+        grids = sample["video_grid_thw" if kind == "video" else "image_grid_thw"]
+        pad = self.info.video_pad_id if kind == "video" else self.info.image_pad_id
+        vision = {k: v for k, v in sample.items() if k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                           "video_grid_thw", "second_per_grid_ts")}
+        return vision, [(pad, num_vision_tokens(g)) for g in grids]
+
+    def prompt(self, text: str, media: Sequence[tuple[str, str]] = (), subtitle: str | None = None) -> Prompt:
+        """A user question about ``media`` [(kind, path)] -> the generation prompt.
+
+        Each medium's placeholder goes first, in the given order, unless ``text`` already holds
+        ``<video>``/``<image>`` placeholders; a subtitle is appended as training does ("\\nSubtitle: …").
+        """
+        for kind, path in media:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{kind} file {path} does not exist")
+        parts = [self._medium(kind, path) for kind, path in media]
+        if "<video>" not in text and "<image>" not in text:
+            text = "".join(f"<{kind}>\n" for kind, _ in media) + text
+        if subtitle:
+            text += "\nSubtitle: " + subtitle
+        ids = prompt_ids([{"role": "user", "content": text}], [blocks for _, blocks in parts], self.tokenizer,
+                         self.info, system_prompt=self.data["system_prompt"], max_length=int(self.data["max_length"]))
+        vision = batch_vision([v for v, _ in parts])
+        return Prompt(np.asarray(ids, np.int32), {k: v for k, v in vision.items() if v is not None})
+
+    def generate_ids(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int = 0) -> list[list[int]]:
+        """Generated ids (stop id removed) for a batch of prompts, bucketed to the configured shapes."""
+        length = _bucket(max(len(p.input_ids) for p in prompts), self.data["length_buckets"], 256)
+        ids, mask = left_pad([p.input_ids for p in prompts], self.info.pad_id, length)
+        vision = batch_vision([p.vision for p in prompts])
+        patches = sum(len(vision[k]) for k in ("pixel_values", "pixel_values_videos") if vision[k] is not None)
+        items = sum(len(vision[k]) for k in ("image_grid_thw", "video_grid_thw") if vision[k] is not None)
+        buckets = {}
+        if patches:
+            buckets = dict(pad_patches_to=_bucket(patches, self.data["patch_buckets"], 1024),
+                           pad_items_to=1 << (items - 1).bit_length())
+        out = generate(self.model, ids, mask, sampling=sampling, rng=seed, **vision, **buckets)
+        return [out.row(b) for b in range(len(prompts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        vocab = self.tokenizer.get_vocab_size()
+        return self.tokenizer.decode([i for i in ids if i < vocab], skip_special_tokens=True)
+
+    def answer(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int = 0) -> list[str]:
+        return [self.decode(ids) for ids in self.generate_ids(prompts, sampling, seed)]
