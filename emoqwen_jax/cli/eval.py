@@ -2,7 +2,7 @@ r"""emoqwen-eval: answer a benchmark's clips with a checkpoint, write the predic
 
   emoqwen-eval --ckpt C --benchmark dfew --labels DFEW/test/set_1.csv --video_root DFEW/clips
   emoqwen-eval --ckpt C --benchmark dfew --labels DFEW/test/set_1.csv --video_root DFEW/clips --folds
-  emoqwen-eval --ckpt C --benchmark mer2023 --labels MER2023/label-6way.csv --video_root MER2023/test3
+  emoqwen-eval --ckpt C --benchmark mer2023 --labels MER2023/labels.csv --video_root MER2023/test3
   emoqwen-eval --ckpt C --benchmark emer --labels EMER/descriptions.csv --video_root MER2023/test3
 
 Every model gets the same standard settings (``emoqwen_jax.eval.benchmarks``): the benchmark's prompt,

@@ -1,7 +1,7 @@
 r"""emoqwen-score: score model answers against a benchmark's own label file.
 
   emoqwen-score --benchmark dfew --predictions preds/set_1.jsonl --labels DFEW/set_1.csv
-  emoqwen-score --benchmark mer2023 --predictions preds/mer.jsonl --labels MER2023/label-6way.csv
+  emoqwen-score --benchmark mer2023 --predictions preds/mer.jsonl --labels MER2023/labels.csv
   emoqwen-score --benchmark mafw --predictions p.jsonl --labels set_1.csv --classes happiness,sadness,...
   emoqwen-score --benchmark emer --predictions emer.jsonl --labels EMER/descriptions.csv
 
