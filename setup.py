@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "tqdm",
     "absl-py",
     "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",
 ]
 
 EXTRAS = {
@@ -51,6 +52,7 @@ setup(
     entry_points={
         "console_scripts": [
             "emoqwen-run-sample=emoqwen_jax.cli.run_sample:main",
+            "emoqwen-train=emoqwen_jax.cli.train:main",
             "emoqwen-convert=emoqwen_jax.cli.convert:main",
             "emoqwen-data=emoqwen_jax.cli.data:main",
             "emoqwen-describe=emoqwen_jax.cli.describe:main",

@@ -57,6 +57,20 @@ def param_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def pure_param_shardings(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
+    """Like ``param_shardings`` but shaped like ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (the trainer
+    keeps parameters as a pure dict). ``model`` may be abstract (``nnx.eval_shape``)."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("logical_axes")
+        spec = logical_to_spec(names, var.shape, mesh=mesh, rules=rules) if names else PartitionSpec()
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = NamedSharding(mesh, spec)
+    return out
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
     """Places ``model``'s parameters on ``mesh`` by the rules (in place) and returns it."""
     state = nnx.state(model)

@@ -33,6 +33,8 @@ def loss_fn(model: EmotionQwen, batch: dict[str, jax.Array]) -> tuple[jax.Array,
     total, count = cross_entropy_sums(out.logits, batch["labels"])
     lm_loss = total / jnp.maximum(count, 1.0)
     loss = lm_loss + out.aux_loss
-    metrics = {"loss": loss, "lm_loss": lm_loss, "aux_loss": out.aux_loss, "tokens": count,
+    valid = batch["vision_item_valid"].astype(jnp.float32)
+    gate = (out.gate_weights * valid[:, None]).sum(0) / jnp.maximum(valid.sum(), 1.0)  # mean weight per expert
+    metrics = {"loss": loss, "lm_loss": lm_loss, "aux_loss": out.aux_loss, "tokens": count, "gate_weights": gate,
                **{k: v for k, v in out.aux.items() if k != "aux_loss"}}
     return loss, metrics

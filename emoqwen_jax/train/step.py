@@ -1,0 +1,70 @@
+"""The jitted train step: loss, gradients, optimiser update with frozen leaves, non-finite skipping.
+
+State is plain pytrees (the model's pure params dict, the optax state, counters), so it shards, donates and
+checkpoints like any array tree. The model is rebuilt inside the step with ``nnx.merge(graphdef, params)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from emoqwen_jax.train.loss import loss_fn
+from emoqwen_jax.train.optim import from_opt_view, to_opt_view
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: dict  # the model's pure nnx state (float32 master weights)
+    opt_state: Any  # optax state over the optimiser view (no entries for frozen leaves)
+    step: jax.Array  # int32: micro-steps taken in this stage
+    nonfinite: jax.Array  # int32: consecutive skipped (non-finite) updates
+    rng: jax.Array  # uint32[2]: key data, folded with the step for any stochastic layer
+
+
+def _frozen_stop_gradient(params: dict, labels_view: dict, expert_names: Sequence[str]) -> dict:
+    """stop_gradient on fully frozen leaves so XLA drops their weight-gradient matmuls; a stacked expert
+    tensor with some frozen experts gets a per-expert mask instead."""
+    view = to_opt_view(params, expert_names)
+    stopped = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, view, labels_view)
+    return from_opt_view(stopped, expert_names)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels_view: dict,
+                    expert_names: Sequence[str], schedule: Callable, grad_accum: int = 1):
+    """Returns ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donated state)."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        def loss_of(params):
+            model = nnx.merge(graphdef, _frozen_stop_gradient(params, labels_view, expert_names))
+            return loss_fn(model, batch)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        grads_view = to_opt_view(grads, expert_names)
+        params_view = to_opt_view(state.params, expert_names)
+        trainable = jax.tree.map(lambda g, lab: g if lab == "trainable" else jnp.zeros((), g.dtype), grads_view,
+                                 labels_view)
+        grad_norm = optax.global_norm(trainable)
+        updates, new_opt = tx.update(grads_view, state.opt_state, params_view)
+        new_params = from_opt_view(optax.apply_updates(params_view, updates), expert_names)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+                           step=state.step + 1, nonfinite=jnp.where(finite, 0, state.nonfinite + 1), rng=state.rng)
+        metrics = dict(metrics, grad_norm=grad_norm, finite=finite, nonfinite_in_a_row=state.nonfinite,
+                       lr=schedule(state.step // grad_accum))
+        return state, metrics
+
+    return train_step
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, expert_names: Sequence[str], seed: int) -> TrainState:
+    return TrainState(params=params, opt_state=tx.init(to_opt_view(params, expert_names)),
+                      step=jnp.zeros((), jnp.int32), nonfinite=jnp.zeros((), jnp.int32),
+                      rng=jax.random.key_data(jax.random.key(seed)))

@@ -1,0 +1,261 @@
+"""Runs the configured stages: mesh -> data -> shapes -> sharded init -> donated jitted step -> restore -> loop.
+
+Resume order (big_vision style): the latest checkpoint in ``workdir/checkpoints`` names its stage and step;
+finished stages are skipped (their weights are in ``workdir/stages/<name>``); the stage in progress rebuilds
+its optimiser, restores the state into its abstract shapes and shardings, restores the data iterators, and
+continues at the next micro-step, so a killed run reproduces an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from emoqwen_jax import data as D
+from emoqwen_jax.convert.model_dir import is_model_dir, load_model, save_model
+from emoqwen_jax.data.pipeline import load_sources, make_iterator
+from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
+from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
+from emoqwen_jax.parallel.rules import shard_batch
+from emoqwen_jax.train import batching, flops
+from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
+from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
+from emoqwen_jax.train.optim import check_patterns, make_optimizer, to_opt_view, trainable_labels
+from emoqwen_jax.train.step import init_state, make_train_step
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM-triggered checkpoint; the CLI exits cleanly."""
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize`` from ``config.distributed`` or the usual environment (SLURM, TPU, or
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+    dist = config.get("distributed", ml_collections.ConfigDict())
+    env = os.environ
+    coordinator = dist.get("coordinator_address", "") or env.get("JAX_COORDINATOR_ADDRESS", "")
+    num = int(dist.get("num_processes", 0) or env.get("JAX_NUM_PROCESSES", 0) or 0)
+    local = int(dist.get("local_device_count", 0) or 0)
+    if local:  # CPU host devices per process (must precede backend start-up; ignored by TPU/GPU)
+        jax.config.update("jax_num_cpu_devices", local)
+    if coordinator and num > 1:
+        pid = int(dist.get("process_id", -1) if dist.get("process_id", -1) >= 0 else env.get("JAX_PROCESS_ID", 0))
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+    elif dist.get("auto", False):
+        jax.distributed.initialize()  # TPU pods and SLURM: JAX reads the cluster environment
+
+
+def resolve_mixture(mixture, workdir: str) -> list[dict]:
+    """``{demo}`` in a manifest or data_root means the bundled demo set (built once into workdir)."""
+    entries = [dict(e) for e in mixture]
+    if any("{demo}" in str(v) for e in entries for v in e.values()):
+        demo_dir = os.path.join(workdir, "demo_data")
+        if jax.process_index() == 0:
+            D.build_demo(demo_dir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("demo_data")
+        entries = [{k: v.replace("{demo}", demo_dir) if isinstance(v, str) else v for k, v in e.items()}
+                   for e in entries]
+    return entries
+
+
+def initial_params(config, mcfg: ModelConfig) -> dict:
+    source = config.get("init_from", "")
+    if not source:
+        model = EmotionQwen(mcfg, rngs=nnx.Rngs(config.seed))
+    elif is_model_dir(source):
+        model = load_model(source, dtype=mcfg.dtype)
+    else:
+        from emoqwen_jax.convert import from_hf
+
+        model = from_hf(source, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+                        compressor=dict(config.model.compressor), seed=config.seed)
+        if model.config.text.vocab_size != mcfg.text.vocab_size:
+            raise ValueError(f"init_from has vocab {model.config.text.vocab_size}, the config "
+                             f"{mcfg.text.vocab_size}")
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+class _Sigterm:
+    def __init__(self):
+        self.received = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):  # noqa: ARG001
+            self.received = True
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. in a test runner thread): no preemption handling
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, Any]:
+    """Runs every stage of ``config.run_stages``; returns {stage: final metrics} and the output paths."""
+    workdir = os.path.abspath(workdir or config.workdir or "")
+    if not config.get("workdir") and workdir == os.path.abspath(""):
+        raise ValueError("set config.workdir (--config.workdir=DIR)")
+    maybe_initialize_distributed(config)
+    mcfg = ModelConfig.from_dict(config.model.to_dict())
+    mesh = make_mesh(config.mesh)
+    spec = layout_spec(mcfg)
+    abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    shardings = pure_param_shardings(abstract, mesh)
+    ckpt = Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
+                        max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.get("async", True))
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    latest = ckpt.latest_step()
+    resume = ckpt.read_meta(latest) if latest is not None else None
+    summary: dict[str, Any] = {"workdir": workdir, "stages": {}}
+    params = None
+    global_step = int(resume["global_step"]) if resume else 0
+    try:
+        for name in config.run_stages:
+            stage_dir = os.path.join(workdir, "stages", name)
+            if is_model_dir(stage_dir) and not (resume and resume["stage"] == name):
+                params = nnx.to_pure_dict(nnx.state(load_model(stage_dir, dtype=mcfg.dtype), nnx.Param))
+                continue
+            if params is None:
+                params = initial_params(config, mcfg)
+            params, global_step, last = _run_stage(
+                config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step,
+                resume if resume and resume["stage"] == name else None)
+            model = nnx.merge(graphdef, jax.device_get(params))
+            save_model(model, stage_dir, meta={"stage": name, "global_step": global_step}, overwrite=True)
+            summary["stages"][name] = last
+            if writer.enabled:
+                summary["stages"][name]["plot"] = plot_stage(workdir, name)
+            resume = None
+    finally:
+        ckpt.close()
+        writer.close()
+    summary["final"] = os.path.join(workdir, "stages", config.run_stages[-1])
+    summary["metrics"] = writer.path
+    return summary
+
+
+def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh):
+    needs = np.array([batching.needs(b) for b in batches])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, 3)
+    sizes = batching.agreed_sizes(needs.tolist(), batch_size)
+    local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id)
+                                    for b, s in zip(batches, shard_ids)])
+    if jax.process_count() == 1:
+        return shard_batch(local, mesh), local
+    from emoqwen_jax.parallel.rules import _BATCH_DIM, batch_sharding
+
+    out = {}
+    for key, value in local.items():
+        dim = _BATCH_DIM.get(key, 0)
+        sharding = batch_sharding(mesh, value.ndim, dim) if dim is not None else None
+        if sharding is None:
+            out[key] = jnp.asarray(value)
+        else:
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out, local
+
+
+def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step, resume):
+    sc = config.stages[name]
+    processes, pid = jax.process_count(), jax.process_index()
+    num_shards = int(config.data.get("num_shards", 0) or processes)
+    if num_shards % processes or sc.batch_size % num_shards:
+        raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {processes} processes and divide "
+                         f"stages.{name}.batch_size={sc.batch_size}")
+    check_divisibility(mcfg, mesh, sc.batch_size)
+    shard_batch_size = sc.batch_size // num_shards
+    per_process = num_shards // processes
+    shard_ids = list(range(pid * per_process, (pid + 1) * per_process))
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.update(batch_size=shard_batch_size, max_length=sc.max_length)
+    sources = load_sources(resolve_mixture(sc.mixture, workdir))
+    made = [make_iterator(sources, data_cfg, shard_index=s, shard_count=num_shards) for s in shard_ids]
+    iterators, counters = ShardIterators([m[0] for m in made]), [m[1] for m in made]
+    info = D.tokenizer_info(mcfg.text.vocab_size)
+
+    names = mcfg.expert_names
+    labels_view = trainable_labels(to_opt_view(params, names), sc.trainable)
+    trained = check_patterns(to_opt_view(params, names), sc.trainable)
+    accum = int(sc.optimizer.get("grad_accum", 1))
+    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels_view)
+    params = jax.device_put(params, shardings)
+    state = jax.jit(lambda p: init_state(p, tx, names, config.seed))(params)
+    start = 0
+    if resume is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = ckpt.restore(int(resume["global_step"]), abstract, iterators)
+        start = int(resume["stage_step"])
+        for counter, rc in zip(counters, resume.get("rejects", [])):
+            counter.set_state(rc)
+    step_fn = jax.jit(make_train_step(graphdef, tx, labels_view, names, schedule, accum), donate_argnums=0)
+    total = sc.num_steps * accum
+    log_every = int(config.train.log_every)
+    peak = float(config.train.peak_flops_per_device) * jax.device_count()
+    max_bad = int(config.train.max_nonfinite_in_a_row)
+    last: dict[str, Any] = {"trained_leaves": len(trained)}
+    tokens_seen, flops_seen, t0 = 0.0, 0.0, time.perf_counter()
+    bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
+    with _Sigterm() as sigterm, axis_rules(mesh, DEFAULT_RULES):
+        for micro in range(start, total):
+            batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh)
+            state, metrics = step_fn(state, batch)
+            global_step += 1
+            tokens = float(local["attention_mask"].sum()) * processes
+            tokens_seen += tokens
+            flops_seen += flops.train_flops(mcfg, tokens=int(tokens), patches=int((local["vision_patch_item"] >= 0)
+                                                                                     .sum()) * processes)
+            bar.update(1)
+            done = micro + 1 == total
+            if (micro + 1) % log_every == 0 or done:
+                m = jax.device_get(metrics)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                rejected = sum(sum(c.summary()["rejected"].values()) for c in counters)
+                record = {"stage": name, "step": micro + 1, "global_step": global_step,
+                          **{k: m[k] for k in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "gate_weights",
+                                               "lb_loss", "z_loss", "dropped_tokens")},
+                          "skipped": int(not m["finite"]), "tokens_per_s": tokens_seen / elapsed,
+                          "mfu": flops_seen / elapsed / peak, "data_rejected": rejected}
+                record = {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
+                writer.write(record)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+                tokens_seen, flops_seen, t0 = 0.0, 0.0, time.perf_counter()
+                last = dict(record, trained_leaves=len(trained))
+                if int(m["nonfinite_in_a_row"]) >= max_bad:
+                    raise RuntimeError(f"stage {name}: {int(m['nonfinite_in_a_row'])} non-finite updates in a row "
+                                       f"at step {micro + 1}; stopping (train.max_nonfinite_in_a_row={max_bad})")
+            due = (micro + 1) % ckpt.every_steps == 0 and not done
+            if (due or sigterm.received) and int(jax.device_get(state.nonfinite)) == 0:
+                meta = {"stage": name, "stage_step": micro + 1, "global_step": global_step,
+                        "rejects": [c.get_state() for c in counters]}
+                ckpt.save(global_step, state, meta, iterators, force=sigterm.received)
+            if sigterm.received:
+                ckpt.wait()
+                bar.close()
+                raise Preempted(f"SIGTERM: saved step {global_step} of stage {name}; start again to resume")
+    bar.close()
+    ckpt.wait()
+    return state.params, global_step, last
+
+
