@@ -3,6 +3,10 @@
 Every compressor expert starts as a copy of HF's patch merger, so a fresh import computes exactly what
 Qwen2.5-VL computes (any gate mixing of identical experts is the merger itself); the gate is freshly
 initialised from ``seed``.
+
+Our own exports (``model_type`` 'emotion_qwen', ``emoqwen_jax.convert.to_hf``) carry the compressor's
+settings in config.json and its experts, gate and router in the weights; they are read back as they are, so
+JAX -> HF -> JAX is bit-identical.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from emoqwen_jax.model.layers import Linear, as_dtype
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+EXPORT_MODEL_TYPE = "emotion_qwen"  # our exports (hf_export.py)
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", EXPORT_MODEL_TYPE)
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
@@ -41,7 +46,8 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | None = None,
                    dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
-    """Translates an HF Qwen2.5-VL config dict (nested transformers-5 or flat release format)."""
+    """Translates an HF Qwen2.5-VL config dict (nested transformers-5 or flat release format), or one of our
+    exports (whose ``compressor`` dict is the base that ``compressor`` overrides)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unknown architecture model_type={model_type!r} (architectures="
@@ -71,7 +77,9 @@ def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | Non
     out_hidden = vis.get("out_hidden_size", text_cfg.hidden_size)
     if out_hidden != text_cfg.hidden_size:
         raise ValueError(f"vision out_hidden_size={out_hidden} != text hidden_size={text_cfg.hidden_size}")
-    comp = CompressorConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in (compressor or {}).items()})
+    comp_fields = {**(hf.get("compressor") or {}), **(compressor or {})} if model_type == EXPORT_MODEL_TYPE else (
+        compressor or {})
+    comp = CompressorConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in comp_fields.items()})
     return ModelConfig(
         vision=vision_cfg, text=text_cfg, compressor=comp,
         image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
@@ -186,7 +194,8 @@ def _perturb_experts(experts: dict, std: float, seed: int) -> None:
 
 def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
             compressor: Mapping[str, Any] | None = None, seed: int = 0) -> EmotionQwen:
-    """Builds ``EmotionQwen`` from a Qwen2.5-VL directory; every expert is a copy of HF's merger.
+    """Builds ``EmotionQwen`` from a Qwen2.5-VL directory (every expert a copy of HF's merger) or from one of
+    our exports (experts, gate and router as exported; ``seed`` unused).
 
     Args:
       path: directory with config.json and model.safetensors (or sharded files with an index).
@@ -201,12 +210,15 @@ def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     np_dtype = np.dtype(as_dtype(config.param_dtype))
-    entries = hf_names.backbone_entries(config)
-    entries += hf_names.expert_entries(config, [hf_names.HF_MERGER_PREFIX] * config.compressor.num_experts)
-    used = load_entries(reader, entries, pure, np_dtype)
-    _init_routing(pure, config, seed)
-    if config.compressor.num_experts > 2 and config.compressor.init_noise_std > 0:
-        _perturb_experts(pure["compressor"]["experts"], config.compressor.init_noise_std, seed)
+    if hf["model_type"] == EXPORT_MODEL_TYPE:
+        used = load_entries(reader, hf_names.export_entries(config), pure, np_dtype)
+    else:
+        entries = hf_names.backbone_entries(config)
+        entries += hf_names.expert_entries(config, [hf_names.HF_MERGER_PREFIX] * config.compressor.num_experts)
+        used = load_entries(reader, entries, pure, np_dtype)
+        _init_routing(pure, config, seed)
+        if config.compressor.num_experts > 2 and config.compressor.init_noise_std > 0:
+            _perturb_experts(pure["compressor"]["experts"], config.compressor.init_noise_std, seed)
     unfilled = [p for p in _iter_paths(pure) if isinstance(_get(pure, p), jax.ShapeDtypeStruct)]
     if unfilled:
         raise ValueError(f"parameters not provided by the checkpoint: {unfilled[:5]}")

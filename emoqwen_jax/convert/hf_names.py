@@ -1,6 +1,14 @@
 """The one table that ties our parameter paths to Hugging Face Qwen2.5-VL safetensors names.
 
-Import and export both walk this table, so a name is written once. Each entry says how the HF tensor becomes
+Import and export both walk this table, so a name is written once. Our exports (``emoqwen-convert to-hf``)
+keep Qwen2.5-VL's names for the ViT and the decoder and put the Hybrid Compressor under the visual module:
+
+    visual.compressor.experts.{e}.ln_q.weight / mlp.0.{weight,bias} / mlp.2.{weight,bias}   (HF merger layout)
+    visual.compressor.gate.attention.{q,k,v,out}_proj.{weight,bias}                        (paper mode, E > 1)
+    visual.compressor.gate.{fc1,fc2,head}.{weight,bias}, gate.{norm1,norm2}.{weight,bias}
+    visual.compressor.router.weight                                                        (scale mode, [E, 4Dv])
+
+A single-expert model in paper mode exported as plain Qwen2.5-VL puts its expert at ``visual.merger``. Each entry says how the HF tensor becomes
 ours: ``copy`` (same layout), ``linear`` (HF [out, in] -> our kernel [in, out]), ``patch_embed`` (Conv3d
 [D, C, 2, 14, 14] -> kernel [C*2*14*14, D]). Expert entries carry one HF name per expert (stacked on axis 0).
 """
@@ -15,6 +23,8 @@ from emoqwen_jax.model.config import ModelConfig
 
 # HF's own merger, copied into every expert of a fresh import.
 HF_MERGER_PREFIX = "visual.merger"
+# Our exports' compressor.
+COMPRESSOR_PREFIX = "visual.compressor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +79,35 @@ def expert_entries(config: ModelConfig, merger_prefixes: list[str]) -> list[Entr
             Entry(ex + ("mlp_0_bias",), pick("mlp.0.bias"), "copy"),
             Entry(ex + ("mlp_2_kernel",), pick("mlp.2.weight"), "linear"),
             Entry(ex + ("mlp_2_bias",), pick("mlp.2.bias"), "copy")]
+
+
+def compressor_expert_prefixes(config: ModelConfig) -> list[str]:
+    """HF prefix of each expert in our exports: ``visual.compressor.experts.{e}``."""
+    return [f"{COMPRESSOR_PREFIX}.experts.{e}" for e in range(config.compressor.num_experts)]
+
+
+def routing_entries(config: ModelConfig) -> list[Entry]:
+    """The gate (paper mode with several experts) or the router (scale mode); none for a single paper expert."""
+    comp = ("compressor",)
+    if config.compressor.routing == "token":
+        return _linear(comp + ("router",), f"{COMPRESSOR_PREFIX}.router", False)
+    if config.compressor.num_experts == 1:
+        return []
+    gate, hf = comp + ("gate",), f"{COMPRESSOR_PREFIX}.gate"
+    e: list[Entry] = []
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        e += _linear(gate + ("attention", proj), f"{hf}.attention.{proj}", True)
+    for layer in ("fc1", "fc2", "head"):
+        e += _linear(gate + (layer,), f"{hf}.{layer}", True)
+    for norm in ("norm1", "norm2"):
+        e += [Entry(gate + (norm, p), (f"{hf}.{norm}.{p}",), "copy") for p in ("weight", "bias")]
+    return e
+
+
+def export_entries(config: ModelConfig) -> list[Entry]:
+    """Every parameter of an Emotion-Qwen export (the layout of ``emoqwen-convert to-hf``)."""
+    return (backbone_entries(config) + expert_entries(config, compressor_expert_prefixes(config))
+            + routing_entries(config))
 
 
 def hf_to_ours(tensor: np.ndarray, kind: str) -> np.ndarray:
