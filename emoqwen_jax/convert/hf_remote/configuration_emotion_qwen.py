@@ -1,0 +1,27 @@
+"""Emotion-Qwen configuration for transformers (shipped in exports of ``emoqwen_jax``; loaded with
+``trust_remote_code=True``).
+
+A Qwen2.5-VL config plus one ``compressor`` dict: the Hybrid Compressor's settings as ``emoqwen_jax``'s
+``CompressorConfig`` writes them (``routing`` 'sample' | 'token', ``num_experts``, ``expert_names``,
+``gate_input``, ``gate_num_heads``, ``gate_hidden_size``, ``top_k``, ``capacity_factor``, ...).
+"""
+
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
+
+COMPRESSOR_DEFAULTS = {
+    "routing": "sample", "num_experts": 2, "expert_names": ["general", "emotion"], "gate_input": "pooled",
+    "gate_num_heads": 8, "gate_hidden_size": 512, "top_k": 2, "capacity_factor": 1.25,
+}
+
+
+class EmotionQwenConfig(Qwen2_5_VLConfig):
+    model_type = "emotion_qwen"
+
+    def __init__(self, compressor: dict | None = None, **kwargs):
+        # Why not a dataclass field: Qwen2_5_VLConfig is a strict dataclass; an explicit attribute set
+        # before its __init__ survives to_dict/from_dict without re-decorating the subclass.
+        self.compressor = {**COMPRESSOR_DEFAULTS, **(compressor or {})}
+        super().__init__(**kwargs)
+
+
+__all__ = ["EmotionQwenConfig"]

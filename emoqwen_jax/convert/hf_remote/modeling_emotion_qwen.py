@@ -1,0 +1,281 @@
+"""Emotion-Qwen for transformers: Qwen2.5-VL with its patch merger replaced by the Hybrid Compressor.
+
+Shipped in exports of ``emoqwen_jax`` (``emoqwen-convert to-hf``) and loaded with
+``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)``. Everything except the
+compressor and the M-RoPE position rule is transformers' own Qwen2.5-VL code.
+
+Shapes: P patches, U = P / M merged units (M = spatial_merge_size**2), Dv ViT width, D LLM width, E experts,
+G images/videos in one vision call, k = top_k.
+
+Compressor (``visual.compressor.*``):
+  * ``experts.{e}``: E Qwen2.5-VL patch mergers (``ln_q``, ``mlp.0``, ``mlp.2``, HF's own class).
+  * paper mode (``routing='sample'``): ``gate`` turns each image/video into softmax weights over the experts
+    from its mean ViT feature (or attention over all its tokens, ``gate_input='tokens'``):
+    self-attention (q/k/v/out_proj with bias) -> [Linear -> ReLU -> LayerNorm] x 2 -> head -> softmax;
+    tokens = sum_e w[item, e] * expert_e(units).
+  * scale mode (``routing='token'``): ``router`` (float32, no bias) picks each unit's top-k experts, weights
+    softmaxed over the chosen k. Capacity per expert ceil(U * k / E * capacity_factor) (``capacity_factor``
+    <= 0: dropless); priority: every unit's first choice before any second choice, then unit order (window
+    order, as in ``emoqwen_jax``); a fully dropped unit becomes a zero vector. Capacity is counted over the
+    units of one vision call (HF encodes images and videos in separate calls; ``emoqwen_jax`` in one), so
+    with drops the two agree when a call holds the same units; dropless checkpoints agree always.
+
+Positions: ``get_rope_index`` follows the rule Qwen2.5-VL was released with (transformers 4.50): text after
+a vision block resumes at the block's maximum position + 1 (transformers >= 5.3 resumes at
+start + max(h, w) / merge instead), so ``generate`` matches ``emoqwen_jax`` on any video.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLPatchMerger,
+    Qwen2_5_VLPreTrainedModel,
+    Qwen2_5_VLTextModel,
+)
+from transformers.utils.generic import get_max_seqlen
+from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+from .configuration_emotion_qwen import EmotionQwenConfig
+
+
+class GateAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (bias), as ``emoqwen_jax``'s gate."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x float[B, T, Dv] (attention over all T) -> float[B, T, Dv]."""
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        logits = (q.float() @ k.float().transpose(-1, -2)) * (d // self.num_heads) ** -0.5
+        out = logits.softmax(-1).to(v.dtype) @ v
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class EmotionQwenGate(nn.Module):
+    """Per-item expert weights float32[G, E] from the item's ViT features."""
+
+    def __init__(self, dim: int, cfg: dict):
+        super().__init__()
+        hid = cfg["gate_hidden_size"]
+        self.attention = GateAttention(dim, cfg["gate_num_heads"])
+        self.fc1, self.norm1 = nn.Linear(dim, hid), nn.LayerNorm(hid, eps=1e-5)
+        self.fc2, self.norm2 = nn.Linear(hid, hid), nn.LayerNorm(hid, eps=1e-5)
+        self.head = nn.Linear(hid, cfg["num_experts"])
+        self.gate_input = cfg["gate_input"]
+
+    def forward(self, features: torch.Tensor, patches_per_item: list[int]) -> torch.Tensor:
+        """features float[P, Dv] (items contiguous, in ``patches_per_item`` order) -> float32[G, E]."""
+        items = features.split(patches_per_item)
+        if self.gate_input == "pooled":  # the release: attention over one mean vector per item
+            pooled = torch.stack([x.float().mean(0) for x in items]).to(features.dtype)
+            x = self.attention(pooled[:, None])[:, 0]
+        else:  # attention over all of the item's tokens, then their mean
+            x = torch.stack([self.attention(t[None])[0].float().mean(0) for t in items]).to(features.dtype)
+        x = self.norm1(F.relu(self.fc1(x)))
+        x = self.norm2(F.relu(self.fc2(x)))
+        return self.head(x).float().softmax(-1)
+
+
+def expert_capacity(num_units: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Rows per expert: ceil(U * k / E * factor), at most U; ``factor <= 0`` is dropless (U)."""
+    if capacity_factor <= 0:
+        return num_units
+    return max(1, min(num_units, math.ceil(num_units * top_k / num_experts * capacity_factor)))
+
+
+class EmotionQwenCompressor(nn.Module):
+    """Expert mergers plus the gate (paper mode) or the token router (scale mode)."""
+
+    def __init__(self, vision_config, cfg: dict):
+        super().__init__()
+        dv, m = vision_config.hidden_size, vision_config.spatial_merge_size
+        e = cfg["num_experts"]
+        self.experts = nn.ModuleList(
+            Qwen2_5_VLPatchMerger(dim=vision_config.out_hidden_size, context_dim=dv, spatial_merge_size=m)
+            for _ in range(e))
+        token = cfg["routing"] == "token"
+        self.gate = EmotionQwenGate(dv, cfg) if not token and e > 1 else None
+        self.router = nn.Linear(dv * m * m, e, bias=False) if token else None
+        self.merge_unit, self.top_k, self.capacity_factor = m * m, cfg["top_k"], cfg["capacity_factor"]
+
+    def forward(self, features: torch.Tensor, patches_per_item: list[int]) -> torch.Tensor:
+        """features float[P, Dv] -> tokens float[U, D] in the same (window) order."""
+        if self.router is not None:
+            return self._token_mode(features)
+        if self.gate is None:
+            return self.experts[0](features)
+        weights = self.gate(features, patches_per_item)  # [G, E]
+        units_per_item = torch.tensor([p // self.merge_unit for p in patches_per_item], device=features.device)
+        unit_weights = weights.repeat_interleave(units_per_item, dim=0)  # [U, E]
+        out = torch.stack([expert(features) for expert in self.experts])  # [E, U, D]
+        return torch.einsum("eud,ue->ud", out.float(), unit_weights).to(out.dtype)
+
+    def _token_mode(self, features: torch.Tensor) -> torch.Tensor:
+        units = features.reshape(-1, self.merge_unit * features.shape[-1])  # [U, M*Dv]
+        u, e, k = units.shape[0], len(self.experts), self.top_k
+        logits = F.linear(units.float(), self.router.weight.float())  # the router runs in float32
+        top_logits, ids = logits.topk(k, dim=-1)  # [U, k]
+        weights = top_logits.softmax(-1)
+        # Slot of each assignment in its expert's buffer, first choices of all units before second choices.
+        onehot = F.one_hot(ids.t().reshape(-1), e)  # [k*U, E], choice-major
+        slot = ((onehot.cumsum(0) - 1) * onehot).sum(-1).view(k, u).t()  # [U, k]
+        keep = slot < expert_capacity(u, e, k, self.capacity_factor)
+        out = torch.zeros(u, self.experts[0].mlp[2].out_features, dtype=features.dtype, device=features.device)
+        for i, expert in enumerate(self.experts):
+            rows, choice = ((ids == i) & keep).nonzero(as_tuple=True)
+            if rows.numel():
+                y = expert(units[rows].reshape(-1, features.shape[-1]))
+                out.index_add_(0, rows, y * weights[rows, choice, None].to(y.dtype))
+        return out
+
+
+class EmotionQwenVisionTransformer(Qwen2_5_VisionTransformerPretrainedModel):
+    """Qwen2.5-VL's ViT whose merger is the Hybrid Compressor (``visual.compressor``)."""
+
+    def __init__(self, config, compressor: dict):
+        super().__init__(config)
+        del self.merger
+        self.compressor = EmotionQwenCompressor(config, compressor)
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """pixel rows float[P, C*T*p*p], grid_thw int[G, 3] -> last_hidden_state float[P, Dv] (window order),
+        pooler_output float[U, D] (merged tokens in HF's spatial order). Same steps as Qwen2.5-VL's forward;
+        only the merger call differs (the compressor needs the item boundaries)."""
+        position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size, kwargs=kwargs)
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, self.config, kwargs=kwargs)
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw, spatial_merge_size=self.spatial_merge_size, window_size=self.window_size,
+            patch_size=self.patch_size, kwargs=kwargs)
+        max_window_seqlen = get_max_seqlen(cu_window_seqlens, self.config, kwargs=kwargs,
+                                           kwarg_name="max_window_seqlen")
+        hidden_states = self.patch_embed(hidden_states)
+        seq_len = hidden_states.shape[0]
+        hidden_states = self.permute_input_for_window_attn(hidden_states, window_index, seq_len=seq_len)
+        position_embeddings = self.rotary_pos_emb(hidden_states, position_ids)
+        position_embeddings = tuple(self.permute_input_for_window_attn(f, window_index, seq_len=seq_len)
+                                    for f in position_embeddings)
+        for layer_num, blk in enumerate(self.blocks):
+            full = layer_num in self.fullatt_block_indexes
+            hidden_states = blk(hidden_states, cu_seqlens=cu_seqlens if full else cu_window_seqlens,
+                                max_seqlen=max_seqlen if full else max_window_seqlen,
+                                position_embeddings=position_embeddings, **kwargs)
+        # The window order keeps each item's patches contiguous, so items split by their patch counts.
+        merged = self.compressor(hidden_states, grid_thw.prod(-1).tolist())
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states,
+                                          pooler_output=merged[torch.argsort(window_index)])
+
+
+def released_rope_index(input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                        second_per_grid_ts, spatial_merge_size: int, tokens_per_second: float):
+    """M-RoPE positions by the released rule -> (position_ids long[3, B, L], rope_deltas long[B, 1]).
+
+    Text: one position on all three axes. Vision: t = floor(index * second_per_grid_t * tokens_per_second)
+    (float32, 0 for images), h/w on the merged grid, all offset by the running position; the text after a
+    block resumes at the block's maximum position + 1. Padding positions hold 1 (as in transformers 4.50).
+    """
+    b, length = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    position_ids = torch.ones(3, b, length, dtype=torch.long, device=input_ids.device)
+    grids = {1: list(image_grid_thw.tolist()) if image_grid_thw is not None else [],
+             2: list(video_grid_thw.tolist()) if video_grid_thw is not None else []}
+    spts = (torch.as_tensor(second_per_grid_ts, dtype=torch.float32).reshape(-1).tolist()
+            if second_per_grid_ts is not None else [1.0] * len(grids[2]))
+    used = {1: 0, 2: 0}
+    deltas = []
+    for row in range(b):
+        keep = mask[row].bool()
+        types = mm_token_type_ids[row][keep].tolist()
+        parts, pos, i = [], 0, 0
+        while i < len(types):
+            kind = types[i]
+            if kind == 0:
+                j = i
+                while j < len(types) and types[j] == 0:
+                    j += 1
+                parts.append(torch.arange(pos, pos + j - i).expand(3, -1))
+                pos, i = pos + j - i, j
+                continue
+            t, h, w = grids[kind][used[kind]]
+            interval = spts[used[2]] if kind == 2 else 0.0
+            used[kind] += 1
+            lh, lw = h // spatial_merge_size, w // spatial_merge_size
+            # float32 product, then truncation, as the released code and emoqwen_jax do.
+            t_ids = (torch.arange(t, dtype=torch.float32) * torch.tensor(interval, dtype=torch.float32)
+                     * torch.tensor(tokens_per_second, dtype=torch.float32)).long()
+            block = torch.stack([t_ids.repeat_interleave(lh * lw), torch.arange(lh).repeat_interleave(lw).repeat(t),
+                                 torch.arange(lw).repeat(t * lh)]) + pos
+            parts.append(block)
+            pos, i = int(block.max()) + 1, i + t * lh * lw
+        positions = torch.cat(parts, 1) if parts else torch.zeros(3, 0, dtype=torch.long)
+        position_ids[:, row, keep] = positions.to(position_ids.device)
+        deltas.append((int(positions.max()) + 1 if positions.numel() else 0) - int(keep.sum()))
+    return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+def _token_types(config, input_ids: torch.Tensor) -> torch.Tensor:
+    """mm_token_type_ids (0 text, 1 image, 2 video) from the placeholder ids, for callers that omit them."""
+    return ((input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long())
+
+
+class EmotionQwenModel(Qwen2_5_VLModel):
+    config_class = EmotionQwenConfig
+
+    def __init__(self, config: EmotionQwenConfig):
+        # Built here rather than by Qwen2_5_VLModel.__init__, so the stock merger is never allocated.
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.visual = EmotionQwenVisionTransformer._from_config(config.vision_config, compressor=config.compressor)
+        self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        self.rope_deltas = None
+        self.post_init()
+
+    def get_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, attention_mask=None, **kwargs):
+        if mm_token_type_ids is None:
+            mm_token_type_ids = _token_types(self.config, input_ids)
+        return released_rope_index(input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                   second_per_grid_ts, self.config.vision_config.spatial_merge_size,
+                                   self.config.vision_config.tokens_per_second)
+
+    def forward(self, input_ids=None, *args, mm_token_type_ids=None, **kwargs):
+        if mm_token_type_ids is None and input_ids is not None:
+            mm_token_type_ids = _token_types(self.config, input_ids)
+        return super().forward(input_ids, *args, mm_token_type_ids=mm_token_type_ids, **kwargs)
+
+
+class EmotionQwenForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    config_class = EmotionQwenConfig
+
+    def __init__(self, config: EmotionQwenConfig):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.model = EmotionQwenModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        ids = model_kwargs.get("input_ids", inputs_tensor)
+        if model_kwargs.get("mm_token_type_ids") is None and ids.dim() == 2 and not ids.is_floating_point():
+            model_kwargs["mm_token_type_ids"] = _token_types(self.config, ids)
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+
+# The files use Qwen2.5-VL's names (``visual.*``, ``model.layers.*``, ``lm_head``). transformers maps them onto
+# the modules (``model.visual.*``, ``model.language_model.*``) by class name, and skips custom code unless its
+# class is registered: register ours with Qwen2-VL's own renames (also reversed by ``save_pretrained``).
+for _ours, _theirs in (("EmotionQwenForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
+                       ("EmotionQwenModel", "Qwen2VLModel")):
+    register_checkpoint_conversion_mapping(_ours, get_checkpoint_conversion_mapping(_theirs), overwrite=True)
+
+__all__ = ["EmotionQwenForConditionalGeneration", "EmotionQwenModel", "EmotionQwenVisionTransformer"]
