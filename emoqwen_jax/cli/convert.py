@@ -2,9 +2,14 @@ r"""emoqwen-convert: move weights between Hugging Face and our model directories
 
   emoqwen-convert from-hf --hf_dir /path/to/Qwen2.5-VL-7B-Instruct --out /path/to/emoqwen-7b \
       [--dtype float32|bfloat16] [--num_experts 2] [--expert_names general,emotion] [--seed 0] [--overwrite]
+  emoqwen-convert to-hf --ckpt /path/to/emoqwen-7b --out /path/to/emoqwen-7b-hf \
+      [--format emotion_qwen|qwen2_5_vl] [--max_shard_size 5GB] [--no_tokenizer] [--overwrite]
 
 ``from-hf`` copies HF's patch merger into every compressor expert (so the imported model computes exactly
-what Qwen2.5-VL computes) and initialises the gating network from ``--seed``; it needs no torch.
+what Qwen2.5-VL computes) and initialises the gating network from ``--seed``; it needs no torch. It also reads
+our own exports back (experts, gate and router as exported). ``to-hf`` writes a directory that transformers
+loads: ``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` for 'emotion_qwen', or a
+plain Qwen2.5-VL for a single-expert checkpoint with ``--format qwen2_5_vl``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,20 @@ def _from_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_hf(args: argparse.Namespace) -> int:
+    from emoqwen_jax.convert import to_hf
+    from emoqwen_jax.convert.hf_export import check_format
+    from emoqwen_jax.convert.model_dir import load_model, read_model_config
+
+    start = time.time()
+    check_format(read_model_config(args.ckpt)[0], args.format)  # a clear error before restoring any weights
+    summary = to_hf(load_model(args.ckpt), args.out, format=args.format, max_shard_size=args.max_shard_size,
+                    tokenizer=not args.no_tokenizer, overwrite=args.overwrite)
+    summary.pop("files")
+    print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emoqwen-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the gating network's initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_from_hf)
+    p = sub.add_parser("to-hf", help="our model directory -> Hugging Face directory (safetensors, config, tokenizer)")
+    p.add_argument("--ckpt", required=True, help="our model directory (config.json + params/)")
+    p.add_argument("--out", required=True, help="output Hugging Face directory")
+    p.add_argument("--format", default="emotion_qwen", choices=["emotion_qwen", "qwen2_5_vl"],
+                   help="emotion_qwen: remote code, any compressor; qwen2_5_vl: plain Qwen2.5-VL, one expert only")
+    p.add_argument("--max_shard_size", default="5GB", help="shard the weights above this size (e.g. 5GB, 500MB)")
+    p.add_argument("--no_tokenizer", action="store_true",
+                   help="skip the tokenizer files (needed when the model's vision token ids are not the tokenizer's)")
+    p.add_argument("--overwrite", action="store_true", help="replace the export files in a non-empty --out")
+    p.set_defaults(func=_to_hf)
     return parser
 
 
