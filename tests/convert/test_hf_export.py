@@ -111,7 +111,9 @@ def _perturb(model, seed):
 def exports(src_dir, tmp_path_factory):
     """mode -> (JAX model, export dir, transformers model)."""
     out = {}
-    for mode, comp in (("paper", dict(num_experts=2)), ("scale", dict(SCALE, capacity_factor=0.75)),
+    for mode, comp in (("paper", dict(num_experts=2)), ("paper_tokens", dict(num_experts=3, expert_names=(),
+                                                                              gate_input="tokens")),
+                       ("scale", dict(SCALE, capacity_factor=0.75)),
                        ("dropless", dict(SCALE, capacity_factor=0.0))):
         model = _perturb(from_hf(str(src_dir), compressor=comp, seed=1), seed=len(out))
         path = tmp_path_factory.mktemp(mode)
@@ -131,8 +133,8 @@ def _hf_logits(hf, ids, mask, with_types=True, **vision):
         return hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), **kwargs).logits.numpy()
 
 
-@pytest.mark.parametrize("mode,case", [("paper", c) for c in CASES] + [("scale", "image"), ("scale", "video"),
-                                                                      ("dropless", "mixed")])
+@pytest.mark.parametrize("mode,case", [("paper", c) for c in CASES] + [("paper_tokens", "mixed"), ("scale", "image"),
+                                                                      ("scale", "video"), ("dropless", "mixed")])
 def test_logits_match(exports, mode, case):
     model, _, hf = exports[mode]
     rows, vision = CASES[case]
@@ -140,8 +142,9 @@ def test_logits_match(exports, mode, case):
     got = model(ids, mask, **vision)
     ref = _hf_logits(hf, ids, mask, with_types=case != "video", **vision)
     assert O.rel_err(got.logits, ref, mask) <= TOL
-    if mode == "paper" and vision:  # the gate really mixes (the experts differ, so mixing matters)
-        assert np.abs(np.asarray(got.gate_weights) - 0.5).max() > 0.05
+    if mode.startswith("paper") and vision:  # the gate really mixes (the experts differ, so mixing matters)
+        weights = np.asarray(got.gate_weights)
+        assert np.abs(weights - 1 / weights.shape[1]).max() > 0.05
     if mode == "scale":  # capacity 0.75 drops assignments: the priority rule is exercised
         assert float(got.aux["dropped_assignments"]) > 0
 
