@@ -212,14 +212,16 @@ def test_layout_names_and_config(exports):
 
 @pytest.mark.parametrize("mode", ["paper", "scale"])
 def test_round_trip_is_bit_identical(exports, tmp_path, mode):
-    model, path, _ = exports[mode]
-    back = from_hf(str(path))  # HF -> JAX -> HF -> JAX: the model itself came from from_hf
-    assert back.config == model.config
-    a, b = jax.tree.leaves(_params(model)), jax.tree.leaves(_params(back))
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y)
+    model, path, hf = exports[mode]
+    hf.save_pretrained(tmp_path / "resaved")  # what a user fine-tuning the export in transformers writes
+    for where in (path, tmp_path / "resaved"):  # HF -> JAX -> HF -> JAX: the model itself came from from_hf
+        back = from_hf(str(where))
+        assert back.config == model.config
+        a, b = jax.tree.leaves(_params(model)), jax.tree.leaves(_params(back))
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
 
 
 def test_bfloat16_round_trip(src_dir, tmp_path):
