@@ -91,6 +91,7 @@ def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: str |
     """Our config -> the HF config.json dict (transformers 5 nested layout); inverse of ``config_from_hf``."""
     check_format(config, fmt)
     t, v = config.text, config.vision
+    tps = v.tokens_per_second
     text = {
         "model_type": "qwen2_5_vl_text", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
         "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
@@ -106,7 +107,7 @@ def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: str |
         "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
         "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
         # transformers types it int (strict config); a fractional rate stays a float for our own import.
-        "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer() else v.tokens_per_second,
+        "tokens_per_second": int(tps) if float(tps).is_integer() else tps,
         "out_hidden_size": t.hidden_size, "hidden_act": "silu",
         "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
     }
