@@ -107,6 +107,7 @@ def mesh_config() -> ml_collections.ConfigDict:
     mesh.fsdp = 1  # parameter sharding (ZeRO-3 style)
     mesh.expert = 1  # expert parallelism of the compressor (extra data parallelism elsewhere)
     mesh.tensor = 1  # attention heads / MLP width
+    mesh.num_devices = 0  # use only the first N devices (0 = every global device)
     return mesh
 
 

@@ -26,7 +26,7 @@ def test_run_sample_tiny():
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     batch, length, vocab = summary["logits_shape"]
-    assert batch == 2 and vocab == 1024 and length > 100
+    assert batch == 2 and vocab == 1024 and length > 40  # system prompt + question + vision tokens
     assert len(summary["gate_weights"]) == 2
     for row in summary["gate_weights"]:
         assert abs(sum(row) - 1.0) < 1e-3

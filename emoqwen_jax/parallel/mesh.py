@@ -19,7 +19,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Resolves -1 (at most one axis) so the product equals ``num_devices``; clear errors otherwise."""
     sizes = {axis: int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES}
-    unknown = set(mesh_cfg) - set(MESH_AXES) - {"rules"}
+    unknown = set(mesh_cfg) - set(MESH_AXES) - {"num_devices"}
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
     fill = [a for a, s in sizes.items() if s == -1]
@@ -43,6 +43,8 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     """A ``Mesh`` over ``devices`` (default: every global device, all hosts) with Auto axis types, so GSPMD
     propagates shardings from the annotations and ``shard_map`` accepts any input sharding."""
     devices = list(jax.devices() if devices is None else devices)
+    if int(mesh_cfg.get("num_devices", 0) or 0) > 0:  # a prefix of the devices (debugging, tests)
+        devices = devices[: int(mesh_cfg["num_devices"])]
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:

@@ -39,6 +39,12 @@ class ShardIterators:
         for it, s in zip(self.iterators, states):
             it.set_state(s)
 
+    def start_prefetch(self) -> None:
+        """Called by grain's handler after a restore."""
+        for it in self.iterators:
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
+
 
 class Checkpointer:
     def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int, async_save: bool = True):

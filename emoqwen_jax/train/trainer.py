@@ -49,7 +49,9 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     if local:  # CPU host devices per process (must precede backend start-up; ignored by TPU/GPU)
         jax.config.update("jax_num_cpu_devices", local)
     if coordinator and num > 1:
-        pid = int(dist.get("process_id", -1) if dist.get("process_id", -1) >= 0 else env.get("JAX_PROCESS_ID", 0))
+        pid = dist.get("process_id", -1)
+        if pid < 0:
+            pid = int(env.get("JAX_PROCESS_ID", env.get("SLURM_PROCID", 0)))
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
     elif dist.get("auto", False):
         jax.distributed.initialize()  # TPU pods and SLURM: JAX reads the cluster environment
@@ -140,7 +142,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                 config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step,
                 resume if resume and resume["stage"] == name else None)
             model = nnx.merge(graphdef, jax.device_get(params))
-            save_model(model, stage_dir, meta={"stage": name, "global_step": global_step}, overwrite=True)
+            # The data settings travel with the weights: describe/eval process inputs exactly as training did.
+            save_model(model, stage_dir, meta={"stage": name, "global_step": global_step,
+                                               "data": config.data.to_dict()}, overwrite=True)
             summary["stages"][name] = last
             if writer.enabled:
                 summary["stages"][name]["plot"] = plot_stage(workdir, name)
@@ -164,16 +168,17 @@ def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: i
                                     for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
         return shard_batch(local, mesh), local
+    from jax.experimental import multihost_utils
+
     from emoqwen_jax.parallel.rules import _BATCH_DIM, batch_sharding
 
     out = {}
     for key, value in local.items():
         dim = _BATCH_DIM.get(key, 0)
-        sharding = batch_sharding(mesh, value.ndim, dim) if dim is not None else None
-        if sharding is None:
-            out[key] = jnp.asarray(value)
+        if dim is None:  # replicated, but still the concatenation over all hosts' shards
+            out[key] = jnp.asarray(multihost_utils.process_allgather(value, tiled=True))
         else:
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
+            out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim, dim), value)
     return out, local
 
 
