@@ -58,6 +58,8 @@ setup(
             "emoqwen-describe=emoqwen_jax.cli.describe:main",
             "emoqwen-eval=emoqwen_jax.cli.eval:main",
             "emoqwen-score=emoqwen_jax.cli.score:main",
+            "emoqwen-plan=emoqwen_jax.cli.plan:main",
+            "emoqwen-forgetting=emoqwen_jax.cli.forgetting:main",
         ]
     },
 )
