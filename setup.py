@@ -37,6 +37,7 @@ EXTRAS = {
         "transformers==5.24.0",
         "scikit-image",
         "scikit-learn==1.9.1",
+        "peft==0.21.2",
     ],
     "hf": ["transformers==5.24.0"],
 }
