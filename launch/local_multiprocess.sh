@@ -23,7 +23,7 @@ LOGDIR="${TMPDIR:-/tmp}"
 pids=()
 for ((i = 0; i < N; i++)); do
   cmd=(env JAX_PLATFORMS=cpu JAX_COORDINATOR_ADDRESS="127.0.0.1:${PORT}" JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i"
-       emoqwen-train --config.distributed.local_device_count="$DEV" "$@")
+       emoqwen-train "$@" --config.distributed.local_device_count="$DEV")
   if [ "$DRY" -eq 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     continue

@@ -24,7 +24,7 @@ PROJ=(); [ -n "$PROJECT" ] && PROJ=(--project "$PROJECT")
 TRAIN_FLAGS=$(printf '%q ' "$@")
 INSTALL="set -e; (test -d emoqwen_jax || git clone -b ${BRANCH} ${REPO} emoqwen_jax); cd emoqwen_jax && git pull -q; \
 python3 -m pip install -q -U 'jax[tpu]==0.10.2' && python3 -m pip install -q -e ."
-TRAIN="cd emoqwen_jax && emoqwen-train --config.distributed.auto=True ${TRAIN_FLAGS}"
+TRAIN="cd emoqwen_jax && emoqwen-train ${TRAIN_FLAGS} --config.distributed.auto=True"
 run() {
   if [ "$DRY" -eq 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }

@@ -4,6 +4,11 @@ Resume order (big_vision style): the latest checkpoint in ``workdir/checkpoints`
 finished stages are skipped (their weights are in ``workdir/stages/<name>``); the stage in progress rebuilds
 its optimiser, restores the state into its abstract shapes and shardings, restores the data iterators, and
 continues at the next micro-step, so a killed run reproduces an uninterrupted one step for step.
+
+LoRA stages (``stages.<name>.lora.enabled``): the stage swaps adapters into the incoming weights
+(``emoqwen_jax.model.lora``), trains the adapters plus the stage's ``trainable`` regexes, and saves its model
+directory WITH the adapters (meta ``lora``; ``emoqwen-convert merge-lora`` / ``to-hf --lora_adapter`` read it).
+The next stage starts from the merged weights.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -24,6 +30,7 @@ from emoqwen_jax import data as D
 from emoqwen_jax.convert.model_dir import is_model_dir, load_model, save_model
 from emoqwen_jax.data.pipeline import load_sources, make_iterator
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
+from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
 from emoqwen_jax.parallel.rules import shard_batch
@@ -123,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     graphdef = nnx.graphdef(abstract)
     shardings = pure_param_shardings(abstract, mesh)
     ckpt = Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                        max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.get("async", True))
+                        max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.get("async_save", True))
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     latest = ckpt.latest_step()
     resume = ckpt.read_meta(latest) if latest is not None else None
@@ -134,17 +141,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         for name in config.run_stages:
             stage_dir = os.path.join(workdir, "stages", name)
             if is_model_dir(stage_dir) and not (resume and resume["stage"] == name):
-                params = nnx.to_pure_dict(nnx.state(load_model(stage_dir, dtype=mcfg.dtype), nnx.Param))
+                model = merge_lora(load_model(stage_dir, dtype=mcfg.dtype))  # a LoRA stage's dir holds adapters
+                params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
                 continue
             if params is None:
                 params = initial_params(config, mcfg)
+            stage_graphdef, params, stage_shardings, extra = stage_model(config, name, params, graphdef, mesh)
             params, global_step, last = _run_stage(
-                config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step,
-                resume if resume and resume["stage"] == name else None)
-            model = nnx.merge(graphdef, jax.device_get(params))
+                config, name, params, stage_graphdef, stage_shardings or shardings, mcfg, mesh, spec, ckpt, writer,
+                workdir, global_step, resume if resume and resume["stage"] == name else None, extra)
+            model = nnx.merge(stage_graphdef, jax.device_get(params))
             # The data settings travel with the weights: describe/eval process inputs exactly as training did.
             save_model(model, stage_dir, meta={"stage": name, "global_step": global_step,
                                                "data": config.data.to_dict()}, overwrite=True)
+            if stage_graphdef is not graphdef:
+                params = nnx.to_pure_dict(nnx.state(merge_lora(model), nnx.Param))
             summary["stages"][name] = last
             if writer.enabled:
                 summary["stages"][name]["plot"] = plot_stage(workdir, name)
@@ -155,6 +166,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     summary["final"] = os.path.join(workdir, "stages", config.run_stages[-1])
     summary["metrics"] = writer.path
     return summary
+
+
+def stage_lora(stage_cfg) -> LoRAConfig | None:
+    """The stage's LoRA settings, or None when ``lora`` is absent or not ``enabled``."""
+    lora = stage_cfg.get("lora")
+    if lora is None or not lora.get("enabled", False):
+        return None
+    return LoRAConfig.from_dict(lora.to_dict() if hasattr(lora, "to_dict") else dict(lora))
+
+
+def stage_model(config, name: str, params: dict, graphdef, mesh):
+    """(graphdef, params, shardings or None, extra trainable regexes) of stage ``name``: unchanged without
+    LoRA; with it, adapters (``lora_b`` = 0, so the stage starts at the incoming model) swapped into the
+    weights, their shardings from the same logical-axis rules, and the adapter leaves made trainable."""
+    lora = stage_lora(config.stages[name])
+    if lora is None:
+        return graphdef, params, None, ()
+    model = nnx.merge(graphdef, params)
+    key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()) % 2**31)  # per-stage init
+    apply_lora(model, lora, rngs=nnx.Rngs(params=key))
+    return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param)), pure_param_shardings(model, mesh), \
+        (ADAPTER_PATTERN,)
 
 
 def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh):
@@ -182,7 +215,8 @@ def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: i
     return out, local
 
 
-def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step, resume):
+def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step, resume,
+               extra_trainable=()):
     sc = config.stages[name]
     processes, pid = jax.process_count(), jax.process_index()
     num_shards = int(config.data.get("num_shards", 0) or processes)
@@ -201,8 +235,9 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     info = D.tokenizer_info(mcfg.text.vocab_size)
 
     names = mcfg.expert_names
-    labels_view = trainable_labels(to_opt_view(params, names), sc.trainable)
-    trained = check_patterns(to_opt_view(params, names), sc.trainable)
+    patterns = tuple(sc.trainable) + tuple(extra_trainable)
+    labels_view = trainable_labels(to_opt_view(params, names), patterns)
+    trained = check_patterns(to_opt_view(params, names), patterns)
     accum = int(sc.optimizer.get("grad_accum", 1))
     tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels_view)
     params = jax.device_put(params, shardings)
