@@ -117,3 +117,41 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, s
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+def local_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block: int, scale: float) -> Array:
+    """Exact attention within contiguous segments no longer than ``block``, at O(P * 3 * block) cost.
+
+    The sequence is cut into blocks of ``block`` positions; queries of block c see the keys of blocks c-1, c and
+    c+1 under the segment mask. A segment of at most ``block`` contiguous positions that touches block c lies
+    inside those three blocks, so the result equals dense masked attention (``dot_product_attention`` with the
+    [P, P] mask ``segment_ids[:, None] == segment_ids[None, :]``) without ever building the [P, P] logits.
+
+    Args:
+      q, k, v: float[P, N, H]; segment_ids: int[P], equal ids contiguous, every run at most ``block`` long.
+    Returns:
+      float[P, N, H] in q's dtype (logits and softmax in float32).
+    """
+    p, n, h = q.shape
+    pad = -p % block
+    if pad:  # the tail block's padding positions get their own segment and are cut off again
+        widen = lambda x: jnp.pad(x, ((0, pad), (0, 0), (0, 0)))  # noqa: E731
+        q, k, v = widen(q), widen(k), widen(v)
+        segment_ids = jnp.pad(segment_ids, (0, pad), constant_values=jnp.iinfo(jnp.int32).min + 1)
+    c = (p + pad) // block
+
+    def neighbours(x, fill):  # [C, block, ...] -> [C, 3 * block, ...]: blocks c-1, c, c+1
+        edge = [(1, 1)] + [(0, 0)] * (x.ndim - 1)
+        padded = jnp.pad(x, edge, constant_values=fill)
+        return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
+
+    seg = segment_ids.astype(jnp.int32).reshape(c, block)
+    kb = neighbours(k.reshape(c, block, n, h), 0)
+    vb = neighbours(v.reshape(c, block, n, h), 0)
+    seg_k = neighbours(seg, jnp.iinfo(jnp.int32).min)  # matches no query
+    logits = jnp.einsum("cqnh,cknh->cnqk", q.reshape(c, block, n, h), kb, preferred_element_type=jnp.float32)
+    mask = (seg[:, :, None] == seg_k[:, None, :])[:, None]  # [C, 1, block, 3 * block]
+    logits = jnp.where(mask, logits * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("cnqk,cknh->cqnh", probs, vb).reshape(c * block, n, h)
+    return out[:p]

@@ -8,6 +8,11 @@ computed on the host (``emoqwen_jax.layout``), so everything here has static sha
   * ``window_segment`` int[P]: one id per window (window order) — the other layers attend within a window;
   * ``pos_hw`` int[P, 2]: (row, column) of each patch for the 2-D rotary, in HF patch order.
 Padding patches carry segment id -1: they attend only to each other and never touch real tokens.
+
+Window layers attend block-locally (``local_segment_attention`` with blocks of one window, (window/patch)^2
+patches): a window is contiguous in window order and never longer than that, so each query looks at 3 blocks
+of keys instead of all P — exact, and O(P) instead of O(P^2). Full-attention layers keep the dense [P, P]
+frame mask (a frame's length is data-dependent), so they remain the quadratic part for long videos.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emoqwen_jax.model.config import VisionConfig
-from emoqwen_jax.model.layers import GatedMLP, Linear, RMSNorm, as_dtype, dot_product_attention
+from emoqwen_jax.model.layers import (GatedMLP, Linear, RMSNorm, as_dtype, dot_product_attention,
+                                     local_segment_attention)
 from emoqwen_jax.model.rope import apply_rotary, vision_rotary
 
 Array = jax.Array
@@ -53,14 +59,18 @@ class VisionAttention(nnx.Module):
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, axes=("heads", "embed"), **kw)
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
+        self.local_block = 0  # > 0: segments are at most this long (window layers); 0: dense segment mask
 
     def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array) -> Array:
         """x float[P, D]; cos/sin float32[P, H]; segment_ids int[P] -> float[P, D]."""
         p = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, self.head_dim), 1, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = segment_ids[:, None] == segment_ids[None, :]
-        out = dot_product_attention(q[None], k[None], v[None], mask[None, None], scale=self.head_dim**-0.5)
+        if self.local_block:
+            out = local_segment_attention(q, k, v, segment_ids, block=self.local_block, scale=self.head_dim**-0.5)
+        else:
+            mask = segment_ids[:, None] == segment_ids[None, :]
+            out = dot_product_attention(q[None], k[None], v[None], mask[None, None], scale=self.head_dim**-0.5)
         return self.proj(out.reshape(p, -1))
 
 
@@ -93,6 +103,9 @@ class VisionTransformer(nnx.Module):
         self.patch_embed = PatchEmbed(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.depth)])
+        window_patches = (cfg.window_size // cfg.patch_size) ** 2
+        for i, block in enumerate(self.blocks):
+            block.attn.local_block = 0 if i in cfg.fullatt_block_indexes else window_patches
         self.remat = remat
         self.dtype = dtype
 
