@@ -62,10 +62,13 @@ def schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate`` over ``warmup_fraction`` of the steps, then cosine to
     ``end_lr_fraction`` × peak."""
     peak = float(opt["learning_rate"])
-    warmup = max(1, int(round(float(opt.get("warmup_fraction", 0.01)) * num_steps)))
+    end = float(opt.get("end_lr_fraction", 0.0))
+    warmup = int(round(float(opt.get("warmup_fraction", 0.01)) * num_steps))
+    if warmup == 0:  # no warmup: the first update already uses the peak rate
+        return optax.cosine_decay_schedule(peak, decay_steps=max(num_steps, 1), alpha=end)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),
-        end_value=peak * float(opt.get("end_lr_fraction", 0.0)))
+        end_value=peak * end)
 
 
 def make_optimizer(opt: Mapping[str, Any], num_steps: int, labels: Any) -> tuple[optax.GradientTransformation,
