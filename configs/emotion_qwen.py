@@ -12,6 +12,12 @@ Presets (the part after the colon):
   7b     — the released sizes: Qwen2.5-VL-7B ViT (depth 32, hidden 1280, window 112 px, full attention in
            blocks 7/15/23/31) + Qwen2.5-7B decoder + 2 compressor experts (general, emotion).
 Override any field with ``--config.a.b=value``.
+
+LoRA: every stage has ``stages.<name>.lora`` (``enabled`` False by default). ``stages.stage3_lora`` is the
+released LoRA recipe (REFERENCE §1: rank 64, alpha 64, dropout 0.05 on the LLM's q/k/v/o projections, lr 1e-4,
+AdamW b2 0.95, weight decay 0.1, cosine, 1% warmup) on stage 3's data. It is not in ``run_stages`` by default:
+  emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=runs/lora \
+      --config.init_from=/ckpt/emoqwen-7b --config.run_stages='("stage3_lora",)'
 """
 
 import ml_collections
@@ -127,7 +133,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.data.num_shards = 0  # data shards per global batch (0 = one per process); fixes the data order
     config.mesh = mesh_config()
     config.run_stages = STAGES  # stage names, run in order; each starts from the previous one's weights
-    config.stages = ml_collections.ConfigDict({name: stage_config(name, preset) for name in STAGES})
+    config.stages = ml_collections.ConfigDict({name: stage_config(name, preset) for name in STAGES + EXTRA_STAGES})
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 200 if preset == "7b" else 5  # micro-steps between checkpoints
     config.checkpoint.max_to_keep = 3
@@ -153,10 +159,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 PRESETS = ("demo", "tiny", "small", "7b")
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
+EXTRA_STAGES = ("stage3_lora",)  # defined for every preset, run only when named in run_stages
 # Parameter-path regexes (see emoqwen_jax/train/optim.py): experts are addressed per name.
 COMPRESSOR = (r"^compressor/",)
 EMOTION_EXPERT_AND_GATE = (r"^compressor/experts/[^/]+/emotion$", r"^compressor/(gate|router)/")
 LLM = (r"^language_model/",)
+# Module-path regexes (see emoqwen_jax/model/lora.py) of the released LoRA recipe: the LLM's q/k/v/o.
+LLM_ATTENTION = (r"^language_model/layers/\d+/self_attn/(q_proj|k_proj|v_proj|o_proj)$",)
+
+
+def lora_config(enabled: bool = False) -> ml_collections.ConfigDict:
+    """Adapter settings of a stage; defaults are the released recipe's (REFERENCE §1)."""
+    lora = ml_collections.ConfigDict()
+    lora.enabled = enabled  # swap LoRA adapters into the targets; base weights stay frozen unless `trainable`
+    lora.rank = 64
+    lora.alpha = 64.0  # scale = alpha / rank, as PEFT
+    lora.dropout = 0.05  # on the adapter input, one mask per micro-step (TrainState rng folded with the step)
+    lora.targets = LLM_ATTENTION  # regexes re.search'ed against '/'-joined Linear module paths
+    return lora
 
 
 def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
@@ -166,7 +186,12 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
       stage1_align    general alignment on image-text data: compressor + gate train (ViT and LLM frozen)
       stage2_emotion  emotion pretraining: emotion expert + gate train, general expert frozen
       stage3_video    video instruction tuning: LLM + emotion expert + gate
+      stage3_lora     stage 3 with the released LoRA recipe: adapters on the LLM's q/k/v/o train, nothing else
+                      (inferred: the release does not say whether its LoRA run also trained the emotion expert
+                      and gate; add EMOTION_EXPERT_AND_GATE to `trainable` for that)
     """
+    lora = name == "stage3_lora"
+    name = "stage3_video" if lora else name  # same data, length and batch as stage 3
     s = ml_collections.ConfigDict()
     s.mixture = ({"manifest": "{demo}/train.jsonl", "data_root": "{demo}", "weight": 1.0},)  # manifests + weights
     s.trainable = {"stage1_align": COMPRESSOR, "stage2_emotion": EMOTION_EXPERT_AND_GATE,
@@ -184,6 +209,10 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     s.num_steps = {"stage1_align": 2000, "stage2_emotion": 2000, "stage3_video": 3000}[name]  # optimiser updates
     s.batch_size = {"stage1_align": 256, "stage2_emotion": 128, "stage3_video": 64}[name]  # global, per micro-step
     s.max_length = 16384 if name == "stage3_video" else 2048  # longer samples are rejected, never truncated
+    s.lora = lora_config(enabled=lora)
+    if lora:
+        s.trainable = ()  # only the adapters (added by the trainer)
+        s.optimizer.learning_rate = 1e-4
     if preset in ("demo", "tiny", "small"):
         s.num_steps = {"demo": 12, "tiny": 3, "small": 4}[preset]
         s.batch_size = 2

@@ -3,6 +3,9 @@ the parameters). Every command that takes ``--ckpt`` accepts one; ``emoqwen-conv
 
     DIR/config.json   {"format": "emoqwen_jax.model", "version": 1, "model": {...ModelConfig...}, "meta": {...}}
     DIR/params/       orbax StandardCheckpointer of the nnx parameter state
+
+A model with LoRA adapters (``emoqwen_jax.model.lora``) records them in ``meta["lora"]`` (rank, alpha, dropout,
+targets, the adapted module paths); ``load_model`` re-creates them before restoring the parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.model.lora import lora_meta, restore_lora
 
 FORMAT = "emoqwen_jax.model"
 VERSION = 1
@@ -26,6 +30,8 @@ def save_model(model: EmotionQwen, out_dir: str, meta: dict[str, Any] | None = N
     params_dir = os.path.join(out_dir, "params")
     if os.path.exists(params_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a model; pass overwrite=True (--overwrite) to replace it")
+    lora = lora_meta(model)
+    meta = {k: v for k, v in (meta or {}).items() if k != "lora"} | ({"lora": lora} if lora else {})
     os.makedirs(out_dir, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(params_dir, nnx.state(model, nnx.Param), force=overwrite)
@@ -58,10 +64,10 @@ def is_model_dir(path: str) -> bool:
 
 def load_model(path: str, *, dtype: str | None = None) -> EmotionQwen:
     """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype)."""
-    config, _ = read_model_config(path)
+    config, meta = read_model_config(path)
     if dtype is not None:
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})
-    abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: restore_lora(EmotionQwen(config, rngs=nnx.Rngs(0)), meta.get("lora")))
     graphdef, state = nnx.split(abstract)
     restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), state)
     return nnx.merge(graphdef, restored)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from emoqwen_jax.model.lora import dropout_key
 from emoqwen_jax.train.loss import loss_fn
 from emoqwen_jax.train.optim import from_opt_view, to_opt_view
 
@@ -25,7 +26,7 @@ class TrainState:
     opt_state: Any  # optax state over the optimiser view (no entries for frozen leaves)
     step: jax.Array  # int32: micro-steps taken in this stage
     nonfinite: jax.Array  # int32: consecutive skipped (non-finite) updates
-    rng: jax.Array  # uint32[2]: key data, folded with the step for any stochastic layer
+    rng: jax.Array  # uint32[2]: key data, folded with the step for any stochastic layer (LoRA dropout)
 
 
 def _frozen_stop_gradient(params: dict, labels_view: dict, expert_names: Sequence[str]) -> dict:
@@ -43,7 +44,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_of(params):
             model = nnx.merge(graphdef, _frozen_stop_gradient(params, labels_view, expert_names))
-            return loss_fn(model, batch)
+            # A fresh dropout mask every micro-step, reproducible on resume (models without adapters ignore it).
+            with dropout_key(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)):
+                return loss_fn(model, batch)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         grads_view = to_opt_view(grads, expert_names)
