@@ -3,13 +3,19 @@ r"""emoqwen-convert: move weights between Hugging Face and our model directories
   emoqwen-convert from-hf --hf_dir /path/to/Qwen2.5-VL-7B-Instruct --out /path/to/emoqwen-7b \
       [--dtype float32|bfloat16] [--num_experts 2] [--expert_names general,emotion] [--seed 0] [--overwrite]
   emoqwen-convert to-hf --ckpt /path/to/emoqwen-7b --out /path/to/emoqwen-7b-hf \
-      [--format emotion_qwen|qwen2_5_vl] [--max_shard_size 5GB] [--no_tokenizer] [--overwrite]
+      [--format emotion_qwen|qwen2_5_vl] [--max_shard_size 5GB] [--no_tokenizer] [--overwrite] \
+      [--lora_adapter [ADAPTER_DIR]]
+  emoqwen-convert merge-lora --ckpt /path/to/lora-run/stages/stage3_lora --out /path/to/merged [--overwrite]
 
 ``from-hf`` copies HF's patch merger into every compressor expert (so the imported model computes exactly
 what Qwen2.5-VL computes) and initialises the gating network from ``--seed``; it needs no torch. It also reads
 our own exports back (experts, gate and router as exported). ``to-hf`` writes a directory that transformers
 loads: ``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` for 'emotion_qwen', or a
 plain Qwen2.5-VL for a single-expert checkpoint with ``--format qwen2_5_vl``.
+
+LoRA checkpoints (a model directory whose meta records ``lora``): ``to-hf`` exports the merged model, or with
+``--lora_adapter`` the base model plus a PEFT adapter directory (default ``OUT-lora``) that
+``PeftModel.from_pretrained`` loads on it; ``merge-lora`` folds the adapters into a plain model directory.
 """
 
 from __future__ import annotations
@@ -41,15 +47,28 @@ def _from_hf(args: argparse.Namespace) -> int:
 
 
 def _to_hf(args: argparse.Namespace) -> int:
-    from emoqwen_jax.convert import to_hf
     from emoqwen_jax.convert.hf_export import check_format
+    from emoqwen_jax.convert.lora import export_hf
     from emoqwen_jax.convert.model_dir import load_model, read_model_config
 
     start = time.time()
-    check_format(read_model_config(args.ckpt)[0], args.format)  # a clear error before restoring any weights
-    summary = to_hf(load_model(args.ckpt), args.out, format=args.format, max_shard_size=args.max_shard_size,
-                    tokenizer=not args.no_tokenizer, overwrite=args.overwrite)
+    config, meta = read_model_config(args.ckpt)
+    check_format(config, args.format)  # a clear error before restoring any weights
+    if args.lora_adapter is not None and not meta.get("lora"):
+        raise ValueError(f"--lora_adapter: {args.ckpt} has no LoRA adapters (its config.json meta has no 'lora')")
+    summary = export_hf(load_model(args.ckpt), args.out, lora_adapter=args.lora_adapter, format=args.format,
+                        max_shard_size=args.max_shard_size, tokenizer=not args.no_tokenizer,
+                        overwrite=args.overwrite)
     summary.pop("files")
+    print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}))
+    return 0
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from emoqwen_jax.convert.lora import merge_model_dir
+
+    start = time.time()
+    summary = merge_model_dir(args.ckpt, args.out, overwrite=args.overwrite)
     print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}))
     return 0
 
@@ -76,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_tokenizer", action="store_true",
                    help="skip the tokenizer files (needed when the model's vision token ids are not the tokenizer's)")
     p.add_argument("--overwrite", action="store_true", help="replace the export files in a non-empty --out")
+    p.add_argument("--lora_adapter", "--lora-adapter", nargs="?", const="", default=None, metavar="ADAPTER_DIR",
+                   help="LoRA checkpoints: export the base model to --out and a PEFT adapter to ADAPTER_DIR "
+                        "(default: OUT-lora); without it a LoRA checkpoint is exported merged")
     p.set_defaults(func=_to_hf)
+    p = sub.add_parser("merge-lora", help="fold a LoRA checkpoint's adapters into a plain model directory")
+    p.add_argument("--ckpt", required=True, help="our model directory with LoRA adapters")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    p.set_defaults(func=_merge_lora)
     return parser
 
 
