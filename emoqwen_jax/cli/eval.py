@@ -1,96 +1,123 @@
-r"""emoqwen-eval: answer a benchmark's clips with a checkpoint, write the predictions, score them.
+r"""emoqwen-eval: answer a benchmark's questions with a checkpoint, write the predictions, score them.
 
-  emoqwen-eval --ckpt C --benchmark dfew --labels DFEW/test/set_1.csv --video_root DFEW/clips
-  emoqwen-eval --ckpt C --benchmark dfew --labels DFEW/test/set_1.csv --video_root DFEW/clips --folds
+  emoqwen-eval --ckpt C --benchmark dfew --labels DFEW/test/set_1.csv --video_root DFEW/clips [--folds]
   emoqwen-eval --ckpt C --benchmark mer2023 --labels MER2023/labels.csv --video_root MER2023/test3
   emoqwen-eval --ckpt C --benchmark emer --labels EMER/descriptions.csv --video_root MER2023/test3
+  emoqwen-eval --ckpt C --benchmark pope --root POPE --image_root coco/val2014
+  emoqwen-eval --ckpt C --benchmark mmbench --root MMBench --circular
+  emoqwen-eval --ckpt C --suite general|emotion|all --suite_config suite.json
 
-Every model gets the same standard settings (``emoqwen_jax.eval.benchmarks``): the benchmark's prompt,
-greedy decoding, frames at 3 fps and the default pixel budget; ``--set`` changes them (the run then says
-so, and run.json records it). ``--folds`` finds the five fold files from the one given (set_1 → set_1…5,
-or ``{fold}`` in the path) and reports the mean over folds. Outputs under ``--out`` (default
-``eval_out/<benchmark>``): ``<labels name>.jsonl`` (``fold<k>.jsonl`` with --folds) with the answers,
-``.confusion.png`` and ``.invalid.csv`` beside each, ``run.json`` with the settings and the scores. The last
-line printed is the JSON summary (with --folds: the fold means and each fold's scores).
+Every model gets the same standard settings (``emoqwen_jax.eval.benchmarks`` for videos,
+``emoqwen_jax.eval.general`` for images): the benchmark's prompt, greedy decoding, frames at 3 fps and the
+default pixel budgets; ``--set`` changes them (the run then says so, and the report records it). ``--folds``
+finds the five fold files from the one given (set_1 → set_1…5, or ``{fold}`` in the path) and reports the
+mean over folds. Outputs under ``--out`` (default ``eval_out/<benchmark>`` or ``eval_out/suite_<suite>``):
+the predictions JSONL of each benchmark (with ``.confusion.png``/``.invalid.csv`` for emotion labels),
+``report.json`` + ``report.md`` (every metric, invalid rates, sample counts, settings, prompts) and, for one
+benchmark, ``run.json``. The last line printed is the JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
+from emoqwen_jax.eval.benchmarks import EMER_MAX_NEW_TOKENS, EVAL_MAX_NEW_TOKENS
 from emoqwen_jax.eval.commands import add_generation_args, parse_sets, run_command
+from emoqwen_jax.eval.general import GENERAL_BENCHMARKS, GENERAL_MAX_NEW_TOKENS
+from emoqwen_jax.eval.suites import EMOTION_BENCHMARKS, SUITES
 
-BENCHMARK_CHOICES = ("dfew", "mafw", "mer2023", "mer2024", "emer")
+BENCHMARK_CHOICES = (*EMOTION_BENCHMARKS, *GENERAL_BENCHMARKS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emoqwen-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_args(parser, max_new_tokens=0)
-    parser.add_argument("--benchmark", required=True, choices=BENCHMARK_CHOICES)
-    parser.add_argument("--labels", required=True, help="label CSV (EMER: reference descriptions)")
-    parser.add_argument("--video_root", required=True, help="directory the clip names are relative to")
-    parser.add_argument("--folds", action="store_true", help="run all five folds and report the mean")
-    parser.add_argument("--out", default="", help="output directory (default eval_out/<benchmark>)")
-    parser.add_argument("--batch_size", type=int, default=4, help="clips per generate call")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--benchmark", choices=BENCHMARK_CHOICES, help="one benchmark")
+    what.add_argument("--suite", choices=SUITES, help="the benchmarks of --suite_config's lists")
+    parser.add_argument("--suite_config", default="", help="suite JSON (see emoqwen_jax/eval/suites.py)")
+    parser.add_argument("--labels", default="", help="emotion: label CSV (EMER: reference descriptions)")
+    parser.add_argument("--video_root", default="", help="emotion: directory the clip names are relative to")
+    parser.add_argument("--folds", action="store_true", help="emotion: run all five folds and report the mean")
     parser.add_argument("--classes", default="", help="class names in the label file's id order (see emoqwen-score)")
     parser.add_argument("--text_column", default="", help="EMER: the reference-description column")
+    parser.add_argument("--root", default="", help="general: the benchmark's folder (published layout)")
+    parser.add_argument("--image_root", default="", help="POPE: the COCO val2014 image folder")
+    parser.add_argument("--circular", action="store_true", help="MMBench: circular evaluation over rotated options")
+    parser.add_argument("--limit", type=int, default=0, help="general: only the first N questions (0 = all)")
+    parser.add_argument("--out", default="", help="output directory")
+    parser.add_argument("--batch_size", type=int, default=4, help="questions per generate call")
     return parser
 
 
-def run(args: argparse.Namespace) -> dict:
-    from emoqwen_jax.eval import benchmarks, runner
-    from emoqwen_jax.eval.scores import mean_scores
+def spec_from_args(args: argparse.Namespace) -> dict:
+    """The one-benchmark spec the flags describe (the suite-config form)."""
+    if args.benchmark in GENERAL_BENCHMARKS:
+        if args.labels or args.video_root or args.folds:
+            raise ValueError(f"{args.benchmark} is an image benchmark: give --root, not --labels/--video_root/--folds")
+        spec = {"benchmark": args.benchmark, "root": args.root, "image_root": args.image_root,
+                "circular": args.circular if args.benchmark == "mmbench" else None, "limit": args.limit}
+        return {k: v for k, v in spec.items() if v not in ("", None, 0, False)}
+    if not args.labels or not args.video_root:
+        raise ValueError(f"{args.benchmark} needs --labels and --video_root")
+    spec = {"benchmark": args.benchmark, "labels": args.labels, "video_root": args.video_root,
+            "folds": args.folds, "classes": args.classes, "text_column": args.text_column}
+    return {k: v for k, v in spec.items() if v not in ("", False)}
+
+
+def evaluate(ckpt: str, specs: list[dict], out_dir: str, *, overrides: dict, args: argparse.Namespace,
+             suite: str = "") -> dict:
+    """Runs ``specs`` with checkpoint ``ckpt``; writes report.json/.md in ``out_dir``; returns the report. A
+    suite puts each benchmark's files in ``out_dir/<name>/``; one benchmark writes into ``out_dir``."""
+    from emoqwen_jax.eval import suites
+    from emoqwen_jax.eval.suite_report import write_report
     from emoqwen_jax.infer.session import Session
 
-    is_emer = args.benchmark == "emer"
-    if args.folds and (is_emer or not benchmarks.get_benchmark(args.benchmark).has_folds):
-        raise ValueError(f"--folds: {args.benchmark} has no folds")
-    label_files = benchmarks.fold_paths(args.labels) if args.folds else [args.labels]
-    for path in label_files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--labels {path} does not exist")
-    user_sets = parse_sets(args.set)
-    if user_sets:
-        print(f"note: --set {user_sets} departs from the standard {args.benchmark} settings; scores are not "
-              f"comparable with standard runs", file=sys.stderr)
-    session = Session.from_checkpoint(args.ckpt, {**benchmarks.EVAL_DATA, **user_sets}, dtype=args.dtype)
-    default_tokens = benchmarks.EMER_MAX_NEW_TOKENS if is_emer else benchmarks.EVAL_MAX_NEW_TOKENS
+    if overrides:
+        print(f"note: --set {overrides} departs from the standard settings; scores are not comparable with "
+              f"standard runs", file=sys.stderr)
+    session = Session.from_checkpoint(ckpt, {**suites.standard_data(), **overrides}, dtype=args.dtype)
+    kinds = {suites.kind_of(s) for s in specs}
+    default_tokens = (EMER_MAX_NEW_TOKENS if any(s["benchmark"] == "emer" for s in specs) else
+                      GENERAL_MAX_NEW_TOKENS if kinds == {"general"} else EVAL_MAX_NEW_TOKENS)
     sampling = session.sampling(args.max_new_tokens or default_tokens, args.temperature, args.top_p, args.top_k)
+    settings = {"ckpt": os.path.abspath(ckpt), "suite": suite, "overrides": overrides, "specs": specs}
+    report = suites.run_suite(session, specs, out_dir, sampling=sampling, batch_size=args.batch_size,
+                              seed=args.seed, settings=settings, subdirs=bool(suite))
+    write_report(report, out_dir)
+    return report
+
+
+def summary_of(report: dict) -> dict:
+    """{benchmark: {headline metric: value, n, invalid_rate}} — the line printed for a suite."""
+    return {name: {r["headline"]: r[r["headline"]], "n": r["n"], "invalid_rate": r.get("invalid_rate")}
+            for name, r in report["benchmarks"].items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from emoqwen_jax.eval.suites import load_suite
+
+    overrides = parse_sets(args.set)
+    if args.suite:
+        if not args.suite_config:
+            raise ValueError("--suite needs --suite_config (a JSON file listing the benchmarks)")
+        specs, suite_sets = load_suite(args.suite_config, args.suite)
+        out_dir = args.out or os.path.join("eval_out", f"suite_{args.suite}")
+        report = evaluate(args.ckpt, specs, out_dir, overrides={**suite_sets, **overrides}, args=args,
+                          suite=args.suite)
+        print(f"report: {os.path.join(out_dir, 'report.json')} and report.md", file=sys.stderr)
+        return summary_of(report)
+    spec = spec_from_args(args)
     out_dir = args.out or os.path.join("eval_out", args.benchmark)
-    os.makedirs(out_dir, exist_ok=True)
-    common = dict(sampling=sampling, batch_size=args.batch_size, seed=args.seed)
-    settings = {"ckpt": os.path.abspath(args.ckpt), "benchmark": args.benchmark, "labels": label_files,
-                "video_root": os.path.abspath(args.video_root), "sampling": dataclasses.asdict(sampling),
-                "data": {k: session.data[k] for k in (*benchmarks.EVAL_DATA, "system_prompt", "faces",
-                                                      "tokenizer_vocab_size")},
-                "overrides": user_sets}
-    if is_emer:
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(args.labels))[0] + ".jsonl")
-        summary = runner.run_emer(session, args.labels, args.video_root, out, text_column=args.text_column or None,
-                                  **common)
-        result = {k: summary[k] for k in ("n", "precision", "recall", "f1", "missing", "no_reference_emotion")}
-    else:
-        bench = benchmarks.get_benchmark(args.benchmark)
-        classes = [c for c in args.classes.split(",") if c.strip()] or None
-        folds, files = [], []
-        for k, labels in enumerate(label_files, start=1):
-            name = f"fold{k}" if args.folds else os.path.splitext(os.path.basename(labels))[0]
-            scores, written = runner.run_benchmark(session, bench, labels, args.video_root,
-                                                   os.path.join(out_dir, name + ".jsonl"), classes=classes, **common)
-            print(f"{name}: {json.dumps(scores.summary())}", file=sys.stderr)
-            folds.append(scores)
-            files.append(written)
-        result = mean_scores(folds) if args.folds else folds[0].summary()
-        summary = {"files": files}
+    report = evaluate(args.ckpt, [spec], out_dir, overrides=overrides, args=args)
+    result = report["benchmarks"][args.benchmark]
     with open(os.path.join(out_dir, "run.json"), "w") as f:
-        json.dump({"settings": settings, "result": result, **{k: v for k, v in summary.items() if k not in result}},
-                  f, indent=2)
-    return result
+        json.dump({"settings": report["settings"], "result": result}, f, indent=2)
+    return {k: v for k, v in result.items() if k not in ("files", "kind", "benchmark")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,12 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    """Checkpoint, data overrides and sampling options (``max_new_tokens`` 0: the command picks)."""
-    parser.add_argument("--ckpt", required=True, help="our model directory (emoqwen-convert from-hf or the trainer)")
+def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int, *, ckpt: bool = True) -> None:
+    """Checkpoint (unless ``ckpt`` is False), data overrides and sampling options (``max_new_tokens`` 0: the
+    command picks)."""
+    if ckpt:
+        parser.add_argument("--ckpt", required=True,
+                            help="our model directory (emoqwen-convert from-hf or the trainer)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a data setting, e.g. --set fps=1.0 (repeatable)")
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens,

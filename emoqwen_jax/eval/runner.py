@@ -52,35 +52,46 @@ def locate(clips: Sequence[str], video_root: str) -> dict[str, str | None]:
     return paths
 
 
-def answer_clips(session: Session, paths: dict[str, str | None], prompt: str, sampling: SamplingConfig,
-                 out_path: str, *, batch_size: int, seed: int = 0, desc: str = "clips") -> dict[str, int]:
-    """Writes one JSON line per clip (in ``paths`` order); returns {'answered', 'failed'} counts."""
+Request = tuple[str, Sequence[tuple[str, "str | None"]], str]  # (id, [(kind, path or None)], user text)
+
+
+def answer_requests(session: Session, requests: Sequence[Request], sampling: SamplingConfig, out_path: str, *,
+                    batch_size: int, seed: int = 0, desc: str = "items") -> dict[str, int]:
+    """Writes one JSON line per request (in order): ``{"id", "response"}``, or ``"response": null`` with the
+    ``error`` reason when a medium is missing (path None) or cannot be processed; returns
+    {'answered', 'failed'} counts."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    items = list(paths.items())
     counts = {"answered": 0, "failed": 0}
-    with open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(items), desc=desc, unit="clip") as bar:
-        for start in range(0, len(items), batch_size):
-            rows, ready = [], []  # ready: (row index, prompt) of the clips that processed
-            for clip, path in items[start:start + batch_size]:
+    with open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(requests), desc=desc, unit="item") as bar:
+        for start in range(0, len(requests), batch_size):
+            rows, ready = [], []  # ready: (row index, prompt) of the requests that processed
+            for key, media, text in requests[start:start + batch_size]:
                 try:
-                    if path is None:
-                        raise Rejected("missing_file", clip)
-                    ready.append((len(rows), session.prompt(prompt, [("video", path)])))
-                    rows.append({"id": clip, "response": None})
+                    if any(path is None for _, path in media):
+                        raise Rejected("missing_file", key)
+                    ready.append((len(rows), session.prompt(text, list(media))))
+                    rows.append({"id": key, "response": None})
                 except Rejected as err:
-                    rows.append({"id": clip, "response": None, "error": err.reason})
+                    rows.append({"id": key, "response": None, "error": err.reason})
             if ready:
                 answers = session.answer([p for _, p in ready], sampling, seed=seed + start)
-                for (i, _), text in zip(ready, answers):
-                    rows[i]["response"] = text
+                for (i, _), answer in zip(ready, answers):
+                    rows[i]["response"] = answer
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 counts["failed" if row["response"] is None else "answered"] += 1
             f.flush()
             bar.update(len(rows))
     return counts
+
+
+def answer_clips(session: Session, paths: dict[str, str | None], prompt: str, sampling: SamplingConfig,
+                 out_path: str, *, batch_size: int, seed: int = 0, desc: str = "clips") -> dict[str, int]:
+    """Writes one JSON line per clip (in ``paths`` order) answering ``prompt``; see ``answer_requests``."""
+    requests = [(clip, [("video", path)], prompt) for clip, path in paths.items()]
+    return answer_requests(session, requests, sampling, out_path, batch_size=batch_size, seed=seed, desc=desc)
 
 
 def run_benchmark(session: Session, benchmark: Benchmark, labels_path: str, video_root: str, out_path: str, *,

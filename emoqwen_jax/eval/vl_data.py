@@ -196,8 +196,7 @@ def read_pope(root: str, image_root: str = "", splits: tuple[str, ...] = POPE_SP
                     raise ValueError(f"{path}:{line_no}: label must be yes or no, got {row.get('label')!r}")
                 image = os.path.join(image_root, row["image"])
                 items.append(VLItem(f"{split}/{row['question_id']}", image if os.path.exists(image) else "",
-                                    f"{row['text'].strip()}\n{SHORT_ANSWER}", label, group=split,
-                                    meta={"split": split}))
+                                    f"{row['text'].strip()}\n{SHORT_ANSWER}", label, meta={"split": split}))
     return items
 
 

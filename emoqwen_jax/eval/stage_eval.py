@@ -1,0 +1,75 @@
+"""A small benchmark suite at the end of a training stage, logged beside the training metrics.
+
+``config.stages.<name>.eval_suite`` says what runs (empty or absent: nothing):
+  * a suite config path, optionally with the list to run: ``"eval/suite.json"`` (all lists) or
+    ``"eval/suite.json:general"``;
+  * or a tuple of benchmark specs (the suite-config form, paths absolute or relative to the working
+    directory), e.g. ``({"benchmark": "pope", "root": "/data/POPE", "limit": 100},)``.
+``config.stages.<name>.eval_set`` (optional dict) overrides data settings on top of the suite's ``set``.
+
+The stage's saved weights are answered with emoqwen-eval's standard settings; the report goes to
+``workdir/eval/<stage>/report.json`` and ``report.md``, and one row goes to ``metrics.jsonl`` with
+``stage = "<stage>/eval"`` (kept apart from the stage's loss rows, which the loss plots read),
+``global_step``, and ``<benchmark>/<metric>`` for every metric — TensorBoard shows them as
+``<stage>/eval/<benchmark>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from emoqwen_jax.eval.suite_report import flatten_metrics, write_report
+
+
+def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
+    """``eval_suite`` (a path[:suite] string or a sequence of specs) -> (specs, data overrides)."""
+    from emoqwen_jax.eval import suites
+
+    if not eval_suite:
+        return [], {}
+    if isinstance(eval_suite, str):
+        path, _, suite = eval_suite.partition(":") if not os.path.isfile(eval_suite) else (eval_suite, "", "")
+        return suites.load_suite(path, suite or "all")
+    specs = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in eval_suite]
+    suites.check_specs(specs)
+    return specs, {}
+
+
+def stage_row(stage_name: str, global_step: int, report: dict) -> dict:
+    """The metrics.jsonl row of a stage's eval report."""
+    row: dict[str, Any] = {"stage": f"{stage_name}/eval", "global_step": int(global_step)}
+    for bench, result in report["benchmarks"].items():
+        for key, value in flatten_metrics(result).items():
+            row[f"{bench}/{key}"] = value
+        row[f"{bench}/n"] = result.get("n", 0)
+    return row
+
+
+def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, writer: Any) -> dict:
+    """Runs ``config.stages[stage_name].eval_suite`` on the weights in ``model_dir``; logs one row to
+    ``writer`` (a ``train.metrics.MetricsWriter``; only process 0 writes) and returns the report ({} when no
+    suite is configured)."""
+    from emoqwen_jax.convert.model_dir import read_model_config
+    from emoqwen_jax.eval import suites
+    from emoqwen_jax.eval.benchmarks import EVAL_MAX_NEW_TOKENS
+    from emoqwen_jax.infer.session import Session
+
+    stage = config.stages[stage_name]
+    specs, suite_sets = resolve_eval_suite(stage.get("eval_suite", ()))
+    if not specs:
+        return {}
+    eval_set = stage.get("eval_set", None)
+    overrides = {**suite_sets, **(eval_set.to_dict() if hasattr(eval_set, "to_dict") else dict(eval_set or {}))}
+    _, meta = read_model_config(model_dir)
+    session = Session.from_checkpoint(model_dir, {**suites.standard_data(), **overrides})
+    sampling = session.sampling(EVAL_MAX_NEW_TOKENS)
+    out_dir = os.path.join(workdir, "eval", stage_name)
+    batch_size = int(stage.get("eval_batch_size", 4))
+    report = suites.run_suite(session, specs, out_dir, sampling=sampling, batch_size=batch_size,
+                              settings={"ckpt": os.path.abspath(model_dir), "suite": f"stage {stage_name}",
+                                        "overrides": overrides, "specs": specs})
+    write_report(report, out_dir)
+    global_step = int(meta.get("global_step", 0))
+    writer.write(stage_row(stage_name, global_step, report))
+    return report
