@@ -3,8 +3,11 @@
 ``config.stages.<name>.eval_suite`` says what runs (empty or absent: nothing):
   * a suite config path, optionally with the list to run: ``"eval/suite.json"`` (all lists) or
     ``"eval/suite.json:general"``;
-  * or a tuple of benchmark specs (the suite-config form, paths absolute or relative to the working
-    directory), e.g. ``({"benchmark": "pope", "root": "/data/POPE", "limit": 100},)``.
+  * or benchmark specs (the suite-config form, paths absolute or relative to the working directory): a
+    tuple of dicts in a Python config, or the same as a JSON string, which a string field can take from the
+    command line: ``--config.stages.stage3_video.eval_suite='[{"benchmark": "pope", "root": "/data/POPE",
+    "limit": 100}]'``.
+Declare the field as a string (``s.eval_suite = ""``): ConfigDict refuses to change a field's type.
 ``config.stages.<name>.eval_set`` (optional dict) overrides data settings on top of the suite's ``set``.
 
 The stage's saved weights are answered with emoqwen-eval's standard settings; the report goes to
@@ -16,6 +19,7 @@ The stage's saved weights are answered with emoqwen-eval's standard settings; th
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -28,6 +32,12 @@ def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
 
     if not eval_suite:
         return [], {}
+    if isinstance(eval_suite, str) and eval_suite.lstrip()[:1] in ("[", "{"):
+        try:
+            eval_suite = json.loads(eval_suite)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"eval_suite is not valid JSON ({e}): {eval_suite[:80]}") from None
+        eval_suite = [eval_suite] if isinstance(eval_suite, dict) else eval_suite
     if isinstance(eval_suite, str):
         path, _, suite = eval_suite.partition(":") if not os.path.isfile(eval_suite) else (eval_suite, "", "")
         return suites.load_suite(path, suite or "all")

@@ -15,7 +15,7 @@ from emoqwen_jax.cli import eval as eval_cli, forgetting as forgetting_cli
 from emoqwen_jax.cli.common import model_config
 from emoqwen_jax.convert.model_dir import read_model_config, save_model
 from emoqwen_jax.eval.demo_general import build_demo_general
-from emoqwen_jax.eval.stage_eval import run_stage_eval
+from emoqwen_jax.eval.stage_eval import resolve_eval_suite, run_stage_eval
 from emoqwen_jax.eval.suite_report import read_report, write_report
 from emoqwen_jax.model import EmotionQwen
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
@@ -170,13 +170,18 @@ def test_stage_eval_logs_to_metrics(ckpt, general_demo, tmp_path):
     config = ml_collections.ConfigDict({"stages": {
         "s1": {"eval_suite": ({"benchmark": "pope", "root": str(root / "POPE"), "limit": 2},),
                "eval_set": {"image_max_pixels": 3136}},
-        "s2": {"eval_suite": ()}}})
+        "s2": {"eval_suite": ""},
+        "s3": {"eval_suite": json.dumps([{"benchmark": "mme", "root": str(root / "MME_Benchmark_release_version"),
+                                          "limit": 1}]), "eval_set": {"image_max_pixels": 3136}},
+        "s4": {"eval_suite": suite + ":emotion"}}})
     writer = MetricsWriter(str(tmp_path))
     report = run_stage_eval(config, "s1", ckpt, str(tmp_path), writer)
     assert run_stage_eval(config, "s2", ckpt, str(tmp_path), writer) == {}
+    assert run_stage_eval(config, "s3", ckpt, str(tmp_path), writer)["benchmarks"]["mme"]["n"] == 2
+    assert resolve_eval_suite(config.stages.s4.eval_suite)[0][0]["benchmark"] == "dfew"  # the file's emotion list
     writer.close()
     assert report["benchmarks"]["pope"]["n"] == 2
     rows = read_metrics(str(tmp_path))
-    assert len(rows) == 1 and rows[0]["stage"] == "s1/eval" and rows[0]["global_step"] == 0
+    assert [r["stage"] for r in rows] == ["s1/eval", "s3/eval"] and rows[0]["global_step"] == 0
     assert "pope/f1" in rows[0] and "pope/splits.random.accuracy" in rows[0] and rows[0]["pope/n"] == 2
     assert (tmp_path / "eval" / "s1" / "report.md").exists() and any((tmp_path / "tensorboard").iterdir())
