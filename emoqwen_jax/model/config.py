@@ -31,6 +31,10 @@ class VisionConfig:
     tokens_per_second: float = 2.0
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # Full-attention layers: 0 = dense [P, P] frame mask (exact for any input); N > 0 = block-local attention
+    # over blocks of N patches (O(P * 3N)), exact when no frame has more than N patches — a longer frame makes
+    # the ViT output NaN rather than a silently wrong result. Not part of the HF config.
+    frame_block: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -55,6 +59,8 @@ class VisionConfig:
             raise ValueError(
                 f"vision.window_size={self.window_size} must be a multiple of spatial_merge_size*patch_size={unit}"
             )
+        if self.frame_block < 0:
+            raise ValueError(f"vision.frame_block={self.frame_block} must be >= 0 (0 = dense frame attention)")
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"vision.fullatt_block_indexes {bad} outside [0, depth={self.depth})")

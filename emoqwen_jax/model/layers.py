@@ -128,7 +128,8 @@ def local_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *,
     [P, P] mask ``segment_ids[:, None] == segment_ids[None, :]``) without ever building the [P, P] logits.
 
     Args:
-      q, k, v: float[P, N, H]; segment_ids: int[P], equal ids contiguous, every run at most ``block`` long.
+      q, k, v: float[P, N, H]; segment_ids: int[P], equal ids contiguous, every run at most ``block`` long
+        (a longer run, e.g. the padding's -1, stays finite but sees only the keys within its 3 blocks).
     Returns:
       float[P, N, H] in q's dtype (logits and softmax in float32).
     """

@@ -12,7 +12,8 @@ Padding patches carry segment id -1: they attend only to each other and never to
 Window layers attend block-locally (``local_segment_attention`` with blocks of one window, (window/patch)^2
 patches): a window is contiguous in window order and never longer than that, so each query looks at 3 blocks
 of keys instead of all P — exact, and O(P) instead of O(P^2). Full-attention layers keep the dense [P, P]
-frame mask (a frame's length is data-dependent), so they remain the quadratic part for long videos.
+frame mask by default (a frame's length is data-dependent); ``vision.frame_block = N`` makes them block-local
+too, exact for frames of at most N patches (a longer frame turns the output into NaN, never a wrong number).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class VisionTransformer(nnx.Module):
                                 for _ in range(cfg.depth)])
         window_patches = (cfg.window_size // cfg.patch_size) ** 2
         for i, block in enumerate(self.blocks):
-            block.attn.local_block = 0 if i in cfg.fullatt_block_indexes else window_patches
+            block.attn.local_block = cfg.frame_block if i in cfg.fullatt_block_indexes else window_patches
         self.remat = remat
         self.dtype = dtype
 
@@ -120,4 +121,14 @@ class VisionTransformer(nnx.Module):
         full = set(cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             x = call(block, x, cos, sin, frame_segment if i in full else window_segment)
+        if cfg.frame_block and full:
+            x = jnp.where(longest_run(frame_segment) > cfg.frame_block, jnp.nan, x)
         return x
+
+
+def longest_run(segment_ids: Array) -> Array:
+    """int32[]: the longest run of equal consecutive ids >= 0 in int[P] (padding, id < 0, is not a segment)."""
+    idx = jnp.arange(segment_ids.shape[0], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones((1,), bool), segment_ids[1:] != segment_ids[:-1]])
+    run_start = jax.lax.cummax(jnp.where(starts, idx, 0))
+    return jnp.max(jnp.where(segment_ids >= 0, idx - run_start + 1, 0))
