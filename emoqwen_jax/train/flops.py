@@ -1,44 +1,125 @@
-"""Analytic training FLOPs per sample, for MFU (2 FLOPs per multiply-add; x3 for forward + backward)."""
+"""Analytic training FLOPs, for MFU: 2 FLOPs per multiply-add of every matmul and attention product.
+
+Counted: every matmul (ViT patch embedding, qkv/proj/MLP, attention logits and values; compressor experts, gate
+and router; decoder projections, MLP, attention, LM head). Not counted: softmax, norms, rotary, activations,
+masks, the optimizer update — a few percent of XLA's count on small models, negligible at 7B
+(``tests/train/test_flops.py`` pins the gap).
+
+Attention is counted in *query-key pairs*: ``4 * width * pairs`` per layer (logits + weighted values, all heads).
+Two conventions:
+  * model FLOPs (``batch_train_flops(..., implementation=False)``, what MFU uses): the pairs the math needs —
+    per window / frame segment len², causal (i + 1) per text query;
+  * implementation FLOPs (``implementation=True``): the pairs our XLA code computes — 3 blocks of keys per
+    window-layer query (``local_segment_attention``), P² for the dense full-attention layers (3 blocks of
+    ``vision.frame_block`` keys when set), L² per text row,
+    padding included. This is the one compared with XLA's ``cost_analysis``.
+Training = forward + backward = 3 × forward, except that the patch embedding needs no input gradient (2 ×).
+"""
 
 from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
 
 from emoqwen_jax.model import ModelConfig
 
 
-def vision_flops(cfg: ModelConfig, patches: int, window_tokens: int, frame_tokens: int) -> float:
-    """Forward FLOPs of the ViT on ``patches`` patches; attention spans ``window_tokens`` in window blocks
-    and ``frame_tokens`` in full-attention blocks."""
+def segment_pairs(segment_ids) -> int:
+    """Sum of len² over the runs of equal ids >= 0 (padding, id < 0, excluded): attention pairs within segments."""
+    ids = np.asarray(segment_ids)
+    ids = ids[ids >= 0]
+    if ids.size == 0:
+        return 0
+    _, counts = np.unique(ids, return_counts=True)
+    return int((counts.astype(np.int64) ** 2).sum())
+
+
+def vision_flops(cfg: ModelConfig, patches: int, window_pairs: float, full_pairs: float) -> tuple[float, float]:
+    """Forward FLOPs of the ViT on ``patches`` patches -> (patch embedding, blocks). ``window_pairs`` and
+    ``full_pairs`` are the attention pairs of ONE window layer and ONE full-attention layer."""
     v = cfg.vision
     d, f = v.hidden_size, v.intermediate_size
-    dense = 2 * patches * (v.patch_dim * d + v.depth * (4 * d * d + 3 * d * f))
+    embed = 2.0 * patches * v.patch_dim * d
+    dense = 2.0 * patches * v.depth * (3 * d * d + d * d + 3 * d * f)
     full = len(v.fullatt_block_indexes)
-    attn = 2 * 2 * patches * d * (full * frame_tokens + (v.depth - full) * window_tokens)
-    return float(dense + attn)
+    attn = 4.0 * d * (full * full_pairs + (v.depth - full) * window_pairs)
+    return embed, dense + attn
 
 
-def compressor_flops(cfg: ModelConfig, units: int) -> float:
-    """Forward FLOPs of the experts a token visits (all E in paper mode, top_k in scale mode)."""
-    v, c = cfg.vision, cfg.compressor
+def compressor_flops(cfg: ModelConfig, units: int, items: int = 1, gate_tokens: int | None = None) -> float:
+    """Forward FLOPs of the compressor on ``units`` merged tokens of ``items`` images/videos.
+
+    Paper mode: every expert on every unit, the gate (pooled: one token per item; ``gate_input='tokens'``:
+    attention over the ``gate_tokens`` patches) and the mix. Scale mode: the router and ``top_k`` expert visits
+    per unit (× capacity factor for the buffer rows when capacity is bounded)."""
+    v, c, t = cfg.vision, cfg.compressor, cfg.text
     dm = v.hidden_size * v.merge_unit
-    per_expert = 2 * units * (dm * dm + dm * cfg.text.hidden_size)
-    visits = c.num_experts if c.routing == "sample" else c.top_k
-    return float(per_expert * visits)
+    per_visit = 2.0 * (dm * dm + dm * t.hidden_size)
+    if c.routing == "token":
+        rows = units * c.top_k * (c.capacity_factor if c.capacity_factor > 0 else 1.0)
+        return per_visit * rows + 2.0 * units * dm * c.num_experts
+    flops = per_visit * units * c.num_experts
+    if c.num_experts > 1:
+        dv, hid = v.hidden_size, c.gate_hidden_size
+        n = items if c.gate_input == "pooled" else (gate_tokens or units * v.merge_unit)
+        pairs = items if c.gate_input == "pooled" else n * n
+        flops += 2.0 * n * 4 * dv * dv + 4.0 * dv * pairs + 2.0 * items * (dv * hid + hid * hid + hid * c.num_experts)
+        flops += 2.0 * units * t.hidden_size * c.num_experts  # the weighted mix
+    return flops
 
 
-def text_flops(cfg: ModelConfig, tokens: int, context: int) -> float:
-    """Forward FLOPs of the decoder on ``tokens`` tokens with mean causal context ``context``."""
+def text_flops(cfg: ModelConfig, tokens: int, pairs: float) -> float:
+    """Forward FLOPs of the decoder and LM head on ``tokens`` positions with ``pairs`` attention pairs per layer."""
     t = cfg.text
     d, h = t.hidden_size, t.head_dim
-    qkvo = 2 * d * (t.num_heads * h) + 2 * d * (t.num_kv_heads * h)
-    dense = 2 * tokens * (t.num_layers * (qkvo + 3 * d * t.intermediate_size) + d * t.vocab_size)
-    attn = 2 * 2 * tokens * t.num_layers * t.num_heads * h * context
-    return float(dense + attn)
+    proj = 2 * d * (t.num_heads * h) + 2 * d * (t.num_kv_heads * h)  # q, o and k, v
+    dense = 2.0 * tokens * (t.num_layers * (proj + 3 * d * t.intermediate_size) + d * t.vocab_size)
+    return dense + 4.0 * t.num_heads * h * t.num_layers * pairs
 
 
-def train_flops(cfg: ModelConfig, *, tokens: int, patches: int, window_tokens: int = 64,
-                frame_tokens: int | None = None) -> float:
-    """Training FLOPs (3x forward) of one batch: ``tokens`` text tokens, ``patches`` ViT patches."""
-    frame_tokens = frame_tokens or max(patches, 1)
-    forward = (vision_flops(cfg, patches, min(window_tokens, frame_tokens), frame_tokens)
-               + compressor_flops(cfg, patches // cfg.vision.merge_unit) + text_flops(cfg, tokens, tokens / 2))
-    return 3.0 * forward
+def train_flops(cfg: ModelConfig, *, tokens: int, patches: int, window_tokens: int | None = None,
+                frame_tokens: int | None = None, sequences: int = 1, items: int = 1) -> float:
+    """Training FLOPs of a batch from counts alone (when the layout is not at hand): ``tokens`` text tokens in
+    ``sequences`` rows of equal length, ``patches`` ViT patches; windows of ``window_tokens`` patches (default:
+    a full window) and frames of ``frame_tokens`` patches (default: all patches one frame, an upper bound)."""
+    v = cfg.vision
+    window = window_tokens or (v.window_size // v.patch_size) ** 2
+    frame = frame_tokens or max(patches, 1)
+    per_row = tokens / max(sequences, 1)
+    embed, blocks = vision_flops(cfg, patches, patches * min(window, frame), patches * min(frame, patches))
+    forward = blocks + compressor_flops(cfg, patches // v.merge_unit, items) + text_flops(
+        cfg, tokens, sequences * per_row * (per_row + 1) / 2)
+    return 3.0 * forward + 2.0 * embed
+
+
+def batch_train_flops(cfg: ModelConfig, inputs: Mapping[str, np.ndarray], *, implementation: bool = False) -> float:
+    """Training FLOPs of one batch of model inputs (``layout.build_model_inputs`` arrays, host or device).
+
+    ``implementation=False``: model FLOPs over the real patches and tokens (MFU). ``True``: what our XLA code
+    computes, padding and masked-out pairs included (see the module docstring)."""
+    v = cfg.vision
+    frame_seg = np.asarray(inputs["vision_frame_segment"])
+    window_seg = np.asarray(inputs["vision_window_segment"])
+    mask = np.asarray(inputs["attention_mask"])
+    b, length = mask.shape
+    if frame_seg.shape[0] == 0:
+        embed = blocks = comp = 0.0
+    else:
+        patches = frame_seg.shape[0] if implementation else int((frame_seg >= 0).sum())
+        items = int(np.asarray(inputs["vision_item_valid"]).shape[0] if implementation
+                    else np.asarray(inputs["vision_item_valid"]).sum())
+        if implementation:
+            local = lambda block: -(-patches // block) * block * 3 * block  # noqa: E731
+            window_pairs = local((v.window_size // v.patch_size) ** 2)
+            full_pairs = local(v.frame_block) if v.frame_block else patches * patches
+        else:
+            window_pairs, full_pairs = segment_pairs(window_seg), segment_pairs(frame_seg)
+        embed, blocks = vision_flops(cfg, patches, window_pairs, full_pairs)
+        comp = compressor_flops(cfg, patches // v.merge_unit, items, gate_tokens=patches)
+    if implementation:
+        tokens, pairs = b * length, b * length * length
+    else:
+        lengths = mask.sum(-1).astype(np.int64)
+        tokens, pairs = int(lengths.sum()), int((lengths * (lengths + 1) // 2).sum())
+    return 3.0 * (blocks + comp + text_flops(cfg, tokens, pairs)) + 2.0 * embed
