@@ -58,14 +58,15 @@ def test_zero_b_is_exactly_the_base_model_and_merge_matches_adapters():
     mc = tiny_config("paper")
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in make_batch(mc, 4).items()}
-    base = np.asarray(model.forward(batch).logits)
+    logits = nnx.jit(lambda m, b: m.forward(b).logits)
+    base = np.asarray(logits(model, batch))
     paths = apply_lora(model, CFG, rngs=nnx.Rngs(1))
     assert paths == lora_modules(model) and len(paths) == 4 * mc.text.num_layers
-    np.testing.assert_array_equal(np.asarray(model.forward(batch).logits), base)  # B = 0: bit-identical
+    np.testing.assert_array_equal(np.asarray(logits(model, batch)), base)  # B = 0: bit-identical
     _randomize_b(model, 0)
-    adapted = np.asarray(model.forward(batch).logits)
+    adapted = np.asarray(logits(model, batch))
     assert np.abs(adapted - base).max() > 1e-2
-    merged = np.asarray(merge_lora(nnx.clone(model)).forward(batch).logits)
+    merged = np.asarray(logits(merge_lora(nnx.clone(model)), batch))
     assert np.abs(merged - adapted).max() / np.abs(adapted).max() <= 1e-5
 
 
@@ -92,11 +93,25 @@ def test_targets_errors_and_dropout():
     np.testing.assert_array_equal(run(model, batch, k1), run(model, batch, k1))  # reproducible per key
     assert float(jnp.abs(run(model, batch, k1) - run(model, batch, k2)).max()) > 1e-4
     assert float(jnp.abs(run(model, batch, k1) - plain).max()) > 1e-4
+    # Under block remat (the 7b setting) the recomputed forward draws the same masks: equal loss and grads.
+    remat = nnx.clone(model)
+    remat.language_model.remat = True
+    grads = nnx.jit(lambda m, b, k: _grad_with_key(m, b, k))
+    (l0, g0), (l1, g1) = grads(model, batch, k1), grads(remat, batch, k1)
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(g0)), jax.tree.leaves(nnx.to_pure_dict(g1))):
+        assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(y).max()), 1e-30)
 
 
 def _with_key(model, batch, key):
     with dropout_key(key):
         return model.forward(batch).logits
+
+
+def _grad_with_key(model, batch, key):
+    batch = dict(batch, labels=jnp.where(batch["attention_mask"] > 0, batch["input_ids"], -100))
+    with dropout_key(key):
+        return nnx.value_and_grad(lambda m: loss_fn(m, batch)[0])(model)
 
 
 def test_optimizer_state_holds_only_adapters_and_7b_saving():
