@@ -209,6 +209,9 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     s.num_steps = {"stage1_align": 2000, "stage2_emotion": 2000, "stage3_video": 3000}[name]  # optimiser updates
     s.batch_size = {"stage1_align": 256, "stage2_emotion": 128, "stage3_video": 64}[name]  # global, per micro-step
     s.max_length = 16384 if name == "stage3_video" else 2048  # longer samples are rejected, never truncated
+    # Benchmarks run on the stage's final weights ('' = none): "suite.json:general" or a JSON list of specs
+    # such as '[{"benchmark": "pope", "root": "/data/POPE", "limit": 200}]' (see README, General evaluation).
+    s.eval_suite = ""
     s.lora = lora_config(enabled=lora)
     if lora:
         s.trainable = ()  # only the adapters (added by the trainer)

@@ -159,6 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             summary["stages"][name] = last
             if writer.enabled:
                 summary["stages"][name]["plot"] = plot_stage(workdir, name)
+            if config.stages[name].get("eval_suite") and jax.process_index() == 0:
+                from emoqwen_jax.eval.stage_eval import run_stage_eval
+
+                summary["stages"][name]["eval"] = run_stage_eval(config, name, stage_dir, workdir, writer)
             resume = None
     finally:
         ckpt.close()

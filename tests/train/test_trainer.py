@@ -88,7 +88,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(reference_run, tmp_
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "emoqwen_jax.cli.train", f"--config={cfg}", f"--config.workdir={workdir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # generous: CI machines may be loaded
     while time.time() < deadline:  # wait until stage 2 is past its first checkpoint (its step 2)
         done = losses(workdir) if (workdir / "metrics.jsonl").exists() else {}
         if ("stage2_emotion", 3) in done:
@@ -110,7 +110,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, demo_dir):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "emoqwen_jax.cli.train", f"--config={cfg}", f"--config.workdir={workdir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -137,9 +137,9 @@ def test_nonfinite_update_is_skipped():
     labels = trainable_labels(to_opt_view(params, names), (r"^compressor/",))
     tx, schedule = make_optimizer({"learning_rate": 1e-3}, 10, labels)
     # Optimizer state exists only for trainable leaves.
-    opt_leaves = sum(x.size for x in jax.tree.leaves(tx.init(to_opt_view(params, names))))
+    opt_arrays = sum(x.size for x in jax.tree.leaves(tx.init(to_opt_view(params, names))) if x.ndim > 0)
     trainable = sum(x.size for x in jax.tree.leaves(params["compressor"]))
-    assert opt_leaves == 2 * trainable + 1  # Adam mu and nu (+ its step count), nothing for frozen leaves
+    assert opt_arrays == 2 * trainable  # Adam mu and nu (beside scalar step counts), nothing for frozen leaves
     ids = np.arange(1, 9, dtype=np.int32).reshape(1, 8)
     batch = {k: jnp.asarray(v) for k, v in model.prepare_inputs(ids).items()}
     batch["labels"] = jnp.asarray(ids)
