@@ -149,7 +149,8 @@ def merge_model_dir(ckpt: str, out: str, *, overwrite: bool = False) -> dict[str
 
 def adapter_params(model: nnx.Module) -> dict[str, Any]:
     """'/'-joined adapter leaf path -> array (for tests and logging)."""
-    return {f"{path}/{leaf}": getattr(lora, leaf)[...] for path, lora in _adapters(model) for leaf in ("lora_a", "lora_b")}
+    return {f"{path}/{leaf}": getattr(lora, leaf)[...]
+            for path, lora in _adapters(model) for leaf in ("lora_a", "lora_b")}
 
 
 __all__ = ["export_hf", "merge_model_dir", "merged_copy", "peft_config", "peft_tensors", "write_peft_adapter",

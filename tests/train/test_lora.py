@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "configs"))
 sys.path.insert(0, str(ROOT / "tests" / "parallel"))
 import emotion_qwen  # noqa: E402
-from test_sharding import MODES, make_batch, tiny_config  # noqa: E402
+from test_sharding import make_batch, tiny_config  # noqa: E402
 
 CFG = LoRAConfig(rank=5, alpha=7.0, dropout=0.0)  # rank 5, scale 1.4: distinct from every model dimension
 
@@ -154,13 +154,14 @@ def _with_lora(model, cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["paper", "token_shard_map"])
-def test_sharded_lora_loss_and_grads_equal_single_device(mode):
-    mc = tiny_config(mode)
+def test_sharded_lora_loss_and_grads_equal_single_device():
+    """Token routing with the shard_map all-to-all dispatch (the mode with the most sharding machinery; the
+    adapters sit outside the compressor, so paper mode shards them the same way)."""
+    mc = tiny_config("token_shard_map")
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), rngs=nnx.Rngs(1))
     _randomize_b(model, 2)
-    batch = make_batch(mc)
+    batch = make_batch(mc, 4)  # fsdp * expert = 4 batch shards
     step = nnx.jit(lambda m, b: nnx.value_and_grad(lambda m_: loss_fn(m_, b)[0])(m))
     ref_loss, ref_grads = step(model, {k: jnp.asarray(v) for k, v in batch.items()})
     mesh = make_mesh(dict(fsdp=2, expert=2, tensor=2))
