@@ -48,6 +48,7 @@ def bench_config(preset: str, experts: int):
         config.model.remat = "none"
     else:
         raise ValueError(f"--preset {preset!r}; choose 'small' or 'gpu'")
+    config.model.vision.frame_block = 256  # a 224x224 frame is 16x16 patches
     config.model.compressor.num_experts = experts
     config.model.compressor.expert_names = () if experts != 2 else ("general", "emotion")
     return config
@@ -85,10 +86,27 @@ def make_batch(mcfg, seed: int = 0) -> dict:
 
 
 # ---- ours --------------------------------------------------------------------------------------------------
-def jax_step(config, batch):
-    """A compiled, donated train step over all parameters and its initial state."""
+def jax_step(config, batch, dense_vit: bool = False):
+    """A compiled, donated train step over all parameters and its initial state. ``dense_vit``: every ViT layer
+    with the dense [P, P] segment mask (the code before block-local attention), for the before/after row."""
     import jax
     from flax import nnx
+
+    from emoqwen_jax.model import vision
+
+    if dense_vit:
+        init_vit = vision.VisionTransformer.__init__
+
+        def dense_init(self, *a, **kw):
+            init_vit(self, *a, **kw)
+            for block in self.blocks:
+                block.attn.local_block = 0
+
+        vision.VisionTransformer.__init__ = dense_init
+        try:
+            return jax_step(config, batch)
+        finally:
+            vision.VisionTransformer.__init__ = init_vit
 
     from emoqwen_jax.cli.plan import build_train_step
     from emoqwen_jax.model import EmotionQwen
@@ -182,10 +200,10 @@ def flops_per_step(mcfg, inputs) -> float:
 
 def aot_only(config) -> dict:
     """No GPU: compile the step ahead of time on abstract arrays and report its memory and FLOPs."""
+    from emoqwen_jax.cli.common import model_config
     from emoqwen_jax.cli.plan import plan
 
-    mcfg_batch = make_batch(__import__("emoqwen_jax.cli.common", fromlist=["x"]).model_config(config))
-    return plan(config, num_devices=1, batch=mcfg_batch["jax"])
+    return plan(config, num_devices=1, batch=make_batch(model_config(config))["jax"])
 
 
 def main(argv=None) -> dict:
@@ -196,6 +214,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 2], help="our compressor's expert counts")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--no-torch", action="store_true", help="time only our step (profiling)")
+    ap.add_argument("--dense-vit", action="store_true", help="add a row: E=1 with the dense-mask ViT (before)")
     args = ap.parse_args(argv)
 
     import jax
@@ -226,6 +245,11 @@ def main(argv=None) -> dict:
         run, state, compile_s, _ = jax_step(configs[e], batch["jax"])
         runners[f"jax E={e}"], states[f"jax E={e}"] = run, state
         print(f"  compiled ours (E={e}) in {compile_s:.1f} s")
+    if args.dense_vit:
+        e = args.experts[0]
+        run, state, compile_s, _ = jax_step(configs[e], batch["jax"], dense_vit=True)
+        runners[f"jax E={e} dense ViT"], states[f"jax E={e} dense ViT"] = run, state
+        print(f"  compiled ours (E={e}, dense ViT masks) in {compile_s:.1f} s")
     if not args.no_torch:
         import torch
 
@@ -242,7 +266,7 @@ def main(argv=None) -> dict:
     flops = flops_per_step(mcfgs[args.experts[0]], batch["jax"])
     print(f"\n| step | median ms | min ms | max ms | analytic GFLOP/s |\n|---|---|---|---|---|")
     for name, v in times.items():
-        e = int(name.split("=")[1]) if "=" in name else (1 if 1 in mcfgs else args.experts[0])
+        e = int(name.split("=")[1].split()[0]) if "=" in name else (1 if 1 in mcfgs else args.experts[0])
         f = flops_per_step(mcfgs[e], batch["jax"])
         print(f"| {name} | {med[name]:.0f} | {min(v):.0f} | {max(v):.0f} | {f / med[name] / 1e6:.1f} |")
     ours = med.get("jax E=1", med[f"jax E={args.experts[0]}"])

@@ -1,7 +1,8 @@
 r"""emoqwen-plan: compile a stage's full train step ahead of time for N (simulated) devices, without weights,
 and print its per-device memory and FLOPs.
 
-  emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=256 --config.mesh.fsdp=-1 --config.mesh.data=1
+  emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=256 --config.mesh.fsdp=-1 --config.mesh.data=1 \
+      --frame_block=1024 --device_memory_gb=95
   emoqwen-plan --config=configs/emotion_qwen.py:tiny --num_devices=4 --batch_per_device=1 --frames=4 --frame_size=112
 
 The step is the trainer's (``make_train_step``: loss, gradients, AdamW with the stage's frozen leaves,
@@ -35,6 +36,8 @@ _PER_DEVICE = flags.DEFINE_integer("batch_per_device", 1, "Samples per batch-sha
 _FRAMES = flags.DEFINE_integer("frames", 16, "Video frames per sample (even: temporal patch 2).")
 _SIZE = flags.DEFINE_integer("frame_size", 448, "Frame side in pixels (multiple of 28).")
 _LENGTH = flags.DEFINE_integer("length", 0, "Text length per sample (0: the video's tokens + 256, to a multiple of 256).")
+_FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (block-local full attention; "
+                                    "-1 = leave the config's value, 0 = dense).")
 _MEMORY = flags.DEFINE_float("device_memory_gb", 0.0, "If set, print the headroom against this per-device memory.")
 
 
@@ -100,6 +103,41 @@ def _sharded(shapes: dict, mesh) -> dict:
     return out
 
 
+def state_shardings(state_shapes, pshard: dict, expert_names, mesh):
+    """Shardings for the whole train state: params by the rules; every optimizer leaf (Adam moments, gradient
+    accumulators) like the parameter whose optimizer-view path ends its own path (split experts drop the
+    expert axis); scalars and anything unmatched replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from emoqwen_jax.train.optim import EXPERTS, path_str, to_opt_view
+
+    view = dict(to_opt_view({k: v for k, v in pshard.items()}, ()))  # plain copy; experts handled below
+    flat = {path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(view)}
+    experts = pshard.get(EXPERTS[0], {}).get(EXPERTS[1], {})
+    for key, sh in experts.items():
+        inner = PartitionSpec(*tuple(sh.spec)[1:])
+        for name in expert_names:
+            flat[f"{EXPERTS[0]}/{EXPERTS[1]}/{key}/{name}"] = NamedSharding(mesh, inner)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_len = sorted(flat, key=len, reverse=True)
+
+    def one(path, x):
+        p = path_str(path)
+        if p.startswith("params/"):
+            p = p[len("params/"):]
+            if p in flat and not p.startswith(f"{EXPERTS[0]}/{EXPERTS[1]}/"):
+                return flat[p]
+            if p.startswith(f"{EXPERTS[0]}/{EXPERTS[1]}/"):
+                return pshard[EXPERTS[0]][EXPERTS[1]][p.split("/")[2]]
+        for q in by_len:
+            if p.endswith(q) and len(flat[q].spec) <= len(x.shape):
+                return flat[q]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, state_shapes)
+
+
 def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict | None = None,
          batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0) -> dict[str, Any]:
     """Lowers and compiles the stage's train step for a mesh over the first ``num_devices`` devices; returns
@@ -135,9 +173,9 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     timings = {}
     t0 = time.perf_counter()
     with axis_rules(mesh, DEFAULT_RULES):
-        init_c = jax.jit(init).lower(params).compile()  # its output shardings are the trainer's state shardings
-        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(init, params), init_c.output_shardings)
+        state_shapes = jax.eval_shape(init, params)
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
+                             state_shardings(state_shapes, pshard, mcfg.expert_names, mesh))
         batch_abs = _sharded(shapes, mesh)
         lowered = jax.jit(step, donate_argnums=0).lower(state, batch_abs)
         timings["lower_s"] = time.perf_counter() - t0
@@ -192,7 +230,11 @@ def main_(argv) -> None:
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)  # before the backend starts
-    report = plan(_CONFIG.value, num_devices=_DEVICES.value, stage=_STAGE.value, batch_per_device=_PER_DEVICE.value,
+    config = _CONFIG.value
+    if _FRAME_BLOCK.value >= 0:
+        with config.unlocked():  # the preset may not list the key yet
+            config.model.vision.frame_block = _FRAME_BLOCK.value
+    report = plan(config, num_devices=_DEVICES.value, stage=_STAGE.value, batch_per_device=_PER_DEVICE.value,
                   frames=_FRAMES.value, frame_size=_SIZE.value, length=_LENGTH.value)
     print(format_table(report, _MEMORY.value))
     print(json.dumps(report))
