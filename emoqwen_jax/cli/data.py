@@ -15,7 +15,6 @@ rejected fraction passes ``max_reject_fraction``.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
 import logging
@@ -41,15 +40,13 @@ def load_data_config(config: str, overrides: list[str]):
         cfg = (module.get_config(arg) if arg else module.get_config()).data
     else:
         cfg = defaults.data_config()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set wants key=value, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        *path, leaf = key.split(".")
+    try:
+        parsed = defaults.parse_overrides(overrides)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    for keys, value in parsed:
+        *path, leaf = keys
+        key = ".".join(keys)
         node = cfg
         for part in path:
             node = node[part]

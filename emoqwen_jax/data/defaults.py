@@ -4,6 +4,9 @@
 read the same fields, so a run is described by one ConfigDict.
 """
 
+import ast
+from typing import Any
+
 import ml_collections
 
 
@@ -64,3 +67,19 @@ def data_config() -> ml_collections.ConfigDict:
     # {'prepared', 'split'?, 'weight'?} entries; empty = the run passes its sources explicitly.
     c.mixture = ()
     return c
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    """``["fps=1.0", "faces.fusion=extra"]`` -> ``[(["fps"], 1.0), (["faces", "fusion"], "extra")]``: dotted keys
+    split, values parsed as Python literals (anything else stays a string). ValueError on a missing ``=``."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set wants key=value, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.append((key.split("."), value))
+    return out

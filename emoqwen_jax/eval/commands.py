@@ -4,24 +4,17 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from typing import Any, Callable
+
+from emoqwen_jax.data.defaults import parse_overrides
 
 
 def parse_sets(items: list[str]) -> dict:
     """``["fps=1.0", "faces.fusion=extra"]`` -> nested dict of Python literals (strings stay strings)."""
     out: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set wants key=value, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        *path, leaf = key.split(".")
+    for (*path, leaf), value in parse_overrides(items):
         node = out
         for part in path:
             node = node.setdefault(part, {})

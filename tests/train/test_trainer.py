@@ -121,30 +121,40 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, demo_dir):
     assert saved and saved[-1] < 40
 
 
-def test_nonfinite_update_is_skipped():
-    from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
-    from emoqwen_jax.train.step import init_state, make_train_step
-    sys.path.insert(0, str(ROOT / "configs"))
-    import emotion_qwen
+def _tiny_step(patterns, opt):
+    """A tiny model's params, a text batch, and a jitted train step training ``patterns`` with ``opt``."""
     from emoqwen_jax.cli.common import model_config
     from emoqwen_jax.model import EmotionQwen
+    from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
+    from emoqwen_jax.train.step import make_train_step
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    import emotion_qwen
 
     mc = model_config(emotion_qwen.get_config("tiny"))
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    names = mc.expert_names
-    labels = trainable_labels(to_opt_view(params, names), (r"^compressor/",))
-    tx, schedule = make_optimizer({"learning_rate": 1e-3}, 10, labels)
+    labels = trainable_labels(to_opt_view(params, mc.expert_names), patterns)
+    tx, schedule = make_optimizer(opt, 10, labels)
+    step = jax.jit(make_train_step(graphdef, tx, labels, mc.expert_names, schedule,
+                                   grad_accum=int(opt.get("grad_accum", 1))))
+    ids = np.arange(1, 9, dtype=np.int32).reshape(1, 8)
+    batch = {k: jnp.asarray(v) for k, v in model.prepare_inputs(ids).items()}
+    batch["labels"] = jnp.asarray(ids)
+    return params, batch, tx, step, mc.expert_names
+
+
+def test_nonfinite_update_is_skipped():
+    from emoqwen_jax.train.optim import to_opt_view
+    from emoqwen_jax.train.step import init_state
+
+    params, batch, tx, step, names = _tiny_step((r"^compressor/",), {"learning_rate": 1e-3})
     # Optimizer state exists only for trainable leaves.
     opt_arrays = sum(x.size for x in jax.tree.leaves(tx.init(to_opt_view(params, names))) if x.ndim > 0)
     trainable = sum(x.size for x in jax.tree.leaves(params["compressor"]))
     assert opt_arrays == 2 * trainable  # Adam mu and nu (beside scalar step counts), nothing for frozen leaves
-    ids = np.arange(1, 9, dtype=np.int32).reshape(1, 8)
-    batch = {k: jnp.asarray(v) for k, v in model.prepare_inputs(ids).items()}
-    batch["labels"] = jnp.asarray(ids)
     params["language_model"]["norm"]["weight"] = params["language_model"]["norm"]["weight"].at[0].set(jnp.nan)
-    step = jax.jit(make_train_step(graphdef, tx, labels, names, schedule))
     state0 = init_state(params, tx, names, 0)
     state1, metrics = step(state0, batch)
     assert not bool(metrics["finite"]) and int(state1.nonfinite) == 1
@@ -153,24 +163,11 @@ def test_nonfinite_update_is_skipped():
 
 
 def test_gradient_accumulation_updates_every_k_micro_steps():
-    from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
-    from emoqwen_jax.train.step import init_state, make_train_step
-    sys.path.insert(0, str(ROOT / "configs"))
-    import emotion_qwen
-    from emoqwen_jax.cli.common import model_config
-    from emoqwen_jax.model import EmotionQwen
+    from emoqwen_jax.train.step import init_state
 
-    mc = model_config(emotion_qwen.get_config("tiny"))
-    model = EmotionQwen(mc, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    labels = trainable_labels(to_opt_view(params, mc.expert_names), (r"^language_model/norm/",))
-    tx, schedule = make_optimizer({"learning_rate": 1e-2, "warmup_fraction": 0.0, "grad_accum": 2}, 10, labels)
-    step = jax.jit(make_train_step(graphdef, tx, labels, mc.expert_names, schedule, grad_accum=2))
-    ids = np.arange(1, 9, dtype=np.int32).reshape(1, 8)
-    batch = {k: jnp.asarray(v) for k, v in model.prepare_inputs(ids).items()}
-    batch["labels"] = jnp.asarray(ids)
-    s0 = init_state(params, tx, mc.expert_names, 0)
+    params, batch, tx, step, names = _tiny_step((r"^language_model/norm/",), {
+        "learning_rate": 1e-2, "warmup_fraction": 0.0, "grad_accum": 2})
+    s0 = init_state(params, tx, names, 0)
     s1, _ = step(s0, batch)
     s2, _ = step(s1, batch)
     w = lambda s: np.asarray(s.params["language_model"]["norm"]["weight"])  # noqa: E731
