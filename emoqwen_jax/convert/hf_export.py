@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.convert.hf_import import EXPORT_MODEL_TYPE
 from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.model.lora import lora_modules
 
 FORMATS = (EXPORT_MODEL_TYPE, "qwen2_5_vl")
 REMOTE_DIR = os.path.join(os.path.dirname(__file__), "hf_remote")
@@ -253,7 +254,7 @@ def _prepare_dir(out_dir: str, overwrite: bool) -> str:
 
 def to_hf(model: EmotionQwen, out_dir: str, *, format: str = EXPORT_MODEL_TYPE,  # noqa: A002 — the CLI's name
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, tokenizer: bool = True, overwrite: bool = False,
-          tokenizer_cache_dir: str = "") -> dict[str, Any]:
+          tokenizer_cache_dir: str = "", base_only: bool = False) -> dict[str, Any]:
     """Writes ``model`` as a Hugging Face directory (layout in the module docstring).
 
     Args:
@@ -262,10 +263,17 @@ def to_hf(model: EmotionQwen, out_dir: str, *, format: str = EXPORT_MODEL_TYPE, 
       max_shard_size: bytes or '5GB'-style; larger exports are sharded with an index.
       tokenizer: also write the tokenizer files (needs the model's vision token ids to be the tokenizer's).
       overwrite: replace the export files in a non-empty ``out_dir`` (other files are left alone).
+      base_only: for a model with LoRA adapters, write only the base weights (the adapters go to a PEFT
+        directory: ``emoqwen_jax.convert.lora.export_hf``); otherwise such a model is an error, since its
+        adapters would silently be lost.
     Returns:
       a summary dict: out_dir, format, files, num_tensors, bytes.
     """
     config = model.config
+    if lora_modules(model) and not base_only:
+        raise ValueError("the model has LoRA adapters, which a plain export would drop: merge them first "
+                         "(emoqwen_jax.model.lora.merge_lora, `emoqwen-convert merge-lora`) or export them as a PEFT "
+                         "adapter (emoqwen_jax.convert.lora.export_hf, `to-hf --lora_adapter`)")
     check_format(config, format)
     info = None
     if tokenizer:

@@ -125,7 +125,7 @@ def export_hf(model: EmotionQwen, out_dir: str, *, lora_adapter: str | None = No
     fmt = to_hf_kwargs.get("format", FORMATS[0])
     peft_config(model, fmt, "")  # every adapter has an HF name: fail before writing anything
     peft_tensors(model, fmt)
-    summary = to_hf(model, out_dir, **to_hf_kwargs)  # hf_names walks base weights only: adapters stay out
+    summary = to_hf(model, out_dir, base_only=True, **to_hf_kwargs)  # adapters go to the PEFT directory
     adapter_dir = lora_adapter or os.path.abspath(out_dir).rstrip(os.sep) + "-lora"
     summary["adapter"] = write_peft_adapter(model, adapter_dir, format=fmt, base_model_name_or_path=summary["out_dir"],
                                             overwrite=to_hf_kwargs.get("overwrite", False))

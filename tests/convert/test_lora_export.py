@@ -111,3 +111,24 @@ def test_cli_to_hf_merged_and_adapter(exported, tmp_path):
     want = np.asarray(merge_lora(nnx.clone(model)).language_model.layers[0].self_attn.q_proj.kernel[...]).T
     np.testing.assert_array_equal(merged["model.layers.0.self_attn.q_proj.weight"], want)
     assert np.abs(want - np.asarray(model.language_model.layers[0].self_attn.q_proj.kernel[...]).T).max() > 1e-3
+
+
+def test_plain_to_hf_refuses_a_model_with_adapters(tmp_path):
+    """Exporting adapters' base weights alone would silently drop the fine-tuning."""
+    import sys
+    from pathlib import Path
+
+    from flax import nnx
+
+    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.convert.hf_export import to_hf
+    from emoqwen_jax.model import EmotionQwen
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
+    import emotion_qwen
+
+    model = EmotionQwen(model_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))
+    apply_lora(model, LoRAConfig.from_dict({"enabled": True, "rank": 2, "alpha": 2, "dropout": 0.0,
+                                            "targets": DEFAULT_TARGETS}), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        to_hf(model, str(tmp_path / "out"), tokenizer=False)
