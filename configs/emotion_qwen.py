@@ -41,6 +41,9 @@ def vision_config(preset: str) -> ml_collections.ConfigDict:
     v.tokens_per_second = 2.0  # M-RoPE temporal ids per second of video
     v.rms_norm_eps = 1e-6
     v.rope_theta = 10000.0  # 2-D rotary base
+    # Full-attention blocks attend block-locally when every frame has <= frame_block patches (exact; a longer
+    # frame yields NaN, which the trainer's non-finite guard stops on). 0 = dense masks (any frame size).
+    v.frame_block = 0
     if preset == "tiny":
         v.update(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, window_size=56, fullatt_block_indexes=(1,))
     elif preset == "small":

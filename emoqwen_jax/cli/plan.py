@@ -103,41 +103,6 @@ def _sharded(shapes: dict, mesh) -> dict:
     return out
 
 
-def state_shardings(state_shapes, pshard: dict, expert_names, mesh):
-    """Shardings for the whole train state: params by the rules; every optimizer leaf (Adam moments, gradient
-    accumulators) like the parameter whose optimizer-view path ends its own path (split experts drop the
-    expert axis); scalars and anything unmatched replicated."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from emoqwen_jax.train.optim import EXPERTS, path_str, to_opt_view
-
-    view = dict(to_opt_view({k: v for k, v in pshard.items()}, ()))  # plain copy; experts handled below
-    flat = {path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(view)}
-    experts = pshard.get(EXPERTS[0], {}).get(EXPERTS[1], {})
-    for key, sh in experts.items():
-        inner = PartitionSpec(*tuple(sh.spec)[1:])
-        for name in expert_names:
-            flat[f"{EXPERTS[0]}/{EXPERTS[1]}/{key}/{name}"] = NamedSharding(mesh, inner)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_len = sorted(flat, key=len, reverse=True)
-
-    def one(path, x):
-        p = path_str(path)
-        if p.startswith("params/"):
-            p = p[len("params/"):]
-            if p in flat and not p.startswith(f"{EXPERTS[0]}/{EXPERTS[1]}/"):
-                return flat[p]
-            if p.startswith(f"{EXPERTS[0]}/{EXPERTS[1]}/"):
-                return pshard[EXPERTS[0]][EXPERTS[1]][p.split("/")[2]]
-        for q in by_len:
-            if p.endswith(q) and len(flat[q].spec) <= len(x.shape):
-                return flat[q]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, state_shapes)
-
-
 def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict | None = None,
          batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0) -> dict[str, Any]:
     """Lowers and compiles the stage's train step for a mesh over the first ``num_devices`` devices; returns
@@ -151,6 +116,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
     from emoqwen_jax.parallel.rules import BATCH_AXES
     from emoqwen_jax.train import flops
+    from emoqwen_jax.train import step as step_lib
 
     devices = jax.devices()
     if len(devices) < num_devices:
@@ -175,7 +141,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     with axis_rules(mesh, DEFAULT_RULES):
         state_shapes = jax.eval_shape(init, params)
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
-                             state_shardings(state_shapes, pshard, mcfg.expert_names, mesh))
+                             step_lib.state_shardings(state_shapes, pshard, mcfg.expert_names, mesh))
         batch_abs = _sharded(shapes, mesh)
         lowered = jax.jit(step, donate_argnums=0).lower(state, batch_abs)
         timings["lower_s"] = time.perf_counter() - t0

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emoqwen_jax.model import sharding
 from emoqwen_jax.model.config import VisionConfig
 from emoqwen_jax.model.layers import (GatedMLP, Linear, RMSNorm, as_dtype, dot_product_attention,
                                      local_segment_attention)
@@ -115,12 +116,14 @@ class VisionTransformer(nnx.Module):
         """pixel_values float[P, C*2*14*14] in HF order -> float[P, D] in window order."""
         cfg = self.cfg
         x = self.patch_embed(pixel_values.astype(self.dtype))
-        x = to_window_order(x, window_index, cfg.merge_unit)
+        # Keep the flat patch axis sharded like the batch (the index gather alone would let GSPMD replicate it).
+        x = sharding.constrain(to_window_order(x, window_index, cfg.merge_unit), ("units", "act_embed"))
         cos, sin = vision_rotary(to_window_order(pos_hw, window_index, cfg.merge_unit), cfg.head_dim, cfg.rope_theta)
         call = nnx.remat(_block_call) if self.remat else _block_call
         full = set(cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
-            x = call(block, x, cos, sin, frame_segment if i in full else window_segment)
+            x = sharding.constrain(call(block, x, cos, sin, frame_segment if i in full else window_segment),
+                                   ("units", "act_embed"))
         if cfg.frame_block and full:
             x = jnp.where(longest_run(frame_segment) > cfg.frame_block, jnp.nan, x)
         return x

@@ -16,7 +16,7 @@ from flax import nnx
 
 from emoqwen_jax.model.lora import dropout_key
 from emoqwen_jax.train.loss import loss_fn
-from emoqwen_jax.train.optim import from_opt_view, to_opt_view
+from emoqwen_jax.train.optim import EXPERTS, from_opt_view, path_str, to_opt_view
 
 
 @jax.tree_util.register_dataclass
@@ -71,3 +71,42 @@ def init_state(params: dict, tx: optax.GradientTransformation, expert_names: Seq
     return TrainState(params=params, opt_state=tx.init(to_opt_view(params, expert_names)),
                       step=jnp.zeros((), jnp.int32), nonfinite=jnp.zeros((), jnp.int32),
                       rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def state_shardings(state_shapes: TrainState, param_shardings: dict, expert_names: Sequence[str], mesh) -> TrainState:
+    """Shardings of a whole TrainState: ``params`` by the rules (``param_shardings``, shaped like the params
+    dict); every optimiser leaf (Adam moments, accumulators) like the optimiser-view parameter it mirrors —
+    the view path that ends its own path, with the same shape (a split expert drops the expert axis) — and
+    scalars / counters replicated. Without this, XLA may lay freshly initialised moments out replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_path: dict[str, tuple[tuple, NamedSharding]] = {}
+    for path, shape in jax.tree_util.tree_leaves_with_path(state_shapes.params):
+        key = path_str(path)
+        sh = _get(param_shardings, path)
+        if key.startswith("/".join(EXPERTS) + "/"):  # split per expert in the optimiser view
+            inner = NamedSharding(mesh, PartitionSpec(*tuple(sh.spec)[1:]))
+            for name in expert_names:
+                by_path[f"{key}/{name}"] = (tuple(shape.shape[1:]), inner)
+        else:
+            by_path[key] = (tuple(shape.shape), sh)
+
+    def opt_leaf(path, x):
+        p = path_str(path)
+        for q in sorted(by_path, key=len, reverse=True):
+            shape, sh = by_path[q]
+            if (p == q or p.endswith("/" + q)) and tuple(x.shape) == shape:
+                return sh
+        return replicated
+
+    return TrainState(params=param_shardings,
+                      opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state_shapes.opt_state),
+                      step=replicated, nonfinite=replicated, rng=replicated)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[getattr(k, "key", getattr(k, "idx", k))]
+    return tree
+

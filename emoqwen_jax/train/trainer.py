@@ -38,7 +38,7 @@ from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
 from emoqwen_jax.train.optim import check_patterns, make_optimizer, to_opt_view, trainable_labels
-from emoqwen_jax.train.step import init_state, make_train_step
+from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 
 class Preempted(Exception):
@@ -245,7 +245,9 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     accum = int(sc.optimizer.get("grad_accum", 1))
     tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels_view)
     params = jax.device_put(params, shardings)
-    state = jax.jit(lambda p: init_state(p, tx, names, config.seed))(params)
+    init = lambda p: init_state(p, tx, names, config.seed)  # noqa: E731
+    state_sharding = state_shardings(jax.eval_shape(init, params), shardings, names, mesh)
+    state = jax.jit(init, out_shardings=state_sharding)(params)
     start = 0
     if resume is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -253,7 +255,8 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
         start = int(resume["stage_step"])
         for counter, rc in zip(counters, resume.get("rejects", [])):
             counter.set_state(rc)
-    step_fn = jax.jit(make_train_step(graphdef, tx, labels_view, names, schedule, accum), donate_argnums=0)
+    step_fn = jax.jit(make_train_step(graphdef, tx, labels_view, names, schedule, accum), donate_argnums=0,
+                      out_shardings=(state_sharding, None))
     total = sc.num_steps * accum
     log_every = int(config.train.log_every)
     peak = float(config.train.peak_flops_per_device) * jax.device_count()
@@ -268,8 +271,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
             global_step += 1
             tokens = float(local["attention_mask"].sum()) * processes
             tokens_seen += tokens
-            flops_seen += flops.train_flops(mcfg, tokens=int(tokens), patches=int((local["vision_patch_item"] >= 0)
-                                                                                     .sum()) * processes)
+            flops_seen += flops.batch_train_flops(mcfg, local) * processes  # model FLOPs of the real tokens
             bar.update(1)
             done = micro + 1 == total
             if (micro + 1) % log_every == 0 or done:

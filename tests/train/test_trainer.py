@@ -189,3 +189,29 @@ def test_demo_preset_runs_three_stages_from_the_readme_command(tmp_path):
     for stage in summary["final_loss"]:
         assert (tmp_path / "demo" / "stages" / stage / "config.json").exists()
         assert (tmp_path / "demo" / "plots" / f"{stage}_loss.png").exists()
+
+
+def test_optimizer_state_is_sharded_like_its_parameters():
+    """Freshly initialised Adam moments must not be laid out replicated (7B memory depends on it)."""
+    from emoqwen_jax.parallel import make_mesh, pure_param_shardings
+    from emoqwen_jax.train.step import init_state, state_shardings
+
+    params, _, tx, _, names = _tiny_step((r"^compressor/", r"^language_model/layers/0/"), {"learning_rate": 1e-3})
+    mesh = make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+    from emoqwen_jax.cli.common import model_config
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    import emotion_qwen
+    from emoqwen_jax.model import EmotionQwen
+
+    abstract = nnx.eval_shape(lambda: EmotionQwen(model_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0)))
+    shardings = pure_param_shardings(abstract, mesh)
+    init = lambda p: init_state(p, tx, names, 0)  # noqa: E731
+    target = state_shardings(jax.eval_shape(init, params), shardings, names, mesh)
+    state = jax.jit(init, out_shardings=target)(jax.device_put(params, shardings))
+    q_kernel = shardings["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+               if "layers/0/self_attn/q_proj/kernel" in "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
+                                                                 for k in path)]
+    assert len(moments) == 2 and all(m.sharding.spec == q_kernel.spec for m in moments)  # mu and nu
+    assert q_kernel.spec != jax.sharding.PartitionSpec()
