@@ -14,9 +14,11 @@ from flax import nnx
 from emoqwen_jax.model.config import TextConfig
 from emoqwen_jax.model.layers import GatedMLP, Linear, RMSNorm, as_dtype, dot_product_attention, param
 from emoqwen_jax.model.rope import apply_rotary, mrope
+from emoqwen_jax.model.sharding import constrain
 
 Array = jax.Array
 KVCache = list[tuple[Array, Array]]
+ACT = ("batch", "length", "act_embed")
 
 
 class TextAttention(nnx.Module):
@@ -90,11 +92,13 @@ class TextModel(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def logits(self, hidden: Array) -> Array:
-        """float[B, L, D] -> float32[B, L, V]."""
+        """float[B, L, D] -> float32[B, L, V] (batch-sharded: the largest activation of a training step)."""
         if self.lm_head is None:
-            return jnp.einsum("bld,vd->blv", hidden, self.embed_tokens[...].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            logits = jnp.einsum("bld,vd->blv", hidden, self.embed_tokens[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, inputs_embeds: Array, position_ids: Array, mask: Array,
                  cache: KVCache | None = None, cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
@@ -108,7 +112,7 @@ class TextModel(nnx.Module):
         """
         cfg = self.cfg
         cos, sin = mrope(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-        x = inputs_embeds.astype(self.dtype)
+        x = constrain(inputs_embeds.astype(self.dtype), ACT)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             if cache is None:
@@ -117,6 +121,7 @@ class TextModel(nnx.Module):
             else:
                 x, layer_cache = layer(x, cos, sin, mask, cache[i], cache_index)
                 new_cache.append(layer_cache)
+            x = constrain(x, ACT)  # keep the residual stream batch-sharded between layers
         return self.norm(x), new_cache
 
 

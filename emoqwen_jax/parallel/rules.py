@@ -42,6 +42,7 @@ DEFAULT_RULES: Rules = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 
