@@ -157,6 +157,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if preset == "7b":
         config.data.length_buckets = (2048, 4096, 8192, 16384)
         config.data.patch_buckets = (4096, 16384, 65536)
+        # The layout `emoqwen-plan` fits on 8 x 80 GB and 256 x 95 GB (README, Performance): tensor parallelism
+        # over 4 devices, FSDP over the rest, block-local full attention for frames of <= 1024 patches (448^2),
+        # so frames and images are capped at 448^2 pixels.
+        config.mesh.update(data=1, fsdp=-1, tensor=4)
+        config.model.vision.frame_block = 1024
+        config.data.update(video_max_pixels=448 * 448, image_max_pixels=448 * 448)
     return config
 
 
