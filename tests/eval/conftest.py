@@ -15,8 +15,7 @@ from emoqwen_jax.model import EmotionQwen
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
 
-# Small frames (56 x 56 -> 4 x 4 patches) keep prompts short: these are plumbing tests, not benchmarks.
-SMALL_PIXELS = ["--set", "video_min_pixels=3136", "--set", "video_max_pixels=3136"]
+from eval_settings import SMALL_PIXELS  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

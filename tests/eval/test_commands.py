@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import SMALL_PIXELS
+from eval_settings import SMALL_PIXELS
 from emoqwen_jax.cli import describe, eval as eval_cli
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.text import IGNORE

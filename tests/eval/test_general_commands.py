@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from conftest import emotion_qwen
+import emotion_qwen  # on sys.path via tests/eval/conftest.py
 from emoqwen_jax.cli import eval as eval_cli, forgetting as forgetting_cli
 from emoqwen_jax.cli.common import model_config
 from emoqwen_jax.convert.model_dir import read_model_config, save_model

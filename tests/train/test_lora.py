@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config, write_config
+from train_configs import load_config, write_config
 from emoqwen_jax.cli.common import model_config
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.convert.model_dir import load_model, read_model_config, save_model

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, write_config
+from train_configs import ROOT, write_config
 from emoqwen_jax.train.metrics import read_metrics
 
 EXTRA = """

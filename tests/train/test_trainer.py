@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, load_config, write_config
+from train_configs import ROOT, load_config, write_config
 from emoqwen_jax.convert.model_dir import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
