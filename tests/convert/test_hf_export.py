@@ -71,12 +71,7 @@ def src_dir(tmp_path_factory):
     cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id = IMG, VID, VS, VE
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    hf = O.randomize_(Qwen2_5_VLForConditionalGeneration(cfg).eval(), 11)
-    with torch.no_grad():
-        for name, p in hf.model.language_model.named_parameters():
-            if "norm" not in name:
-                p.mul_(3.0)
-        hf.lm_head.weight.mul_(12.0)
+    hf = O.sharpen_(O.randomize_(Qwen2_5_VLForConditionalGeneration(cfg).eval(), 11))
     path = tmp_path_factory.mktemp("src")
     hf.save_pretrained(path)
     return path

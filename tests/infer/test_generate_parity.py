@@ -28,12 +28,7 @@ LENGTH, PATCHES, ITEMS = 44, 128, 2
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    hf = O.build_hf_model("base", seed=3)
-    with torch.no_grad():
-        for name, p in hf.model.language_model.named_parameters():
-            if "norm" not in name:
-                p.mul_(3.0)
-        hf.lm_head.weight.mul_(12.0)
+    hf = O.sharpen_(O.build_hf_model("base", seed=3))
     path = tmp_path_factory.mktemp("hf_gen")
     hf.save_pretrained(path)
     return hf, from_hf(str(path), dtype="float32")
