@@ -126,6 +126,12 @@ class GateNetwork(nnx.Module):
         return jax.nn.softmax(self.head(x).astype(jnp.float32), axis=-1)
 
 
+def empty_aux() -> dict[str, Array]:
+    """The compressor's aux dict with nothing to report (paper mode, or no visual input)."""
+    zero = jnp.zeros((), jnp.float32)
+    return {"aux_loss": zero, "lb_loss": zero, "z_loss": zero, "dropped_tokens": zero, "dropped_assignments": zero}
+
+
 class HybridCompressor(nnx.Module):
     """Experts + (paper mode) the gating network or (scale mode) a float32 token router."""
 
@@ -155,9 +161,7 @@ class HybridCompressor(nnx.Module):
           training loss), ``lb_loss``, ``z_loss``, ``dropped_tokens``, ``dropped_assignments``.
         """
         unit_item = patch_item.reshape(-1, self.merge_unit)[:, 0]
-        zero = jnp.zeros((), jnp.float32)
-        aux = {"aux_loss": zero, "lb_loss": zero, "z_loss": zero, "dropped_tokens": zero,
-               "dropped_assignments": zero}
+        aux = empty_aux()
         if self.router is not None:
             return self._token_mode(features, unit_item, num_items, aux)
         # Paper mode: each expert on all tokens (sharded over the expert mesh axis), mixed per item.

@@ -20,7 +20,7 @@ from flax import nnx
 
 from emoqwen_jax import layout
 from emoqwen_jax.model import sharding
-from emoqwen_jax.model.compressor import HybridCompressor
+from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
 from emoqwen_jax.model.text import TextModel, causal_padding_mask
 from emoqwen_jax.model.vision import VisionTransformer, from_window_order
@@ -73,9 +73,7 @@ class EmotionQwen(nnx.Module):
         embeds = sharding.constrain(self.language_model.embed(inputs["input_ids"]), ("batch", "length", "act_embed"))
         num_items = inputs["vision_item_valid"].shape[0]
         if inputs["pixel_values"].shape[0] == 0:
-            zero = jnp.zeros((), jnp.float32)
-            aux = dict(aux_loss=zero, lb_loss=zero, z_loss=zero, dropped_tokens=zero, dropped_assignments=zero)
-            return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32), aux
+            return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32), empty_aux()
         visual, gate_weights, aux = self.encode_vision(inputs)
         index = inputs["visual_token_index"]
         gathered = visual[jnp.maximum(index, 0)].astype(embeds.dtype)

@@ -46,16 +46,17 @@ DEFAULT_RULES: Rules = (
 )
 
 
+def variable_sharding(var: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding of one variable from its ``logical_axes`` metadata (replicated without any)."""
+    names = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+    shape = var.shape if hasattr(var, "shape") else var[...].shape
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh=mesh, rules=rules) if names else PartitionSpec())
+
+
 def param_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """NamedSharding for every ``nnx.Variable`` in ``state`` (from its ``logical_axes`` metadata)."""
-
-    def one(var):
-        names = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
-        shape = var.shape if hasattr(var, "shape") else var[...].shape
-        spec = logical_to_spec(names, shape, mesh=mesh, rules=rules) if names else PartitionSpec()
-        return NamedSharding(mesh, spec)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda var: variable_sharding(var, mesh, rules), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def pure_param_shardings(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
@@ -63,12 +64,10 @@ def pure_param_shardings(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_R
     keeps parameters as a pure dict). ``model`` may be abstract (``nnx.eval_shape``)."""
     out: dict = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        names = var.get_metadata().get("logical_axes")
-        spec = logical_to_spec(names, var.shape, mesh=mesh, rules=rules) if names else PartitionSpec()
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = NamedSharding(mesh, spec)
+        node[path[-1]] = variable_sharding(var, mesh, rules)
     return out
 
 

@@ -119,9 +119,10 @@ class _Sigterm:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, Any]:
     """Runs every stage of ``config.run_stages``; returns {stage: final metrics} and the output paths."""
-    workdir = os.path.abspath(workdir or config.workdir or "")
-    if not config.get("workdir") and workdir == os.path.abspath(""):
+    workdir = workdir or config.get("workdir", "")
+    if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")
+    workdir = os.path.abspath(workdir)
     maybe_initialize_distributed(config)
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     mesh = make_mesh(config.mesh)
@@ -195,18 +196,16 @@ def stage_model(config, name: str, params: dict, graphdef, mesh):
 
 
 def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh):
+    from jax.experimental import multihost_utils
+
     needs = np.array([batching.needs(b) for b in batches])
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, 3)
     sizes = batching.agreed_sizes(needs.tolist(), batch_size)
     local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id)
                                     for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
         return shard_batch(local, mesh), local
-    from jax.experimental import multihost_utils
-
     from emoqwen_jax.parallel.rules import _BATCH_DIM, batch_sharding
 
     out = {}
@@ -246,15 +245,17 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels_view)
     params = jax.device_put(params, shardings)
     init = lambda p: init_state(p, tx, names, config.seed)  # noqa: E731
-    state_sharding = state_shardings(jax.eval_shape(init, params), shardings, names, mesh)
-    state = jax.jit(init, out_shardings=state_sharding)(params)
+    state_shapes = jax.eval_shape(init, params)
+    state_sharding = state_shardings(state_shapes, shardings, names, mesh)
     start = 0
-    if resume is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    if resume is None:
+        state = jax.jit(init, out_shardings=state_sharding)(params)
+    else:  # restore straight into the sharded layout; no throw-away optimiser state (the reject counts
+        # travel inside the data iterators' state)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
+                                state_sharding)
         state = ckpt.restore(int(resume["global_step"]), abstract, iterators)
         start = int(resume["stage_step"])
-        for counter, rc in zip(counters, resume.get("rejects", [])):
-            counter.set_state(rc)
     step_fn = jax.jit(make_train_step(graphdef, tx, labels_view, names, schedule, accum), donate_argnums=0,
                       out_shardings=(state_sharding, None))
     total = sc.num_steps * accum
@@ -293,8 +294,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
                                        f"at step {micro + 1}; stopping (train.max_nonfinite_in_a_row={max_bad})")
             due = (micro + 1) % ckpt.every_steps == 0 and not done
             if (due or sigterm.received) and int(jax.device_get(state.nonfinite)) == 0:
-                meta = {"stage": name, "stage_step": micro + 1, "global_step": global_step,
-                        "rejects": [c.get_state() for c in counters]}
+                meta = {"stage": name, "stage_step": micro + 1, "global_step": global_step}
                 ckpt.save(global_step, state, meta, iterators, force=sigterm.received)
             if sigterm.received:
                 ckpt.wait()
