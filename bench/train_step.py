@@ -108,7 +108,7 @@ def jax_step(config, batch, dense_vit: bool = False):
         finally:
             vision.VisionTransformer.__init__ = init_vit
 
-    from emoqwen_jax.cli.plan import build_train_step
+    from emoqwen_jax.train.plan import build_train_step
     from emoqwen_jax.model import EmotionQwen
 
     mcfg, step, tx, init = build_train_step(config, "stage3_video", trainable=(r".*",))
@@ -200,10 +200,10 @@ def flops_per_step(mcfg, inputs) -> float:
 
 def aot_only(config) -> dict:
     """No GPU: compile the step ahead of time on abstract arrays and report its memory and FLOPs."""
-    from emoqwen_jax.cli.common import model_config
-    from emoqwen_jax.cli.plan import plan
+    from emoqwen_jax.model import ModelConfig
+    from emoqwen_jax.train.plan import plan
 
-    return plan(config, num_devices=1, batch=make_batch(model_config(config))["jax"])
+    return plan(config, num_devices=1, batch=make_batch(ModelConfig.from_run_config(config))["jax"])
 
 
 def main(argv=None) -> dict:
@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
 
     if args.threads:
         import torch
@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
         return report
 
     configs = {e: bench_config(args.preset, e) for e in args.experts}
-    mcfgs = {e: model_config(c) for e, c in configs.items()}
+    mcfgs = {e: ModelConfig.from_run_config(c) for e, c in configs.items()}
     batch = make_batch(mcfgs[args.experts[0]])
     n_patch = batch["raw"]["pixel_values"].shape[0] + batch["raw"]["pixel_values_videos"].shape[0]
     print(f"preset {args.preset}: LLM {mcfgs[args.experts[0]].text.hidden_size}x{mcfgs[args.experts[0]].text.num_layers}"
