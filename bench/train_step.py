@@ -58,6 +58,7 @@ def make_batch(mcfg, seed: int = 0) -> dict:
     """Host arrays for B=2: an image conversation and a video conversation, right-padded; labels on text."""
     from emoqwen_jax.layout import build_model_inputs
     from emoqwen_jax.model import layout_spec
+    from emoqwen_jax.tokens import IGNORE
 
     rng = np.random.default_rng(seed)
     vocab = min(mcfg.text.vocab_size, 4000) - 10
@@ -78,7 +79,7 @@ def make_batch(mcfg, seed: int = 0) -> dict:
     inputs = build_model_inputs(ids, mask, image, np.array([IMAGE_GRID]), video, np.array([VIDEO_GRID]), [1.0],
                                 spec=layout_spec(mcfg))
     vision_ids = (ids == mcfg.image_token_id) | (ids == mcfg.video_token_id)
-    inputs["labels"] = np.where((mask > 0) & ~vision_ids, ids, -100).astype(np.int32)
+    inputs.text.labels = np.where((mask > 0) & ~vision_ids, ids, IGNORE).astype(np.int32)
     raw = dict(input_ids=ids, attention_mask=mask, pixel_values=image, pixel_values_videos=video,
                image_grid_thw=np.array([IMAGE_GRID]), video_grid_thw=np.array([VIDEO_GRID]),
                second_per_grid_ts=np.array([1.0], np.float32))

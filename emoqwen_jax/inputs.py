@@ -62,7 +62,7 @@ class TextInputs:
     position_ids: Array = array_field((3, "B", "L"), batch_dim=1)  # M-RoPE (t, h, w) ids
     rope_deltas: Array = array_field(("B",), optional=True)  # HF's max position + 1 - L, for decoding
     visual_token_index: Array = array_field(("B", "L"), offset="units")  # merged-token row per placeholder, -1
-    labels: Array = array_field(("B", "L"), optional=True)  # -100 where nothing is learned (train/loss.IGNORE)
+    labels: Array = array_field(("B", "L"), optional=True)  # tokens.IGNORE (-100) where nothing is learned
 
 
 @jax.tree_util.register_dataclass
