@@ -73,3 +73,24 @@ def test_abstract_inputs_and_batch_sharding():
     assert placed.text.input_ids.sharding.spec == P(("data",), None)
     assert placed.vision.item_valid.sharding.spec == P()  # batch_dim None: replicated
     assert jnp.all(placed.text.attention_mask == 1)
+
+
+def test_model_runs_without_a_vision_group():
+    import sys
+    from pathlib import Path
+
+    from flax import nnx
+
+    from emoqwen_jax.model import EmotionQwen, ModelConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+    import emotion_qwen
+
+    model = EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.int32)
+    full = model.prepare_inputs(ids, mask)  # an empty vision group (0 patches)
+    text_only = ModelInputs(text=full.text)  # no vision group at all
+    a, b = model.forward(full), model.forward(text_only)
+    np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
+    assert b.gate_weights.shape == (0, 2)
