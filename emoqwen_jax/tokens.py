@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from emoqwen_jax.sizes import BASE, SIZES
+
 IGNORE = -100  # label of a position nothing is learned at (HF's ignore_index)
 
 NUM_RANKS = 151643
@@ -17,7 +19,7 @@ SPECIAL_TOKENS = (
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
     "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 )
-REAL_VOCAB_SIZE = 152064  # Qwen2.5-7B embedding rows
+REAL_VOCAB_SIZE = SIZES[BASE]["text"]["vocab_size"]  # Qwen2.5-7B embedding rows (152064)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all single bytes, the specials, the pad
 
 

@@ -71,8 +71,7 @@ def sample_batch(config, model_config) -> dict:
 def main_(argv) -> None:
     del argv
     from emoqwen_jax.cli.common import build_model
-    from emoqwen_jax.model import ModelConfig
-    from emoqwen_jax.model import count_params
+    from emoqwen_jax.model import ModelConfig, count_params
 
     config = _CONFIG.value
     mcfg = ModelConfig.from_run_config(config)
