@@ -147,7 +147,8 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, se
             samples = [mask[row] == 1]
         else:
             seg = np.asarray(segment_ids)[row]
-            samples = [seg == s for s in _in_order(seg[(seg > 0) & (mask[row] == 1)])]
+            real = (seg > 0) & (mask[row] == 1)
+            samples = [real & (seg == s) for s in _in_order(seg[real])]
         top = -1
         for where in samples:
             positions = _sample_positions(input_ids[row][where], images, videos, spt, counters, spec)
@@ -234,6 +235,8 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be int[B, L], got shape {input_ids.shape}")
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    if segment_ids is not None and np.shape(segment_ids) != input_ids.shape:
+        raise ValueError(f"segment_ids has shape {np.shape(segment_ids)}; it must match input_ids {input_ids.shape}")
     images, videos = _grids(image_grid_thw), _grids(video_grid_thw)
     pix = []
     for name, values, grids in (("pixel_values", pixel_values, images), ("pixel_values_videos",
@@ -273,8 +276,5 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
         pixel_values=pixels,
     )
     if segment_ids is not None:
-        segment_ids = np.asarray(segment_ids)
-        if segment_ids.shape != input_ids.shape:
-            raise ValueError(f"segment_ids has shape {segment_ids.shape}; input_ids {input_ids.shape}")
         out["segment_ids"] = np.where(mask == 1, segment_ids, 0).astype(np.int32)
     return ModelInputs.from_dict(out)

@@ -108,3 +108,22 @@ def test_packed_loss_and_gradients_equal_unpacked(setup):
 def test_packed_flops_count_pairs_within_samples(setup):
     mcfg, unpacked, packed = setup
     assert flops.batch_train_flops(mcfg, packed) == pytest.approx(flops.batch_train_flops(mcfg, unpacked))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", [False, True])
+def test_metrics_log_the_real_token_fraction(tmp_path, demo_dir, packing):
+    from train_configs import load_config, write_config
+
+    from emoqwen_jax.train.metrics import read_metrics
+    from emoqwen_jax.train.trainer import train_and_evaluate
+
+    config = load_config(write_config(tmp_path / "cfg.py", demo_dir, stages=("stage2_emotion",), steps=2, every=100,
+                                      extra=f"c.data.packing = {packing}\nc.train.log_every = 1"))
+    config.workdir = str(tmp_path / "run")
+    train_and_evaluate(config)
+    rows = read_metrics(config.workdir)
+    assert len(rows) == 2
+    for r in rows:
+        assert 0.0 < r["real_token_fraction"] <= 1.0
+        assert np.isfinite(r["loss"])
