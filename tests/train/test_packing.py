@@ -127,3 +127,15 @@ def test_metrics_log_the_real_token_fraction(tmp_path, demo_dir, packing):
     for r in rows:
         assert 0.0 < r["real_token_fraction"] <= 1.0
         assert np.isfinite(r["loss"])
+
+
+def test_plan_shapes_and_batching_carry_segment_ids(setup):
+    from emoqwen_jax import inputs as I
+    from emoqwen_jax.train.plan import video_batch_shapes
+
+    mcfg, _, packed = setup
+    shapes = video_batch_shapes(mcfg, 2, 2, 56, 128, packing=True)
+    assert shapes.text.segment_ids.shape == (2, 128) and shapes.text.segment_ids.dtype == np.int32
+    assert video_batch_shapes(mcfg, 2, 2, 56, 128).text.segment_ids is None
+    joined = I.concat([packed, packed])  # shards join along the batch dimension, ids stay per row
+    np.testing.assert_array_equal(joined.text.segment_ids, np.concatenate([packed.text.segment_ids] * 2))
