@@ -180,9 +180,10 @@ def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_
                  num_epochs: int | None = None) -> grain.IterDataset:
     """The batched grain IterDataset for ``sources`` (``[(records, weight), …]`` or one records source).
 
-    ``cfg`` is ``config.data``; ``cfg.packing`` packs several samples per row (``emoqwen_jax.data.packing``). ``counter`` receives the rejection counts (pass one to read them as metrics;
+    ``cfg`` is ``config.data``. ``counter`` receives the rejection counts (pass one to read them as metrics;
     it must then serve a single iterator). ``num_epochs`` overrides ``cfg.num_epochs`` (−1/None = forever).
-    With several sources each repeats forever and the mixture follows the weights.
+    With several sources each repeats forever and the mixture follows the weights. ``cfg.packing`` packs
+    several samples per row (``emoqwen_jax.data.packing``).
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if not (0 <= shard_index < shard_count):
