@@ -1,0 +1,158 @@
+"""Audio encoder (and projector) from Hugging Face checkpoints: Qwen2-Audio or a Whisper model's encoder.
+
+Reads config.json and safetensors only (no torch). Supported directories:
+  * ``qwen2_audio`` (``Qwen2AudioForConditionalGeneration.save_pretrained``): weights under ``audio_tower.``
+    (or ``model.audio_tower.``), the projector under ``multi_modal_projector.linear``;
+  * ``qwen2_audio_encoder`` (a bare ``Qwen2AudioEncoder``): weights at the top level;
+  * ``whisper`` (``WhisperModel`` / ``WhisperForConditionalGeneration``): the encoder under ``encoder.`` or
+    ``model.encoder.``. Whisper's encoder has no pooling; ours runs it the way Qwen2-Audio (initialised from
+    Whisper-large-v3) does — average pooling by 2 before the final layer norm — so a Whisper checkpoint gives
+    the encoder a fresh Qwen2-Audio-style model would start from.
+
+Names are HF's own (``conv1``, ``layers.{i}.self_attn.q_proj``…); ``audio_entries`` is the one table that
+import and export walk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from emoqwen_jax.convert.hf_import import TensorReader, load_entries, read_hf_config
+from emoqwen_jax.convert.hf_names import Entry
+from emoqwen_jax.model.audio import AudioConfig, AudioEncoder, AudioProjector
+from emoqwen_jax.model.layers import as_dtype
+
+AUDIO_MODEL_TYPES = ("qwen2_audio", "qwen2_audio_encoder", "whisper")
+# Where the encoder's weights may live, by checkpoint kind (first match wins).
+_ENCODER_PREFIXES = ("audio_tower.", "model.audio_tower.", "encoder.", "model.encoder.", "")
+_PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+_ENCODER_FIELDS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                   "max_source_positions", "scale_embedding")
+
+
+def audio_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> AudioConfig:
+    """``AudioConfig`` from a Qwen2-Audio, bare encoder or Whisper config.json dict (plus field overrides)."""
+    model_type = hf.get("model_type")
+    if model_type not in AUDIO_MODEL_TYPES:
+        raise ValueError(f"unknown audio architecture model_type={model_type!r}; supported: {AUDIO_MODEL_TYPES}")
+    enc = dict(hf.get("audio_config") or {}) if model_type == "qwen2_audio" else dict(hf)
+    act = enc.get("activation_function", "gelu")
+    if act != "gelu":
+        raise ValueError(f"audio encoder activation_function={act!r}; only 'gelu' (Whisper, Qwen2-Audio) is "
+                         f"supported")
+    fields = {k: enc[k] for k in _ENCODER_FIELDS if k in enc}
+    if model_type == "qwen2_audio" and "audio_token_index" in hf:
+        fields["audio_token_id"] = hf["audio_token_index"]
+    fields.update(overrides)
+    cfg = AudioConfig(**fields)
+    cfg.validate()
+    return cfg
+
+
+def _linear(ours: tuple, hf: str, bias: bool) -> list[Entry]:
+    return [Entry(ours + ("kernel",), (hf + ".weight",), "linear")] + (
+        [Entry(ours + ("bias",), (hf + ".bias",), "copy")] if bias else [])
+
+
+def _norm(ours: tuple, hf: str) -> list[Entry]:
+    return [Entry(ours + ("weight",), (hf + ".weight",), "copy"), Entry(ours + ("bias",), (hf + ".bias",), "copy")]
+
+
+def audio_entries(cfg: AudioConfig, prefix: str = "", path: tuple = ()) -> list[Entry]:
+    """Encoder parameters: our path (under ``path``) ↔ HF name (under ``prefix``). Convolutions use the
+    'patch_embed' rule (HF [Do, C, k] → flatten all but the output axis → transpose)."""
+    e: list[Entry] = []
+    for conv in ("conv1", "conv2"):
+        e += [Entry(path + (conv, "kernel"), (f"{prefix}{conv}.weight",), "patch_embed"),
+              Entry(path + (conv, "bias"), (f"{prefix}{conv}.bias",), "copy")]
+    e.append(Entry(path + ("embed_positions",), (f"{prefix}embed_positions.weight",), "copy"))
+    for i in range(cfg.encoder_layers):
+        ours, hf = path + ("layers", i), f"{prefix}layers.{i}"
+        for proj, bias in (("q_proj", True), ("k_proj", False), ("v_proj", True), ("out_proj", True)):
+            e += _linear(ours + ("self_attn", proj), f"{hf}.self_attn.{proj}", bias)
+        e += _norm(ours + ("self_attn_layer_norm",), f"{hf}.self_attn_layer_norm")
+        e += _linear(ours + ("fc1",), f"{hf}.fc1", True) + _linear(ours + ("fc2",), f"{hf}.fc2", True)
+        e += _norm(ours + ("final_layer_norm",), f"{hf}.final_layer_norm")
+    e += _norm(path + ("layer_norm",), f"{prefix}layer_norm")
+    return e
+
+
+def projector_entries(cfg: AudioConfig, prefix: str = "multi_modal_projector.", path: tuple = ()) -> list[Entry]:
+    if cfg.projector == "linear":
+        return _linear(path + ("linear",), f"{prefix}linear", True)
+    return _linear(path + ("linear_1",), f"{prefix}linear_1", True) + _linear(path + ("linear_2",),
+                                                                              f"{prefix}linear_2", True)
+
+
+def _find_prefix(keys: set[str], prefixes: tuple[str, ...], probe: str, path: str) -> str:
+    for prefix in prefixes:
+        if prefix + probe in keys:
+            return prefix
+    raise ValueError(f"{path!r}: no {probe!r} under any of the prefixes {prefixes} — not an audio encoder "
+                     f"checkpoint")
+
+
+def _load(module_ctor, entries_fn, reader: TensorReader, dtype) -> nnx.Module:
+    abstract = nnx.eval_shape(module_ctor)
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    load_entries(reader, entries_fn(), pure, np.dtype(dtype))
+    unfilled = [p for p, v in _flat(pure) if isinstance(v, jax.ShapeDtypeStruct)]
+    if unfilled:
+        raise ValueError(f"parameters not provided by the checkpoint: {unfilled[:5]}")
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _flat(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def audio_encoder_from_hf(path: str, dtype: Any = "float32", param_dtype: Any = None,
+                          **overrides: Any) -> AudioEncoder:
+    """Our ``AudioEncoder`` from a Qwen2-Audio directory, a bare Qwen2-Audio encoder, or a Whisper checkpoint.
+
+    Args:
+      path: a ``save_pretrained`` directory (config.json + safetensors, sharded or not).
+      dtype: compute dtype ('float32' for parity, 'bfloat16' for training; a string or a jnp dtype);
+        ``param_dtype`` (storage) defaults to it.
+      overrides: ``AudioConfig`` fields to set besides the encoder sizes (e.g. ``projector='mlp'``).
+    Returns:
+      the encoder: float[B, num_mel_bins, F] → float[B, F // 4, d_model], equal to HF's ``last_hidden_state``.
+    """
+    hf = read_hf_config(path)
+    cfg = audio_config_from_hf(hf, **overrides)
+    reader = TensorReader(path)
+    prefix = _find_prefix(set(reader.keys()), _ENCODER_PREFIXES, "conv1.weight", path)
+    dt, pdt = as_dtype(dtype), as_dtype(param_dtype if param_dtype is not None else dtype)
+    return _load(lambda: AudioEncoder(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=pdt),
+                 lambda: audio_entries(cfg, prefix), reader, pdt)
+
+
+def audio_projector_from_hf(path: str, dtype: Any = "float32", param_dtype: Any = None) -> AudioProjector:
+    """Qwen2-Audio's ``multi_modal_projector`` (a Linear from d_model to the LLM width) as our projector."""
+    hf = read_hf_config(path)
+    if hf.get("model_type") != "qwen2_audio":
+        raise ValueError(f"{path!r} is model_type={hf.get('model_type')!r}; only a qwen2_audio checkpoint has a "
+                         f"projector")
+    cfg = dataclasses.replace(audio_config_from_hf(hf), projector="linear")
+    text = hf.get("text_config") or {}
+    reader = TensorReader(path)
+    prefix = _find_prefix(set(reader.keys()), _PROJECTOR_PREFIXES, "linear.weight", path)
+    out = int(text.get("hidden_size") or reader.get(prefix + "linear.weight").shape[0])
+    dt, pdt = as_dtype(dtype), as_dtype(param_dtype if param_dtype is not None else dtype)
+    return _load(lambda: AudioProjector(cfg, out, rngs=nnx.Rngs(0), dtype=dt, param_dtype=pdt),
+                 lambda: projector_entries(cfg, prefix), reader, pdt)
+
+
+__all__ = ["audio_config_from_hf", "audio_encoder_from_hf", "audio_entries", "audio_projector_from_hf",
+           "projector_entries"]
