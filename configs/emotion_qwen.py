@@ -93,6 +93,32 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
     return c
 
 
+def audio_config(preset: str) -> ml_collections.ConfigDict:
+    """``config.model.audio``: Qwen2-Audio's encoder (Whisper-large-v3 sized) and its projector (README, Audio)."""
+    a = ml_collections.ConfigDict()
+    a.enabled = False  # audio tokens from the clip's track (and audio-only samples); the demo preset turns it on
+    a.num_mel_bins = 128  # log-mel bins (Whisper-large-v3 / Qwen2-Audio)
+    a.d_model = 1280  # encoder width
+    a.encoder_layers = 32
+    a.encoder_attention_heads = 20
+    a.encoder_ffn_dim = 5120  # GELU MLP width
+    a.max_source_positions = 1500  # positions after the stride-2 conv: 2 * 1500 = 3000 mel frames = 30 s windows
+    a.scale_embedding = False
+    a.layer_norm_eps = 1e-5
+    a.projector = "linear"  # 'linear' (Qwen2-Audio's multi_modal_projector) | 'mlp' (Linear, GELU, Linear)
+    a.projector_hidden_size = 0  # 'mlp' hidden width; 0 = the LLM width
+    a.position_rule = "text"  # 'text': audio block after the vision block, text-like M-RoPE ids | 'interleave'
+    a.interleave_seconds = 2.0  # 'interleave': seconds of video and of audio per chunk (Qwen2.5-Omni TMRoPE)
+    a.freeze_encoder = True  # the encoder never trains unless this is False and a stage names ^audio_tower/
+    a.gate_audio = False  # the compressor's gate also sees the sample's pooled audio features (option)
+    if preset in ("tiny", "demo"):
+        a.update(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                 max_source_positions=50)  # 100-frame (1 s) windows
+    elif preset == "small":
+        a.update(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512)
+    return a
+
+
 def model_config(preset: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.vision = vision_config(preset)
@@ -104,6 +130,10 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.video_token_id = info.video_pad_id  # <|video_pad|>
     m.vision_start_token_id = info.vision_start_id  # <|vision_start|>
     m.vision_end_token_id = info.vision_end_id  # <|vision_end|>
+    m.audio = audio_config(preset)
+    m.audio.audio_bos_token_id = info.audio_bos_id  # <|audio_bos|>, right after the tokenizer's pad
+    m.audio.audio_token_id = info.audio_id  # <|AUDIO|>
+    m.audio.audio_eos_token_id = info.audio_eos_id  # <|audio_eos|>
     m.dtype = "bfloat16" if preset == "7b" else "float32"  # activation / matmul dtype
     m.param_dtype = "float32"  # weight storage (float32 master weights)
     m.remat = "none" if preset in ("tiny", "small") else "block"  # 'block' recomputes blocks in the backward
@@ -131,8 +161,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.workdir = ""  # where checkpoints, metrics, plots and stage weights go (required for training)
     config.init_from = ""  # a HF Qwen2.5-VL directory or one of our model directories to start stage 1 from
     config.model = model_config(size)
+    if preset == "demo":
+        config.model.audio.enabled = True  # README command 1 exercises the audio path
     config.data = data_config()
     config.data.tokenizer_vocab_size = config.model.text.vocab_size
+    # The data side follows config.model.audio (references: a command-line override changes both).
+    audio = config.model.audio
+    config.data.audio.enabled = audio.get_ref("enabled")
+    config.data.audio.num_mel_bins = audio.get_ref("num_mel_bins")
+    config.data.audio.window_frames = audio.get_ref("max_source_positions") * 2
     config.data.num_shards = 0  # data shards per global batch (0 = one per process); fixes the data order
     config.mesh = mesh_config()
     config.run_stages = STAGES  # stage names, run in order; each starts from the previous one's weights
@@ -154,6 +191,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.distributed.auto = False  # jax.distributed.initialize() from the cluster environment (TPU, SLURM)
     if preset in ("demo", "tiny"):
         demo_data(config)
+    if preset == "demo":  # align the audio projector first, then the three stages
+        config.run_stages = ("stage_audio_align",) + STAGES
     if preset == "7b":
         config.data.length_buckets = (2048, 4096, 8192, 16384)
         config.data.patch_buckets = (4096, 16384, 65536)
@@ -168,11 +207,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 PRESETS = ("demo", "tiny", "small", "7b")
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
-EXTRA_STAGES = ("stage3_lora",)  # defined for every preset, run only when named in run_stages
+EXTRA_STAGES = ("stage3_lora", "stage_audio_align")  # defined for every preset, run only when named in run_stages
 # Parameter-path regexes (see emoqwen_jax/train/optim.py): experts are addressed per name.
 COMPRESSOR = (r"^compressor/",)
 EMOTION_EXPERT_AND_GATE = (r"^compressor/experts/[^/]+/emotion$", r"^compressor/(gate|router)/")
 LLM = (r"^language_model/",)
+AUDIO_PROJECTOR = (r"^audio_projector/",)
 # Module-path regexes (see emoqwen_jax/model/lora.py) of the released LoRA recipe: the LLM's q/k/v/o.
 LLM_ATTENTION = (r"^language_model/layers/\d+/self_attn/(q_proj|k_proj|v_proj|o_proj)$",)
 
@@ -200,7 +240,9 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
                       and gate; add EMOTION_EXPERT_AND_GATE to `trainable` for that)
     """
     lora = name == "stage3_lora"
-    name = "stage3_video" if lora else name  # same data, length and batch as stage 3
+    audio_align = name == "stage_audio_align"
+    # stage3_lora: stage 3's data, length and batch; stage_audio_align: stage 1's (alignment of a new projector)
+    name = "stage3_video" if lora else "stage1_align" if audio_align else name
     s = ml_collections.ConfigDict()
     s.mixture = ({"manifest": "{demo}/train.jsonl", "data_root": "{demo}", "weight": 1.0},)  # manifests + weights
     s.trainable = {"stage1_align": COMPRESSOR, "stage2_emotion": EMOTION_EXPERT_AND_GATE,
@@ -222,6 +264,10 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     # such as '[{"benchmark": "pope", "root": "/data/POPE", "limit": 200}]' (see README, General evaluation).
     s.eval_suite = ""
     s.lora = lora_config(enabled=lora)
+    # With config.model.audio.enabled, the audio projector trains too (stage 3, and the audio alignment stage).
+    s.train_audio_projector = name == "stage3_video" and not lora
+    if audio_align:  # only the audio projector trains: encoder, ViT, compressor and LLM stay as they are
+        s.trainable = AUDIO_PROJECTOR
     if lora:
         s.trainable = ()  # only the adapters (added by the trainer)
         s.optimizer.learning_rate = 1e-4

@@ -45,9 +45,8 @@ def audio_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> AudioConfig
     if act != "gelu":
         raise ValueError(f"audio encoder activation_function={act!r}; only 'gelu' (Whisper, Qwen2-Audio) is "
                          f"supported")
+    # Token ids stay ours (Qwen2-Audio's <|AUDIO|> is 151646 in its own vocabulary, a real token in Qwen2.5's).
     fields = {k: enc[k] for k in _ENCODER_FIELDS if k in enc}
-    if model_type == "qwen2_audio" and "audio_token_index" in hf:
-        fields["audio_token_id"] = hf["audio_token_index"]
     fields.update(overrides)
     cfg = AudioConfig(**fields)
     cfg.validate()

@@ -378,7 +378,7 @@ def _encode(container, stream, waveform: np.ndarray, sampling_rate: int) -> None
 
 
 def write_clip(path: Any, frames: np.ndarray, fps: float, waveform: np.ndarray,
-               sampling_rate: int = SAMPLING_RATE) -> None:
+               sampling_rate: int = SAMPLING_RATE, *, gop: int = 12) -> None:
     """uint8[T, H, W, 3] RGB + float32[S] mono → an mp4 with an H.264 video and an AAC audio track (the demo
     set's clips, tests)."""
     from fractions import Fraction  # noqa: PLC0415
@@ -388,6 +388,7 @@ def write_clip(path: Any, frames: np.ndarray, fps: float, waveform: np.ndarray,
         video = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         video.width, video.height = int(frames.shape[2]), int(frames.shape[1])
         video.pix_fmt = "yuv420p"
+        video.gop_size = gop
         video.options = {"preset": "ultrafast", "crf": "18"}
         audio = container.add_stream("aac", rate=int(sampling_rate), layout="mono")
         for frame in frames:

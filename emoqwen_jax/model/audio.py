@@ -19,69 +19,16 @@ positions are sliced), and an optional feature mask hides padded frames from the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emoqwen_jax.model.config import PROJECTORS, AudioConfig
 from emoqwen_jax.model.layers import LayerNorm, Linear, as_dtype, dot_product_attention, param
 
 Array = jax.Array
-
-PROJECTORS = ("linear", "mlp")
-POSITION_RULES = ("text", "interleave")
-
-
-@dataclasses.dataclass(frozen=True)
-class AudioConfig:
-    """``config.model.audio``: the encoder's sizes (HF ``Qwen2AudioEncoderConfig`` names), the projector and
-    how audio tokens sit in the sequence. Defaults are Qwen2-Audio-7B's encoder (Whisper-large-v3 sized)."""
-
-    enabled: bool = False
-    num_mel_bins: int = 128
-    d_model: int = 1280
-    encoder_layers: int = 32
-    encoder_attention_heads: int = 20
-    encoder_ffn_dim: int = 5120
-    max_source_positions: int = 1500  # positions after conv2; the 30 s window gives 2 * 1500 = 3000 frames
-    scale_embedding: bool = False
-    layer_norm_eps: float = 1e-5
-    projector: str = "linear"  # 'linear' (Qwen2-Audio: one Linear with bias) | 'mlp' (Linear, GELU, Linear)
-    projector_hidden_size: int = 0  # hidden width of the 'mlp' projector; 0 = the LLM width
-    position_rule: str = "text"  # 'text': audio block after the vision block, positions text-like |
-    #                              'interleave': time-aligned audio/video chunks (Qwen2.5-Omni TMRoPE idea)
-    interleave_seconds: float = 2.0  # chunk length of the 'interleave' rule
-    freeze_encoder: bool = True  # the encoder is frozen by default (stages may still train it)
-    gate_audio: bool = False  # the Hybrid Compressor's gate also sees the sample's pooled audio features
-    # Added tokens, in unused embedding rows above the Qwen2.5 tokenizer's last id (151664).
-    audio_bos_token_id: int = 151665  # <|audio_bos|>
-    audio_token_id: int = 151666  # <|AUDIO|>
-    audio_eos_token_id: int = 151667  # <|audio_eos|>
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.encoder_attention_heads
-
-    @property
-    def max_frames(self) -> int:
-        return 2 * self.max_source_positions
-
-    def validate(self) -> None:
-        if self.d_model % self.encoder_attention_heads:
-            raise ValueError(f"audio.d_model={self.d_model} not divisible by encoder_attention_heads="
-                             f"{self.encoder_attention_heads}")
-        if self.projector not in PROJECTORS:
-            raise ValueError(f"audio.projector={self.projector!r}; choose one of {PROJECTORS}")
-        if self.position_rule not in POSITION_RULES:
-            raise ValueError(f"audio.position_rule={self.position_rule!r}; choose one of {POSITION_RULES}")
-        if self.interleave_seconds <= 0:
-            raise ValueError(f"audio.interleave_seconds={self.interleave_seconds} must be > 0")
-        for name in ("num_mel_bins", "d_model", "encoder_layers", "encoder_ffn_dim", "max_source_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"audio.{name}={getattr(self, name)} must be >= 1")
-
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> jax.Array:
     """Whisper's fixed positional table float32[length, channels]: [sin | cos] over log-spaced timescales."""
