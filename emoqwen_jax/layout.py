@@ -192,10 +192,14 @@ def visual_token_index(input_ids, spec: LayoutSpec, image_grids: np.ndarray, vid
 def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
                        spec: LayoutSpec, position_ids=None, pad_patches_to: int | None = None,
-                       pad_items_to: int | None = None) -> dict[str, np.ndarray]:
+                       pad_items_to: int | None = None, input_features=None, feature_attention_mask=None,
+                       audio_lengths=None, audio_spec=None) -> dict[str, np.ndarray]:
     """Hugging Face-named inputs -> the dict of fixed-shape arrays ``EmotionQwen.forward`` takes.
 
-    Images and videos share one ViT pass (attention never crosses a frame), images first.
+    Images and videos share one ViT pass (attention never crosses a frame), images first. Audio (encoder
+    windows ``input_features`` float[W, M, Fw], their ``feature_attention_mask``, ``audio_lengths`` int[n, 2]
+    and ``audio_spec``, a ``layout_audio.AudioSpec``) adds ``audio_token_index``; with the 'interleave' rule
+    the positions come from ``layout_audio.get_rope_index``.
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -225,7 +229,13 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
     if pix:
         joined = np.concatenate(pix)
         pixels[: len(joined)] = joined
-    if position_ids is None:
+    from emoqwen_jax import layout_audio  # noqa: PLC0415 (layout_audio builds on this module)
+
+    interleave = audio_spec is not None and audio_spec.position_rule == "interleave"
+    if position_ids is None and interleave:
+        position_ids, rope_deltas = layout_audio.get_rope_index(input_ids, mask, images, videos, second_per_grid_ts,
+                                                                audio_lengths, spec, audio_spec)
+    elif position_ids is None:
         position_ids, rope_deltas = get_rope_index(input_ids, mask, images, videos, second_per_grid_ts, spec)
     else:
         position_ids = np.asarray(position_ids, np.int32)
@@ -238,4 +248,11 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
         visual_token_index=visual_token_index(input_ids, spec, images, videos),
         pixel_values=pixels,
     )
+    if audio_spec is not None and input_features is not None:
+        features = np.asarray(input_features, np.float32)
+        out.update(input_features=features,
+                   feature_attention_mask=np.asarray(feature_attention_mask, np.int32),
+                   audio_token_index=layout_audio.audio_token_index(
+                       input_ids, np.zeros((0, 2)) if audio_lengths is None else audio_lengths, audio_spec,
+                       num_windows=features.shape[0]))
     return out

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emoqwen_jax import layout
+from emoqwen_jax import layout, layout_audio
 from emoqwen_jax.model import sharding
+from emoqwen_jax.model.audio import AudioEncoder, AudioProjector
 from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
 from emoqwen_jax.model.text import TextModel, causal_padding_mask
@@ -47,6 +48,16 @@ def layout_spec(config: ModelConfig) -> layout.LayoutSpec:
         tokens_per_second=v.tokens_per_second, patch_dim=v.patch_dim)
 
 
+def audio_spec(config: ModelConfig) -> layout_audio.AudioSpec | None:
+    """The host's audio constants (None without audio)."""
+    a = config.audio
+    if not a.enabled:
+        return None
+    return layout_audio.AudioSpec(audio_token_id=a.audio_token_id, audio_bos_token_id=a.audio_bos_token_id,
+                                  audio_eos_token_id=a.audio_eos_token_id, window_frames=a.max_frames,
+                                  position_rule=a.position_rule, interleave_seconds=a.interleave_seconds)
+
+
 class EmotionQwen(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -55,6 +66,9 @@ class EmotionQwen(nnx.Module):
         self.visual = VisionTransformer(config.vision, rngs=rngs, remat=remat, **dt)
         self.compressor = HybridCompressor(config.compressor, config.vision, config.text.hidden_size, rngs=rngs, **dt)
         self.language_model = TextModel(config.text, rngs=rngs, remat=remat, **dt)
+        if config.audio.enabled:  # Qwen2-Audio's encoder and projector (model/audio.py)
+            self.audio_tower = AudioEncoder(config.audio, rngs=rngs, **dt)
+            self.audio_projector = AudioProjector(config.audio, config.text.hidden_size, rngs=rngs, **dt)
 
     # ---- jittable core -------------------------------------------------------------------------------
     def encode_vision(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
@@ -67,10 +81,31 @@ class EmotionQwen(nnx.Module):
                                                     inputs["vision_item_valid"].shape[0])
         return from_window_order(tokens, inputs["vision_window_index"]), gate_weights, aux
 
+    def encode_audio(self, input_features: Array, feature_mask: Array) -> tuple[Array, Array]:
+        """Encoder windows float[W, M, Fw] + mask int[W, Fw] -> (LLM-width audio tokens float[W·Fw/4, D], the
+        encoder's features float[W·Fw/4, Da]). A frozen encoder (``audio.freeze_encoder``) is cut from the
+        backward pass: no gradient is computed through it at all."""
+        feats = self.audio_tower(input_features, feature_mask)  # [W, T, Da]
+        if self.config.audio.freeze_encoder:
+            feats = jax.lax.stop_gradient(feats)
+        feats = feats.reshape(-1, feats.shape[-1])
+        return self.audio_projector(feats), feats
+
+    def embed_audio(self, embeds: Array, inputs) -> Array:
+        """``embeds`` float[B, L, D] with the projected audio tokens at the ``<|AUDIO|>`` positions."""
+        features = inputs.get("input_features")
+        if not self.config.audio.enabled or features is None or features.shape[0] == 0:
+            return embeds
+        tokens, _ = self.encode_audio(features, inputs["feature_attention_mask"])
+        index = inputs["audio_token_index"]
+        gathered = tokens[jnp.maximum(index, 0)].astype(embeds.dtype)
+        return jnp.where((index >= 0)[..., None], gathered, embeds)
+
     def embed(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
         """Token embeddings float[B, L, D] with the visual tokens scattered into the placeholder positions,
         plus the per-item expert weights and the compressor's aux dict."""
         embeds = sharding.constrain(self.language_model.embed(inputs["input_ids"]), ("batch", "length", "act_embed"))
+        embeds = self.embed_audio(embeds, inputs)
         num_items = inputs["vision_item_valid"].shape[0]
         if inputs["pixel_values"].shape[0] == 0:
             return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32), empty_aux()
@@ -94,18 +129,25 @@ class EmotionQwen(nnx.Module):
     # ---- Hugging Face-style call ---------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                       input_features=None, feature_attention_mask=None, audio_lengths=None,
                        **layout_kwargs) -> dict[str, np.ndarray]:
         as_np = lambda x: None if x is None else np.asarray(x)  # noqa: E731
+        if input_features is not None and not self.config.audio.enabled:
+            raise ValueError("input_features given but this model has no audio encoder (model.audio.enabled=False)")
         return layout.build_model_inputs(
             as_np(input_ids), as_np(attention_mask), as_np(pixel_values), as_np(image_grid_thw),
             as_np(pixel_values_videos), as_np(video_grid_thw), as_np(second_per_grid_ts),
-            spec=layout_spec(self.config), position_ids=as_np(position_ids), **layout_kwargs)
+            spec=layout_spec(self.config), position_ids=as_np(position_ids), input_features=as_np(input_features),
+            feature_attention_mask=as_np(feature_attention_mask), audio_lengths=as_np(audio_lengths),
+            audio_spec=audio_spec(self.config), **layout_kwargs)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                 input_features=None, feature_attention_mask=None, audio_lengths=None,
                  **layout_kwargs: Any) -> ModelOutput:
         inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                                     video_grid_thw, second_per_grid_ts, position_ids, **layout_kwargs)
+                                     video_grid_thw, second_per_grid_ts, position_ids, input_features,
+                                     feature_attention_mask, audio_lengths, **layout_kwargs)
         return _jit_forward(self, inputs)
 
 
