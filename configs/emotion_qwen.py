@@ -170,6 +170,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.data.audio.enabled = audio.get_ref("enabled")
     config.data.audio.num_mel_bins = audio.get_ref("num_mel_bins")
     config.data.audio.window_frames = audio.get_ref("max_source_positions") * 2
+    config.data.audio.position_rule = audio.get_ref("position_rule")
+    config.data.audio.interleave_seconds = audio.get_ref("interleave_seconds")
     config.data.num_shards = 0  # data shards per global batch (0 = one per process); fixes the data order
     config.mesh = mesh_config()
     config.run_stages = STAGES  # stage names, run in order; each starts from the previous one's weights

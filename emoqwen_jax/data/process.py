@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from emoqwen_jax import layout_audio
 from emoqwen_jax.data import audio, faces, text, vision
 from emoqwen_jax.data.reasons import Rejected, rejection
 from emoqwen_jax.data.tokenizer import load_tokenizer
@@ -140,6 +141,18 @@ class SampleProcessor(grain.transforms.Map):
         return {"input_features": feats, "feature_attention_mask": mask,
                 "audio_lengths": np.asarray([[feats.shape[0], tokens]], np.int32)}
 
+    def _interleaved(self, n_video: int, n_audio: int, out: dict[str, np.ndarray], info: Any) -> tuple:
+        """The clip's block under the 'interleave' rule: its video and audio tokens in time-aligned chunks
+        (``layout_audio``), as one raw id list."""
+        spec = layout_audio.AudioSpec(audio_token_id=info.audio_id, audio_bos_token_id=info.audio_bos_id,
+                                      audio_eos_token_id=info.audio_eos_id,
+                                      interleave_seconds=float(self.cfg["audio"]["interleave_seconds"]))
+        chunks = layout_audio.interleave_chunks(out["video_grid_thw"][0], float(out["second_per_grid_ts"][0]),
+                                                n_audio, spec.interleave_seconds)
+        assert sum(v for v, _ in chunks) == n_video
+        return ([info.vision_start_id] + layout_audio.interleaved_block(chunks, info.video_pad_id, spec)
+                + [info.vision_end_id],)
+
     def process(self, record: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg
         media = record.get("media") or []
@@ -149,6 +162,19 @@ class SampleProcessor(grain.transforms.Map):
             first_user = next(t for t in turns if t["role"] == "user")
             first_user["content"] += "\nSubtitle: " + text.check_text(record["subtitle"], "subtitle")
         tok, info = self.tokenizer()
+        arrays, blocks = self.media_arrays(media, info, bool(record.get("audio_required", False)))
+        ids, labels = text.encode_conversation(turns, blocks, tok, info, system_prompt=c["system_prompt"],
+                                               max_length=int(c["max_length"]))
+        arrays.update(id=str(record["id"]), input_ids=ids, labels=labels,
+                      attention_mask=np.ones_like(ids, dtype=np.int32))
+        return arrays
+
+    def media_arrays(self, media: list[dict[str, Any]], info: Any,
+                     audio_required: bool = False) -> tuple[dict[str, np.ndarray], list[list[tuple]]]:
+        """Media → their arrays (vision and audio, sample names) and each placeholder's token blocks for
+        ``text.encode_conversation`` (the clip's grid, its face canvas, its audio). Inference builds prompts
+        with it too, so a prompt is token for token what training saw."""
+        c = self.cfg
         use_audio = bool(c.get("audio", {}).get("enabled", False))
         parts: dict[str, list[np.ndarray]] = {k: [v] for k, v in (empty_vision() | empty_audio(c)).items()}
         blocks = []
@@ -167,18 +193,16 @@ class SampleProcessor(grain.transforms.Map):
             elif not use_audio:
                 raise Rejected("placeholder_mismatch", "an audio sample, but config.data.audio.enabled is False")
             if use_audio and medium["kind"] != "image":
-                sound = self._audio(medium, span, bool(record.get("audio_required", False)))
+                sound = self._audio(medium, span, audio_required)
                 if sound is not None:
                     for k, v in sound.items():
                         parts[k].append(v)
-                    block.append((info.audio_id, int(sound["audio_lengths"][0, 1]), info.audio_bos_id,
-                                  info.audio_eos_id))
+                    n = int(sound["audio_lengths"][0, 1])
+                    if medium["kind"] == "video" and c["audio"].get("position_rule", "text") == "interleave":
+                        block[0] = self._interleaved(block[0][1], n, out, info)
+                    else:
+                        block.append((info.audio_id, n, info.audio_bos_id, info.audio_eos_id))
             blocks.append(block)
-        ids, labels = text.encode_conversation(turns, blocks, tok, info, system_prompt=c["system_prompt"],
-                                               max_length=int(c["max_length"]))
         # Skip the copy when one part holds all rows (the usual single clip): pixel arrays are tens of MB.
-        sample = {k: (v[-1] if sum(len(x) > 0 for x in v) <= 1 and len(v[-1]) else np.concatenate(v))
-                  for k, v in parts.items()}
-        sample.update(id=str(record["id"]), input_ids=ids, labels=labels,
-                      attention_mask=np.ones_like(ids, dtype=np.int32))
-        return sample
+        return {k: (v[-1] if sum(len(x) > 0 for x in v) <= 1 and len(v[-1]) else np.concatenate(v))
+                for k, v in parts.items()}, blocks
