@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from emoqwen_jax.convert.hf_import import TensorReader, load_entries, read_hf_config
-from emoqwen_jax.convert.hf_names import Entry
+from emoqwen_jax.convert.hf_names import audio_entries, projector_entries
 from emoqwen_jax.model.audio import AudioConfig, AudioEncoder, AudioProjector
 from emoqwen_jax.model.layers import as_dtype
 
@@ -51,41 +51,6 @@ def audio_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> AudioConfig
     cfg = AudioConfig(**fields)
     cfg.validate()
     return cfg
-
-
-def _linear(ours: tuple, hf: str, bias: bool) -> list[Entry]:
-    return [Entry(ours + ("kernel",), (hf + ".weight",), "linear")] + (
-        [Entry(ours + ("bias",), (hf + ".bias",), "copy")] if bias else [])
-
-
-def _norm(ours: tuple, hf: str) -> list[Entry]:
-    return [Entry(ours + ("weight",), (hf + ".weight",), "copy"), Entry(ours + ("bias",), (hf + ".bias",), "copy")]
-
-
-def audio_entries(cfg: AudioConfig, prefix: str = "", path: tuple = ()) -> list[Entry]:
-    """Encoder parameters: our path (under ``path``) ↔ HF name (under ``prefix``). Convolutions use the
-    'patch_embed' rule (HF [Do, C, k] → flatten all but the output axis → transpose)."""
-    e: list[Entry] = []
-    for conv in ("conv1", "conv2"):
-        e += [Entry(path + (conv, "kernel"), (f"{prefix}{conv}.weight",), "patch_embed"),
-              Entry(path + (conv, "bias"), (f"{prefix}{conv}.bias",), "copy")]
-    e.append(Entry(path + ("embed_positions",), (f"{prefix}embed_positions.weight",), "copy"))
-    for i in range(cfg.encoder_layers):
-        ours, hf = path + ("layers", i), f"{prefix}layers.{i}"
-        for proj, bias in (("q_proj", True), ("k_proj", False), ("v_proj", True), ("out_proj", True)):
-            e += _linear(ours + ("self_attn", proj), f"{hf}.self_attn.{proj}", bias)
-        e += _norm(ours + ("self_attn_layer_norm",), f"{hf}.self_attn_layer_norm")
-        e += _linear(ours + ("fc1",), f"{hf}.fc1", True) + _linear(ours + ("fc2",), f"{hf}.fc2", True)
-        e += _norm(ours + ("final_layer_norm",), f"{hf}.final_layer_norm")
-    e += _norm(path + ("layer_norm",), f"{prefix}layer_norm")
-    return e
-
-
-def projector_entries(cfg: AudioConfig, prefix: str = "multi_modal_projector.", path: tuple = ()) -> list[Entry]:
-    if cfg.projector == "linear":
-        return _linear(path + ("linear",), f"{prefix}linear", True)
-    return _linear(path + ("linear_1",), f"{prefix}linear_1", True) + _linear(path + ("linear_2",),
-                                                                              f"{prefix}linear_2", True)
 
 
 def _find_prefix(keys: set[str], prefixes: tuple[str, ...], probe: str, path: str) -> str:

@@ -77,6 +77,13 @@ def check_format(config: ModelConfig, fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; choose one of {FORMATS}")
     comp = config.compressor
+    if config.audio.enabled and fmt != EXPORT_MODEL_TYPE:
+        raise ValueError(f"format {fmt!r} has no audio encoder; a model with model.audio.enabled exports only as "
+                         f"'{EXPORT_MODEL_TYPE}' (loaded with trust_remote_code=True)")
+    if config.audio.enabled and (config.audio.position_rule != "text" or config.audio.layer_norm_eps != 1e-5):
+        raise ValueError(f"audio.position_rule={config.audio.position_rule!r}, layer_norm_eps="
+                         f"{config.audio.layer_norm_eps}: the export's remote code implements position_rule 'text' "
+                         f"and HF's Qwen2AudioEncoder (layer norm eps 1e-5) only")
     if fmt == "qwen2_5_vl":
         if comp.num_experts != 1:
             raise ValueError(f"format 'qwen2_5_vl' has a single patch merger, but this checkpoint has "
@@ -123,7 +130,8 @@ def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: str |
         comp = dataclasses.asdict(config.compressor)
         out.update(architectures=["EmotionQwenForConditionalGeneration"], model_type=EXPORT_MODEL_TYPE,
                    auto_map=dict(AUTO_MAP), compressor={k: list(x) if isinstance(x, tuple) else x
-                                                        for k, x in comp.items()})
+                                                        for k, x in comp.items()},
+                   audio=dataclasses.asdict(config.audio))
     return out
 
 
