@@ -24,6 +24,7 @@ from flax import nnx
 
 from emoqwen_jax.convert.hf_import import TensorReader, load_entries, read_hf_config
 from emoqwen_jax.convert.hf_names import audio_entries, projector_entries
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.audio import AudioConfig, AudioEncoder, AudioProjector
 from emoqwen_jax.model.layers import as_dtype
 
@@ -118,5 +119,39 @@ def audio_projector_from_hf(path: str, dtype: Any = "float32", param_dtype: Any 
                  lambda: projector_entries(cfg, prefix), reader, pdt)
 
 
-__all__ = ["audio_config_from_hf", "audio_encoder_from_hf", "audio_entries", "audio_projector_from_hf",
-           "projector_entries"]
+
+
+def attach_audio(model: EmotionQwen, path: str, *, projector: str = "linear", seed: int = 0,
+                 **audio_overrides: Any) -> EmotionQwen:
+    """``model`` plus an audio encoder from ``path`` (Qwen2-Audio, a bare encoder or Whisper): a new EmotionQwen
+    with ``model.audio.enabled``, every existing weight carried over unchanged.
+
+    The projector is Qwen2-Audio's when ``path`` is a qwen2_audio checkpoint whose LLM width equals the model's
+    and ``projector='linear'``; otherwise it starts fresh (seeded) and a stage such as ``stage_audio_align``
+    trains it. The audio token ids are the tokenizer's for the model's vocabulary (``<|audio_bos|>``,
+    ``<|AUDIO|>``, ``<|audio_eos|>`` right after the pad).
+    """
+    from emoqwen_jax.data.tokenizer import tokenizer_info  # noqa: PLC0415
+
+    hf = read_hf_config(path)
+    info = tokenizer_info(model.config.text.vocab_size)
+    audio = audio_config_from_hf(hf, enabled=True, projector=projector, audio_bos_token_id=info.audio_bos_id,
+                                 audio_token_id=info.audio_id, audio_eos_token_id=info.audio_eos_id,
+                                 **audio_overrides)
+    config = ModelConfig.from_dict({**model.config.to_dict(), "audio": dataclasses.asdict(audio)})
+    dt, pdt = as_dtype(config.dtype), as_dtype(config.param_dtype)
+    encoder = audio_encoder_from_hf(path, dtype=dt, param_dtype=pdt, **dataclasses.asdict(audio))
+    text = hf.get("text_config") or {}
+    if hf.get("model_type") == "qwen2_audio" and projector == "linear" and text.get(
+            "hidden_size") == config.text.hidden_size:
+        proj = audio_projector_from_hf(path, dtype=dt, param_dtype=pdt)
+    else:
+        proj = AudioProjector(audio, config.text.hidden_size, rngs=nnx.Rngs(seed), dtype=dt, param_dtype=pdt)
+    abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    pure.update(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    pure["audio_tower"] = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    pure["audio_projector"] = nnx.to_pure_dict(nnx.state(proj, nnx.Param))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)

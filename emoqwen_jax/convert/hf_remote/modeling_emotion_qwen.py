@@ -349,7 +349,8 @@ _AUDIO_RENAMES = [WeightRenaming(source_patterns=r"^audio_tower", target_pattern
                   WeightRenaming(source_patterns=r"^audio_projector", target_patterns="model.audio_projector")]
 for _ours, _theirs, _extra in (("EmotionQwenForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                                 _AUDIO_RENAMES), ("EmotionQwenModel", "Qwen2VLModel", [])):
-    register_checkpoint_conversion_mapping(_ours, _extra + list(get_checkpoint_conversion_mapping(_theirs)),
+    # After Qwen2-VL's renames, which are applied in order (theirs leave ``audio_*`` alone; ours then place it).
+    register_checkpoint_conversion_mapping(_ours, list(get_checkpoint_conversion_mapping(_theirs)) + _extra,
                                            overwrite=True)
 
 __all__ = ["EmotionQwenForConditionalGeneration", "EmotionQwenModel", "EmotionQwenVisionTransformer"]
