@@ -193,3 +193,29 @@ class AudioProjector(nnx.Module):
         if self.kind == "linear":
             return self.linear(x)
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+
+
+def pooled_audio_per_item(audio: Array, audio_token_index: Array, visual_token_index: Array, unit_item: Array,
+                          num_items: int) -> Array:
+    """Each visual item's sample's mean audio feature (``audio.gate_audio``): float[G, Da], zeros for an item
+    whose sample has no audio.
+
+    Args:
+      audio: float[R, Da] encoder features, one row per audio-token slot (``audio_token_index`` values).
+      audio_token_index, visual_token_index: int[B, L] rows of the audio / merged visual tokens, -1 elsewhere.
+      unit_item: int[U] item of each merged visual token, in ``visual_token_index``'s order (-1 padding).
+    """
+    b, r = audio_token_index.shape[0], audio.shape[0]
+    row_ids = jnp.broadcast_to(jnp.arange(b)[:, None], audio_token_index.shape).astype(jnp.int32)
+    # The row each audio slot belongs to (slots no token uses go to segment B), then per-row sums: O(R · Da).
+    slots = jnp.where(audio_token_index >= 0, audio_token_index, r).reshape(-1)
+    slot_row = jnp.full((r + 1,), b, jnp.int32).at[slots].set(row_ids.reshape(-1))[:r]
+    sums = jax.ops.segment_sum(audio.astype(jnp.float32), slot_row, num_segments=b + 1)[:b]
+    counts = jax.ops.segment_sum(jnp.ones((r,), jnp.float32), slot_row, num_segments=b + 1)[:b]
+    per_row = sums / jnp.maximum(counts, 1.0)[:, None]  # [B, Da]
+    item = jnp.where(visual_token_index >= 0, unit_item[jnp.maximum(visual_token_index, 0)], -1)  # [B, L]
+    # The row of each item: scatter-max of the row ids over the item's tokens (slot G collects the -1s).
+    slot = jnp.where(item >= 0, item, num_items).reshape(-1)
+    item_row = jnp.full((num_items + 1,), -1, jnp.int32).at[slot].max(row_ids.reshape(-1).astype(jnp.int32))
+    item_row = item_row[:num_items]
+    return jnp.where((item_row >= 0)[:, None], per_row[jnp.maximum(item_row, 0)], 0.0).astype(audio.dtype)
