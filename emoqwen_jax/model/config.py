@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from emoqwen_jax.sizes import BASE, SIZES
+from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
+
+_V, _T, _C, _A = (SIZES[BASE][part] for part in ("vision", "text", "compressor", "audio"))  # the released 7B
+_IDS = tokenizer_info(REAL_VOCAB_SIZE)  # special-token ids at the full vocabulary
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -18,17 +23,17 @@ class VisionConfig:
     """The Qwen2.5-VL vision transformer (HF ``Qwen2_5_VLVisionConfig`` minus the merger, which lives in
     the compressor)."""
 
-    depth: int = 32
-    hidden_size: int = 1280
-    num_heads: int = 16
-    intermediate_size: int = 3420
-    in_channels: int = 3
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    window_size: int = 112
-    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    tokens_per_second: float = 2.0
+    depth: int = _V["depth"]
+    hidden_size: int = _V["hidden_size"]
+    num_heads: int = _V["num_heads"]
+    intermediate_size: int = _V["intermediate_size"]
+    in_channels: int = _V["in_channels"]
+    patch_size: int = _V["patch_size"]
+    temporal_patch_size: int = _V["temporal_patch_size"]
+    spatial_merge_size: int = _V["spatial_merge_size"]
+    window_size: int = _V["window_size"]
+    fullatt_block_indexes: tuple[int, ...] = _V["fullatt_block_indexes"]
+    tokens_per_second: float = _V["tokens_per_second"]
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # Full-attention layers: 0 = dense [P, P] frame mask (exact for any input); N > 0 = block-local attention
@@ -70,15 +75,15 @@ class VisionConfig:
 class TextConfig:
     """The Qwen2.5 decoder (HF ``Qwen2_5_VLTextConfig``)."""
 
-    vocab_size: int = 152064
-    hidden_size: int = 3584
-    num_layers: int = 28
-    num_heads: int = 28
-    num_kv_heads: int = 4
-    intermediate_size: int = 18944
+    vocab_size: int = _T["vocab_size"]
+    hidden_size: int = _T["hidden_size"]
+    num_layers: int = _T["num_layers"]
+    num_heads: int = _T["num_heads"]
+    num_kv_heads: int = _T["num_kv_heads"]
+    intermediate_size: int = _T["intermediate_size"]
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    mrope_section: tuple[int, int, int] = _T["mrope_section"]
     tie_word_embeddings: bool = False
 
     @property
@@ -109,8 +114,8 @@ class CompressorConfig:
     num_experts: int = 2
     expert_names: tuple[str, ...] = ("general", "emotion")
     gate_input: str = "pooled"  # 'pooled': one mean ViT vector per item (as released) | 'tokens': all tokens
-    gate_num_heads: int = 8
-    gate_hidden_size: int = 512
+    gate_num_heads: int = _C["gate_num_heads"]
+    gate_hidden_size: int = _C["gate_hidden_size"]
     top_k: int = 2
     capacity_factor: float = 1.25
     dispatch: str = "einsum"
@@ -150,12 +155,12 @@ class AudioConfig:
     how audio tokens sit in the sequence. Defaults are Qwen2-Audio-7B's encoder (Whisper-large-v3 sized)."""
 
     enabled: bool = False
-    num_mel_bins: int = 128
-    d_model: int = 1280
-    encoder_layers: int = 32
-    encoder_attention_heads: int = 20
-    encoder_ffn_dim: int = 5120
-    max_source_positions: int = 1500  # positions after conv2; the 30 s window gives 2 * 1500 = 3000 frames
+    num_mel_bins: int = _A["num_mel_bins"]
+    d_model: int = _A["d_model"]
+    encoder_layers: int = _A["encoder_layers"]
+    encoder_attention_heads: int = _A["encoder_attention_heads"]
+    encoder_ffn_dim: int = _A["encoder_ffn_dim"]
+    max_source_positions: int = _A["max_source_positions"]  # after conv2; 30 s windows = 2 * 1500 = 3000 frames
     scale_embedding: bool = False
     layer_norm_eps: float = 1e-5
     projector: str = "linear"  # 'linear' (Qwen2-Audio: one Linear with bias) | 'mlp' (Linear, GELU, Linear)
@@ -166,10 +171,10 @@ class AudioConfig:
     freeze_encoder: bool = True  # the encoder is frozen by default (stages may still train it)
     gate_audio: bool = False  # the Hybrid Compressor's gate also sees the sample's pooled audio features
     # Qwen2-Audio's token names in unused embedding rows above the Qwen2.5 tokenizer's last id (151664) and our
-    # pad (151665): see emoqwen_jax/data/tokenizer.py (configs take them from tokenizer_info).
-    audio_bos_token_id: int = 151666  # <|audio_bos|>
-    audio_token_id: int = 151667  # <|AUDIO|>
-    audio_eos_token_id: int = 151668  # <|audio_eos|>
+    # pad (151665): 151666-151668 (emoqwen_jax/tokens.py; configs take them from tokenizer_info).
+    audio_bos_token_id: int = _IDS.audio_bos_id  # <|audio_bos|>
+    audio_token_id: int = _IDS.audio_id  # <|AUDIO|>
+    audio_eos_token_id: int = _IDS.audio_eos_id  # <|audio_eos|>
 
     @property
     def head_dim(self) -> int:
@@ -200,10 +205,10 @@ class ModelConfig:
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     compressor: CompressorConfig = dataclasses.field(default_factory=CompressorConfig)
     audio: AudioConfig = dataclasses.field(default_factory=AudioConfig)  # off unless audio.enabled
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
+    image_token_id: int = _IDS.image_pad_id
+    video_token_id: int = _IDS.video_pad_id
+    vision_start_token_id: int = _IDS.vision_start_id
+    vision_end_token_id: int = _IDS.vision_end_id
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the weights (master weights stay float32 in training)
     remat: str = "none"  # 'none' | 'block': recompute each ViT/decoder block in the backward pass
@@ -234,6 +239,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_run_config(cls, config: Any) -> "ModelConfig":
+        """The frozen, validated architecture config from a run config's ``config.model`` (a ConfigDict)."""
+        model = config.model
+        return cls.from_dict(model.to_dict() if hasattr(model, "to_dict") else model)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

@@ -1,9 +1,9 @@
 """EmotionQwen: ViT -> Hybrid Compressor -> Qwen2.5 decoder.
 
 Two entry points:
-  * ``model.forward(inputs)`` — the jittable core. ``inputs`` is the dict of fixed-shape arrays built on
-    the host by ``emoqwen_jax.layout.build_model_inputs`` (the trainer builds the same dict in its data
-    pipeline with bucketed shapes).
+  * ``model.forward(inputs)`` — the jittable core. ``inputs`` is the ``ModelInputs`` pytree of fixed-shape
+    arrays built on the host by ``emoqwen_jax.layout.build_model_inputs`` (the trainer builds the same in its
+    data pipeline with bucketed shapes); a flat dict of the same names is accepted too.
   * ``model(input_ids=..., pixel_values=..., image_grid_thw=..., ...)`` — a Hugging Face-style call taking
     numpy or jax arrays: it builds the layout on the host and runs a jitted ``forward``.
 """
@@ -19,10 +19,12 @@ import numpy as np
 from flax import nnx
 
 from emoqwen_jax import layout, layout_audio
+from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import sharding
-from emoqwen_jax.model.audio import AudioEncoder, AudioProjector
+from emoqwen_jax.model.audio import AudioEncoder, AudioProjector, pooled_audio_per_item
 from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
+from emoqwen_jax.model.layers import Linear, as_dtype
 from emoqwen_jax.model.text import TextModel, causal_padding_mask
 from emoqwen_jax.model.vision import VisionTransformer, from_window_order
 
@@ -69,68 +71,79 @@ class EmotionQwen(nnx.Module):
         if config.audio.enabled:  # Qwen2-Audio's encoder and projector (model/audio.py)
             self.audio_tower = AudioEncoder(config.audio, rngs=rngs, **dt)
             self.audio_projector = AudioProjector(config.audio, config.text.hidden_size, rngs=rngs, **dt)
+            if config.audio.gate_audio and self.compressor.gate is not None:
+                # Zero-initialised: the gate starts exactly as without audio (a released checkpoint is unchanged).
+                self.audio_gate_proj = Linear(config.audio.d_model, config.vision.hidden_size, use_bias=True,
+                                              axes=("embed", None), rngs=rngs, init_std=0.0, dtype=as_dtype(
+                                                  config.dtype), param_dtype=as_dtype(config.param_dtype))
 
     # ---- jittable core -------------------------------------------------------------------------------
-    def encode_vision(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
-        """pixel_values float[P, 1176] + layout -> merged visual tokens float[U, D] (HF order), per-item expert
-        weights float32[G, E] and the compressor's aux dict."""
-        features = self.visual(
-            inputs["pixel_values"], pos_hw=inputs["vision_pos_hw"], window_index=inputs["vision_window_index"],
-            frame_segment=inputs["vision_frame_segment"], window_segment=inputs["vision_window_segment"])
-        tokens, gate_weights, aux = self.compressor(features, inputs["vision_patch_item"],
-                                                    inputs["vision_item_valid"].shape[0])
-        return from_window_order(tokens, inputs["vision_window_index"]), gate_weights, aux
+    def encode_vision(self, vision, gate_extra: Array | None = None) -> tuple[Array, Array, dict]:
+        """``VisionInputs`` (pixel_values float[P, 1176] + layout) -> merged visual tokens float[U, D] (HF
+        order), per-item expert weights float32[G, E] and the compressor's aux dict. ``gate_extra``
+        float[G, Dv]: added to the gate's per-item feature (``audio.gate_audio``)."""
+        features = self.visual(vision.pixel_values, pos_hw=vision.pos_hw, window_index=vision.window_index,
+                               frame_segment=vision.frame_segment, window_segment=vision.window_segment)
+        tokens, gate_weights, aux = self.compressor(features, vision.patch_item, vision.item_valid.shape[0],
+                                                    gate_extra)
+        return from_window_order(tokens, vision.window_index), gate_weights, aux
 
-    def encode_audio(self, input_features: Array, feature_mask: Array) -> tuple[Array, Array]:
-        """Encoder windows float[W, M, Fw] + mask int[W, Fw] -> (LLM-width audio tokens float[W·Fw/4, D], the
-        encoder's features float[W·Fw/4, Da]). A frozen encoder (``audio.freeze_encoder``) is cut from the
+    def encode_audio(self, audio) -> tuple[Array, Array]:
+        """``AudioInputs`` (encoder windows float[W, M, F] + mask) -> (LLM-width audio tokens float[W·F/4, D], the
+        encoder's features float[W·F/4, Da]). A frozen encoder (``audio.freeze_encoder``) is cut from the
         backward pass: no gradient is computed through it at all."""
-        feats = self.audio_tower(input_features, feature_mask)  # [W, T, Da]
+        feats = self.audio_tower(audio.input_features, audio.feature_mask)  # [W, T, Da]
         if self.config.audio.freeze_encoder:
             feats = jax.lax.stop_gradient(feats)
         feats = feats.reshape(-1, feats.shape[-1])
         return self.audio_projector(feats), feats
 
-    def embed_audio(self, embeds: Array, inputs) -> Array:
-        """``embeds`` float[B, L, D] with the projected audio tokens at the ``<|AUDIO|>`` positions."""
-        features = inputs.get("input_features")
-        if not self.config.audio.enabled or features is None or features.shape[0] == 0:
-            return embeds
-        tokens, _ = self.encode_audio(features, inputs["feature_attention_mask"])
-        index = inputs["audio_token_index"]
-        gathered = tokens[jnp.maximum(index, 0)].astype(embeds.dtype)
-        return jnp.where((index >= 0)[..., None], gathered, embeds)
-
-    def embed(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
-        """Token embeddings float[B, L, D] with the visual tokens scattered into the placeholder positions,
-        plus the per-item expert weights and the compressor's aux dict."""
-        embeds = sharding.constrain(self.language_model.embed(inputs["input_ids"]), ("batch", "length", "act_embed"))
-        embeds = self.embed_audio(embeds, inputs)
-        num_items = inputs["vision_item_valid"].shape[0]
-        if inputs["pixel_values"].shape[0] == 0:
+    def embed(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
+        """Token embeddings float[B, L, D] with the audio and visual tokens scattered into their placeholder
+        positions, plus the per-item expert weights float32[G, E] and the compressor's aux dict."""
+        inputs = ModelInputs.coerce(inputs)
+        text, vision, audio = inputs.text, inputs.vision, inputs.audio
+        embeds = sharding.constrain(self.language_model.embed(text.input_ids), ("batch", "length", "act_embed"))
+        audio_feats = None
+        if self.config.audio.enabled and audio is not None and audio.input_features.shape[0] > 0:
+            tokens, audio_feats = self.encode_audio(audio)
+            gathered = tokens[jnp.maximum(audio.token_index, 0)].astype(embeds.dtype)
+            embeds = jnp.where((audio.token_index >= 0)[..., None], gathered, embeds)
+        num_items = 0 if vision is None else vision.item_valid.shape[0]
+        if vision is None or vision.pixel_values.shape[0] == 0:
             return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32), empty_aux()
-        visual, gate_weights, aux = self.encode_vision(inputs)
-        index = inputs["visual_token_index"]
+        gate_extra = None
+        if audio_feats is not None and getattr(self, "audio_gate_proj", None) is not None:
+            unit_item = from_window_order(vision.patch_item.reshape(-1, self.config.vision.merge_unit)[:, 0],
+                                          vision.window_index)
+            pooled = pooled_audio_per_item(audio_feats, audio.token_index, text.visual_token_index, unit_item,
+                                           num_items)
+            gate_extra = self.audio_gate_proj(pooled)
+        visual, gate_weights, aux = self.encode_vision(vision, gate_extra)
+        index = text.visual_token_index
         gathered = visual[jnp.maximum(index, 0)].astype(embeds.dtype)
         return jnp.where((index >= 0)[..., None], gathered, embeds), gate_weights, aux
 
-    def hidden_states(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
+    def hidden_states(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
         """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
+        inputs = ModelInputs.coerce(inputs)
         embeds, gate_weights, aux = self.embed(inputs)
-        mask = causal_padding_mask(inputs["attention_mask"])
-        hidden, _ = self.language_model(embeds, inputs["position_ids"], mask)
+        mask = causal_padding_mask(inputs.text.attention_mask)
+        hidden, _ = self.language_model(embeds, inputs.text.position_ids, mask)
         return hidden, gate_weights, aux
 
-    def forward(self, inputs: dict[str, Array]) -> ModelOutput:
+    def forward(self, inputs: ModelInputs) -> ModelOutput:
+        """``ModelInputs`` (or the flat dict of its names) -> logits float32[B, L, V], gate weights, aux."""
+        inputs = ModelInputs.coerce(inputs)
         hidden, gate_weights, aux = self.hidden_states(inputs)
         return ModelOutput(logits=self.language_model.logits(hidden), gate_weights=gate_weights,
-                           aux_loss=aux["aux_loss"], aux=aux, rope_deltas=inputs.get("rope_deltas"))
+                           aux_loss=aux["aux_loss"], aux=aux, rope_deltas=inputs.text.rope_deltas)
 
     # ---- Hugging Face-style call ---------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
                        input_features=None, feature_attention_mask=None, audio_lengths=None,
-                       **layout_kwargs) -> dict[str, np.ndarray]:
+                       **layout_kwargs) -> ModelInputs:
         as_np = lambda x: None if x is None else np.asarray(x)  # noqa: E731
         if input_features is not None and not self.config.audio.enabled:
             raise ValueError("input_features given but this model has no audio encoder (model.audio.enabled=False)")
@@ -152,7 +165,7 @@ class EmotionQwen(nnx.Module):
 
 
 @nnx.jit
-def _jit_forward(model: EmotionQwen, inputs: dict[str, Array]) -> ModelOutput:
+def _jit_forward(model: EmotionQwen, inputs: ModelInputs) -> ModelOutput:
     return model.forward(inputs)
 
 

@@ -44,6 +44,7 @@ def from_opt_view(view: dict, expert_names: Sequence[str]) -> dict:
 # Never trained, whatever a stage says: Whisper's fixed sinusoidal positions (HF keeps them requires_grad=False).
 ALWAYS_FROZEN = (r"^audio_tower/embed_positions$",)
 AUDIO_ENCODER = (r"^audio_tower/",)
+AUDIO_PROJECTOR = (r"^audio_(projector|gate_proj)/",)  # the projector (and the gate's audio input): stage 3
 
 
 def frozen_patterns(model_config: Any) -> tuple[str, ...]:
