@@ -163,8 +163,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.distributed.auto = False  # jax.distributed.initialize() from the cluster environment (TPU, SLURM)
     if preset in ("demo", "tiny"):
         demo_data(config)
-    if preset == "demo":  # align the audio projector first, then the three stages
-        config.run_stages = ("stage_audio_align",) + STAGES
     if preset == "7b":
         config.data.length_buckets = (2048, 4096, 8192, 16384)
         config.data.patch_buckets = (4096, 16384, 65536)
