@@ -80,10 +80,11 @@ def check_format(config: ModelConfig, fmt: str) -> None:
     if config.audio.enabled and fmt != EXPORT_MODEL_TYPE:
         raise ValueError(f"format {fmt!r} has no audio encoder; a model with model.audio.enabled exports only as "
                          f"'{EXPORT_MODEL_TYPE}' (loaded with trust_remote_code=True)")
-    if config.audio.enabled and (config.audio.position_rule != "text" or config.audio.layer_norm_eps != 1e-5):
-        raise ValueError(f"audio.position_rule={config.audio.position_rule!r}, layer_norm_eps="
-                         f"{config.audio.layer_norm_eps}: the export's remote code implements position_rule 'text' "
-                         f"and HF's Qwen2AudioEncoder (layer norm eps 1e-5) only")
+    a = config.audio
+    if a.enabled and (a.position_rule != "text" or a.layer_norm_eps != 1e-5 or a.gate_audio):
+        raise ValueError(f"audio.position_rule={a.position_rule!r}, layer_norm_eps={a.layer_norm_eps}, gate_audio="
+                         f"{a.gate_audio}: the export's remote code implements position_rule 'text', HF's "
+                         f"Qwen2AudioEncoder (layer norm eps 1e-5) and a gate without audio input only")
     if fmt == "qwen2_5_vl":
         if comp.num_experts != 1:
             raise ValueError(f"format 'qwen2_5_vl' has a single patch merger, but this checkpoint has "

@@ -54,6 +54,17 @@ def frozen_patterns(model_config: Any) -> tuple[str, ...]:
     return ALWAYS_FROZEN + (AUDIO_ENCODER if audio is not None and audio.freeze_encoder else ())
 
 
+def stage_patterns(stage_cfg: Any, model_config: Any, extra: Sequence[str] = ()) -> tuple[tuple[str, ...],
+                                                                                            tuple[str, ...]]:
+    """(trainable, frozen) regexes of a stage for a model: the stage's ``trainable`` (+ ``extra``, + the audio
+    projector when the stage has ``train_audio_projector`` and the model has audio) and ``frozen_patterns``."""
+    patterns = tuple(stage_cfg.trainable) + tuple(extra)
+    audio = getattr(model_config, "audio", None)
+    if audio is not None and audio.enabled and stage_cfg.get("train_audio_projector", False):
+        patterns += AUDIO_PROJECTOR
+    return patterns, frozen_patterns(model_config)
+
+
 def trainable_labels(view: Any, patterns: Sequence[str], frozen: Sequence[str] = ALWAYS_FROZEN) -> Any:
     """'trainable' / 'frozen' per leaf of the optimiser view: a leaf trains if any regex of ``patterns``
     ``re.search``es its path and none of ``frozen`` does."""

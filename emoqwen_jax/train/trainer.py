@@ -38,8 +38,7 @@ from emoqwen_jax.parallel.rules import input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
-from emoqwen_jax.train.optim import (AUDIO_PROJECTOR, check_patterns, frozen_patterns, make_optimizer, to_opt_view,
-                                     trainable_labels)
+from emoqwen_jax.train.optim import check_patterns, make_optimizer, stage_patterns, to_opt_view, trainable_labels
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 
@@ -245,10 +244,8 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     aspec = audio_spec(mcfg)
 
     names = mcfg.expert_names
-    patterns = tuple(sc.trainable) + tuple(extra_trainable)
-    if mcfg.audio.enabled and sc.get("train_audio_projector", False):
-        patterns += AUDIO_PROJECTOR
-    labels_view = trainable_labels(to_opt_view(params, names), patterns, frozen_patterns(mcfg))
+    patterns, frozen = stage_patterns(sc, mcfg, extra_trainable)
+    labels_view = trainable_labels(to_opt_view(params, names), patterns, frozen)
     trained = check_patterns(to_opt_view(params, names), patterns)
     accum = int(sc.optimizer.get("grad_accum", 1))
     tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels_view)

@@ -106,3 +106,53 @@ def test_mismatched_audio_is_a_clear_error(model):
     assert not hasattr(plain, "audio_tower")  # no audio parameters unless model.audio.enabled
     with pytest.raises(ValueError, match="no audio encoder"):
         plain.prepare_inputs(_prompt(model.config, 42), input_features=feats)
+
+
+def test_pooled_audio_per_item_matches_a_loop():
+    from emoqwen_jax.model.audio import pooled_audio_per_item
+
+    rng = np.random.default_rng(3)
+    audio = rng.standard_normal((10, 5)).astype(np.float32)
+    a_idx = np.full((3, 8), -1, np.int32)
+    a_idx[0, 1:4] = [0, 1, 2]
+    a_idx[2, 2:7] = [5, 6, 7, 8, 9]
+    v_idx = np.full((3, 8), -1, np.int32)
+    v_idx[0, 5:7] = [0, 1]
+    v_idx[1, 0:2] = [2, 3]
+    v_idx[2, 0:2] = [4, 5]
+    unit_item = np.array([0, 0, 1, 1, 2, 2, -1, -1], np.int32)
+    got = np.asarray(pooled_audio_per_item(jnp.asarray(audio), jnp.asarray(a_idx), jnp.asarray(v_idx),
+                                           jnp.asarray(unit_item), 4))
+    want = np.zeros((4, 5), np.float32)
+    want[0] = audio[[0, 1, 2]].mean(0)  # item 0 is in row 0
+    want[2] = audio[[5, 6, 7, 8, 9]].mean(0)  # item 1 (row 1) has no audio; item 2 is in row 2; item 3 padding
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_gate_takes_pooled_audio():
+    """gate_audio: the projection starts at zero (the gate is unchanged), and once trained the gate weights of a
+    clip depend on its audio."""
+    model = TL.randomize_nnx_(TL.build(lambda: EmotionQwen(tiny_audio_config(gate_audio=True), rngs=nnx.Rngs(0))), 4)
+    cfg = model.config
+    grid = (2, 4, 4)
+    ids = np.asarray([[5, cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id,
+                      cfg.audio.audio_bos_token_id] + [cfg.audio.audio_token_id] * 25 + [cfg.audio.audio_eos_token_id,
+                      6]], np.int32)
+    vision = dict(pixel_values_videos=np.random.default_rng(1).standard_normal((32, 1176)).astype(np.float32),
+                  video_grid_thw=np.array([grid]), second_per_grid_ts=np.array([1.0], np.float32))
+
+    def gate(seed, proj_value=None):
+        if proj_value is not None:
+            model.audio_gate_proj.kernel[...] = jnp.full(model.audio_gate_proj.kernel[...].shape, proj_value)
+        feats, mask = _audio(seed, windows=1, valid=100)
+        inputs = model.prepare_inputs(ids, **vision, input_features=feats, feature_attention_mask=mask,
+                                      audio_lengths=[[1, 25]])
+        return np.asarray(nnx.jit(lambda m, x: m.forward(x).gate_weights)(model, inputs))
+
+    model.audio_gate_proj.kernel[...] = jnp.zeros_like(model.audio_gate_proj.kernel[...])  # as initialised
+    model.audio_gate_proj.bias[...] = jnp.zeros_like(model.audio_gate_proj.bias[...])
+    no_audio = np.asarray(nnx.jit(lambda m, x: m.forward(x).gate_weights)(model, model.prepare_inputs(
+        np.asarray([[5, cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id, 6]]),
+        **vision)))
+    np.testing.assert_allclose(gate(0), no_audio, rtol=1e-6, atol=1e-7)  # zero-initialised: as without audio
+    assert np.abs(gate(0, 0.5) - gate(1)).max() > 1e-4  # trained: other sound, other expert weights
