@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from emoqwen_jax import layout_audio
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.sizes import BASE, SIZES
 from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
@@ -236,8 +237,6 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
     if pix:
         joined = np.concatenate(pix)
         pixels[: len(joined)] = joined
-    from emoqwen_jax import layout_audio  # noqa: PLC0415 (layout_audio builds on this module)
-
     interleave = audio_spec is not None and audio_spec.position_rule == "interleave"
     if position_ids is None and interleave:
         position_ids, rope_deltas = layout_audio.get_rope_index(input_ids, mask, images, videos, second_per_grid_ts,

@@ -1,5 +1,6 @@
 """Host-side audio bookkeeping (pure numpy): where each audio token's features come from, and the M-RoPE ids of
-the time-aligned interleaving option. Imports no model and no data code (like ``layout``).
+the time-aligned interleaving option. Imports no model and no data code, nor ``layout`` (which uses this
+module): the vision constants arrive as ``layout.LayoutSpec`` objects.
 
 Audio arrives as W encoder windows (all audios of the batch, in text order, each audio's windows contiguous);
 the encoder gives T = window_frames / 4 rows per window, so the features form one flat list of W · T rows.
@@ -24,8 +25,6 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
-
-from emoqwen_jax import layout
 
 SECONDS_PER_AUDIO_TOKEN = 0.04  # 25 tokens per second (conv stride 2, pooling 2, 10 ms hop)
 
@@ -104,7 +103,7 @@ def interleaved_block(chunks: Sequence[tuple[int, int]], video_pad_id: int, spec
 
 
 def interleaved_positions(video_grid: Sequence[int], second_per_grid: float, num_audio_tokens: int, start: int,
-                          spec: AudioSpec, vision: layout.LayoutSpec) -> np.ndarray:
+                          spec: AudioSpec, vision: "layout.LayoutSpec") -> np.ndarray:  # noqa: F821
     """int[3, n] M-RoPE ids of an interleaved block's video and audio tokens, in sequence order (chunk by chunk:
     the chunk's video tokens, then its audio tokens), offset by ``start``."""
     t, h, w = (int(x) for x in video_grid)
@@ -123,69 +122,68 @@ def interleaved_positions(video_grid: Sequence[int], second_per_grid: float, num
     return np.concatenate(parts, axis=1) + start
 
 
-def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, audio_lengths,
-                   vision: layout.LayoutSpec, spec: AudioSpec) -> tuple[np.ndarray, np.ndarray]:
-    """``layout.get_rope_index`` with the 'interleave' rule's blocks (``<|vision_start|><|audio_bos|>``).
+def _grids(grid_thw) -> np.ndarray:
+    return np.zeros((0, 3), np.int64) if grid_thw is None else np.asarray(grid_thw, np.int64).reshape(-1, 3)
 
-    Rows without an interleaved block are computed by ``layout.get_rope_index`` itself; a row with one is
-    walked segment by segment: text ids run on from the previous maximum + 1, image/video blocks get
-    Qwen2.5-VL's ids, interleaved blocks ``interleaved_positions``. Returns (int32[3, B, L], int32[B]).
+
+def _vision_positions(grid, interval, start: int, vision) -> np.ndarray:
+    """Qwen2.5-VL's ids of one image/video block (``layout.get_rope_index``'s rule), offset by ``start``."""
+    t, h, w = (int(x) for x in grid)
+    m = vision.spatial_merge_size
+    lh, lw = h // m, w // m
+    # float32 product, then truncation, as torch does: (index * interval) * tokens_per_second.
+    t_ids = (np.arange(t, dtype=np.float32) * np.float32(interval) * np.float32(vision.tokens_per_second)
+             ).astype(np.int64)
+    return np.stack([np.repeat(t_ids, lh * lw), np.tile(np.repeat(np.arange(lh), lw), t),
+                     np.tile(np.arange(lw), t * lh)]) + start
+
+
+def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, audio_lengths,
+                   vision, spec: AudioSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``layout.get_rope_index`` extended by the 'interleave' rule's blocks (``<|vision_start|><|audio_bos|>``).
+
+    Each row is walked segment by segment: text ids run on from the previous maximum + 1, image/video blocks
+    get Qwen2.5-VL's ids (the released rule, as ``layout.get_rope_index``), interleaved blocks
+    ``interleaved_positions``. ``vision``: a ``layout.LayoutSpec``. Returns (int32[3, B, L] with padding at 1,
+    int32[B] rope deltas = max + 1 − L).
     """
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    position_ids, deltas = layout.get_rope_index(ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
-                                                 vision)
-    images, videos = layout._grids(image_grid_thw), layout._grids(video_grid_thw)
+    images, videos = _grids(image_grid_thw), _grids(video_grid_thw)
     spt = (np.ones(len(videos), np.float32) if second_per_grid_ts is None
            else np.asarray(second_per_grid_ts, np.float32).reshape(-1))
     lengths = np.asarray(audio_lengths if audio_lengths is not None else np.zeros((0, 2)), np.int64).reshape(-1, 2)
     m = vision.spatial_merge_size
+    position_ids = np.ones((3,) + ids.shape, np.int64)
+    deltas = np.zeros((ids.shape[0],), np.int64)
     image_i = video_i = audio_i = 0
     for row in range(ids.shape[0]):
         tokens = ids[row][mask[row] == 1]
-        starts = np.flatnonzero(tokens[:-1] == vision.vision_start_token_id)
-        kinds = tokens[starts + 1]
-        n_img = int((kinds == vision.image_token_id).sum())
-        n_vid = int((kinds == vision.video_token_id).sum())
-        n_int = int((kinds == spec.audio_bos_token_id).sum())
-        if not n_int:  # layout.get_rope_index's answer stands; move the counters past this row's items
-            image_i, video_i = image_i + n_img, video_i + n_vid
-            audio_i += int((tokens == spec.audio_bos_token_id).sum())
-            continue
         parts, pos = [], 0
         nxt = lambda: int(parts[-1].max()) + 1 if parts else 0  # noqa: E731
         while pos < len(tokens):
-            if tokens[pos] == vision.vision_start_token_id and pos + 1 < len(tokens):
-                kind = tokens[pos + 1]
+            kind = tokens[pos + 1] if pos + 1 < len(tokens) else None
+            if tokens[pos] == vision.vision_start_token_id and kind == spec.audio_bos_token_id:
+                parts += [np.full((3, 1), nxt())]  # <|vision_start|>
+                parts += [np.full((3, 1), nxt())]  # <|audio_bos|>
+                block = interleaved_positions(videos[video_i], spt[video_i], int(lengths[audio_i, 1]), nxt(), spec,
+                                              vision)
+                parts.append(block)
+                pos += 2 + block.shape[1]
+                video_i, audio_i = video_i + 1, audio_i + 1
+            elif tokens[pos] == vision.vision_start_token_id and kind in (vision.image_token_id,
+                                                                           vision.video_token_id):
                 parts.append(np.full((3, 1), nxt()))  # <|vision_start|>
+                is_image = kind == vision.image_token_id
+                grid = images[image_i] if is_image else videos[video_i]
+                parts.append(_vision_positions(grid, 0.0 if is_image else spt[video_i], nxt(), vision))
+                pos += 1 + int(np.prod(grid)) // (m * m)
+                image_i, video_i = image_i + is_image, video_i + (not is_image)
+            else:  # text, including a 'text'-rule audio block
+                audio_i += int(tokens[pos] == spec.audio_bos_token_id)
+                parts.append(np.full((3, 1), nxt()))
                 pos += 1
-                if kind == spec.audio_bos_token_id:
-                    parts.append(np.full((3, 1), nxt()))  # <|audio_bos|>
-                    grid, n_audio = videos[video_i], int(lengths[audio_i, 1])
-                    block = interleaved_positions(grid, spt[video_i], n_audio, nxt(), spec, vision)
-                    parts.append(block)
-                    pos += 1 + block.shape[1]
-                    video_i, audio_i = video_i + 1, audio_i + 1
-                    continue
-                if kind in (vision.image_token_id, vision.video_token_id):
-                    is_image = kind == vision.image_token_id
-                    (t, h, w) = images[image_i] if is_image else videos[video_i]
-                    interval = np.float32(0.0) if is_image else spt[video_i]
-                    lh, lw = h // m, w // m
-                    t_ids = (np.arange(t, dtype=np.float32) * interval * np.float32(vision.tokens_per_second)
-                             ).astype(np.int64)
-                    grid = np.stack([np.repeat(t_ids, lh * lw), np.tile(np.repeat(np.arange(lh), lw), t),
-                                     np.tile(np.arange(lw), t * lh)])
-                    parts.append(grid + nxt())
-                    pos += t * lh * lw
-                    image_i, video_i = image_i + is_image, video_i + (not is_image)
-                    continue
-                continue
-            if tokens[pos] == spec.audio_bos_token_id:
-                audio_i += 1  # a 'text'-rule audio block in an interleaved row: text-like ids
-            parts.append(np.full((3, 1), nxt()))
-            pos += 1
-        positions = np.concatenate(parts, axis=1)
+        positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
         position_ids[:, row, mask[row] == 1] = positions
-        deltas[row] = positions.max() + 1 - ids.shape[1]
+        deltas[row] = (positions.max() + 1 if positions.size else 0) - ids.shape[1]
     return position_ids.astype(np.int32), deltas.astype(np.int32)

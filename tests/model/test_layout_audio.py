@@ -52,6 +52,23 @@ def test_text_rule_audio_is_text_like_after_the_vision_block():
     np.testing.assert_array_equal(pos2, pos)
 
 
+def test_walker_equals_the_released_rule_without_interleaving():
+    """Images, videos, text-rule audio and left padding: layout_audio's walker == layout.get_rope_index."""
+    img, vid = (1, 4, 8), (3, 4, 6)
+    row0 = [TEXT, VSTART] + [IMAGE] * 8 + [VEND, TEXT, VSTART] + [VIDEO] * 18 + [VEND, BOS] + [AUD] * 5 + [EOS, TEXT]
+    row1 = [TEXT, TEXT, BOS] + [AUD] * 3 + [EOS, VSTART] + [VIDEO] * 12 + [VEND, TEXT]
+    width = max(len(row0), len(row1))
+    ids = np.zeros((2, width), np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for r, row in enumerate((row0, row1)):
+        ids[r, width - len(row):], mask[r, width - len(row):] = row, 1
+    args = (ids, mask, [img], [vid, (2, 4, 6)], [1.5, 0.5])
+    want = layout.get_rope_index(*args, VISION)
+    got = layout_audio.get_rope_index(*args, [[1, 5], [1, 3]], VISION, SPEC)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_interleaved_positions_are_time_aligned():
     """4 s of video (grid t=4, 1 s per grid step, 2x2 merged tokens per step) and 100 audio tokens (4 s) in 2 s
     chunks: [v0 v1 | a0..a49 | v2 v3 | a50..a99]; video t = 2·g, audio t = h = w = floor(j · 0.04 · 2)."""
