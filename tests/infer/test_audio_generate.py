@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emoqwen_jax.cli.common import model_config
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad, prefill
-from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
@@ -39,7 +38,7 @@ def _sharpen(model):
 @pytest.fixture(scope="module")
 def audio_model():
     c = emotion_qwen.get_config("demo")  # the tiny sizes with audio on (1 s encoder windows)
-    return _sharpen(EmotionQwen(model_config(c), rngs=nnx.Rngs(0)))
+    return _sharpen(EmotionQwen(ModelConfig.from_run_config(c), rngs=nnx.Rngs(0)))
 
 
 def test_cached_decoding_equals_uncached_with_audio(audio_model):
@@ -78,7 +77,7 @@ def test_describe_uses_the_clip_audio(audio_model, tmp_path, capsys):
     """A model directory with an audio encoder: describe's prompt carries the clip's audio block (and an
     audio-only file works), built by the training code's own processor."""
     from emoqwen_jax.cli.describe import main
-    from emoqwen_jax.convert.model_dir import save_model
+    from emoqwen_jax.checkpoint import save_model
     from emoqwen_jax.data.audio import write_audio
     from emoqwen_jax.data.demo_audio import demo_audio, write_demo_clip
     from emoqwen_jax.data.demo import demo_clip
