@@ -71,6 +71,24 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
     return c
 
 
+def audio_config(preset: str) -> ml_collections.ConfigDict:
+    """``config.model.audio``: Qwen2-Audio's encoder and its projector (README, Audio)."""
+    # Sizes from emoqwen_jax/sizes.py (HF Qwen2AudioEncoderConfig names): num_mel_bins (log-mel bins), d_model
+    # (encoder width), encoder_layers, encoder_attention_heads, encoder_ffn_dim (GELU MLP width),
+    # max_source_positions (positions after the stride-2 conv: 2 * 1500 = 3000 mel frames = 30 s windows).
+    a = ml_collections.ConfigDict({"enabled": False})  # the demo preset turns it on
+    a.update(model_size(preset)["audio"])
+    a.scale_embedding = False
+    a.layer_norm_eps = 1e-5
+    a.projector = "linear"  # 'linear' (Qwen2-Audio's multi_modal_projector) | 'mlp' (Linear, GELU, Linear)
+    a.projector_hidden_size = 0  # 'mlp' hidden width; 0 = the LLM width
+    a.position_rule = "text"  # 'text': audio block after the vision block, text-like M-RoPE ids | 'interleave'
+    a.interleave_seconds = 2.0  # 'interleave': seconds of video and of audio per chunk (Qwen2.5-Omni TMRoPE)
+    a.freeze_encoder = True  # the encoder never trains (no gradient through it) unless this is False
+    a.gate_audio = False  # the compressor's gate also sees the sample's pooled audio features (option)
+    return a
+
+
 def model_config(preset: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.vision = vision_config(preset)
@@ -82,6 +100,10 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.video_token_id = info.video_pad_id  # <|video_pad|>
     m.vision_start_token_id = info.vision_start_id  # <|vision_start|>
     m.vision_end_token_id = info.vision_end_id  # <|vision_end|>
+    m.audio = audio_config(preset)
+    m.audio.audio_bos_token_id = info.audio_bos_id  # <|audio_bos|>, right after the tokenizer's pad
+    m.audio.audio_token_id = info.audio_id  # <|AUDIO|>
+    m.audio.audio_eos_token_id = info.audio_eos_id  # <|audio_eos|>
     m.dtype = "bfloat16" if preset == "7b" else "float32"  # activation / matmul dtype
     m.param_dtype = "float32"  # weight storage (float32 master weights)
     m.remat = "none" if preset in ("tiny", "small") else "block"  # 'block' recomputes blocks in the backward
@@ -109,8 +131,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.workdir = ""  # where checkpoints, metrics, plots and stage weights go (required for training)
     config.init_from = ""  # a HF Qwen2.5-VL directory or one of our model directories to start stage 1 from
     config.model = model_config(size)
+    if preset == "demo":
+        config.model.audio.enabled = True  # README command 1 exercises the audio path
     config.data = data_config()
     config.data.tokenizer_vocab_size = config.model.text.vocab_size
+    # The data side follows config.model.audio (references: a command-line override changes both).
+    audio = config.model.audio
+    config.data.audio.enabled = audio.get_ref("enabled")
+    config.data.audio.num_mel_bins = audio.get_ref("num_mel_bins")
+    config.data.audio.window_frames = audio.get_ref("max_source_positions") * 2
+    config.data.audio.position_rule = audio.get_ref("position_rule")
+    config.data.audio.interleave_seconds = audio.get_ref("interleave_seconds")
     config.data.num_shards = 0  # data shards per global batch (0 = one per process); fixes the data order
     # Sequence packing (--config.data.packing=True): several samples per row up to the length bucket, attention
     # only within a sample (segment ids), M-RoPE positions restarting per sample, labels unchanged; off by default.
@@ -149,11 +180,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 PRESETS = ("demo", "tiny", "small", "7b")
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
-EXTRA_STAGES = ("stage3_lora",)  # defined for every preset, run only when named in run_stages
+EXTRA_STAGES = ("stage3_lora", "stage_audio_align")  # defined for every preset, run only when named in run_stages
 # Parameter-path regexes (see emoqwen_jax/train/optim.py): experts are addressed per name.
 COMPRESSOR = (r"^compressor/",)
 EMOTION_EXPERT_AND_GATE = (r"^compressor/experts/[^/]+/emotion$", r"^compressor/(gate|router)/")
 LLM = (r"^language_model/",)
+AUDIO_PROJECTOR = (r"^audio_(projector|gate_proj)/",)  # the audio projector (and the gate's audio input)
 # Module-path regexes (see emoqwen_jax/model/lora.py) of the released LoRA recipe: the LLM's q/k/v/o.
 LLM_ATTENTION = (r"^language_model/layers/\d+/self_attn/(q_proj|k_proj|v_proj|o_proj)$",)
 
@@ -181,7 +213,9 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
                       and gate; add EMOTION_EXPERT_AND_GATE to `trainable` for that)
     """
     lora = name == "stage3_lora"
-    name = "stage3_video" if lora else name  # same data, length and batch as stage 3
+    audio_align = name == "stage_audio_align"
+    # stage3_lora: stage 3's data, length and batch; stage_audio_align: stage 1's (alignment of a new projector)
+    name = "stage3_video" if lora else "stage1_align" if audio_align else name
     s = ml_collections.ConfigDict()
     s.mixture = ({"manifest": "{demo}/train.jsonl", "data_root": "{demo}", "weight": 1.0},)  # manifests + weights
     s.trainable = {"stage1_align": COMPRESSOR, "stage2_emotion": EMOTION_EXPERT_AND_GATE,
@@ -203,6 +237,10 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     # such as '[{"benchmark": "pope", "root": "/data/POPE", "limit": 200}]' (see README, General evaluation).
     s.eval_suite = ""
     s.lora = lora_config(enabled=lora)
+    # With config.model.audio.enabled, the audio projector trains too (stage 3, and the audio alignment stage).
+    s.train_audio_projector = name == "stage3_video" and not lora
+    if audio_align:  # only the audio projector trains: encoder, ViT, compressor and LLM stay as they are
+        s.trainable = AUDIO_PROJECTOR
     if lora:
         s.trainable = ()  # only the adapters (added by the trainer)
         s.optimizer.learning_rate = 1e-4

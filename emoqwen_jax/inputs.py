@@ -2,11 +2,12 @@
 
 Every field declares, in its metadata, the few facts the rest of the code base derives from it:
   * ``shape``: its symbolic shape (B batch, L text length, P patches (padded), U = P / merge_unit merged units,
-    G visual items, ``patch_dim``; literals as ints) and ``dtype`` — the plan's abstract shapes;
+    G visual items, ``patch_dim``, W audio encoder windows, F mel frames per window, ``num_mel_bins``; literals
+    as ints) and ``dtype`` — the plan's abstract shapes;
   * ``batch_dim``: the dimension sharded over the batch-like mesh axes and along which shards are joined
     (None: replicated, joined along 0) — sharding (``parallel.rules.shard_batch``) and batching;
-  * ``offset``: how an index array moves when shards are joined (``"units"``, ``"patches"``, ``"items"``; None:
-    a plain value); ``permutation=True``: every entry moves (not only the non-negative ones);
+  * ``offset``: how an index array moves when shards are joined (``"units"``, ``"patches"``, ``"items"``,
+    ``"audio_rows"`` = W · F / 4; None: a plain value); ``permutation=True``: every entry moves (not only the non-negative ones);
   * ``key``: its flat name in the Hugging Face-style dict view (``inputs["vision_pos_hw"]``).
 
 Groups are optional (None = absent), and so are fields marked ``optional`` (labels, rope_deltas, and the text
@@ -83,7 +84,21 @@ class VisionInputs:
     item_valid: Array = array_field(("G",), np.bool_, batch_dim=None)  # real (not padding) items
 
 
-GROUPS: dict[str, type] = {"text": TextInputs, "vision": VisionInputs}
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AudioInputs:
+    """The audio encoder's inputs: every audio of the batch as W encoder windows of F mel frames (text order,
+    each audio's windows contiguous), and where each ``<|AUDIO|>`` token takes its row of the encoder output
+    (W · F/4 rows; ``emoqwen_jax.layout_audio``). Produced by ``data`` (``input_features``,
+    ``feature_attention_mask``, ``audio_lengths``), consumed by ``EmotionQwen.embed``."""
+
+    KEY_PREFIX = "audio_"
+    input_features: Array = array_field(("W", "num_mel_bins", "F"), np.float32, key="input_features")
+    feature_mask: Array = array_field(("W", "F"), key="feature_attention_mask")  # 1 = a frame of real audio
+    token_index: Array = array_field(("B", "L"), offset="audio_rows")  # encoder row per <|AUDIO|>, -1 elsewhere
+
+
+GROUPS: dict[str, type] = {"text": TextInputs, "vision": VisionInputs, "audio": AudioInputs}
 
 
 def _specs() -> tuple[FieldSpec, ...]:
@@ -103,10 +118,11 @@ BY_KEY: dict[str, FieldSpec] = {s.key: s for s in FIELDS}
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelInputs:
-    """The model's batch: ``text`` always, ``vision`` when the batch has a vision group (None = absent)."""
+    """The model's batch: ``text`` always, ``vision`` / ``audio`` when the batch has that group (None = absent)."""
 
     text: TextInputs
     vision: VisionInputs | None = None
+    audio: AudioInputs | None = None
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from emoqwen_jax import layout_audio
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.sizes import BASE, SIZES
 from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
@@ -224,12 +225,16 @@ def visual_token_index(input_ids, spec: LayoutSpec, image_grids: np.ndarray, vid
 def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
                        spec: LayoutSpec, position_ids=None, pad_patches_to: int | None = None,
-                       pad_items_to: int | None = None, segment_ids=None) -> ModelInputs:
+                       pad_items_to: int | None = None, segment_ids=None, input_features=None,
+                       feature_attention_mask=None, audio_lengths=None, audio_spec=None) -> ModelInputs:
     """Hugging Face-named inputs -> the fixed-shape ``ModelInputs`` ``EmotionQwen.forward`` takes (host numpy).
 
     Images and videos share one ViT pass (attention never crosses a frame), images first. ``segment_ids``
     int[B, L] (packed rows, see ``get_rope_index``) restart the positions per sample and travel with the text
-    so the decoder never attends across samples.
+    so the decoder never attends across samples. Audio (encoder windows ``input_features`` float[W, M, Fw],
+    their ``feature_attention_mask``, ``audio_lengths`` int[n, 2] and ``audio_spec``, a
+    ``layout_audio.AudioSpec``) adds ``audio_token_index``; with the 'interleave' rule the positions come from
+    ``layout_audio.get_rope_index``.
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -261,7 +266,14 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
     if pix:
         joined = np.concatenate(pix)
         pixels[: len(joined)] = joined
-    if position_ids is None:
+    interleave = audio_spec is not None and audio_spec.position_rule == "interleave"
+    if interleave and segment_ids is not None:
+        raise ValueError("packed rows (segment_ids) with audio.position_rule='interleave' are not supported; "
+                         "use data.packing=False or position_rule='text'")
+    if position_ids is None and interleave:
+        position_ids, rope_deltas = layout_audio.get_rope_index(input_ids, mask, images, videos, second_per_grid_ts,
+                                                                audio_lengths, spec, audio_spec)
+    elif position_ids is None:
         position_ids, rope_deltas = get_rope_index(input_ids, mask, images, videos, second_per_grid_ts, spec,
                                                    segment_ids)
     else:
@@ -277,4 +289,11 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
     )
     if segment_ids is not None:
         out["segment_ids"] = np.where(mask == 1, segment_ids, 0).astype(np.int32)
+    if audio_spec is not None and input_features is not None:
+        features = np.asarray(input_features, np.float32)
+        out.update(input_features=features,
+                   feature_attention_mask=np.asarray(feature_attention_mask, np.int32),
+                   audio_token_index=layout_audio.audio_token_index(
+                       input_ids, np.zeros((0, 2)) if audio_lengths is None else audio_lengths, audio_spec,
+                       num_windows=features.shape[0]))
     return ModelInputs.from_dict(out)

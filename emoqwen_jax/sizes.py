@@ -20,6 +20,9 @@ SIZES: dict[str, dict[str, dict]] = {
         "text": {"vocab_size": 152064, "hidden_size": 3584, "num_layers": 28, "num_heads": 28, "num_kv_heads": 4,
                  "intermediate_size": 18944, "mrope_section": (16, 24, 24)},
         "compressor": {"gate_num_heads": 8, "gate_hidden_size": 512},
+        # Qwen2-Audio-7B's encoder (Whisper-large-v3 sized; used when model.audio.enabled).
+        "audio": {"num_mel_bins": 128, "d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
+                  "encoder_ffn_dim": 5120, "max_source_positions": 1500},
     },
     # Large enough that matmuls dominate on a CPU (benchmarks).
     "small": {
@@ -28,6 +31,7 @@ SIZES: dict[str, dict[str, dict]] = {
         "text": {"vocab_size": 4096, "hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2,
                  "intermediate_size": 1408, "mrope_section": (8, 12, 12)},
         "compressor": {"gate_num_heads": 4, "gate_hidden_size": 128},
+        "audio": {"d_model": 256, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 512},
     },
     # ~300k parameters: tests and the CPU demo (tiny tokenizer layout).
     "tiny": {
@@ -36,6 +40,8 @@ SIZES: dict[str, dict[str, dict]] = {
         "text": {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
                  "intermediate_size": 128, "mrope_section": (2, 3, 3)},
         "compressor": {"gate_num_heads": 2, "gate_hidden_size": 16},
+        "audio": {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                  "max_source_positions": 50},  # 100-frame (1 s) encoder windows
     },
 }
 

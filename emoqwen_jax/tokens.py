@@ -19,8 +19,10 @@ SPECIAL_TOKENS = (
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
     "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 )
+# Qwen2-Audio's audio tokens, in unused embedding rows right after the pad (real ids 151666-151668).
+AUDIO_TOKENS = ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")
 REAL_VOCAB_SIZE = SIZES[BASE]["text"]["vocab_size"]  # Qwen2.5-7B embedding rows (152064)
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all single bytes, the specials, the pad
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1 + len(AUDIO_TOKENS)  # bytes, specials, pad, audio tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,9 @@ class TokenizerInfo:
     image_pad_id: int
     video_pad_id: int
     cache_path: str
+    audio_bos_id: int = -1  # <|audio_bos|>, <|AUDIO|>, <|audio_eos|>: ids only (like the pad, never in text)
+    audio_id: int = -1
+    audio_eos_id: int = -1
 
     @property
     def stop_ids(self) -> tuple[int, int]:
@@ -49,11 +54,13 @@ class TokenizerInfo:
 def tokenizer_info(vocab_size: int = REAL_VOCAB_SIZE, cache_path: str = "") -> TokenizerInfo:
     """Special-token ids for a tokenizer built with ``vocab_size`` (no build needed)."""
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size {vocab_size} < {MIN_VOCAB_SIZE} (256 bytes + 22 specials + pad)")
-    num_bpe = min(NUM_RANKS, vocab_size - len(SPECIAL_TOKENS) - 1)
+        raise ValueError(f"vocab_size {vocab_size} < {MIN_VOCAB_SIZE} (256 bytes + 22 specials + pad + 3 audio)")
+    num_bpe = min(NUM_RANKS, vocab_size - len(SPECIAL_TOKENS) - 1 - len(AUDIO_TOKENS))
     sid = {name: num_bpe + i for i, name in enumerate(SPECIAL_TOKENS)}
+    pad_id = num_bpe + len(SPECIAL_TOKENS)
     return TokenizerInfo(
-        vocab_size=vocab_size, num_bpe=num_bpe, pad_id=num_bpe + len(SPECIAL_TOKENS),
+        vocab_size=vocab_size, num_bpe=num_bpe, pad_id=pad_id,
+        audio_bos_id=pad_id + 1, audio_id=pad_id + 2, audio_eos_id=pad_id + 3,
         eos_id=sid["<|im_end|>"], endoftext_id=sid["<|endoftext|>"], im_start_id=sid["<|im_start|>"],
         im_end_id=sid["<|im_end|>"], vision_start_id=sid["<|vision_start|>"], vision_end_id=sid["<|vision_end|>"],
         image_pad_id=sid["<|image_pad|>"], video_pad_id=sid["<|video_pad|>"], cache_path=cache_path)

@@ -23,3 +23,31 @@ def test_plan_tiny_four_devices():
                                           - report["alias_bytes"]) > 0
     assert report["flops_per_step"] > 0 and report["xla_flops_per_device"] > 0
     assert any(line.startswith("headroom of 1 GB") for line in lines)
+
+
+def test_plan_with_an_audio_track():
+    """--audio_seconds turns audio on: 2.5 s per sample on the tiny encoder's 1 s windows = 3 windows per sample,
+    62 audio tokens in the text."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "emoqwen_jax.cli.plan", f"--config={ROOT}/configs/emotion_qwen.py:tiny",
+           "--num_devices=2", "--frames=4", "--frame_size=56", "--audio_seconds=2.5"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["global_batch"] == 2 and report["audio_windows"] == 6
+    assert report["per_device_bytes"] > 0 and report["xla_flops_per_device"] > 0
+
+
+def test_audio_batch_shapes():
+    from emoqwen_jax.model import ModelConfig
+    from emoqwen_jax.train.plan import video_batch_shapes
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    import emotion_qwen
+
+    c = emotion_qwen.get_config("7b")
+    c.model.audio.enabled = True
+    shapes = video_batch_shapes(ModelConfig.from_run_config(c), 2, 16, 448, audio_seconds=30)
+    assert shapes.audio.input_features.shape == (2, 128, 3000)  # one 30 s window per sample
+    # 16 frames of 448^2: 2048 video tokens; 30 s: 750 audio tokens + bos/eos; + 256, to a multiple of 256
+    assert shapes.text.input_ids.shape == (2, 3072) and shapes.audio.token_index.shape == (2, 3072)

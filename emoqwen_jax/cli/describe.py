@@ -4,6 +4,10 @@ r"""emoqwen-describe: ask a checkpoint about one clip (and/or image) and print i
   emoqwen-describe --ckpt ckpt/emoqwen-7b --video clip.mp4 --subtitle "I can't believe you did that."
   emoqwen-describe --ckpt ckpt/emoqwen-7b --image face.jpg --prompt "What emotion does this face show?"
   emoqwen-describe --ckpt C --video clip.mp4 --temperature 0.7 --top_p 0.9 --seed 1 --set fps=1.0
+  emoqwen-describe --ckpt C --audio voice.wav --prompt "How does the speaker feel?"
+
+With a checkpoint that has an audio encoder (``model.audio.enabled``), a video's own audio track goes into the
+prompt after its frames (README, Audio); ``--audio`` adds an audio-only file (wav, flac, mp3…).
 
 Defaults: the emotion-reasoning prompt (``emoqwen_jax.eval.emotion.emer.REASONING_PROMPT``), greedy decoding, and
 the tokenizer/processor settings stored with the checkpoint (``config.json`` ``meta.data``; the data
@@ -26,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(parser, max_new_tokens=512)
     parser.add_argument("--video", default=None, help="a video file")
     parser.add_argument("--image", default=None, help="an image file")
+    parser.add_argument("--audio", default=None, help="an audio file (needs a checkpoint with an audio encoder)")
     parser.add_argument("--prompt", default=None, help="the question (default: the emotion-reasoning prompt)")
     parser.add_argument("--subtitle", default=None, help="what is said in the clip (appended as 'Subtitle: …')")
     parser.add_argument("--json", action="store_true", help="print a JSON line instead of the bare answer")
@@ -36,9 +41,10 @@ def run(args: argparse.Namespace) -> dict:
     from emoqwen_jax.eval.emotion.emer import REASONING_PROMPT
     from emoqwen_jax.infer.session import Session
 
-    media = [(kind, path) for kind, path in (("video", args.video), ("image", args.image)) if path]
+    media = [(kind, path) for kind, path in (("video", args.video), ("image", args.image), ("audio", args.audio))
+             if path]
     if not media:
-        raise ValueError("give --video and/or --image")
+        raise ValueError("give --video, --image and/or --audio")
     session = Session.from_checkpoint(args.ckpt, parse_sets(args.set), dtype=args.dtype)
     prompt = session.prompt(args.prompt or REASONING_PROMPT, media, args.subtitle)
     sampling = session.sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)

@@ -4,6 +4,7 @@ and print its per-device memory and FLOPs.
   emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=256 --config.mesh.fsdp=-1 --config.mesh.data=1 \
       --frame_block=1024 --device_memory_gb=95
   emoqwen-plan --config=configs/emotion_qwen.py:tiny --num_devices=4 --batch_per_device=1 --frames=4 --frame_size=112
+  emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=8 --audio_seconds=30 --device_memory_gb=80
 
 The step is the trainer's (``make_train_step``: loss, gradients, AdamW with the stage's frozen leaves,
 non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the trainer's shardings) over a
@@ -39,6 +40,8 @@ _LENGTH = flags.DEFINE_integer("length", 0, "Text length per sample (0: the vide
 _FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (block-local full attention; "
                                     "-1 = leave the config's value, 0 = dense).")
 _MEMORY = flags.DEFINE_float("device_memory_gb", 0.0, "If set, print the headroom against this per-device memory.")
+_AUDIO = flags.DEFINE_float("audio_seconds", 0.0, "Seconds of each sample's audio track (> 0 turns "
+                            "model.audio on: encoder windows and 25 audio tokens per second join the batch).")
 
 
 def main_(argv) -> None:
@@ -51,8 +54,10 @@ def main_(argv) -> None:
     if _FRAME_BLOCK.value >= 0:
         with config.unlocked():  # the preset may not list the key yet
             config.model.vision.frame_block = _FRAME_BLOCK.value
+    if _AUDIO.value > 0:
+        config.model.audio.enabled = True
     report = plan(config, num_devices=_DEVICES.value, stage=_STAGE.value, batch_per_device=_PER_DEVICE.value,
-                  frames=_FRAMES.value, frame_size=_SIZE.value, length=_LENGTH.value)
+                  frames=_FRAMES.value, frame_size=_SIZE.value, length=_LENGTH.value, audio_seconds=_AUDIO.value)
     print(format_table(report, _MEMORY.value))
     print(json.dumps(report))
 

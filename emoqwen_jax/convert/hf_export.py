@@ -77,6 +77,14 @@ def check_format(config: ModelConfig, fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; choose one of {FORMATS}")
     comp = config.compressor
+    if config.audio.enabled and fmt != EXPORT_MODEL_TYPE:
+        raise ValueError(f"format {fmt!r} has no audio encoder; a model with model.audio.enabled exports only as "
+                         f"'{EXPORT_MODEL_TYPE}' (loaded with trust_remote_code=True)")
+    a = config.audio
+    if a.enabled and (a.position_rule != "text" or a.layer_norm_eps != 1e-5 or a.gate_audio):
+        raise ValueError(f"audio.position_rule={a.position_rule!r}, layer_norm_eps={a.layer_norm_eps}, gate_audio="
+                         f"{a.gate_audio}: the export's remote code implements position_rule 'text', HF's "
+                         f"Qwen2AudioEncoder (layer norm eps 1e-5) and a gate without audio input only")
     if fmt == "qwen2_5_vl":
         if comp.num_experts != 1:
             raise ValueError(f"format 'qwen2_5_vl' has a single patch merger, but this checkpoint has "
@@ -123,7 +131,8 @@ def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: str |
         comp = dataclasses.asdict(config.compressor)
         out.update(architectures=["EmotionQwenForConditionalGeneration"], model_type=EXPORT_MODEL_TYPE,
                    auto_map=dict(AUTO_MAP), compressor={k: list(x) if isinstance(x, tuple) else x
-                                                        for k, x in comp.items()})
+                                                        for k, x in comp.items()},
+                   audio=dataclasses.asdict(config.audio))
     return out
 
 

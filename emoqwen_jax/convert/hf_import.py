@@ -25,7 +25,7 @@ from safetensors import safe_open
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.compressor import GateNetwork
-from emoqwen_jax.model.config import CompressorConfig, TextConfig, VisionConfig
+from emoqwen_jax.model.config import AudioConfig, CompressorConfig, TextConfig, VisionConfig
 from emoqwen_jax.model.layers import Linear, as_dtype
 from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
 
@@ -83,8 +83,9 @@ def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | Non
     comp_fields = {**(hf.get("compressor") or {}), **(compressor or {})} if model_type == EXPORT_MODEL_TYPE else (
         compressor or {})
     comp = CompressorConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in comp_fields.items()})
+    audio = AudioConfig(**hf["audio"]) if model_type == EXPORT_MODEL_TYPE and hf.get("audio") else AudioConfig()
     return ModelConfig(
-        vision=vision_cfg, text=text_cfg, compressor=comp,
+        vision=vision_cfg, text=text_cfg, compressor=comp, audio=audio,
         image_token_id=hf.get("image_token_id", _IDS.image_pad_id),
         video_token_id=hf.get("video_token_id", _IDS.video_pad_id),
         vision_start_token_id=hf.get("vision_start_token_id", _IDS.vision_start_id),

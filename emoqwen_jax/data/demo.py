@@ -7,7 +7,7 @@ emotion recognition can be concluded from it.
 
 Written under ``out``::
 
-    videos/clip_XXX.mp4      12 clips, 16 frames at 8 fps, 112×112 (H.264)
+    videos/clip_XXX.mp4      12 clips, 16 frames at 8 fps, 112×112 (H.264), an AAC track (data/demo_audio.py)
     images/face_XXX.png      6 stills, 96×128
     train.jsonl              conversations (official format) over all clips and stills
     eval_dfew.csv            a DFEW-style fold (video_name,label with DFEW ids) over the clips
@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from emoqwen_jax.data import video_io
+from emoqwen_jax.data.demo_audio import write_demo_clip
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES
 
 EMOTIONS = ("happy", "sad", "neutral", "angry", "surprise")  # all are DFEW classes
@@ -78,7 +78,7 @@ def build_demo(out: str, *, num_clips: int = 12, num_images: int = 6) -> dict[st
     for i in range(num_clips):
         emotion = EMOTIONS[i % len(EMOTIONS)]
         rel = f"videos/clip_{i:03d}.mp4"
-        video_io.write_video(os.path.join(out, rel), demo_clip(i, emotion), 8.0, gop=8)
+        write_demo_clip(os.path.join(out, rel), demo_clip(i, emotion), 8.0, emotion, i)  # with its label's sound
         entries.append({"id": f"clip_{i:03d}", "video": rel, "label": emotion, "conversations": [
             {"role": "user", "content": f"<video>\n{QUESTIONS[i % len(QUESTIONS)]}"},
             {"role": "assistant", "content": f"The person looks {emotion}."}]})

@@ -2,16 +2,19 @@
 
 A record (a JSON-serialisable dict, so prepared datasets can store it)::
 
-    {"id": str, "media": [{"kind": "video"|"image", "path": str (absolute, inside data_root)}],
+    {"id": str, "media": [{"kind": "video"|"image"|"audio", "path": str (absolute, inside data_root)}],
      "conversations": [{"role": "user"|"assistant"|"system", "content": str}], "subtitle": str|None,
-     "label": str|None, "source": str}
+     "label": str|None, "source": str, "audio_required": bool}
 
 or, for an entry that is already known to be bad, ``{"id", "rejected": reason, "detail"}`` — rejected entries
 stay in the stream so the pipeline counts them with every other rejection.
 
 Formats (``fmt``; 'auto' decides by extension and CSV header):
-- ``conversation``: the official format, a JSON list or JSONL of ``{"id", "video"|"image", "conversations",
-  "subtitle"?}`` with ``<video>``/``<image>`` placeholders (``video``/``image`` may be a list).
+- ``conversation``: the official format, a JSON list or JSONL of ``{"id", "video"|"image"|"audio",
+  "conversations", "subtitle"?, "audio_required"?}`` with ``<video>``/``<image>``/``<audio>`` placeholders
+  (``video``/``image`` may be a list). ``audio`` names an audio-only file (wav/flac/mp3/ogg/m4a); a video's own
+  audio track is used without a key. ``audio_required: true`` rejects a clip without an audio stream
+  ('no_audio') instead of training it without audio tokens.
 - ``dfew`` / ``mafw``: fold CSVs ``video_name,label`` with the benchmark's 1-based label ids (or names).
 - ``mer``: ``name,discrete`` with label names.
 Benchmark rows become a user turn with the benchmark's prompt and an assistant turn with the label word.
@@ -25,6 +28,7 @@ import json
 import os
 from typing import Any, Iterator
 
+from emoqwen_jax.data.audio import AUDIO_EXTENSIONS
 from emoqwen_jax.data.reasons import Rejected, rejection
 
 # Class lists in the benchmarks' id order (REFERENCE §4); label ids in the CSVs are 1-based.
@@ -80,12 +84,14 @@ def conversation_record(entry: Any, data_root: str, source: str, index: int) -> 
         if _has_surrogates(entry):
             raise Rejected("non_utf8", "text is not valid UTF-8")
         media = []
-        for kind in ("video", "image"):
+        for kind in ("video", "image", "audio"):
             paths = entry.get(kind)
             if paths is None:
                 continue
             for rel in paths if isinstance(paths, list) else [paths]:
                 media.append({"kind": kind, "path": resolve_path(data_root, rel)})
+                if kind == "audio" and os.path.splitext(media[-1]["path"])[1].lower() not in AUDIO_EXTENSIONS:
+                    raise Rejected("corrupt_audio", f"{rel!r} is not an audio file ({', '.join(AUDIO_EXTENSIONS)})")
         if len({m["kind"] for m in media}) > 1:
             raise Rejected("placeholder_mismatch", "a sample mixes videos and images")
         turns = entry.get("conversations")
@@ -94,8 +100,11 @@ def conversation_record(entry: Any, data_root: str, source: str, index: int) -> 
         subtitle = entry.get("subtitle")
         if subtitle is not None and not isinstance(subtitle, str):
             raise Rejected("malformed_json", "subtitle is not a string")
+        required = entry.get("audio_required", False)
+        if not isinstance(required, bool):
+            raise Rejected("malformed_json", f"audio_required is {required!r}, not true/false")
         return {"id": sample_id, "media": media, "conversations": turns, "subtitle": subtitle,
-                "label": entry.get("label"), "source": source}
+                "label": entry.get("label"), "source": source, "audio_required": required}
     except Rejected as e:
         return rejection(sample_id, e)
 

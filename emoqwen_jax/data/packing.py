@@ -26,6 +26,7 @@ Sample = dict[str, Any]
 # Fields of a processed sample that are laid end to end in a packed row (tokens and visual items).
 _CONCAT = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "pixel_values_videos",
            "video_grid_thw", "second_per_grid_ts")
+_AUDIO = ("input_features", "feature_attention_mask", "audio_lengths")  # present when the model takes audio
 
 
 def merge_row(samples: Sequence[Sample]) -> Sample:
@@ -39,6 +40,10 @@ def merge_row(samples: Sequence[Sample]) -> Sample:
         if key.endswith("grid_thw"):
             parts = [p.reshape(-1, 3) for p in parts]
         row[key] = np.concatenate(parts)
+    if "input_features" in samples[0]:  # audio windows travel in row order too (pipeline.audio_batch)
+        for key in _AUDIO:
+            row[key] = np.concatenate([np.asarray(s[key]).reshape((-1, 2) if key == "audio_lengths" else
+                                                                  np.shape(s[key])) for s in samples])
     row["segment_ids"] = np.concatenate([np.full(len(s["input_ids"]), k + 1, np.int32)
                                          for k, s in enumerate(samples)])
     return row

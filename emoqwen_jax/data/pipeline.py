@@ -29,7 +29,11 @@ the batch's patch rows, or 0 when the batch has none of that modality)::
     video_grid_thw       int32[n_vid, 3]
     video_sample_index   int32[n_vid]
     second_per_grid_ts   float32[n_vid]
-    segment_ids          int32[B, Lb]     only with ``packing``: 1, 2, ... per sample of the row, 0 padding
+    segment_ids          int32[B, Lb]        only with ``packing``: 1, 2, ... per sample of the row, 0 padding
+    input_features       float32[Wb, M, Fw]  audio encoder windows of the batch in row order, zero windows
+                                             after (Wb: the smallest data.audio.window_buckets entry that fits)
+    feature_attention_mask int32[Wb, Fw]     1 = a frame of real audio
+    audio_lengths        int32[n_aud, 2]     host metadata: (windows, tokens) of each audio, row order
 
 With ``packing`` (``emoqwen_jax.data.packing``) a row holds several samples (up to the bucket of
 ``max_length`` tokens), its ``id`` their ids joined by ``,``; ``*_sample_index`` still name the batch row.
@@ -64,8 +68,10 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
 class Collate:
     """List of samples → one padded batch (see the module docstring). Picklable."""
 
-    def __init__(self, batch_size: int, length_buckets: Sequence[int], patch_buckets: Sequence[int], pad_id: int):
+    def __init__(self, batch_size: int, length_buckets: Sequence[int], patch_buckets: Sequence[int], pad_id: int,
+                 window_buckets: Sequence[int] = (1,)):
         self.batch_size = int(batch_size)
+        self.window_buckets = tuple(int(b) for b in window_buckets)
         self.length_buckets = tuple(int(b) for b in length_buckets)
         self.patch_buckets = tuple(int(b) for b in patch_buckets)
         self.pad_id = int(pad_id)
@@ -102,7 +108,22 @@ class Collate:
             batch[grid] = np.concatenate([s[grid] for s in samples]).astype(np.int32).reshape(-1, 3)
             batch[index] = np.concatenate([np.full(len(s[grid]), i, np.int32) for i, s in enumerate(samples)])
         batch["second_per_grid_ts"] = np.concatenate([s["second_per_grid_ts"] for s in samples]).astype(np.float32)
+        if "input_features" in samples[0]:
+            batch.update(audio_batch(samples, self.window_buckets))
         return batch
+
+
+def audio_batch(samples: Sequence[dict[str, Any]], window_buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """The samples' audio windows, concatenated in row order and zero-padded to a window bucket."""
+    feats = np.concatenate([s["input_features"] for s in samples])
+    masks = np.concatenate([s["feature_attention_mask"] for s in samples])
+    n = feats.shape[0]
+    w = bucket(n, window_buckets) if n else 0
+    out_f = np.zeros((w,) + feats.shape[1:], np.float32)
+    out_m = np.zeros((w,) + masks.shape[1:], np.int32)
+    out_f[:n], out_m[:n] = feats, masks
+    lengths = np.concatenate([s["audio_lengths"] for s in samples]).astype(np.int32).reshape(-1, 2)
+    return {"input_features": out_f, "feature_attention_mask": out_m, "audio_lengths": lengths}
 
 
 class _CountRejectsIterator(grain.DatasetIterator):
@@ -211,7 +232,8 @@ def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_
                                                          per_worker_buffer_size=int(cfg["worker_buffer_size"])))
     it = CountRejects(it, counter, cfg)
     info = tokenizer_info(int(cfg["tokenizer_vocab_size"]))
-    collate = Collate(cfg["batch_size"], cfg["length_buckets"], cfg["patch_buckets"], info.pad_id)
+    collate = Collate(cfg["batch_size"], cfg["length_buckets"], cfg["patch_buckets"], info.pad_id,
+                      cfg.get("audio", {}).get("window_buckets", (1,)))
     if cfg.get("packing", False):  # rows of several samples, up to the bucket that holds max_length
         capacity = bucket(int(cfg["max_length"]), cfg["length_buckets"])
         return PackRows(it, int(cfg["batch_size"]), capacity, bool(cfg["drop_remainder"])).map(collate)

@@ -32,6 +32,11 @@ REASONS = {
     "non_utf8": "text that is not valid UTF-8 (or contains lone surrogates)",
     "placeholder_mismatch": "the number of <video>/<image> placeholders differs from the media given",
     "too_long": "the tokenized sample (with all vision tokens) exceeds max_length; we never truncate",
+    "no_audio": "the manifest marks audio as required (audio_required) but the file has no audio stream",
+    "corrupt_audio": "the audio stream cannot be decoded, decodes to nothing, or is truncated",
+    "bad_sample_rate": "the audio stream declares a sample rate of 0 (or none)",
+    "bad_audio_samples": "the decoded audio holds NaN or infinite samples",
+    "audio_too_long": "the audio is longer than data.max_audio_seconds (checked before decoding); never cut",
 }
 
 

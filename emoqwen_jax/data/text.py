@@ -26,7 +26,7 @@ from emoqwen_jax.data.reasons import Rejected
 from emoqwen_jax.data.tokenizer import TokenizerInfo
 from emoqwen_jax.tokens import IGNORE  # noqa: F401 (re-exported for data users)
 
-PLACEHOLDER_RE = re.compile(r"<(video|image)>")
+PLACEHOLDER_RE = re.compile(r"<(video|image|audio)>")
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                 "system": "system"}
 MERGE_UNITS = 4  # spatial merge 2 × 2: patches per vision token
@@ -93,7 +93,11 @@ def encode_conversation(turns: Sequence[dict[str, str]], vision_blocks: Sequence
     """Renders and tokenizes a normalized conversation.
 
     ``vision_blocks[k]`` lists, for the k-th placeholder, ``(pad_id, n_tokens)`` for each grid it expands to
-    (the clip's grid, then e.g. its face-canvas grid). Returns (input_ids int32[L], labels int32[L]).
+    (the clip's grid, then e.g. its face-canvas grid), wrapped in ``<|vision_start|>``/``<|vision_end|>``; a
+    4-tuple ``(pad_id, n_tokens, start_id, end_id)`` names its own wrappers (the clip's audio block:
+    ``<|audio_bos|>`` ``<|AUDIO|>`` × n ``<|audio_eos|>``, right after the video's vision block); a 1-tuple
+    ``([ids],)`` is inserted as it is (the 'interleave' rule's clip block, ``layout_audio``).
+    Returns (input_ids int32[L], labels int32[L]).
     """
     # Pieces: str (text) or list[int] (special ids); labelled pieces carry True.
     pieces: list[tuple[str | list[int], bool]] = []
@@ -107,8 +111,13 @@ def encode_conversation(turns: Sequence[dict[str, str]], vision_blocks: Sequence
                 if j % 2 == 0:
                     pieces.append((part, False))
                 else:
-                    for pad_id, n in next(blocks):
-                        pieces.append(([info.vision_start_id] + [pad_id] * n + [info.vision_end_id], False))
+                    for entry in next(blocks):
+                        if isinstance(entry[0], list):  # raw ids (an interleaved audio-video block)
+                            pieces.append((list(entry[0]), False))
+                            continue
+                        pad_id, n, *wrap = entry
+                        start, end = wrap or (info.vision_start_id, info.vision_end_id)
+                        pieces.append(([start] + [pad_id] * n + [end], False))
         else:
             pieces.append((content, labelled))
         pieces.append(([info.im_end_id], labelled))

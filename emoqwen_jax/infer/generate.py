@@ -205,7 +205,8 @@ def decode(model: EmotionQwen, logits: Array, cache: KVCache, key_valid: Array, 
 def generate(model: EmotionQwen, input_ids, attention_mask=None, *, sampling: SamplingConfig,
              rng: Array | int | None = None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
              video_grid_thw=None, second_per_grid_ts=None, pad_patches_to: int | None = None,
-             pad_items_to: int | None = None) -> GenerationOutput:
+             pad_items_to: int | None = None, input_features=None, feature_attention_mask=None,
+             audio_lengths=None) -> GenerationOutput:
     """Generates up to ``sampling.max_new_tokens`` tokens for left-padded prompts (Hugging Face names).
 
     Args:
@@ -214,13 +215,16 @@ def generate(model: EmotionQwen, input_ids, attention_mask=None, *, sampling: Sa
         row order (images first in the visual order, as in ``EmotionQwen.__call__``), with their grids.
       rng: a PRNG key or an int seed for sampling (ignored when greedy).
       pad_patches_to, pad_items_to: bucket the vision shapes so many prompts share one compiled prefill.
+      input_features, feature_attention_mask, audio_lengths: the prompts' audio (encoder windows float[W, M, F]
+        in row order, their mask, (windows, tokens) per audio) for a model with an audio encoder.
     """
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     check_left_padded(mask)
     inputs = model.prepare_inputs(input_ids, mask, pixel_values, image_grid_thw, pixel_values_videos,
-                                  video_grid_thw, second_per_grid_ts, pad_patches_to=pad_patches_to,
-                                  pad_items_to=pad_items_to)
+                                  video_grid_thw, second_per_grid_ts, input_features=input_features,
+                                  feature_attention_mask=feature_attention_mask, audio_lengths=audio_lengths,
+                                  pad_patches_to=pad_patches_to, pad_items_to=pad_items_to)
     length = input_ids.shape[1]
     next_position = (length + inputs.text.rope_deltas).astype(np.int32)
     inputs = inputs.replace(rope_deltas=None)  # host-side only: keeps the prefill's signature minimal
@@ -235,14 +239,15 @@ def generate(model: EmotionQwen, input_ids, attention_mask=None, *, sampling: Sa
 
 
 def batch_vision(samples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray | None]:
-    """Concatenates per-prompt vision arrays (``emoqwen_jax.data`` sample names) in row order.
+    """Concatenates per-prompt vision (and audio) arrays (``emoqwen_jax.data`` sample names) in row order.
 
     Rows are in batch order, so each kind's visual tokens fill its pad tokens row-major, as the layout
     expects. Kinds no sample has become None.
     """
     out: dict[str, np.ndarray | None] = {}
     for key, width in (("pixel_values", 2), ("image_grid_thw", 2), ("pixel_values_videos", 2),
-                       ("video_grid_thw", 2), ("second_per_grid_ts", 1)):
+                       ("video_grid_thw", 2), ("second_per_grid_ts", 1), ("input_features", 3),
+                       ("feature_attention_mask", 2), ("audio_lengths", 2)):
         parts = [np.asarray(s[key]) for s in samples if s.get(key) is not None and len(s[key])]
         out[key] = np.concatenate(parts) if parts else None
         if out[key] is not None and out[key].ndim != width:

@@ -25,11 +25,12 @@ import numpy as np
 
 from emoqwen_jax.data import data_config, load_tokenizer
 from emoqwen_jax.data.process import SampleProcessor
-from emoqwen_jax.data.text import num_vision_tokens, prompt_ids
+from emoqwen_jax.data.text import prompt_ids
 from emoqwen_jax.infer.generate import SamplingConfig, batch_vision, generate, left_pad
 from emoqwen_jax.model import EmotionQwen
 
-MEDIA_KINDS = ("video", "image")
+MEDIA_KINDS = ("video", "image", "audio")
+_AUDIO_KEYS = ("input_features", "feature_attention_mask", "audio_lengths")
 PATCH_STEP = 2048  # patch rows of a batch are padded to a multiple of this (or a smaller training bucket)
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,21 @@ class Session:
         cfg = data_config().to_dict()
         cfg["tokenizer_vocab_size"] = model.config.text.vocab_size
         cfg = _merge(_merge(cfg, data or {}, strict=False), overrides or {}, strict=True)
+        a = model.config.audio  # the model decides whether (and how) audio reaches it
+        cfg["audio"].update(enabled=a.enabled, num_mel_bins=a.num_mel_bins, window_frames=a.max_frames,
+                            position_rule=a.position_rule, interleave_seconds=a.interleave_seconds)
         self.model, self.data = model, cfg
         self.tokenizer, self.info = load_tokenizer(int(cfg["tokenizer_vocab_size"]), cfg["tokenizer_cache_dir"])
         mc, info = model.config, self.info
         want = (info.image_pad_id, info.video_pad_id, info.vision_start_id, info.vision_end_id)
         have = (mc.image_token_id, mc.video_token_id, mc.vision_start_token_id, mc.vision_end_token_id)
+        if a.enabled:
+            want += (info.audio_bos_id, info.audio_id, info.audio_eos_id)
+            have += (a.audio_bos_token_id, a.audio_token_id, a.audio_eos_token_id)
         if want != have:
-            raise ValueError(f"the checkpoint's vision token ids {have} (image, video, start, end) differ from the "
-                             f"tokenizer's {want} for vocab {cfg['tokenizer_vocab_size']}")
+            raise ValueError(f"the checkpoint's special token ids {have} (image, video, start, end[, audio bos, "
+                             f"audio, audio eos]) differ from the tokenizer's {want} for vocab "
+                             f"{cfg['tokenizer_vocab_size']}")
         self.processor = SampleProcessor(cfg)
 
     @classmethod
@@ -96,30 +104,32 @@ class Session:
         return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               stop_ids=tuple(self.info.stop_ids), pad_id=self.info.pad_id)
 
-    def _medium(self, kind: str, path: str) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
-        """One file -> its vision arrays and its placeholder's blocks [(pad id, tokens)] (clip, then canvas)."""
+    def _medium(self, kind: str, path: str) -> tuple[dict[str, np.ndarray], list[tuple]]:
+        """One file -> its arrays and its placeholder's token blocks (clip, face canvas, the clip's audio when
+        the model has an audio encoder), exactly as training builds them."""
         if kind not in MEDIA_KINDS:
             raise ValueError(f"media kind {kind!r}; valid: {MEDIA_KINDS}")
-        record = {"id": os.path.basename(path), "media": [{"kind": kind, "path": path}],
-                  "conversations": [{"role": "user", "content": f"<{kind}>"}, {"role": "assistant", "content": "."}]}
-        sample = self.processor.process(record)  # raises data.reasons.Rejected for unreadable media
-        grids = sample["video_grid_thw" if kind == "video" else "image_grid_thw"]
-        pad = self.info.video_pad_id if kind == "video" else self.info.image_pad_id
-        vision = {k: v for k, v in sample.items() if k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
-                                                           "video_grid_thw", "second_per_grid_ts")}
-        return vision, [(pad, num_vision_tokens(g)) for g in grids]
+        if kind == "audio" and not self.model.config.audio.enabled:
+            raise ValueError("an audio file was given but this checkpoint has no audio encoder "
+                             "(model.audio.enabled=False)")
+        # raises data.reasons.Rejected for unreadable media
+        arrays, blocks = self.processor.media_arrays([{"kind": kind, "path": path}], self.info)
+        keep = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        keep += _AUDIO_KEYS if self.model.config.audio.enabled else ()
+        return {k: v for k, v in arrays.items() if k in keep}, blocks[0]
 
     def prompt(self, text: str, media: Sequence[tuple[str, str]] = (), subtitle: str | None = None) -> Prompt:
         """A user question about ``media`` [(kind, path)] -> the generation prompt.
 
         Each medium's placeholder goes first, in the given order, unless ``text`` already holds
-        ``<video>``/``<image>`` placeholders; a subtitle is appended as training does ("\\nSubtitle: …").
+        ``<video>``/``<image>``/``<audio>`` placeholders (a clip's own audio needs none: with an audio encoder it
+        follows the clip's vision block); a subtitle is appended as training does ("\\nSubtitle: …").
         """
         for kind, path in media:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{kind} file {path} does not exist")
         parts = [self._medium(kind, path) for kind, path in media]
-        if "<video>" not in text and "<image>" not in text:
+        if not any(f"<{kind}>" in text for kind in MEDIA_KINDS):
             text = "".join(f"<{kind}>\n" for kind, _ in media) + text
         if subtitle:
             text += "\nSubtitle: " + subtitle
@@ -142,6 +152,13 @@ class Session:
             padded = min(_bucket(patches, self.data["patch_buckets"], PATCH_STEP), _bucket(patches, (), PATCH_STEP))
             buckets = dict(pad_patches_to=padded,
                            pad_items_to=1 << (items - 1).bit_length())
+        if vision.get("input_features") is not None:  # pad the audio windows to a bucket (fewer compiles)
+            feats, fmask = vision["input_features"], vision["feature_attention_mask"]
+            w = _bucket(len(feats), self.data["audio"]["window_buckets"], 8)
+            vision["input_features"] = np.concatenate([feats, np.zeros((w - len(feats),) + feats.shape[1:],
+                                                                       feats.dtype)])
+            vision["feature_attention_mask"] = np.concatenate([fmask, np.zeros((w - len(fmask), fmask.shape[1]),
+                                                                               fmask.dtype)])
         out = generate(self.model, ids, mask, sampling=sampling, rng=seed, **vision, **buckets)
         return [out.row(b) for b in range(len(prompts))]
 

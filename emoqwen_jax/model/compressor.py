@@ -107,8 +107,10 @@ class GateNetwork(nnx.Module):
         self.head = Linear(hid, cfg.num_experts, use_bias=True, axes=("gate", None), **kw)
         self.gate_input = cfg.gate_input
 
-    def __call__(self, features: Array, patch_item: Array, num_items: int) -> Array:
-        """features float[P, Dv]; patch_item int[P] (-1 = padding) -> weights float32[G, E]."""
+    def __call__(self, features: Array, patch_item: Array, num_items: int, extra: Array | None = None) -> Array:
+        """features float[P, Dv]; patch_item int[P] (-1 = padding) -> weights float32[G, E]. ``extra``
+        float[G, Dv] (the items' projected pooled audio, ``model.audio.gate_audio``) is added to each item's
+        gate feature before the MLP."""
         valid = patch_item >= 0
         onehot = (patch_item[:, None] == jnp.arange(num_items)[None, :]) & valid[:, None]  # [P, G]
         counts = jnp.maximum(onehot.sum(0), 1).astype(jnp.float32)
@@ -121,6 +123,8 @@ class GateNetwork(nnx.Module):
             attended = self.attention(features[None], same)[0]  # [P, Dv], attention within each item
             x = jnp.einsum("pg,pd->gd", onehot.astype(jnp.float32), attended.astype(jnp.float32))
             x = (x / counts[:, None]).astype(features.dtype)
+        if extra is not None:
+            x = x + extra.astype(x.dtype)
         x = self.norm1(jax.nn.relu(self.fc1(x)))
         x = self.norm2(jax.nn.relu(self.fc2(x)))
         return jax.nn.softmax(self.head(x).astype(jnp.float32), axis=-1)
@@ -148,13 +152,15 @@ class HybridCompressor(nnx.Module):
                        if cfg.routing == "token" else None)
         self.merge_unit = vision.merge_unit
 
-    def __call__(self, features: Array, patch_item: Array, num_items: int) -> tuple[Array, Array, dict]:
+    def __call__(self, features: Array, patch_item: Array, num_items: int,
+                 gate_extra: Array | None = None) -> tuple[Array, Array, dict]:
         """Compresses ViT features into LLM tokens.
 
         Args:
           features: float[P, Dv] ViT output (any order in which merge groups are contiguous).
           patch_item: int[P] item id of each patch in the same order (-1 = padding).
           num_items: G, the static number of item slots.
+          gate_extra: optional float[G, Dv] added to the gate's per-item feature (paper mode; pooled audio).
         Returns:
           tokens float[U, Dout] in the same unit order; per-item expert weights float32[G, E] (the gate's in
           paper mode, the mean router probability in scale mode); aux dict with ``aux_loss`` (to add to the
@@ -168,7 +174,7 @@ class HybridCompressor(nnx.Module):
         expert_out = sharding.constrain(self.experts(features), ("expert", "units", "act_embed"))  # [E, U, Dout]
         if self.gate is None:
             return expert_out[0], jnp.ones((num_items, 1), jnp.float32), aux
-        weights = self.gate(features, patch_item, num_items)  # [G, E]
+        weights = self.gate(features, patch_item, num_items, gate_extra)  # [G, E]
         unit_weights = jnp.where((unit_item >= 0)[:, None], weights[jnp.maximum(unit_item, 0)], 0.0)
         tokens = jnp.einsum("eud,ue->ud", expert_out.astype(jnp.float32), unit_weights)
         return tokens.astype(expert_out.dtype), weights, aux

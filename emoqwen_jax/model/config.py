@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from emoqwen_jax.sizes import BASE, SIZES
 from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
 
-_V, _T, _C = (SIZES[BASE][part] for part in ("vision", "text", "compressor"))  # defaults: the released 7B
+_V, _T, _C, _A = (SIZES[BASE][part] for part in ("vision", "text", "compressor", "audio"))  # the released 7B
 _IDS = tokenizer_info(REAL_VOCAB_SIZE)  # special-token ids at the full vocabulary
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -145,11 +145,66 @@ class CompressorConfig:
             raise ValueError(f"compressor.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
 
 
+PROJECTORS = ("linear", "mlp")
+POSITION_RULES = ("text", "interleave")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig:
+    """``config.model.audio``: the encoder's sizes (HF ``Qwen2AudioEncoderConfig`` names), the projector and
+    how audio tokens sit in the sequence. Defaults are Qwen2-Audio-7B's encoder (Whisper-large-v3 sized)."""
+
+    enabled: bool = False
+    num_mel_bins: int = _A["num_mel_bins"]
+    d_model: int = _A["d_model"]
+    encoder_layers: int = _A["encoder_layers"]
+    encoder_attention_heads: int = _A["encoder_attention_heads"]
+    encoder_ffn_dim: int = _A["encoder_ffn_dim"]
+    max_source_positions: int = _A["max_source_positions"]  # after conv2; 30 s windows = 2 * 1500 = 3000 frames
+    scale_embedding: bool = False
+    layer_norm_eps: float = 1e-5
+    projector: str = "linear"  # 'linear' (Qwen2-Audio: one Linear with bias) | 'mlp' (Linear, GELU, Linear)
+    projector_hidden_size: int = 0  # hidden width of the 'mlp' projector; 0 = the LLM width
+    position_rule: str = "text"  # 'text': audio block after the vision block, positions text-like |
+    #                              'interleave': time-aligned audio/video chunks (Qwen2.5-Omni TMRoPE idea)
+    interleave_seconds: float = 2.0  # chunk length of the 'interleave' rule
+    freeze_encoder: bool = True  # the encoder is frozen by default (stages may still train it)
+    gate_audio: bool = False  # the Hybrid Compressor's gate also sees the sample's pooled audio features
+    # Qwen2-Audio's token names in unused embedding rows above the Qwen2.5 tokenizer's last id (151664) and our
+    # pad (151665): 151666-151668 (emoqwen_jax/tokens.py; configs take them from tokenizer_info).
+    audio_bos_token_id: int = _IDS.audio_bos_id  # <|audio_bos|>
+    audio_token_id: int = _IDS.audio_id  # <|AUDIO|>
+    audio_eos_token_id: int = _IDS.audio_eos_id  # <|audio_eos|>
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+    @property
+    def max_frames(self) -> int:
+        return 2 * self.max_source_positions
+
+    def validate(self) -> None:
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(f"audio.d_model={self.d_model} not divisible by encoder_attention_heads="
+                             f"{self.encoder_attention_heads}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"audio.projector={self.projector!r}; choose one of {PROJECTORS}")
+        if self.position_rule not in POSITION_RULES:
+            raise ValueError(f"audio.position_rule={self.position_rule!r}; choose one of {POSITION_RULES}")
+        if self.interleave_seconds <= 0:
+            raise ValueError(f"audio.interleave_seconds={self.interleave_seconds} must be > 0")
+        for name in ("num_mel_bins", "d_model", "encoder_layers", "encoder_ffn_dim", "max_source_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"audio.{name}={getattr(self, name)} must be >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     compressor: CompressorConfig = dataclasses.field(default_factory=CompressorConfig)
+    audio: AudioConfig = dataclasses.field(default_factory=AudioConfig)  # off unless audio.enabled
     image_token_id: int = _IDS.image_pad_id
     video_token_id: int = _IDS.video_pad_id
     vision_start_token_id: int = _IDS.vision_start_id
@@ -165,12 +220,15 @@ class ModelConfig:
         self.vision.validate()
         self.text.validate()
         self.compressor.validate(self.vision.hidden_size)
+        self.audio.validate()
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {_DTYPES}")
         if self.remat not in ("none", "block"):
             raise ValueError(f"model.remat={self.remat!r}; choose 'none' or 'block'")
         ids = [self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id]
+        if self.audio.enabled:
+            ids += [self.audio.audio_bos_token_id, self.audio.audio_token_id, self.audio.audio_eos_token_id]
         if max(ids) >= self.text.vocab_size:
             raise ValueError(f"special token ids {ids} must be < text.vocab_size={self.text.vocab_size}")
 
@@ -192,7 +250,7 @@ class ModelConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Builds from a (possibly nested ConfigDict-like) mapping; unknown keys are an error."""
         d = dict(d)
-        sub = {"vision": VisionConfig, "text": TextConfig, "compressor": CompressorConfig}
+        sub = {"vision": VisionConfig, "text": TextConfig, "compressor": CompressorConfig, "audio": AudioConfig}
         kwargs = {}
         for key, value in d.items():
             if key in sub:

@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emoqwen_jax import layout
+from emoqwen_jax import layout, layout_audio
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import sharding
+from emoqwen_jax.model.audio import AudioEncoder, AudioProjector, pooled_audio_per_item
 from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
+from emoqwen_jax.model.layers import Linear, as_dtype
 from emoqwen_jax.model.text import TextModel, causal_padding_mask
 from emoqwen_jax.model.vision import VisionTransformer, from_window_order
 
@@ -48,6 +50,16 @@ def layout_spec(config: ModelConfig) -> layout.LayoutSpec:
         tokens_per_second=v.tokens_per_second, patch_dim=v.patch_dim)
 
 
+def audio_spec(config: ModelConfig) -> layout_audio.AudioSpec | None:
+    """The host's audio constants (None without audio)."""
+    a = config.audio
+    if not a.enabled:
+        return None
+    return layout_audio.AudioSpec(audio_token_id=a.audio_token_id, audio_bos_token_id=a.audio_bos_token_id,
+                                  audio_eos_token_id=a.audio_eos_token_id, window_frames=a.max_frames,
+                                  position_rule=a.position_rule, interleave_seconds=a.interleave_seconds)
+
+
 class EmotionQwen(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -56,26 +68,58 @@ class EmotionQwen(nnx.Module):
         self.visual = VisionTransformer(config.vision, rngs=rngs, remat=remat, **dt)
         self.compressor = HybridCompressor(config.compressor, config.vision, config.text.hidden_size, rngs=rngs, **dt)
         self.language_model = TextModel(config.text, rngs=rngs, remat=remat, **dt)
+        if config.audio.enabled:  # Qwen2-Audio's encoder and projector (model/audio.py)
+            self.audio_tower = AudioEncoder(config.audio, rngs=rngs, **dt)
+            self.audio_projector = AudioProjector(config.audio, config.text.hidden_size, rngs=rngs, **dt)
+            if config.audio.gate_audio and self.compressor.gate is not None:
+                # Zero-initialised: the gate starts exactly as without audio (a released checkpoint is unchanged).
+                self.audio_gate_proj = Linear(config.audio.d_model, config.vision.hidden_size, use_bias=True,
+                                              axes=("embed", None), rngs=rngs, init_std=0.0, dtype=as_dtype(
+                                                  config.dtype), param_dtype=as_dtype(config.param_dtype))
 
     # ---- jittable core -------------------------------------------------------------------------------
-    def encode_vision(self, vision) -> tuple[Array, Array, dict]:
+    def encode_vision(self, vision, gate_extra: Array | None = None) -> tuple[Array, Array, dict]:
         """``VisionInputs`` (pixel_values float[P, 1176] + layout) -> merged visual tokens float[U, D] (HF
-        order), per-item expert weights float32[G, E] and the compressor's aux dict."""
+        order), per-item expert weights float32[G, E] and the compressor's aux dict. ``gate_extra``
+        float[G, Dv]: added to the gate's per-item feature (``audio.gate_audio``)."""
         features = self.visual(vision.pixel_values, pos_hw=vision.pos_hw, window_index=vision.window_index,
                                frame_segment=vision.frame_segment, window_segment=vision.window_segment)
-        tokens, gate_weights, aux = self.compressor(features, vision.patch_item, vision.item_valid.shape[0])
+        tokens, gate_weights, aux = self.compressor(features, vision.patch_item, vision.item_valid.shape[0],
+                                                    gate_extra)
         return from_window_order(tokens, vision.window_index), gate_weights, aux
 
+    def encode_audio(self, audio) -> tuple[Array, Array]:
+        """``AudioInputs`` (encoder windows float[W, M, F] + mask) -> (LLM-width audio tokens float[W·F/4, D], the
+        encoder's features float[W·F/4, Da]). A frozen encoder (``audio.freeze_encoder``) is cut from the
+        backward pass: no gradient is computed through it at all."""
+        feats = self.audio_tower(audio.input_features, audio.feature_mask)  # [W, T, Da]
+        if self.config.audio.freeze_encoder:
+            feats = jax.lax.stop_gradient(feats)
+        feats = feats.reshape(-1, feats.shape[-1])
+        return self.audio_projector(feats), feats
+
     def embed(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
-        """Token embeddings float[B, L, D] with the visual tokens scattered into the placeholder positions,
-        plus the per-item expert weights float32[G, E] and the compressor's aux dict."""
+        """Token embeddings float[B, L, D] with the audio and visual tokens scattered into their placeholder
+        positions, plus the per-item expert weights float32[G, E] and the compressor's aux dict."""
         inputs = ModelInputs.coerce(inputs)
-        text, vision = inputs.text, inputs.vision
+        text, vision, audio = inputs.text, inputs.vision, inputs.audio
         embeds = sharding.constrain(self.language_model.embed(text.input_ids), ("batch", "length", "act_embed"))
+        audio_feats = None
+        if self.config.audio.enabled and audio is not None and audio.input_features.shape[0] > 0:
+            tokens, audio_feats = self.encode_audio(audio)
+            gathered = tokens[jnp.maximum(audio.token_index, 0)].astype(embeds.dtype)
+            embeds = jnp.where((audio.token_index >= 0)[..., None], gathered, embeds)
         num_items = 0 if vision is None else vision.item_valid.shape[0]
         if vision is None or vision.pixel_values.shape[0] == 0:
             return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32), empty_aux()
-        visual, gate_weights, aux = self.encode_vision(vision)
+        gate_extra = None
+        if audio_feats is not None and getattr(self, "audio_gate_proj", None) is not None:
+            unit_item = from_window_order(vision.patch_item.reshape(-1, self.config.vision.merge_unit)[:, 0],
+                                          vision.window_index)
+            pooled = pooled_audio_per_item(audio_feats, audio.token_index, text.visual_token_index, unit_item,
+                                           num_items)
+            gate_extra = self.audio_gate_proj(pooled)
+        visual, gate_weights, aux = self.encode_vision(vision, gate_extra)
         index = text.visual_token_index
         gathered = visual[jnp.maximum(index, 0)].astype(embeds.dtype)
         return jnp.where((index >= 0)[..., None], gathered, embeds), gate_weights, aux
@@ -98,18 +142,25 @@ class EmotionQwen(nnx.Module):
     # ---- Hugging Face-style call ---------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                       input_features=None, feature_attention_mask=None, audio_lengths=None,
                        **layout_kwargs) -> ModelInputs:
         as_np = lambda x: None if x is None else np.asarray(x)  # noqa: E731
+        if input_features is not None and not self.config.audio.enabled:
+            raise ValueError("input_features given but this model has no audio encoder (model.audio.enabled=False)")
         return layout.build_model_inputs(
             as_np(input_ids), as_np(attention_mask), as_np(pixel_values), as_np(image_grid_thw),
             as_np(pixel_values_videos), as_np(video_grid_thw), as_np(second_per_grid_ts),
-            spec=layout_spec(self.config), position_ids=as_np(position_ids), **layout_kwargs)
+            spec=layout_spec(self.config), position_ids=as_np(position_ids), input_features=as_np(input_features),
+            feature_attention_mask=as_np(feature_attention_mask), audio_lengths=as_np(audio_lengths),
+            audio_spec=audio_spec(self.config), **layout_kwargs)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                 input_features=None, feature_attention_mask=None, audio_lengths=None,
                  **layout_kwargs: Any) -> ModelOutput:
         inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                                     video_grid_thw, second_per_grid_ts, position_ids, **layout_kwargs)
+                                     video_grid_thw, second_per_grid_ts, position_ids, input_features,
+                                     feature_attention_mask, audio_lengths, **layout_kwargs)
         return _jit_forward(self, inputs)
 
 

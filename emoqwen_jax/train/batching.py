@@ -17,29 +17,38 @@ import numpy as np
 from emoqwen_jax import inputs as model_inputs
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.layout import LayoutSpec, build_model_inputs
+from emoqwen_jax.layout_audio import AudioSpec
 from emoqwen_jax.tokens import IGNORE
 
 
-def needs(batch: dict) -> tuple[int, int, int]:
-    """(text length, patch rows, visual items) the shard needs, before agreement with the other shards."""
+def needs(batch: dict) -> tuple[int, int, int, int]:
+    """(text length, patch rows, visual items, audio windows) the shard needs, before agreement with the
+    other shards."""
     n_items = len(batch["image_grid_thw"]) + len(batch["video_grid_thw"])
+    windows = int(batch["audio_lengths"][:, 0].sum()) if len(batch.get("audio_lengths", ())) else 0
     return (int(batch["input_ids"].shape[1]),
-            int(batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]), n_items)
+            int(batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]), n_items, windows)
 
 
-def agreed_sizes(all_needs: Sequence[tuple[int, int, int]], batch_size: int) -> tuple[int, int, int]:
-    """Common (L, P, G) for a step: the maxima; G rounded up to a multiple of the shard batch (few shapes)."""
+def agreed_sizes(all_needs: Sequence[tuple[int, ...]], batch_size: int) -> tuple[int, int, int, int]:
+    """Common (L, P, G, W) for a step: the maxima; G and (when any shard has audio) W rounded up to a multiple
+    of the shard batch, so the joined items and windows split evenly over the batch devices (few shapes)."""
     length = max(n[0] for n in all_needs)
     patches = max(n[1] for n in all_needs)
     items = max(n[2] for n in all_needs)
     items = max(batch_size, -(-items // batch_size) * batch_size)
-    return length, patches, items
+    windows = max((n[3] if len(n) > 3 else 0) for n in all_needs)
+    windows = -(-windows // batch_size) * batch_size
+    return length, patches, items, windows
 
 
-def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, int, int], *, shard_index: int = 0,
-                 pad_id: int = 0) -> ModelInputs:
-    """One data shard's batch -> model inputs padded to ``sizes`` and offset for position ``shard_index``."""
-    length, patches, items = sizes
+def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, ...], *, shard_index: int = 0,
+                 pad_id: int = 0, audio_spec: AudioSpec | None = None) -> ModelInputs:
+    """One data shard's batch -> model inputs padded to ``sizes`` and offset for position ``shard_index``.
+    With ``audio_spec`` and W = ``sizes[3]`` > 0 the audio group holds W encoder windows (zeros after the
+    shard's own)."""
+    length, patches, items = sizes[:3]
+    windows = sizes[3] if len(sizes) > 3 and audio_spec is not None else 0
     n_img = int(np.prod(batch["image_grid_thw"], axis=-1).sum()) if len(batch["image_grid_thw"]) else 0
     n_vid = int(np.prod(batch["video_grid_thw"], axis=-1).sum()) if len(batch["video_grid_thw"]) else 0
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -54,10 +63,25 @@ def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, int, int], *, 
         ids, mask, batch["pixel_values"][:n_img] if n_img else None,
         batch["image_grid_thw"] if n_img else None, batch["pixel_values_videos"][:n_vid] if n_vid else None,
         batch["video_grid_thw"] if n_vid else None, batch["second_per_grid_ts"] if n_vid else None,
-        spec=spec, pad_patches_to=patches, pad_items_to=items, segment_ids=segments)
+        spec=spec, pad_patches_to=patches, pad_items_to=items, segment_ids=segments,
+        **_audio(batch, windows, audio_spec))
     out.text.labels = labels.astype(np.int32)
-    scale = {"units": patches // spec.merge_unit, "patches": patches, "items": items}
+    scale = {"units": patches // spec.merge_unit, "patches": patches, "items": items,
+             "audio_rows": windows * (audio_spec.tokens_per_window if audio_spec is not None else 0)}
     return model_inputs.offset_indices(out, shard_index, scale)
+
+
+def _audio(batch: dict, windows: int, audio_spec: AudioSpec | None) -> dict:
+    """``build_model_inputs``' audio arguments: the shard's windows zero-padded to ``windows`` (none at 0)."""
+    if not windows:
+        return {}
+    feats, mask = batch["input_features"], batch["feature_attention_mask"]
+    n = int(batch["audio_lengths"][:, 0].sum()) if len(batch["audio_lengths"]) else 0
+    out_f = np.zeros((windows,) + feats.shape[1:], np.float32)
+    out_m = np.zeros((windows, feats.shape[-1]), np.int32)
+    out_f[:n], out_m[:n] = feats[:n], mask[:n]
+    return dict(input_features=out_f, feature_attention_mask=out_m, audio_lengths=batch["audio_lengths"],
+                audio_spec=audio_spec)
 
 
 def concat_shards(shards: Sequence[ModelInputs]) -> ModelInputs:

@@ -41,12 +41,41 @@ def from_opt_view(view: dict, expert_names: Sequence[str]) -> dict:
     return {**view, EXPERTS[0]: {**view[EXPERTS[0]], EXPERTS[1]: stacked}}
 
 
-def trainable_labels(view: Any, patterns: Sequence[str]) -> Any:
-    """'trainable' / 'frozen' per leaf of the optimiser view: a leaf trains if any regex ``re.search``es its
-    path."""
+# Never trained, whatever a stage says: Whisper's fixed sinusoidal positions (HF keeps them requires_grad=False).
+ALWAYS_FROZEN = (r"^audio_tower/embed_positions$",)
+AUDIO_ENCODER = (r"^audio_tower/",)
+AUDIO_PROJECTOR = (r"^audio_(projector|gate_proj)/",)  # the projector (and the gate's audio input): stage 3
+
+
+def frozen_patterns(model_config: Any) -> tuple[str, ...]:
+    """Paths no stage may train for this model: ``ALWAYS_FROZEN``, and the whole audio encoder while
+    ``model.audio.freeze_encoder`` (the default)."""
+    audio = getattr(model_config, "audio", None)
+    return ALWAYS_FROZEN + (AUDIO_ENCODER if audio is not None and audio.freeze_encoder else ())
+
+
+def stage_patterns(stage_cfg: Any, model_config: Any, extra: Sequence[str] = ()) -> tuple[tuple[str, ...],
+                                                                                            tuple[str, ...]]:
+    """(trainable, frozen) regexes of a stage for a model: the stage's ``trainable`` (+ ``extra``, + the audio
+    projector when the stage has ``train_audio_projector`` and the model has audio) and ``frozen_patterns``."""
+    patterns = tuple(stage_cfg.trainable) + tuple(extra)
+    audio = getattr(model_config, "audio", None)
+    if audio is not None and audio.enabled and stage_cfg.get("train_audio_projector", False):
+        patterns += AUDIO_PROJECTOR
+    return patterns, frozen_patterns(model_config)
+
+
+def trainable_labels(view: Any, patterns: Sequence[str], frozen: Sequence[str] = ALWAYS_FROZEN) -> Any:
+    """'trainable' / 'frozen' per leaf of the optimiser view: a leaf trains if any regex of ``patterns``
+    ``re.search``es its path and none of ``frozen`` does."""
     compiled = [re.compile(p) for p in patterns]
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "trainable" if any(c.search(path_str(path)) for c in compiled) else "frozen", view)
+    never = [re.compile(p) for p in frozen]
+
+    def label(path, _):
+        p = path_str(path)
+        return "trainable" if any(c.search(p) for c in compiled) and not any(c.search(p) for c in never) else "frozen"
+
+    return jax.tree_util.tree_map_with_path(label, view)
 
 
 def check_patterns(view: Any, patterns: Sequence[str]) -> list[str]:

@@ -9,8 +9,9 @@ compiler's buffer assignment stands in for the accelerator's; treat the result a
 headroom against.
 
 The batch: ``batch_per_device`` × (batch-sharding devices) samples, each one video of ``frames`` frames of
-``frame_size``² pixels (grid frames/2 × side/14 × side/14) in a conversation padded to ``length`` tokens; its
-abstract shapes and shardings come from the ``ModelInputs`` field declarations.
+``frame_size``² pixels (grid frames/2 × side/14 × side/14) in a conversation padded to ``length`` tokens, and
+with ``audio_seconds`` its audio track (encoder windows, 25 tokens per second); its abstract shapes and
+shardings come from the ``ModelInputs`` field declarations. The analytic FLOPs leave the audio encoder out.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, p
 from emoqwen_jax.parallel.rules import BATCH_AXES, input_sharding
 from emoqwen_jax.train import flops
 from emoqwen_jax.train import step as step_lib
-from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
+from emoqwen_jax.train.optim import make_optimizer, stage_patterns, to_opt_view, trainable_labels
 from emoqwen_jax.train.step import init_state, make_train_step
 
 
@@ -42,18 +43,21 @@ def build_train_step(config, stage: str, trainable: Sequence[str] | None = None)
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     names = mcfg.expert_names
     view = jax.eval_shape(lambda p: to_opt_view(p, names), params)
-    labels = trainable_labels(view, tuple(trainable) if trainable is not None else tuple(sc.trainable))
+    patterns, frozen = stage_patterns(sc, mcfg)
+    labels = trainable_labels(view, tuple(trainable) if trainable is not None else patterns, frozen)
     tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels)
     step = make_train_step(nnx.graphdef(abstract), tx, labels, names, schedule, int(sc.optimizer.get("grad_accum", 1)))
     return mcfg, step, tx, lambda p: init_state(p, tx, names, config.seed)
 
 
-def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, length: int = 0, *,
-                       packing: bool = False) -> ModelInputs:
+def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, length: int = 0,
+                       audio_seconds: float = 0.0, *, packing: bool = False) -> ModelInputs:
     """``ModelInputs`` of ShapeDtypeStructs (no sharding), labels included, for ``batch`` one-video samples of
     ``frames`` frames of ``size``² pixels in a conversation of ``length`` tokens (0: the video's + 256, rounded
-    up to a multiple of 256). Shapes come from the fields' declarations (``inputs.abstract_inputs``);
-    ``packing`` adds the packed rows' ``segment_ids`` (``config.data.packing``)."""
+    up to a multiple of 256). Shapes come from the fields' declarations (``inputs.abstract_inputs``).
+    ``audio_seconds`` > 0 adds each sample's audio track: ceil(seconds / window) encoder windows and 25 tokens
+    per second in the text (the model needs ``audio.enabled``); ``packing`` adds the packed rows'
+    ``segment_ids`` (``config.data.packing``)."""
     v = mcfg.vision
     if frames % v.temporal_patch_size or size % (v.patch_size * v.spatial_merge_size):
         raise ValueError(f"frames={frames} must be a multiple of {v.temporal_patch_size} and frame_size={size} of "
@@ -61,13 +65,26 @@ def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, le
     side = size // v.patch_size
     patches = frames // v.temporal_patch_size * side * side
     tokens = patches // v.merge_unit
+    windows = audio_tokens = 0
+    if audio_seconds > 0:
+        a = mcfg.audio
+        if not a.enabled:
+            raise ValueError("audio_seconds > 0 needs config.model.audio.enabled=True")
+        frames_100hz = int(round(audio_seconds * 100))  # 10 ms mel frames
+        windows = -(-frames_100hz // a.max_frames)
+        last = frames_100hz - (windows - 1) * a.max_frames
+        audio_tokens = (windows - 1) * (a.max_frames // 4) + ((last - 1) // 2 + 1 - 2) // 2 + 1
+        tokens += audio_tokens + 2  # <|audio_bos|> ... <|audio_eos|>
     length = length or -(-(tokens + 256) // 256) * 256
     if length < tokens + 2:
-        raise ValueError(f"length={length} cannot hold the video's {tokens} tokens")
+        raise ValueError(f"length={length} cannot hold the sample's {tokens} video and audio tokens")
     p = batch * patches
+    sizes = {"B": batch, "L": length, "P": p, "U": p // v.merge_unit, "G": batch, "patch_dim": v.patch_dim}
     optional = ("labels", "rope_deltas") + (("segment_ids",) if packing else ())
-    return abstract_inputs({"B": batch, "L": length, "P": p, "U": p // v.merge_unit, "G": batch,
-                            "patch_dim": v.patch_dim}, optional=optional)
+    if not windows:
+        return abstract_inputs(sizes, optional=optional)
+    sizes.update(W=batch * windows, F=mcfg.audio.max_frames, num_mel_bins=mcfg.audio.num_mel_bins)
+    return abstract_inputs(sizes, groups=("text", "vision", "audio"), optional=optional)
 
 
 def sharded_shapes(shapes: ModelInputs, mesh) -> ModelInputs:
@@ -77,7 +94,8 @@ def sharded_shapes(shapes: ModelInputs, mesh) -> ModelInputs:
 
 
 def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict | None = None,
-         batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0) -> dict[str, Any]:
+         batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0,
+         audio_seconds: float = 0.0) -> dict[str, Any]:
     """Lowers and compiles the stage's train step for a mesh over the first ``num_devices`` devices; returns
     the report (also the JSON line of the CLI). ``batch``: host ``ModelInputs`` (or its flat dict, labels
     included) to take shapes from instead of a video."""
@@ -92,7 +110,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if batch is None:
         shapes = video_batch_shapes(mcfg, batch_per_device * batch_shards, frames, frame_size, length,
-                                    packing=bool(config.data.get("packing", False)))
+                                    audio_seconds, packing=bool(config.data.get("packing", False)))
     else:
         shapes = ModelInputs.coerce(batch).map_fields(
             lambda _, v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype))
@@ -129,6 +147,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "stage": stage,
         "remat": mcfg.remat, "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
         "patches": int(patches),
+        "audio_windows": 0 if shapes.audio is None else int(shapes.audio.input_features.shape[0]),
         "argument_bytes": args_b, "output_bytes": out_b, "temp_bytes": temp_b, "alias_bytes": alias_b,
         "per_device_bytes": args_b + out_b + temp_b - alias_b,
         "xla_flops_per_device": float(cost.get("flops", 0.0)),
@@ -142,7 +161,8 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
     rows = [("mesh", " × ".join(f"{k}={v}" for k, v in report["mesh"].items())),
             ("stage / remat / dtype", f"{report['stage']} / {report['remat']} / {report['dtype']}"),
             ("parameters", f"{report['params'] / 1e6:,.1f} M"),
-            ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']})"),
+            ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']}, "
+                                      f"audio windows {report.get('audio_windows', 0)})"),
             ("arguments (params + opt state + batch)", gib(report["argument_bytes"])),
             ("outputs", gib(report["output_bytes"])), ("temporaries", gib(report["temp_bytes"])),
             ("donated (aliased)", gib(report["alias_bytes"])),

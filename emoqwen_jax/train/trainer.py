@@ -30,6 +30,7 @@ from emoqwen_jax import data as D
 from emoqwen_jax.checkpoint import is_model_dir, load_model, load_weights, save_model
 from emoqwen_jax.data.pipeline import load_sources, make_iterator
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
+from emoqwen_jax.model.emotion_qwen import audio_spec
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
@@ -37,7 +38,7 @@ from emoqwen_jax.parallel.rules import input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
-from emoqwen_jax.train.optim import check_patterns, make_optimizer, to_opt_view, trainable_labels
+from emoqwen_jax.train.optim import check_patterns, make_optimizer, stage_patterns, to_opt_view, trainable_labels
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 
@@ -201,15 +202,16 @@ def stage_model(config, name: str, params: dict, graphdef, mesh):
         (ADAPTER_PATTERN,)
 
 
-def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh):
+def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh,
+                  aspec=None):
     from jax.experimental import multihost_utils
 
     needs = np.array([batching.needs(b) for b in batches])
     if jax.process_count() > 1:
-        needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, 3)
+        needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, needs.shape[-1])
     sizes = batching.agreed_sizes(needs.tolist(), batch_size)
-    local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id)
-                                    for b, s in zip(batches, shard_ids)])
+    local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id,
+                                                          audio_spec=aspec) for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
         return shard_batch(local, mesh), local
 
@@ -239,10 +241,11 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     made = [make_iterator(sources, data_cfg, shard_index=s, shard_count=num_shards) for s in shard_ids]
     iterators, counters = ShardIterators([m[0] for m in made]), [m[1] for m in made]
     info = D.tokenizer_info(mcfg.text.vocab_size)
+    aspec = audio_spec(mcfg)
 
     names = mcfg.expert_names
-    patterns = tuple(sc.trainable) + tuple(extra_trainable)
-    labels_view = trainable_labels(to_opt_view(params, names), patterns)
+    patterns, frozen = stage_patterns(sc, mcfg, extra_trainable)
+    labels_view = trainable_labels(to_opt_view(params, names), patterns, frozen)
     trained = check_patterns(to_opt_view(params, names), patterns)
     accum = int(sc.optimizer.get("grad_accum", 1))
     tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels_view)
@@ -270,7 +273,8 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
     with _Sigterm() as sigterm, axis_rules(mesh, DEFAULT_RULES):
         for micro in range(start, total):
-            batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh)
+            batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
+                                         aspec)
             state, metrics = step_fn(state, batch)
             global_step += 1
             tokens = float(local.text.attention_mask.sum()) * processes

@@ -60,7 +60,8 @@ def test_template_matches_hf_tokenizer_on_rendered_string(real_tok):
 
 def test_tiny_tokenizer_layout(tiny_tok):
     tok, info = tiny_tok
-    assert info.vocab_size == 1024 and info.num_bpe == 1024 - 23 and info.pad_id == 1023
+    assert info.vocab_size == 1024 and info.num_bpe == 1024 - 26 and info.pad_id == 1020
+    assert (info.audio_bos_id, info.audio_id, info.audio_eos_id) == (1021, 1022, 1023)
     assert tok.get_vocab_size() == info.pad_id  # pad is not a real token
     assert [tok.token_to_id(t) for t in tk.SPECIAL_TOKENS] == list(range(info.num_bpe, info.pad_id))
     ids = tok.encode(SAMPLE_TEXT).ids

@@ -20,6 +20,13 @@ Compressor (``visual.compressor.*``):
     units of one vision call (HF encodes images and videos in separate calls; ``emoqwen_jax`` in one), so
     with drops the two agree when a call holds the same units; dropless checkpoints agree always.
 
+Audio (``config.audio['enabled']``): ``audio_tower`` is transformers' own ``Qwen2AudioEncoder`` (Whisper-style,
+30 s windows of log-mel features), ``audio_projector`` a Linear (``linear``) or Linear-GELU-Linear
+(``linear_1``/``linear_2``) to the LLM width. ``forward`` takes ``input_features`` float[W, M, 2 *
+max_source_positions] (all audios' encoder windows, in text order) and ``feature_attention_mask`` int[W, F]; each
+window gives its first ``output_lengths(mask.sum())`` rows, which fill the ``<|AUDIO|>`` tokens in order (the
+keys past a window's audio are masked, as in Qwen2-Audio). Audio tokens take text-like positions.
+
 Positions: ``get_rope_index`` follows the rule Qwen2.5-VL was released with (transformers 4.50): text after
 a vision block resumes at the block's maximum position + 1 (transformers >= 5.3 resumes at
 start + max(h, w) / merge instead), so ``generate`` matches ``emoqwen_jax`` on any video.
@@ -31,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -40,6 +49,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLPreTrainedModel,
     Qwen2_5_VLTextModel,
 )
+from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2AudioEncoderConfig
+from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
@@ -230,6 +241,33 @@ def _token_types(config, input_ids: torch.Tensor) -> torch.Tensor:
     return ((input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long())
 
 
+class EmotionQwenAudioProjector(nn.Module):
+    """Audio features float[..., Da] -> float[..., D]: ``linear`` (Qwen2-Audio) or ``linear_1`` -> GELU -> ``linear_2``."""
+
+    def __init__(self, audio: dict, out_features: int):
+        super().__init__()
+        self.kind = audio["projector"]
+        if self.kind == "linear":
+            self.linear = nn.Linear(audio["d_model"], out_features)
+        else:
+            hidden = audio["projector_hidden_size"] or out_features
+            self.linear_1, self.linear_2 = nn.Linear(audio["d_model"], hidden), nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return self.linear(x)
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+def audio_encoder_config(audio: dict, attn_implementation: str | None) -> Qwen2AudioEncoderConfig:
+    cfg = Qwen2AudioEncoderConfig(**{k: audio[k] for k in (
+        "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+        "max_source_positions", "scale_embedding")})
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
+    return cfg
+
+
 class EmotionQwenModel(Qwen2_5_VLModel):
     config_class = EmotionQwenConfig
 
@@ -238,8 +276,27 @@ class EmotionQwenModel(Qwen2_5_VLModel):
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.visual = EmotionQwenVisionTransformer._from_config(config.vision_config, compressor=config.compressor)
         self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        audio = getattr(config, "audio", None) or {}
+        if audio.get("enabled"):
+            self.audio_tower = Qwen2AudioEncoder(audio_encoder_config(audio, config._attn_implementation))
+            self.audio_projector = EmotionQwenAudioProjector(audio, config.text_config.hidden_size)
         self.rope_deltas = None
         self.post_init()
+
+    def get_audio_features(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder windows float[W, M, F] + mask int[W, F] -> the audio tokens float[n, D], window by window
+        (each window's rows that hold audio), in the order the ``<|AUDIO|>`` tokens take them."""
+        lengths = feature_attention_mask.long().sum(-1)
+        conv = (lengths - 1) // 2 + 1
+        out_len = (conv - 2) // 2 + 1
+        max_conv = (input_features.shape[-1] - 1) // 2 + 1
+        keep = (torch.arange(max_conv, device=conv.device)[None, :] < conv[:, None]).long()
+        tower = self.audio_tower
+        mask = create_bidirectional_mask(config=tower.config, attention_mask=keep, inputs_embeds=torch.zeros(
+            keep.shape[0], max_conv, 1, dtype=tower.conv1.weight.dtype, device=keep.device))
+        hidden = tower(input_features.to(tower.conv1.weight.dtype), attention_mask=mask).last_hidden_state
+        rows = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < out_len[:, None]
+        return self.audio_projector(hidden[rows])
 
     def get_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
                        second_per_grid_ts=None, attention_mask=None, **kwargs):
@@ -249,9 +306,21 @@ class EmotionQwenModel(Qwen2_5_VLModel):
                                    second_per_grid_ts, self.config.vision_config.spatial_merge_size,
                                    self.config.vision_config.tokens_per_second)
 
-    def forward(self, input_ids=None, *args, mm_token_type_ids=None, **kwargs):
+    def forward(self, input_ids=None, *args, mm_token_type_ids=None, input_features=None,
+                feature_attention_mask=None, **kwargs):
         if mm_token_type_ids is None and input_ids is not None:
             mm_token_type_ids = _token_types(self.config, input_ids)
+        audio_id = (getattr(self.config, "audio", None) or {}).get("audio_token_id")
+        if input_features is not None and input_ids is not None and bool((input_ids == audio_id).any()):
+            # Audio tokens first (vision scatters into the same embeddings afterwards, by its own placeholders).
+            embeds = kwargs.get("inputs_embeds")
+            embeds = self.get_input_embeddings()(input_ids) if embeds is None else embeds
+            audio = self.get_audio_features(input_features, feature_attention_mask).to(embeds.dtype)
+            where = (input_ids == audio_id).unsqueeze(-1).expand_as(embeds)
+            if int((input_ids == audio_id).sum()) != audio.shape[0]:
+                raise ValueError(f"{int((input_ids == audio_id).sum())} <|AUDIO|> tokens but the features give "
+                                 f"{audio.shape[0]} audio tokens")
+            kwargs["inputs_embeds"] = embeds.masked_scatter(where, audio)
         return super().forward(input_ids, *args, mm_token_type_ids=mm_token_type_ids, **kwargs)
 
 
@@ -274,8 +343,14 @@ class EmotionQwenForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 # The files use Qwen2.5-VL's names (``visual.*``, ``model.layers.*``, ``lm_head``). transformers maps them onto
 # the modules (``model.visual.*``, ``model.language_model.*``) by class name, and skips custom code unless its
 # class is registered: register ours with Qwen2-VL's own renames (also reversed by ``save_pretrained``).
-for _ours, _theirs in (("EmotionQwenForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
-                       ("EmotionQwenModel", "Qwen2VLModel")):
-    register_checkpoint_conversion_mapping(_ours, get_checkpoint_conversion_mapping(_theirs), overwrite=True)
+# The audio modules are saved at the top level (``audio_tower.*``, ``audio_projector.*``, as Qwen2-Audio saves its
+# tower): Qwen2-VL's ``^model(?!...)`` rule would otherwise move ``model.audio_tower`` under the language model.
+_AUDIO_RENAMES = [WeightRenaming(source_patterns=r"^audio_tower", target_patterns="model.audio_tower"),
+                  WeightRenaming(source_patterns=r"^audio_projector", target_patterns="model.audio_projector")]
+for _ours, _theirs, _extra in (("EmotionQwenForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                                _AUDIO_RENAMES), ("EmotionQwenModel", "Qwen2VLModel", [])):
+    # After Qwen2-VL's renames, which are applied in order (theirs leave ``audio_*`` alone; ours then place it).
+    register_checkpoint_conversion_mapping(_ours, list(get_checkpoint_conversion_mapping(_theirs)) + _extra,
+                                           overwrite=True)
 
 __all__ = ["EmotionQwenForConditionalGeneration", "EmotionQwenModel", "EmotionQwenVisionTransformer"]
