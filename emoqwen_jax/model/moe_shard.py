@@ -9,11 +9,12 @@ Mesh axis names come from the active sharding rules: the logical name ``expert``
   the expert axes sends every expert's slice to the device that holds it ([ep * G', E', C, I]), the local
   experts run, and a second ``all_to_all`` brings the results home. Groups are fixed chunks of tokens, so
   the result equals the single-device one exactly.
-* ``ragged``: each device sorts its assignments by expert; a padded ``all_to_all`` (every destination gets a
-  block of T' * k rows, of which the first n are real) sends each expert's rows to its device, which sorts the
-  received rows by local expert, runs ``ragged_dot`` and sends the rows back. The padding costs ep x the
-  rows in memory; ``jax.lax.ragged_all_to_all`` would avoid it on accelerators but XLA:CPU does not
-  implement it (REFERENCE §6).
+* ``ragged``: each device sorts its assignments by expert and sends each expert's rows to its device, which
+  sorts the received rows by local expert, runs ``ragged_dot`` and sends the rows back. The receive buffer has
+  one block of T' * k rows per source device, of which the first n are real. On CPU a padded ``all_to_all``
+  fills it (XLA:CPU has no ``ragged_all_to_all``, REFERENCE §6); on GPU/TPU ``ragged_all_to_all`` writes only
+  the real rows into the same layout (less traffic; the same ep x rows of buffer memory). The CPU tests cover
+  the padded exchange; the ragged one has not run on hardware here.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def mesh_axes(logical: str) -> tuple[str, ...]:
         return ()
     mesh, rules = ctx
     return tuple(a for a in rules.get(logical, ()) if mesh.shape.get(a, 1) > 1)
+
+
+def _has_ragged_all_to_all() -> bool:
+    """XLA implements ragged_all_to_all on GPU and TPU, not on CPU (REFERENCE §6)."""
+    return jax.default_backend() in ("gpu", "tpu")
 
 
 def _axis(axes: tuple[str, ...]):
@@ -68,15 +74,27 @@ def _exchange_ragged(rows, expert_of_row, counts, params, experts, *, num_expert
     start = jnp.cumsum(sent) - sent
     p = jnp.arange(a, dtype=jnp.int32)
     padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)])
-    source = jnp.where(p[None] < sent[:, None], start[:, None] + p[None], a)  # [ep, A]: block d = rows for d
-    recv = jax.lax.all_to_all(padded[source.reshape(-1)], _axis(axes), 0, 0, tiled=True)  # block j from device j
     recv_counts = jax.lax.all_to_all(per_dest, _axis(axes), 0, 0, tiled=True)  # [ep, E']: from j, per expert
+    received = recv_counts.sum(1)
+    if _has_ragged_all_to_all():  # only the real rows travel; the layout is the padded one below
+        me = jax.lax.axis_index(_axis(axes))
+        here = jnp.full((ep,), me * a, jnp.int32)
+        recv = jax.lax.ragged_all_to_all(rows, jnp.zeros((ep * a, rows.shape[-1]), rows.dtype), start, sent,
+                                         here, received, axis_name=_axis(axes))
+    else:
+        source = jnp.where(p[None] < sent[:, None], start[:, None] + p[None], a)  # [ep, A]: block d: rows for d
+        recv = jax.lax.all_to_all(padded[source.reshape(-1)], _axis(axes), 0, 0, tiled=True)  # block j from j
     ends = jnp.cumsum(recv_counts, axis=1)
     local_id = jax.vmap(lambda e: jnp.searchsorted(e, p, side="right"))(ends).reshape(-1)  # E' = padding
     order, _, local_counts = moe.sort_by_expert(local_id.astype(jnp.int32), local)
     out = experts.apply_ragged(recv[order], local_counts[:local], params)
     out = jnp.zeros_like(out).at[order].set(out)  # back to the received layout
-    back = jax.lax.all_to_all(out, _axis(axes), 0, 0, tiled=True)  # block d: my rows, computed on device d
+    if _has_ragged_all_to_all():
+        blocks = jnp.arange(ep, dtype=jnp.int32) * a
+        back = jax.lax.ragged_all_to_all(out, jnp.zeros_like(out), blocks, received, here, sent,
+                                         axis_name=_axis(axes))
+    else:
+        back = jax.lax.all_to_all(out, _axis(axes), 0, 0, tiled=True)  # block d: my rows, computed on device d
     dest = expert_of_row // local  # ep for padding rows
     slot = jnp.where(dest < ep, dest * a + p - start[jnp.minimum(dest, ep - 1)], ep * a)
     return jnp.concatenate([back, jnp.zeros((1, back.shape[-1]), back.dtype)])[slot]
