@@ -44,7 +44,6 @@ _MEMORY = flags.DEFINE_float("device_memory_gb", 0.0, "If set, print the headroo
 def build_train_step(config, stage: str, trainable: Sequence[str] | None = None):
     """(model config, pure ``train_step(state, batch)``, optax transform, ``init(params) -> state``) for a stage,
     exactly as the trainer builds them (``trainable`` regexes override the stage's regexes and roles)."""
-    import jax
     from flax import nnx
 
     from emoqwen_jax.cli.common import model_config
@@ -56,9 +55,9 @@ def build_train_step(config, stage: str, trainable: Sequence[str] | None = None)
     sc = config.stages[stage]
     abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    labels = stage_trainable(params, sc, mcfg, patterns=trainable)
-    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels)
-    step = make_train_step(nnx.graphdef(abstract), tx, labels, schedule, int(sc.optimizer.get("grad_accum", 1)))
+    selected = stage_trainable(params, sc, mcfg, patterns=trainable)
+    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, selected)
+    step = make_train_step(nnx.graphdef(abstract), tx, selected, schedule, int(sc.optimizer.get("grad_accum", 1)))
     return mcfg, step, tx, lambda p: init_state(p, tx, config.seed)
 
 
