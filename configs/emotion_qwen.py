@@ -85,7 +85,7 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
     c.top_k = 2  # scale mode: experts per token
     c.capacity_factor = 1.25  # scale mode: per-expert capacity multiplier (<= 0: dropless)
     c.dispatch = "einsum"  # scale mode: 'einsum' (GSPMD) | 'shard_map' (all-to-all) | 'ragged' (dropless)
-    c.group_size = 64  # scale mode: tokens per routing group; capacity and drops per group (same on any mesh)
+    c.group_size = 128  # scale mode: tokens per routing group; capacity and drops per group (same on any mesh)
     c.lb_loss_weight = 0.01  # scale mode: Switch load-balancing loss weight
     c.z_loss_weight = 0.0  # scale mode: router z-loss weight
     c.init_noise_std = 0.0  # noise added to copies of the HF merger when importing more than 2 experts

@@ -114,7 +114,7 @@ class CompressorConfig:
     top_k: int = 2
     capacity_factor: float = 1.25
     dispatch: str = "einsum"
-    group_size: int = 64  # scale mode: tokens per routing group (capacity and drops are per group, any mesh)
+    group_size: int = 128  # scale mode: tokens per routing group (capacity and drops are per group, any mesh)
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     init_noise_std: float = 0.0

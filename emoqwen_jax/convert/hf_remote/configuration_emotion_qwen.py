@@ -10,7 +10,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLCo
 
 COMPRESSOR_DEFAULTS = {
     "routing": "sample", "num_experts": 2, "expert_names": ["general", "emotion"], "gate_input": "pooled",
-    "gate_num_heads": 8, "gate_hidden_size": 512, "top_k": 2, "capacity_factor": 1.25, "group_size": 64,
+    "gate_num_heads": 8, "gate_hidden_size": 512, "top_k": 2, "capacity_factor": 1.25, "group_size": 128,
 }
 
 
