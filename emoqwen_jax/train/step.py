@@ -23,7 +23,7 @@ from emoqwen_jax.train.optim import Trainable, freeze_experts, path_str
 @dataclasses.dataclass
 class TrainState:
     params: dict  # the model's pure nnx state (float32 master weights)
-    opt_state: Any  # optax state over the optimiser view (no entries for frozen leaves)
+    opt_state: Any  # optax state over the params (no entries for frozen leaves; stacked experts stay stacked)
     step: jax.Array  # int32: micro-steps taken in this stage
     nonfinite: jax.Array  # int32: consecutive skipped (non-finite) updates
     rng: jax.Array  # uint32[2]: key data, folded with the step for any stochastic layer (LoRA dropout)
