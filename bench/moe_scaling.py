@@ -52,10 +52,10 @@ def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.model.compressor import HybridCompressor
 
-    mc = model_config(bench_config(num_experts, dispatch, top_k))
+    mc = ModelConfig.from_run_config(bench_config(num_experts, dispatch, top_k))
     comp = HybridCompressor(mc.compressor, mc.vision, mc.text.hidden_size, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(comp, nnx.Param)
     rng = np.random.default_rng(0)

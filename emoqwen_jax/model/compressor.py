@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emoqwen_jax.model import moe, sharding
+from emoqwen_jax.model import moe, moe_dispatch, sharding
 from emoqwen_jax.model.config import CompressorConfig, VisionConfig
 from emoqwen_jax.model.layers import LayerNorm, Linear, as_dtype, dot_product_attention, param
 
@@ -193,9 +193,9 @@ class HybridCompressor(nnx.Module):
         units = features.reshape(-1, self.merge_unit * features.shape[-1])  # [U, 4Dv]
         valid = unit_item >= 0
         logits = self.router(units.astype(jnp.float32))  # router in float32
-        tokens, sums, counts = moe.token_moe(units, logits, valid, self.experts.params(), self.experts,
-                                             top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
-                                             group_size=cfg.group_size, dispatch=cfg.dispatch)
+        tokens, sums, counts = moe_dispatch.token_moe(units, logits, valid, self.experts.params(), self.experts,
+                                                      top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
+                                                      group_size=cfg.group_size, dispatch=cfg.dispatch)
         lb, z = moe.aux_losses(sums, cfg.top_k)
         aux.update(lb_loss=lb, z_loss=z, aux_loss=cfg.lb_loss_weight * lb + cfg.z_loss_weight * z, **counts)
         probs = jax.nn.softmax(logits, axis=-1)

@@ -17,7 +17,7 @@ Dispatch modes:
 * ``einsum``: GSPMD. Buffers [G, E, C, I] sharded by group over the batch axes are transposed to
   [E, G, C, I] sharded by expert, so XLA inserts an all-to-all there and on the way back.
 * ``shard_map``: the same buffers, moved explicitly by ``all_to_all`` over the expert mesh axis
-  (``emoqwen_jax.model.moe_shard``).
+  (``emoqwen_jax.model.moe_dispatch``, which also holds the entry point ``token_moe``).
 * ``ragged``: dropless. Assignments sorted by expert run through ``jax.lax.ragged_dot`` (grouped matmul), with
   no capacity and no drops (``capacity_factor`` is ignored). Under a mesh it runs in shard_map with a padded
   ``all_to_all`` to the expert's device.
@@ -203,48 +203,3 @@ def run_grouped(x, expert_ids, weights, valid, params, experts: Experts, *, num_
         out = sharding.constrain(out, ("units", None, None, None))
     y = restore(out)
     return y.reshape(-1, y.shape[-1]), counts
-
-
-def _pad_to_groups(group_size: int, *arrays: Array) -> tuple[int, tuple[Array, ...]]:
-    """Pads the token axis of each array (valid last: padded tokens are invalid) to a multiple of S."""
-    t = arrays[0].shape[0]
-    pad = -t % group_size
-    if not pad:
-        return t, arrays
-    return t, tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays)
-
-
-def token_moe(x: Array, logits: Array, valid: Array, params: tuple, experts: Experts, *, top_k: int,
-              capacity_factor: float, group_size: int, dispatch: str
-              ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
-    """Token-routed experts.
-
-    Args:
-      x: float[T, I] tokens; logits: float32[T, E] router logits; valid: bool[T] (False = padding).
-      params: expert parameters, each stacked on a leading E axis; experts: their computation.
-      group_size: S, tokens per routing group (capacity and drops are per group).
-    Returns:
-      y float[T, O], summed aux statistics (see ``aux_losses``), drop counts.
-    """
-    if dispatch not in DISPATCH_MODES:
-        raise ValueError(f"compressor.dispatch={dispatch!r}; choose one of {DISPATCH_MODES}")
-    if group_size < 1:
-        raise ValueError(f"compressor.group_size={group_size} must be >= 1")
-    num_experts = logits.shape[-1]
-    ctx = sharding.current()
-    if ctx is not None and dispatch in ("shard_map", "ragged"):
-        from emoqwen_jax.model import moe_shard  # noqa: PLC0415 - only meshes need it
-
-        return moe_shard.shard_map_moe(x, logits, valid, params, experts, top_k=top_k,
-                                       capacity_factor=capacity_factor, group_size=group_size, dispatch=dispatch)
-    expert_ids, weights, probs = route(logits, top_k)
-    sums = aux_sums(logits, probs, expert_ids, valid)
-    if dispatch == "ragged":
-        y = ragged_experts(x, expert_ids, weights, valid, params, experts, num_experts)
-        zero = jnp.zeros((), jnp.float32)
-        return y, sums, {"dropped_assignments": zero, "dropped_tokens": zero}
-    t, (xp, ids, w, v) = _pad_to_groups(group_size, x, expert_ids, weights, valid)
-    cap = capacity(group_size, num_experts, top_k, capacity_factor)
-    y, counts = run_grouped(xp, ids, w, v, params, experts, num_experts=num_experts, cap=cap,
-                            group_size=group_size, annotate=ctx is not None)
-    return y[:t], sums, counts

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emoqwen_jax.model import moe
+from emoqwen_jax.model.moe_dispatch import token_moe
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh
 
@@ -64,7 +65,7 @@ def make_inputs(t, seed=0):
 
 
 def run(x, logits, valid, w, dispatch, capacity_factor, group_size):
-    return moe.token_moe(jnp.asarray(x), jnp.asarray(logits), jnp.asarray(valid), (jnp.asarray(w),), TanhExperts(),
+    return token_moe(jnp.asarray(x), jnp.asarray(logits), jnp.asarray(valid), (jnp.asarray(w),), TanhExperts(),
                          top_k=K, capacity_factor=capacity_factor, group_size=group_size, dispatch=dispatch)
 
 
@@ -139,7 +140,7 @@ def test_unknown_dispatch_and_group_size_are_clear_errors():
 
 def _loss_and_grads(dispatch, capacity_factor, group_size):
     def loss(x, logits, w, valid):
-        y, sums, counts = moe.token_moe(x, logits, valid, (w,), TanhExperts(), top_k=K,
+        y, sums, counts = token_moe(x, logits, valid, (w,), TanhExperts(), top_k=K,
                                         capacity_factor=capacity_factor, group_size=group_size, dispatch=dispatch)
         lb, z = moe.aux_losses(sums, K)
         target = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emoqwen_jax.cli.common import model_config
-from emoqwen_jax.cli.plan import _shard_bytes, build_train_step
-from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.parallel import make_mesh, pure_param_shardings
 from emoqwen_jax.train.optim import make_optimizer, select_trainable, stage_trainable
+from emoqwen_jax.train.plan import build_train_step, shard_bytes
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
@@ -38,7 +37,7 @@ def abstract_params(mc):
 @pytest.mark.parametrize("num_experts", [1, 2, 3, 8])
 def test_num_experts_alone_gives_names_roles_and_stage_sets(routing, num_experts):
     config = tiny(routing, num_experts)
-    mc = model_config(config)
+    mc = ModelConfig.from_run_config(config)
     assert len(mc.expert_names) == len(set(mc.expert_names)) == num_experts
     params = abstract_params(mc)
     for stage in STAGES:
@@ -56,12 +55,12 @@ def test_num_experts_alone_gives_names_roles_and_stage_sets(routing, num_experts
                 assert t.labels["compressor"]["gate"]["head"]["kernel"] == "trainable"
         llm = t.labels["language_model"]["norm"]["weight"]
         assert llm == ("trainable" if stage == "stage3_video" else "frozen")
-    assert model_config(tiny("sample", 2)).expert_names == ("general", "emotion")
-    assert model_config(tiny("sample", 3)).expert_names == ("general", "emotion_1", "emotion_2")
+    assert ModelConfig.from_run_config(tiny("sample", 2)).expert_names == ("general", "emotion")
+    assert ModelConfig.from_run_config(tiny("sample", 3)).expert_names == ("general", "emotion_1", "emotion_2")
 
 
 def test_regexes_still_address_experts_by_name_and_typos_fail():
-    mc = model_config(tiny("sample", 3))
+    mc = ModelConfig.from_run_config(tiny("sample", 3))
     params = abstract_params(mc)
     t = select_trainable(params, (r"^compressor/experts/[^/]+/emotion_2$",), expert_names=mc.expert_names,
                          expert_roles=mc.expert_roles)
@@ -77,7 +76,7 @@ def test_frozen_experts_stay_bit_identical_inside_a_trained_stacked_leaf():
     """Stage 2, four paper-mode experts, weight decay on: the general expert's slices do not move and have no
     Adam moments; every emotion expert and the gate train."""
     config = tiny("sample", 4)
-    mc = model_config(config)
+    mc = ModelConfig.from_run_config(config)
     sc = config.stages["stage2_emotion"]
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -132,5 +131,5 @@ def test_adam_moments_keep_the_expert_sharding_and_shrink_with_the_expert_axis()
         assert len(moments) == 2 and all(x.shape[0] == 64 for _, x in moments)
         if expert > 1:
             assert all(x.sharding.spec[0] == "expert" for _, x in moments), moments
-        per_device[expert] = _shard_bytes(state.opt_state)
+        per_device[expert] = shard_bytes(state.opt_state)
     assert per_device[8] < per_device[4] < per_device[2] < per_device[1], per_device

@@ -1,5 +1,6 @@
-"""Explicit expert parallelism for the scale-mode compressor: the ``shard_map`` bodies of the ``shard_map``
-(capacity) and ``ragged`` (dropless) dispatch modes of ``emoqwen_jax.model.moe``.
+"""The scale-mode compressor's entry point, ``token_moe``: picks the dispatch path (``emoqwen_jax.model.moe``
+holds routing, capacity, losses and the single-device / GSPMD dispatch) and runs the explicit expert-parallel
+ones, the ``shard_map`` bodies of the ``shard_map`` (capacity) and ``ragged`` (dropless) modes.
 
 Shapes as in ``moe``; ep = size of the expert mesh axes, E' = E / ep local experts, T' tokens per device.
 Mesh axis names come from the active sharding rules: the logical name ``expert`` gives the expert axes,
@@ -116,7 +117,7 @@ def _ragged_body(x, expert_ids, weights, valid, params, experts, *, num_experts,
 
 def shard_map_moe(x: Array, logits: Array, valid: Array, params: tuple, experts: moe.Experts, *, top_k: int,
                   capacity_factor: float, group_size: int, dispatch: str):
-    """``moe.token_moe`` for dispatch 'shard_map' or 'ragged' under the active mesh (same returns)."""
+    """``token_moe`` for dispatch 'shard_map' or 'ragged' under the active mesh (same returns)."""
     mesh, _ = sharding.current()
     batch_axes = mesh_axes("units")
     axes = mesh_axes("expert")
@@ -156,3 +157,46 @@ def shard_map_moe(x: Array, logits: Array, valid: Array, params: tuple, experts:
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, jax.tree.map(lambda _: par, params)),
                        out_specs=(tok, PartitionSpec(), PartitionSpec()), check_vma=False)
     return fn(x, logits, valid, params)
+
+
+def _pad_to_groups(group_size: int, *arrays: Array) -> tuple[int, tuple[Array, ...]]:
+    """Pads the token axis of each array (valid last: padded tokens are invalid) to a multiple of S."""
+    t = arrays[0].shape[0]
+    pad = -t % group_size
+    if not pad:
+        return t, arrays
+    return t, tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays)
+
+
+def token_moe(x: Array, logits: Array, valid: Array, params: tuple, experts: moe.Experts, *, top_k: int,
+              capacity_factor: float, group_size: int, dispatch: str
+              ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+    """Token-routed experts.
+
+    Args:
+      x: float[T, I] tokens; logits: float32[T, E] router logits; valid: bool[T] (False = padding).
+      params: expert parameters, each stacked on a leading E axis; experts: their computation.
+      group_size: S, tokens per routing group (capacity and drops are per group).
+    Returns:
+      y float[T, O], summed aux statistics (see ``moe.aux_losses``), drop counts.
+    """
+    if dispatch not in moe.DISPATCH_MODES:
+        raise ValueError(f"compressor.dispatch={dispatch!r}; choose one of {moe.DISPATCH_MODES}")
+    if group_size < 1:
+        raise ValueError(f"compressor.group_size={group_size} must be >= 1")
+    num_experts = logits.shape[-1]
+    ctx = sharding.current()
+    if ctx is not None and dispatch in ("shard_map", "ragged"):
+        return shard_map_moe(x, logits, valid, params, experts, top_k=top_k, capacity_factor=capacity_factor,
+                             group_size=group_size, dispatch=dispatch)
+    expert_ids, weights, probs = moe.route(logits, top_k)
+    sums = moe.aux_sums(logits, probs, expert_ids, valid)
+    if dispatch == "ragged":
+        y = moe.ragged_experts(x, expert_ids, weights, valid, params, experts, num_experts)
+        zero = jnp.zeros((), jnp.float32)
+        return y, sums, {"dropped_assignments": zero, "dropped_tokens": zero}
+    t, (xp, ids, w, v) = _pad_to_groups(group_size, x, expert_ids, weights, valid)
+    cap = moe.capacity(group_size, num_experts, top_k, capacity_factor)
+    y, counts = moe.run_grouped(xp, ids, w, v, params, experts, num_experts=num_experts, cap=cap,
+                                group_size=group_size, annotate=ctx is not None)
+    return y[:t], sums, counts
