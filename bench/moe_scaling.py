@@ -1,16 +1,21 @@
-r"""Scale-mode compressor cost against the number of experts (one CPU device).
+r"""Scale-mode compressor cost against the number of experts and the number of tokens (one device).
 
-  python bench/moe_scaling.py [--experts 2 8 32 64] [--units 576] [--runs 5]
+  python bench/moe_scaling.py --experts 2 64 --units 2304 9216 [--dispatch einsum|shard_map|ragged] [--runs N]
 
-The Hybrid Compressor in scale mode (routing='token', top_k 2, capacity factor 1.25, einsum dispatch) on the
-``small`` preset's widths (ViT 256 -> token input 1024, LLM 512): forward + backward (gradients of the expert,
-router weights and the input features) on ``units`` merged tokens (576 = a 16-frame 224x224 video + one
-image's worth). Rounds interleave the expert counts; medians after one warm-up.
+The Hybrid Compressor in scale mode (routing='token', top_k 2, the config's capacity factor and routing group
+size) on the ``small`` preset's widths (ViT 256 -> token input 1024, LLM 512): forward + backward (gradients of
+the expert and router weights and of the input features) on ``units`` merged tokens. Dispatch is the config's
+default unless ``--dispatch`` is given. Rounds interleave every (E, T) pair; medians after one warm-up round.
 
-With capacity C = ceil(T * k / E * factor), the routed work E * C ≈ T * k * factor rows and the one-hot
-dispatch/combine tensors [T, E, C] hold ≈ T² * k * factor entries — both independent of E. What does grow
-with E is the expert weights themselves (E * (I² + I * O) parameters, read once and written once as gradients)
-and the router's [T, E] logits. The table prints the analytic FLOPs beside the time.
+With routing groups of S tokens and capacity C = ceil(S * k / E * factor) per group, the routed work
+(T / S) * E * C ≈ T * k * factor expert rows is independent of E, and the sort-based dispatch costs ~ T * k:
+the step should grow linearly in T and only slowly in E (expert weights, E * (I² + I * O) parameters, are read
+and written as gradients once; the router's [T, E] logits grow with E). ``ragged`` is dropless and runs
+``jax.lax.ragged_dot``, which XLA:CPU lowers to a dense masked matmul (E x the FLOPs): on CPU it is the
+correctness reference, on accelerators the grouped-matmul path.
+
+Prints a table and, last, a JSON line ``{"rows": [{"experts", "units", "ms", "min_ms", "capacity",
+"group_size", "dispatch", "params", "xla_gflop", "analytic_gflop"}, …], "machine": machine_info()}``.
 """
 
 from __future__ import annotations
@@ -25,22 +30,32 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
-def make_step(num_experts: int, units: int, top_k: int, capacity_factor: float):
+def bench_config(num_experts: int, dispatch: str | None, top_k: int):
+    import emotion_qwen
+
+    config = emotion_qwen.get_config("small")
+    config.model.compressor.update(routing="token", num_experts=num_experts, top_k=top_k)
+    if dispatch:
+        config.model.compressor.dispatch = dispatch
+    return config
+
+
+def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int):
+    """A compiled forward + backward of the compressor on ``units`` tokens; (run, XLA FLOPs, params, config)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    import emotion_qwen
     from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.model.compressor import HybridCompressor
 
-    config = emotion_qwen.get_config("small")
-    config.model.compressor.update(routing="token", num_experts=num_experts, expert_names=(), top_k=top_k,
-                                   capacity_factor=capacity_factor, dispatch="einsum")
-    mc = ModelConfig.from_run_config(config)
+    mc = ModelConfig.from_run_config(bench_config(num_experts, dispatch, top_k))
     comp = HybridCompressor(mc.compressor, mc.vision, mc.text.hidden_size, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(comp, nnx.Param)
     rng = np.random.default_rng(0)
@@ -52,56 +67,64 @@ def make_step(num_experts: int, units: int, top_k: int, capacity_factor: float):
         tokens, _, aux = nnx.merge(graphdef, p)(x, patch_item, 1)
         return jnp.mean((tokens - target) ** 2) + aux["aux_loss"]
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    compiled = step.lower(params, features).compile()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, features).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
     def run():
-        out = compiled(params, features)
-        jax.block_until_ready(out)
+        jax.block_until_ready(compiled(params, features))
 
     return run, float(cost.get("flops", 0.0)), n_params, mc
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experts", type=int, nargs="+", default=[2, 8, 32, 64])
-    ap.add_argument("--units", type=int, default=576)
+    ap.add_argument("--experts", type=int, nargs="+", default=[2, 64])
+    ap.add_argument("--units", type=int, nargs="+", default=[2304, 9216], help="merged tokens per step")
+    ap.add_argument("--dispatch", default=None, choices=("einsum", "shard_map", "ragged"),
+                    help="default: the config's compressor.dispatch")
     ap.add_argument("--top_k", type=int, default=2)
-    ap.add_argument("--capacity_factor", type=float, default=1.25)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
+    from machine import describe, machine_info
 
     from emoqwen_jax.model.moe import capacity
     from emoqwen_jax.train import flops
 
-    steps = {e: make_step(e, args.units, args.top_k, args.capacity_factor) for e in args.experts}
-    times = {e: [] for e in args.experts}
-    for i in range(args.runs + 1):
-        for e, (run, *_rest) in steps.items():
+    pairs = [(e, t) for e in args.experts for t in args.units]
+    steps = {p: make_step(*p, args.dispatch, args.top_k) for p in pairs}
+    before = machine_info()
+    times = {p: [] for p in pairs}
+    for i in range(args.runs + 1):  # round 0 warms up
+        for p, (run, *_rest) in steps.items():
             t0 = time.perf_counter()
             run()
             if i:
-                times[e].append((time.perf_counter() - t0) * 1e3)
-    print(f"compressor fwd+bwd, routing='token', top_k {args.top_k}, capacity factor {args.capacity_factor}, "
-          f"{args.units} tokens, 1 CPU device (jax {jax.__version__}); load avg "
-          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    print("\n| E | capacity C | E·C rows | expert params | analytic GFLOP | XLA GFLOP | median ms | min ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows = {}
-    for e, (run, xla, n_params, mc) in steps.items():
-        cap = capacity(args.units, e, args.top_k, args.capacity_factor)
-        analytic = 3 * flops.compressor_flops(mc, args.units)
-        med = statistics.median(times[e])
-        rows[e] = {"ms": round(med, 2), "capacity": cap, "params": n_params, "xla_gflop": round(xla / 1e9, 3)}
-        print(f"| {e} | {cap} | {e * cap} | {n_params / 1e6:.1f} M | {analytic / 1e9:.2f} | {xla / 1e9:.2f} | "
-              f"{med:.1f} | {min(times[e]):.1f} |")
-    print(json.dumps({"ms_by_experts": {e: r["ms"] for e, r in rows.items()}, "rows": rows}))
-    return rows
+                times[p].append((time.perf_counter() - t0) * 1e3)
+    info = machine_info(before)
+    rows = []
+    for (e, t), (_, xla, n_params, mc) in steps.items():
+        c = mc.compressor
+        cap = t if c.dispatch == "ragged" else capacity(c.group_size, e, c.top_k, c.capacity_factor)
+        rows.append({"experts": e, "units": t, "ms": round(statistics.median(times[(e, t)]), 2),
+                     "min_ms": round(min(times[(e, t)]), 2), "dispatch": c.dispatch, "group_size": c.group_size,
+                     "capacity": cap, "capacity_factor": c.capacity_factor, "params": n_params,
+                     "xla_gflop": round(xla / 1e9, 3),
+                     "analytic_gflop": round(3 * flops.compressor_flops(mc, t) / 1e9, 3)})
+    print(f"compressor fwd+bwd, routing='token', top_k {args.top_k}, 1 device (jax {jax.__version__}, "
+          f"{jax.default_backend()}); {describe(info)}")
+    print("\n| E | tokens | dispatch | group S | capacity C | expert params | analytic GFLOP | XLA GFLOP | median ms |"
+          " min ms |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['experts']} | {r['units']} | {r['dispatch']} | {r['group_size']} | {r['capacity']} | "
+              f"{r['params'] / 1e6:.1f} M | {r['analytic_gflop']:.2f} | {r['xla_gflop']:.2f} | {r['ms']:.1f} | "
+              f"{r['min_ms']:.1f} |")
+    out = {"rows": rows, "runs": args.runs, "machine": info}
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ r"""Train-step benchmark: our jitted step (ViT + compressor + LLM, forward, back
 step in Hugging Face's torch Qwen2.5-VL (eager mode, same sizes, same batch, AdamW), interleaved.
 
   python bench/train_step.py --preset small [--runs 7] [--experts 1 2] [--threads 0]
+  python bench/train_step.py --preset small --routing token --experts 2 64 --no-torch   # scale mode vs E
   python bench/train_step.py --preset gpu            # ~1.5B LLM + the 7B's ViT, bfloat16 (MFU on a GPU)
 
 The batch: one 224x224 image (grid 1x16x16 = 256 patches) and one 16-frame 224x224 video (grid 8x16x16 =
@@ -36,7 +37,7 @@ IMAGE_GRID = (1, 16, 16)
 VIDEO_GRID = (8, 16, 16)  # 16 frames, temporal patch 2
 
 
-def bench_config(preset: str, experts: int):
+def bench_config(preset: str, experts: int, routing: str = "sample"):
     import emotion_qwen
 
     if preset == "small":
@@ -49,8 +50,7 @@ def bench_config(preset: str, experts: int):
     else:
         raise ValueError(f"--preset {preset!r}; choose 'small' or 'gpu'")
     config.model.vision.frame_block = 256  # a 224x224 frame is 16x16 patches
-    config.model.compressor.num_experts = experts
-    config.model.compressor.expert_names = () if experts != 2 else ("general", "emotion")
+    config.model.compressor.update(num_experts=experts, routing=routing)  # names generated from the roles
     return config
 
 
@@ -213,6 +213,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 2], help="our compressor's expert counts")
+    ap.add_argument("--routing", default="sample", choices=("sample", "token"),
+                    help="compressor routing: the paper's per-item gate or scale mode (token top-k)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--no-torch", action="store_true", help="time only our step (profiling)")
     ap.add_argument("--dense-vit", action="store_true", help="add a row: E=1 with the dense-mask ViT (before)")
@@ -232,7 +234,7 @@ def main(argv=None) -> dict:
         print(json.dumps({"preset": "gpu", "backend": "cpu", "compiled_only": True, **report}))
         return report
 
-    configs = {e: bench_config(args.preset, e) for e in args.experts}
+    configs = {e: bench_config(args.preset, e, args.routing) for e in args.experts}
     mcfgs = {e: ModelConfig.from_run_config(c) for e, c in configs.items()}
     batch = make_batch(mcfgs[args.experts[0]])
     n_patch = batch["raw"]["pixel_values"].shape[0] + batch["raw"]["pixel_values_videos"].shape[0]
@@ -274,7 +276,7 @@ def main(argv=None) -> dict:
     out = {"jax_ms": round(ours, 1), "torch_ms": round(med["torch"], 1) if "torch" in med else None,
            "ratio": round(med["torch"] / ours, 2) if "torch" in med else None,
            "jax_ms_by_experts": {k: round(v, 1) for k, v in med.items() if k != "torch"},
-           "runs": args.runs, "train_flops": flops, "load": load()}
+           "routing": args.routing, "runs": args.runs, "train_flops": flops, "load": load()}
     print(f"({load()})")
     print(json.dumps(out))
     return out

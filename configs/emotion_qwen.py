@@ -57,14 +57,17 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.routing = "sample"  # 'sample': the paper's per-image/video gate | 'token': per-token top-k (scale mode)
     c.num_experts = 2  # patch-merger experts; 1 = plain Qwen2.5-VL
-    c.expert_names = ("general", "emotion")  # one name per expert (used in logs and exports); () = generic
+    # One name per expert (logs, exports, trainable regexes); () = generated from the roles: paper mode
+    # 'general', then 'emotion' (E = 2) or 'emotion_1'… ; scale mode 'expert_0'…
+    c.expert_names = ()
     c.gate_input = "pooled"  # 'pooled': mean ViT feature per item (as released) | 'tokens': all item tokens
     # gate_num_heads (the gate's self-attention heads; must divide the ViT width) and gate_hidden_size (width
     # of the gate's two Linear-ReLU-LayerNorm layers; inferred, not published) come from emoqwen_jax/sizes.py.
     c.update(model_size(preset)["compressor"])
     c.top_k = 2  # scale mode: experts per token
     c.capacity_factor = 1.25  # scale mode: per-expert capacity multiplier (<= 0: dropless)
-    c.dispatch = "einsum"  # scale mode: 'einsum' (GSPMD) | 'shard_map' (all-to-all) | 'ragged'
+    c.dispatch = "einsum"  # scale mode: 'einsum' (GSPMD) | 'shard_map' (all-to-all) | 'ragged' (dropless)
+    c.group_size = 128  # scale mode: tokens per routing group; capacity and drops per group (same on any mesh)
     c.lb_loss_weight = 0.01  # scale mode: Switch load-balancing loss weight
     c.z_loss_weight = 0.0  # scale mode: router z-loss weight
     c.init_noise_std = 0.0  # noise added to copies of the HF merger when importing more than 2 experts
@@ -181,9 +184,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 PRESETS = ("demo", "tiny", "small", "7b")
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
 EXTRA_STAGES = ("stage3_lora", "stage_audio_align")  # defined for every preset, run only when named in run_stages
-# Parameter-path regexes (see emoqwen_jax/train/optim.py): experts are addressed per name.
-COMPRESSOR = (r"^compressor/",)
-EMOTION_EXPERT_AND_GATE = (r"^compressor/experts/[^/]+/emotion$", r"^compressor/(gate|router)/")
+# What trains (see emoqwen_jax/train/optim.py): compressor parts by role, whatever the number of experts —
+# 'general' (paper-mode expert 0), 'emotion' (the other paper-mode experts), 'routed' (every scale-mode
+# expert), 'gate' (the gating network or the router); other parameters by path regex.
+COMPRESSOR_ROLES = ("general", "emotion", "routed", "gate")
+EMOTION_ROLES = ("emotion", "routed", "gate")  # everything in the compressor but the general expert
 LLM = (r"^language_model/",)
 AUDIO_PROJECTOR = (r"^audio_(projector|gate_proj)/",)  # the audio projector (and the gate's audio input)
 # Module-path regexes (see emoqwen_jax/model/lora.py) of the released LoRA recipe: the LLM's q/k/v/o.
@@ -206,11 +211,12 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
 
     Following the paper as far as it is published (REFERENCE §1; the freeze sets are our inference):
       stage1_align    general alignment on image-text data: compressor + gate train (ViT and LLM frozen)
-      stage2_emotion  emotion pretraining: emotion expert + gate train, general expert frozen
-      stage3_video    video instruction tuning: LLM + emotion expert + gate
+      stage2_emotion  emotion pretraining: emotion expert(s) + gate train, general expert frozen (any E; in
+                      scale mode every routed expert + the router)
+      stage3_video    video instruction tuning: LLM + emotion expert(s) + gate
       stage3_lora     stage 3 with the released LoRA recipe: adapters on the LLM's q/k/v/o train, nothing else
                       (inferred: the release does not say whether its LoRA run also trained the emotion expert
-                      and gate; add EMOTION_EXPERT_AND_GATE to `trainable` for that)
+                      and gate; set `trainable_roles` to EMOTION_ROLES for that)
     """
     lora = name == "stage3_lora"
     audio_align = name == "stage_audio_align"
@@ -218,8 +224,9 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     name = "stage3_video" if lora else "stage1_align" if audio_align else name
     s = ml_collections.ConfigDict()
     s.mixture = ({"manifest": "{demo}/train.jsonl", "data_root": "{demo}", "weight": 1.0},)  # manifests + weights
-    s.trainable = {"stage1_align": COMPRESSOR, "stage2_emotion": EMOTION_EXPERT_AND_GATE,
-                   "stage3_video": LLM + EMOTION_EXPERT_AND_GATE}[name]
+    s.trainable = {"stage1_align": (), "stage2_emotion": (), "stage3_video": LLM}[name]  # path regexes
+    s.trainable_roles = {"stage1_align": COMPRESSOR_ROLES, "stage2_emotion": EMOTION_ROLES,
+                         "stage3_video": EMOTION_ROLES}[name]  # compressor parts by role
     s.optimizer = ml_collections.ConfigDict()
     s.optimizer.learning_rate = {"stage1_align": 1e-3, "stage2_emotion": 2e-5, "stage3_video": 1e-6}[name]
     s.optimizer.b1 = 0.9
@@ -241,8 +248,10 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     s.train_audio_projector = name == "stage3_video" and not lora
     if audio_align:  # only the audio projector trains: encoder, ViT, compressor and LLM stay as they are
         s.trainable = AUDIO_PROJECTOR
+        s.trainable_roles = ()
     if lora:
         s.trainable = ()  # only the adapters (added by the trainer)
+        s.trainable_roles = ()
         s.optimizer.learning_rate = 1e-4
     if preset in ("demo", "tiny", "small"):
         s.num_steps = {"demo": 12, "tiny": 3, "small": 4}[preset]

@@ -9,7 +9,8 @@ network that turns each image/video into one softmax weight vector over the expe
     tokens = sum_e weight[item(token), e] * expert_e(features)
 
 Scale mode (``routing='token'``): a float32 router sends each merged token to its top-k experts
-(``emoqwen_jax.model.moe``: capacity, load-balancing and z losses, einsum or shard_map dispatch).
+(``emoqwen_jax.model.moe``: capacity per routing group, load-balancing and z losses, einsum / shard_map /
+ragged dispatch).
 
 Expert weights are stored stacked on a leading ``expert`` axis (float[E, ...]) so that the expert dimension
 can be sharded over an ``expert`` mesh axis; the HF merger maps onto every slice.
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emoqwen_jax.model import moe, sharding
+from emoqwen_jax.model import moe, moe_dispatch, sharding
 from emoqwen_jax.model.config import CompressorConfig, VisionConfig
 from emoqwen_jax.model.layers import LayerNorm, Linear, as_dtype, dot_product_attention, param
 
@@ -63,6 +64,20 @@ class ExpertMergers(nnx.Module):
         h = jnp.einsum("eci,eij->ecj", h, w0.astype(self.dtype)) + b0.astype(self.dtype)[:, None]
         h = jax.nn.gelu(h, approximate=False)
         return jnp.einsum("eci,eij->ecj", h, w2.astype(self.dtype)) + b2.astype(self.dtype)[:, None]
+
+    def apply_ragged(self, rows: Array, group_sizes: Array, params: tuple[Array, ...]) -> Array:
+        """Dropless form of ``apply``: rows float[M, 4Dv] sorted by expert, ``group_sizes`` int32[E'] rows per
+        expert (rows past their sum are padding) -> float[M, Dout]; the matmuls are ``jax.lax.ragged_dot``."""
+        ln_w, w0, b0, w2, b2 = params
+        m = rows.shape[0]
+        expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side="right")
+        expert = jnp.minimum(expert, group_sizes.shape[0] - 1)  # padding rows borrow the last expert's norm/bias
+        x32 = rows.reshape(m, self.merge_unit, -1).astype(jnp.float32)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(rows.dtype)
+        h = (ln_w.astype(jnp.float32)[expert][:, None, :] * normed.astype(jnp.float32)).astype(self.dtype).reshape(m, -1)
+        h = jax.lax.ragged_dot(h, w0.astype(self.dtype), group_sizes) + b0.astype(self.dtype)[expert]
+        h = jax.nn.gelu(h, approximate=False)
+        return jax.lax.ragged_dot(h, w2.astype(self.dtype), group_sizes) + b2.astype(self.dtype)[expert]
 
     def __call__(self, x: Array) -> Array:
         """Every expert on every token: x float[P, Dv] (groups of ``merge_unit`` consecutive patches form one
@@ -184,9 +199,9 @@ class HybridCompressor(nnx.Module):
         units = features.reshape(-1, self.merge_unit * features.shape[-1])  # [U, 4Dv]
         valid = unit_item >= 0
         logits = self.router(units.astype(jnp.float32))  # router in float32
-        tokens, sums, counts = moe.token_moe(units, logits, valid, self.experts.params(), self.experts.apply,
-                                             top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
-                                             dispatch=cfg.dispatch)
+        tokens, sums, counts = moe_dispatch.token_moe(units, logits, valid, self.experts.params(), self.experts,
+                                                      top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
+                                                      group_size=cfg.group_size, dispatch=cfg.dispatch)
         lb, z = moe.aux_losses(sums, cfg.top_k)
         aux.update(lb_loss=lb, z_loss=z, aux_loss=cfg.lb_loss_weight * lb + cfg.z_loss_weight * z, **counts)
         probs = jax.nn.softmax(logits, axis=-1)

@@ -112,16 +112,22 @@ class CompressorConfig:
 
     routing: str = "sample"
     num_experts: int = 2
-    expert_names: tuple[str, ...] = ("general", "emotion")
+    expert_names: tuple[str, ...] = ()  # () = generated from the roles (see ``ModelConfig.expert_names``)
     gate_input: str = "pooled"  # 'pooled': one mean ViT vector per item (as released) | 'tokens': all tokens
     gate_num_heads: int = _C["gate_num_heads"]
     gate_hidden_size: int = _C["gate_hidden_size"]
     top_k: int = 2
     capacity_factor: float = 1.25
     dispatch: str = "einsum"
+    group_size: int = 128  # scale mode: tokens per routing group (capacity and drops are per group, any mesh)
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     init_noise_std: float = 0.0
+
+    def __post_init__(self):
+        # top_k is capped at E, so `num_experts` alone works for any E (E = 1: every token to the one expert).
+        if self.num_experts >= 1 and self.top_k > self.num_experts:
+            object.__setattr__(self, "top_k", self.num_experts)
 
     def validate(self, vision_hidden: int) -> None:
         if self.routing not in ("sample", "token"):
@@ -141,8 +147,10 @@ class CompressorConfig:
             )
         if self.dispatch not in ("einsum", "shard_map", "ragged"):
             raise ValueError(f"compressor.dispatch={self.dispatch!r}; choose 'einsum', 'shard_map' or 'ragged'")
-        if self.routing == "token" and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"compressor.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.group_size < 1:
+            raise ValueError(f"compressor.group_size={self.group_size} must be >= 1")
+        if self.routing == "token" and self.top_k < 1:
+            raise ValueError(f"compressor.top_k={self.top_k} must be >= 1 (values above num_experts are capped)")
 
 
 PROJECTORS = ("linear", "mlp")
@@ -233,9 +241,25 @@ class ModelConfig:
             raise ValueError(f"special token ids {ids} must be < text.vocab_size={self.text.vocab_size}")
 
     @property
+    def expert_roles(self) -> tuple[str, ...]:
+        """The role of each expert: paper mode — expert 0 'general', the others 'emotion'; scale mode — every
+        expert 'routed'. Stage presets freeze and train experts by role, whatever E is."""
+        e = self.compressor.num_experts
+        if self.compressor.routing == "token":
+            return ("routed",) * e
+        return ("general",) + ("emotion",) * (e - 1)
+
+    @property
     def expert_names(self) -> tuple[str, ...]:
+        """``compressor.expert_names`` if given, else generated: paper mode ('general', 'emotion') for E = 2,
+        ('general', 'emotion_1', …, 'emotion_{E-1}') otherwise; scale mode ('expert_0', …)."""
         names = tuple(self.compressor.expert_names)
-        return names if names else tuple(f"expert_{i}" for i in range(self.compressor.num_experts))
+        if names:
+            return names
+        e = self.compressor.num_experts
+        if self.compressor.routing == "token":
+            return tuple(f"expert_{i}" for i in range(e))
+        return ("general",) + (("emotion",) if e == 2 else tuple(f"emotion_{i}" for i in range(1, e)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

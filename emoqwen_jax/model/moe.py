@@ -1,47 +1,77 @@
-"""Token routing for the Hybrid Compressor's scale mode: top-k router, capacity, load-balancing and z losses,
-and the two expert-parallel dispatch paths.
+"""Token routing for the Hybrid Compressor's scale mode: top-k router, capacity per routing group, the
+load-balancing and z losses, and three dispatch modes with linear cost in the number of tokens.
 
-Shapes: T tokens (merged 2x2 units), E experts, k = top_k, C capacity per expert, I = 4 * ViT width
-(a token's input), O = LLM width.
+Shapes: T tokens (merged 2x2 units), S tokens per routing group, G = T / S groups, E experts, k = top_k,
+C capacity per expert and group, A = T * k assignments, I = 4 * ViT width (a token's input), O = LLM width.
 
-* ``einsum``: GSPMD. One-hot dispatch [T, E, C] and combine [T, E, C] tensors; the expert buffers
-  [E, C, I] are constrained to the ``expert`` mesh axis, so XLA inserts the all-to-alls.
-* ``shard_map``: explicit. Each device routes its own tokens into [E, C_local, I] buffers, one
-  ``all_to_all`` over ``expert`` sends every expert's slice to the device that holds it, the local experts
-  run on [E/ep, ep * C_local, I], and a second ``all_to_all`` brings the results home. Capacity is then per
-  device group (C_local from the local token count), as in GShard.
+Routing groups. Tokens are cut into fixed chunks of S = ``group_size`` consecutive tokens; capacity and drops
+are counted per group. A group never depends on the mesh, so the same batch keeps the same tokens and drops
+on any mesh and any dispatch (the data-parallel shards hold whole groups).
 
-Priority when an expert overflows: every token's first choice before any second choice, then token order.
-A token whose k assignments were all dropped gets a zero vector (its expert contribution is empty, exactly
-as a dropped token in a residual MoE contributes nothing); kept weights are not renormalised (Switch).
+Inside a group (``group_slots``): the k * S assignments are ordered by priority — every token's first choice
+before any second choice, then token order — and a stable sort by expert gives each assignment its position
+in its expert's buffer; positions >= C are dropped. Tokens are then gathered into float[E, C, I] buffers and
+the expert outputs gathered back (no one-hot [T, E, C] tensors: cost ~ T * k, not T^2).
+
+Dispatch modes:
+* ``einsum``: GSPMD. Buffers [G, E, C, I] sharded by group over the batch axes are transposed to
+  [E, G, C, I] sharded by expert, so XLA inserts an all-to-all there and on the way back.
+* ``shard_map``: the same buffers, moved explicitly by ``all_to_all`` over the expert mesh axis
+  (``emoqwen_jax.model.moe_dispatch``, which also holds the entry point ``token_moe``).
+* ``ragged``: dropless. Assignments sorted by expert run through ``jax.lax.ragged_dot`` (grouped matmul), with
+  no capacity and no drops (``capacity_factor`` is ignored). Under a mesh it runs in shard_map with a padded
+  ``all_to_all`` to the expert's device.
+
+A token whose k assignments were all dropped gets a zero vector (a dropped token in a residual MoE contributes
+nothing); kept weights are not renormalised (Switch).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from emoqwen_jax.model import sharding
 
 Array = jax.Array
-ExpertFn = Callable[[Array, tuple], Array]  # (buffers [E', C', I], expert params sliced to E') -> [E', C', O]
+DISPATCH_MODES = ("einsum", "shard_map", "ragged")
 
 
-def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Per-expert buffer rows: ceil(T * k / E * factor); ``factor <= 0`` is dropless (C = T)."""
+class Experts(Protocol):
+    """The expert computation, pure in its stacked parameters (so shard_map can hand each device its own)."""
+
+    def apply(self, buffers: Array, params: tuple) -> Array:
+        """float[E', C, I] with params sliced to the same E' experts -> float[E', C, O]."""
+
+    def apply_ragged(self, rows: Array, group_sizes: Array, params: tuple) -> Array:
+        """float[M, I] rows sorted by expert, int32[E'] rows per expert -> float[M, O] (rows past the sum of
+        ``group_sizes`` are padding; their values are ignored)."""
+
+
+def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Per-expert buffer rows of one routing group: ceil(S * k / E * factor), at most S (an expert gets at most
+    one assignment per token); ``factor <= 0`` is dropless (C = S)."""
     if capacity_factor <= 0:
-        return num_tokens
-    return max(1, min(num_tokens, math.ceil(num_tokens * top_k / num_experts * capacity_factor)))
+        return group_size
+    return max(1, min(group_size, math.ceil(group_size * top_k / num_experts * capacity_factor)))
 
 
 def route(logits: Array, top_k: int) -> tuple[Array, Array, Array]:
     """logits float32[T, E] -> (expert ids int32[T, k], weights float32[T, k] softmaxed over the chosen k,
     router probabilities float32[T, E] over all experts)."""
-    top_logits, expert_ids = jax.lax.top_k(logits, top_k)
+    # k rounds of argmax rather than lax.top_k: XLA's TopK gathers a token-sharded operand onto every device,
+    # argmax stays sharded. Ties go to the lower expert id, as in top_k.
+    ids = []
+    masked = logits
+    for _ in range(top_k):
+        best = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+        ids.append(best)
+        masked = jnp.where(jax.nn.one_hot(best, logits.shape[-1], dtype=bool), -jnp.inf, masked)
+    expert_ids = jnp.stack(ids, axis=-1)
+    top_logits = jnp.take_along_axis(logits, expert_ids, axis=-1)
     return expert_ids, jax.nn.softmax(top_logits, axis=-1), jax.nn.softmax(logits, axis=-1)
 
 
@@ -63,81 +93,113 @@ def aux_losses(sums: dict[str, Array], top_k: int) -> tuple[Array, Array]:
     return num_experts * jnp.sum(fraction * mean_prob), sums["z"] / n
 
 
-def dispatch_combine(expert_ids: Array, weights: Array, valid: Array, num_experts: int,
-                     cap: int) -> tuple[Array, Array, dict[str, Array]]:
-    """One-hot dispatch bool[T, E, C] and combine float32[T, E, C]; counts of dropped assignments/tokens."""
-    t, k = expert_ids.shape
-    onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32) * valid[:, None, None]  # [T, k, E]
-    by_priority = jnp.swapaxes(onehot, 0, 1).reshape(k * t, num_experts)  # all first choices first
-    position = jnp.cumsum(by_priority, axis=0) - 1
-    keep = (by_priority > 0) & (position < cap)
-    position = jnp.swapaxes(position.reshape(k, t, num_experts), 0, 1)  # [T, k, E]
-    keep = jnp.swapaxes(keep.reshape(k, t, num_experts), 0, 1)
-    slot = jax.nn.one_hot(jnp.where(keep, position, -1), cap, dtype=jnp.float32)  # [T, k, E, C]
-    combine = jnp.einsum("tk,tkec->tec", weights.astype(jnp.float32), slot)
-    dispatch = slot.sum(1) > 0
-    kept = keep.sum((1, 2))
-    counts = {"dropped_assignments": (onehot.sum() - keep.sum()).astype(jnp.float32),
-              "dropped_tokens": jnp.sum(valid & (kept == 0)).astype(jnp.float32)}
-    return dispatch, combine, counts
+def sort_by_expert(expert_ids: Array, num_experts: int) -> tuple[Array, Array, Array]:
+    """Stable sort of assignment ids int32[A] (the value ``num_experts`` marks "none") -> (order int32[A] with
+    ``expert_ids[order]`` ascending, rank of each assignment within its expert int32[A] in the original order,
+    counts int32[E + 1])."""
+    a = expert_ids.shape[0]
+    order = jnp.argsort(expert_ids, stable=True)
+    counts = jnp.bincount(expert_ids, length=num_experts + 1).astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(a, dtype=jnp.int32) - starts[expert_ids[order]]
+    rank = jnp.zeros((a,), jnp.int32).at[order].set(rank_sorted)
+    return order, rank, counts
 
 
-def _local_moe(x, logits, valid, params, expert_fn: ExpertFn, *, top_k, capacity_factor, axis_name=None,
-               annotate=False):
-    """Route, dispatch, run experts and combine for the tokens of one device (or all of them).
-
-    With ``axis_name`` (inside shard_map) the expert buffers travel to their devices by all_to_all; with
-    ``annotate`` (GSPMD) they are constrained to the expert mesh axis instead."""
-    num_experts = logits.shape[-1]
-    expert_ids, weights, probs = route(logits, top_k)
-    cap = capacity(x.shape[0], num_experts, top_k, capacity_factor)
-    dispatch, combine, counts = dispatch_combine(expert_ids, weights, valid, num_experts, cap)
-    buffers = jnp.einsum("tec,ti->eci", dispatch.astype(x.dtype), x)  # [E, C, I]
-    if annotate:
-        buffers = sharding.constrain(buffers, ("expert", None, None))
-    if axis_name is not None:
-        buffers = jax.lax.all_to_all(buffers, axis_name, split_axis=0, concat_axis=1, tiled=True)  # [E/ep, ep*C, I]
-    out = expert_fn(buffers, params)
-    if annotate:
-        out = sharding.constrain(out, ("expert", None, None))
-    if axis_name is not None:
-        out = jax.lax.all_to_all(out, axis_name, split_axis=1, concat_axis=0, tiled=True)  # [E, C, O]
-    y = jnp.einsum("tec,eco->to", combine.astype(out.dtype), out)
-    return y, aux_sums(logits, probs, expert_ids, valid), counts
-
-
-def token_moe(x: Array, logits: Array, valid: Array, params: tuple, expert_fn: ExpertFn, *, top_k: int,
-              capacity_factor: float, dispatch: str) -> tuple[Array, dict[str, Array], dict[str, Array]]:
-    """Token-routed experts.
+def group_slots(expert_ids: Array, valid: Array, num_experts: int, cap: int) -> tuple[Array, Array]:
+    """Buffer slots of one group's assignments.
 
     Args:
-      x: float[T, I] tokens; logits: float32[T, E] router logits; valid: bool[T] (False = padding).
-      params: expert parameters, each stacked on a leading E axis.
+      expert_ids: int32[S, k]; valid: bool[S].
     Returns:
-      y float[T, O], summed aux statistics (see ``aux_losses``), drop counts.
+      slot int32[S, k] in [0, E * C) (row e * C + position of expert e's buffer), E * C where dropped;
+      keep bool[S, k].
     """
-    if dispatch == "ragged":
-        raise ValueError("compressor.dispatch='ragged' needs ragged_all_to_all, which XLA:CPU lacks; this build "
-                         "offers 'einsum' and 'shard_map'")
-    if dispatch not in ("einsum", "shard_map"):
-        raise ValueError(f"compressor.dispatch={dispatch!r}; choose 'einsum' or 'shard_map'")
-    ctx = sharding.current()
-    kw = dict(top_k=top_k, capacity_factor=capacity_factor)
-    if dispatch == "einsum" or ctx is None:
-        return _local_moe(x, logits, valid, params, expert_fn, annotate=ctx is not None, **kw)
-    mesh, rules = ctx
-    batch_axes = tuple(a for a in rules.get("units", ()) if mesh.shape.get(a, 1) > 1)
-    expert_axis = "expert" if mesh.shape.get("expert", 1) > 1 else None
-    tok = PartitionSpec(batch_axes or None)
-    par = PartitionSpec(expert_axis)
+    s, k = expert_ids.shape
+    by_priority = jnp.where(valid[None, :], expert_ids.T, num_experts).reshape(k * s)  # first choices first
+    _, rank, _ = sort_by_expert(by_priority, num_experts)
+    keep = (by_priority < num_experts) & (rank < cap)
+    slot = jnp.where(keep, by_priority * cap + rank, num_experts * cap)
+    return slot.reshape(k, s).T, keep.reshape(k, s).T
 
-    def body(x, logits, valid, params):
-        y, sums, counts = _local_moe(x, logits, valid, params, expert_fn, axis_name=expert_axis, **kw)
-        if batch_axes:  # global statistics, so the losses equal the single-device ones
-            sums = jax.lax.psum(sums, batch_axes)
-            counts = jax.lax.psum(counts, batch_axes)
-        return y, sums, counts
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, jax.tree.map(lambda _: par, params)),
-                       out_specs=(tok, PartitionSpec(), PartitionSpec()), check_vma=False)
-    return fn(x, logits, valid, params)
+def gather_buffers(x: Array, slot: Array, num_slots: int) -> Array:
+    """Tokens x float[S, I] into expert buffers float[E * C, I] (``slot`` int32[S, k]; empty rows are 0)."""
+    s, k = slot.shape
+    token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k))
+    source = jnp.full((num_slots + 1,), s, jnp.int32).at[slot.reshape(-1)].set(token.reshape(-1))[:num_slots]
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[source]
+
+
+def combine(out: Array, slot: Array, weights: Array, keep: Array) -> Array:
+    """Expert outputs float[E * C, O] back to tokens: y[t] = sum_j weight[t, j] * out[slot[t, j]] -> float[S, O]."""
+    padded = jnp.concatenate([out, jnp.zeros((1, out.shape[-1]), out.dtype)])
+    w = jnp.where(keep, weights, 0.0).astype(out.dtype)
+    return jnp.einsum("sk,sko->so", w, padded[slot])
+
+
+def drop_counts(keep: Array, valid: Array) -> dict[str, Array]:
+    """keep bool[..., S, k], valid bool[..., S] -> dropped assignments / tokens (float32 scalars)."""
+    k = keep.shape[-1]
+    return {"dropped_assignments": (valid.sum() * k - keep.sum()).astype(jnp.float32),
+            "dropped_tokens": jnp.sum(valid & ~keep.any(-1)).astype(jnp.float32)}
+
+
+def grouped_dispatch(x: Array, expert_ids: Array, weights: Array, valid: Array, num_experts: int, cap: int):
+    """Groups of tokens into expert buffers.
+
+    Args:
+      x float[G, S, I]; expert_ids int32[G, S, k]; weights float32[G, S, k]; valid bool[G, S].
+    Returns:
+      buffers float[G, E, C, I] and a ``restore(out float[G, E, C, O]) -> float[G, S, O]``; drop counts.
+    """
+    g, s, i = x.shape
+    slot, keep = jax.vmap(lambda e, v: group_slots(e, v, num_experts, cap))(expert_ids, valid)
+    buffers = jax.vmap(lambda xs, sl: gather_buffers(xs, sl, num_experts * cap))(x, slot)
+
+    def restore(out):
+        flat = out.reshape(g, num_experts * cap, out.shape[-1])
+        return jax.vmap(combine)(flat, slot, weights, keep)
+
+    return buffers.reshape(g, num_experts, cap, i), restore, drop_counts(keep, valid)
+
+
+def ragged_experts(x: Array, expert_ids: Array, weights: Array, valid: Array, params: tuple, experts: Experts,
+                   num_experts: int) -> Array:
+    """Dropless: every assignment, sorted by expert, through ``experts.apply_ragged`` -> float[T, O]."""
+    t, k = expert_ids.shape
+    flat = jnp.where(valid[:, None], expert_ids, num_experts).reshape(t * k)
+    order, _, counts = sort_by_expert(flat, num_experts)
+    out = experts.apply_ragged(x[order // k], counts[:num_experts], params)  # [A, O] in expert order
+    out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
+    w = jnp.where(flat.reshape(t, k) < num_experts, weights, 0.0).astype(out.dtype)
+    return jnp.einsum("tk,tko->to", w, out)
+
+
+def to_groups(x: Array, group_size: int) -> Array:
+    """float[T, ...] -> float[T / S, S, ...] (T must be a multiple of S)."""
+    return x.reshape(x.shape[0] // group_size, group_size, *x.shape[1:])
+
+
+def run_grouped(x, expert_ids, weights, valid, params, experts: Experts, *, num_experts, cap, group_size,
+                annotate: bool):
+    """The capacity path on tokens float[T, I] (T a multiple of S) -> (float[T, O], drop counts). With
+    ``annotate`` (GSPMD) the buffers switch from group-sharded to expert-sharded, which XLA compiles into
+    all-to-alls."""
+    buffers, restore, counts = grouped_dispatch(to_groups(x, group_size), to_groups(expert_ids, group_size),
+                                                to_groups(weights, group_size), to_groups(valid, group_size),
+                                                num_experts, cap)
+    g, _, c, i = buffers.shape
+    if annotate:
+        buffers = sharding.constrain(buffers, ("units", None, None, None))
+    by_expert = jnp.swapaxes(buffers, 0, 1)  # [E, G, C, I]
+    if annotate:
+        by_expert = sharding.constrain(by_expert, ("expert", "units", None, None))
+    out = experts.apply(by_expert.reshape(num_experts, g * c, i), params).reshape(num_experts, g, c, -1)
+    if annotate:
+        out = sharding.constrain(out, ("expert", "units", None, None))
+    out = jnp.swapaxes(out, 0, 1)  # [G, E, C, O]
+    if annotate:
+        out = sharding.constrain(out, ("units", None, None, None))
+    y = restore(out)
+    return y.reshape(-1, y.shape[-1]), counts

@@ -24,6 +24,7 @@ import numpy as np
 
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import ModelConfig
+from emoqwen_jax.model.moe import capacity
 
 
 def segment_pairs(segment_ids) -> int:
@@ -48,17 +49,22 @@ def vision_flops(cfg: ModelConfig, patches: int, window_pairs: float, full_pairs
     return embed, dense + attn
 
 
-def compressor_flops(cfg: ModelConfig, units: int, items: int = 1, gate_tokens: int | None = None) -> float:
+def compressor_flops(cfg: ModelConfig, units: int, items: int = 1, gate_tokens: int | None = None,
+                     implementation: bool = False) -> float:
     """Forward FLOPs of the compressor on ``units`` merged tokens of ``items`` images/videos.
 
     Paper mode: every expert on every unit, the gate (pooled: one token per item; ``gate_input='tokens'``:
     attention over the ``gate_tokens`` patches) and the mix. Scale mode: the router and ``top_k`` expert visits
-    per unit (× capacity factor for the buffer rows when capacity is bounded)."""
+    per unit (× capacity factor for the buffer rows when capacity is bounded); ``implementation``: the buffer rows
+    the capacity dispatch really computes (every routing group of ``group_size`` units, padded, E × C rows)."""
     v, c, t = cfg.vision, cfg.compressor, cfg.text
     dm = v.hidden_size * v.merge_unit
     per_visit = 2.0 * (dm * dm + dm * t.hidden_size)
     if c.routing == "token":
         rows = units * c.top_k * (c.capacity_factor if c.capacity_factor > 0 else 1.0)
+        if implementation and c.dispatch != "ragged":
+            groups = -(-units // c.group_size)
+            rows = groups * c.num_experts * capacity(c.group_size, c.num_experts, c.top_k, c.capacity_factor)
         return per_visit * rows + 2.0 * units * dm * c.num_experts
     flops = per_visit * units * c.num_experts
     if c.num_experts > 1:
@@ -119,7 +125,8 @@ def batch_train_flops(cfg: ModelConfig, inputs: ModelInputs | Mapping[str, np.nd
         else:
             window_pairs, full_pairs = segment_pairs(window_seg), segment_pairs(frame_seg)
         embed, blocks = vision_flops(cfg, patches, window_pairs, full_pairs)
-        comp = compressor_flops(cfg, patches // v.merge_unit, items, gate_tokens=patches)
+        comp = compressor_flops(cfg, patches // v.merge_unit, items, gate_tokens=patches,
+                                implementation=implementation)
     if implementation:
         tokens, pairs = b * length, b * length * length
     else:

@@ -1,15 +1,20 @@
-"""The optimiser of a stage: AdamW with warmup + cosine, clipping, and freezing by parameter-path regexes.
+"""The optimiser of a stage: AdamW with warmup + cosine, clipping, and freezing by parameter-path regexes and
+expert roles.
 
 Parameters are addressed by '/'-joined paths of the model's pure state dict, e.g.
-``language_model/layers/3/self_attn/q_proj/kernel`` or ``compressor/gate/fc1/bias``. The compressor's
-experts are stored stacked ([E, ...]); the optimiser sees them split per expert as
-``compressor/experts/<param>/<expert name>`` (e.g. ``compressor/experts/mlp_0_kernel/emotion``), so a stage can
-train the emotion expert while the general expert stays frozen. Frozen leaves go to ``optax.set_to_zero()``:
-they get no Adam moments at all, and their values stay bit-identical.
+``language_model/layers/3/self_attn/q_proj/kernel`` or ``compressor/gate/fc1/bias``. The compressor's experts
+stay stacked ([E, ...], sharded over the ``expert`` mesh axis) in the optimiser too: a stacked leaf trains when
+any of its experts does, and a per-expert mask keeps the others frozen (zero gradient, zero update, so their
+values stay bit-identical; their Adam moments stay zero and keep the expert sharding). For the regexes each
+expert appears under a virtual path ``compressor/experts/<param>/<expert name>`` (e.g.
+``compressor/experts/mlp_0_kernel/emotion``); stages select experts by role instead (``ROLES``), so the same
+preset freezes the general expert whatever E is. Fully frozen leaves go to ``optax.set_to_zero()``: no Adam
+moments at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
@@ -17,28 +22,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-EXPERTS = ("compressor", "experts")
+EXPERTS = "compressor/experts/"
+ROUTING_NETWORKS = ("compressor/gate/", "compressor/router/")
+# 'general' / 'emotion': paper-mode experts (expert 0 / the others); 'routed': every scale-mode expert;
+# 'gate': the paper-mode gating network or the scale-mode router.
+ROLES = ("general", "emotion", "routed", "gate")
 
 
 def path_str(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def to_opt_view(params: dict, expert_names: Sequence[str]) -> dict:
-    """The optimiser's view of a pure params dict: stacked expert leaves split into {name: leaf[e]}."""
-    experts = params.get(EXPERTS[0], {}).get(EXPERTS[1])
-    if experts is None:
-        return params
-    split = {k: {name: v[e] for e, name in enumerate(expert_names)} for k, v in experts.items()}
-    return {**params, EXPERTS[0]: {**params[EXPERTS[0]], EXPERTS[1]: split}}
-
-
-def from_opt_view(view: dict, expert_names: Sequence[str]) -> dict:
-    experts = view.get(EXPERTS[0], {}).get(EXPERTS[1])
-    if experts is None:
-        return view
-    stacked = {k: jnp.stack([v[name] for name in expert_names]) for k, v in experts.items()}
-    return {**view, EXPERTS[0]: {**view[EXPERTS[0]], EXPERTS[1]: stacked}}
 
 
 # Never trained, whatever a stage says: Whisper's fixed sinusoidal positions (HF keeps them requires_grad=False).
@@ -54,37 +46,106 @@ def frozen_patterns(model_config: Any) -> tuple[str, ...]:
     return ALWAYS_FROZEN + (AUDIO_ENCODER if audio is not None and audio.freeze_encoder else ())
 
 
-def stage_patterns(stage_cfg: Any, model_config: Any, extra: Sequence[str] = ()) -> tuple[tuple[str, ...],
-                                                                                            tuple[str, ...]]:
-    """(trainable, frozen) regexes of a stage for a model: the stage's ``trainable`` (+ ``extra``, + the audio
-    projector when the stage has ``train_audio_projector`` and the model has audio) and ``frozen_patterns``."""
-    patterns = tuple(stage_cfg.trainable) + tuple(extra)
-    audio = getattr(model_config, "audio", None)
-    if audio is not None and audio.enabled and stage_cfg.get("train_audio_projector", False):
-        patterns += AUDIO_PROJECTOR
-    return patterns, frozen_patterns(model_config)
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """What a stage trains. ``labels``: 'trainable' | 'frozen' per parameter leaf (same tree as the params);
+    ``expert_masks``: path -> per-expert flags for stacked expert leaves of which only some experts train;
+    ``paths``: what trains, one entry per leaf or per expert of a partly trained leaf."""
+
+    labels: Any
+    expert_masks: Mapping[str, tuple[bool, ...]]
+    paths: tuple[str, ...]
 
 
-def trainable_labels(view: Any, patterns: Sequence[str], frozen: Sequence[str] = ALWAYS_FROZEN) -> Any:
-    """'trainable' / 'frozen' per leaf of the optimiser view: a leaf trains if any regex of ``patterns``
-    ``re.search``es its path and none of ``frozen`` does."""
+def select_trainable(params: Any, patterns: Sequence[str] = (), roles: Sequence[str] = (), *,
+                     expert_names: Sequence[str] = (), expert_roles: Sequence[str] = (),
+                     frozen: Sequence[str] = ALWAYS_FROZEN) -> Trainable:
+    """A leaf (or one expert of a stacked leaf) trains if a regex in ``patterns`` ``re.search``es its path, or
+    its role is in ``roles`` (an expert by ``expert_roles``; the gate and router by 'gate'), and no regex of
+    ``frozen`` (paths no stage may train, ``frozen_patterns``) matches it.
+
+    Every regex must match something (a typo would silently freeze the model); a role with no parameter in this
+    model (e.g. 'routed' in paper mode, or 'emotion' with one expert) is fine."""
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"trainable roles {bad} are unknown; choose from {ROLES}")
     compiled = [re.compile(p) for p in patterns]
     never = [re.compile(p) for p in frozen]
+    matched: set[str] = set()
+    masks: dict[str, tuple[bool, ...]] = {}
+    trained: list[str] = []
 
-    def label(path, _):
-        p = path_str(path)
-        return "trainable" if any(c.search(p) for c in compiled) and not any(c.search(p) for c in never) else "frozen"
+    def hit(path: str) -> bool:
+        found = [p for p, c in zip(patterns, compiled) if c.search(path)]
+        matched.update(found)
+        return bool(found)
 
-    return jax.tree_util.tree_map_with_path(label, view)
+    def label(path, leaf):
+        key = path_str(path)
+        if key.startswith(EXPERTS):
+            if leaf.shape[0] != len(expert_names):
+                raise ValueError(f"{key} stacks {leaf.shape[0]} experts but {len(expert_names)} names were given")
+            flags = tuple(hit(f"{key}/{name}") | (role in roles) for name, role in zip(expert_names, expert_roles))
+            if all(flags):
+                trained.append(key)
+            elif any(flags):
+                masks[key] = flags
+                trained.extend(f"{key}/{n}" for n, f in zip(expert_names, flags) if f)
+            return "trainable" if any(flags) else "frozen"
+        on = hit(key) | ("gate" in roles and key.startswith(ROUTING_NETWORKS))
+        on = on and not any(c.search(key) for c in never)
+        if on:
+            trained.append(key)
+        return "trainable" if on else "frozen"
 
-
-def check_patterns(view: Any, patterns: Sequence[str]) -> list[str]:
-    """Every trainable regex must match something (a typo would silently freeze the model)."""
-    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(view)]
-    unmatched = [p for p in patterns if not any(re.search(p, path) for path in paths)]
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unmatched = [p for p in patterns if p not in matched]
     if unmatched:
-        raise ValueError(f"trainable patterns {unmatched} match no parameter; paths look like {paths[:3]} …")
-    return [p for p in paths if any(re.search(q, p) for q in patterns)]
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        raise ValueError(f"trainable patterns {unmatched} match no parameter; paths look like {paths[:3]} … and "
+                         f"experts like {EXPERTS}<param>/<name> with names {tuple(expert_names)}")
+    return Trainable(labels=labels, expert_masks=masks, paths=tuple(trained))
+
+
+def stage_trainable(params: Any, stage: Mapping[str, Any], model_config: Any, extra_patterns: Sequence[str] = (),
+                    patterns: Sequence[str] | None = None) -> Trainable:
+    """``select_trainable`` for a stage config (``trainable`` regexes + ``trainable_roles``, + the audio projector
+    when the stage has ``train_audio_projector`` and the model has audio) and a ``ModelConfig`` (expert names and
+    roles, ``frozen_patterns``); ``patterns`` given replaces the stage's fields."""
+    roles = tuple(stage.get("trainable_roles", ())) if patterns is None else ()
+    audio = getattr(model_config, "audio", None)
+    audio_projector = (AUDIO_PROJECTOR if patterns is None and audio is not None and audio.enabled
+                       and stage.get("train_audio_projector", False) else ())
+    patterns = tuple(stage.trainable if patterns is None else patterns) + tuple(extra_patterns) + audio_projector
+    return select_trainable(params, patterns, roles, expert_names=model_config.expert_names,
+                            expert_roles=model_config.expert_roles, frozen=frozen_patterns(model_config))
+
+
+def _expert_mask(mask: tuple[bool, ...], ndim: int) -> jax.Array:
+    return jnp.asarray(mask).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def freeze_experts(params: Any, expert_masks: Mapping[str, tuple[bool, ...]]) -> Any:
+    """stop_gradient on the frozen experts of partly trained stacked leaves (values unchanged)."""
+    def f(path, p):
+        mask = expert_masks.get(path_str(path))
+        return p if mask is None else jnp.where(_expert_mask(mask, p.ndim), p, jax.lax.stop_gradient(p))
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+def mask_expert_updates(expert_masks: Mapping[str, tuple[bool, ...]]) -> optax.GradientTransformation:
+    """Zero updates for frozen experts (weight decay would otherwise move them)."""
+    def update(updates, state, params=None):
+        del params
+
+        def f(path, u):
+            mask = expert_masks.get(path_str(path))
+            return u if mask is None else jnp.where(_expert_mask(mask, u.ndim), u, jnp.zeros_like(u))
+
+        return jax.tree_util.tree_map_with_path(f, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
@@ -100,9 +161,10 @@ def schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
         end_value=peak * end)
 
 
-def make_optimizer(opt: Mapping[str, Any], num_steps: int, labels: Any) -> tuple[optax.GradientTransformation,
-                                                                                 optax.Schedule]:
-    """AdamW (+ global-norm clipping over the trainable leaves) for 'trainable', ``set_to_zero`` for 'frozen'.
+def make_optimizer(opt: Mapping[str, Any], num_steps: int, trainable: Trainable
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ global-norm clipping over the trainable leaves) for 'trainable', ``set_to_zero`` for 'frozen';
+    frozen experts of a trainable stacked leaf get zero updates.
 
     ``opt``: learning_rate, b1, b2, eps, weight_decay, clip_norm, warmup_fraction, end_lr_fraction,
     grad_accum (micro-batches per update: ``optax.MultiSteps`` inside the trainable branch, so its gradient
@@ -114,8 +176,9 @@ def make_optimizer(opt: Mapping[str, Any], num_steps: int, labels: Any) -> tuple
         optax.clip_by_global_norm(float(opt.get("clip_norm", 1.0))),
         optax.adamw(lr, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.95)), eps=float(opt.get("eps", 1e-8)),
                     weight_decay=float(opt.get("weight_decay", 0.1)),
-                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+        mask_expert_updates(trainable.expert_masks))
     accum = int(opt.get("grad_accum", 1))
     if accum > 1:
         adamw = optax.MultiSteps(adamw, every_k_schedule=accum)
-    return optax.multi_transform({"trainable": adamw, "frozen": optax.set_to_zero()}, labels), lr
+    return optax.multi_transform({"trainable": adamw, "frozen": optax.set_to_zero()}, trainable.labels), lr

@@ -30,24 +30,21 @@ from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, p
 from emoqwen_jax.parallel.rules import BATCH_AXES, input_sharding
 from emoqwen_jax.train import flops
 from emoqwen_jax.train import step as step_lib
-from emoqwen_jax.train.optim import make_optimizer, stage_patterns, to_opt_view, trainable_labels
+from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.step import init_state, make_train_step
 
 
 def build_train_step(config, stage: str, trainable: Sequence[str] | None = None):
     """(model config, pure ``train_step(state, batch)``, optax transform, ``init(params) -> state``) for a stage,
-    exactly as the trainer builds them (``trainable`` overrides the stage's regexes)."""
+    exactly as the trainer builds them (``trainable`` regexes override the stage's regexes and roles)."""
     mcfg = ModelConfig.from_run_config(config)
     sc = config.stages[stage]
     abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    names = mcfg.expert_names
-    view = jax.eval_shape(lambda p: to_opt_view(p, names), params)
-    patterns, frozen = stage_patterns(sc, mcfg)
-    labels = trainable_labels(view, tuple(trainable) if trainable is not None else patterns, frozen)
-    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels)
-    step = make_train_step(nnx.graphdef(abstract), tx, labels, names, schedule, int(sc.optimizer.get("grad_accum", 1)))
-    return mcfg, step, tx, lambda p: init_state(p, tx, names, config.seed)
+    selected = stage_trainable(params, sc, mcfg, patterns=trainable)
+    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, selected)
+    step = make_train_step(nnx.graphdef(abstract), tx, selected, schedule, int(sc.optimizer.get("grad_accum", 1)))
+    return mcfg, step, tx, lambda p: init_state(p, tx, config.seed)
 
 
 def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, length: int = 0,
@@ -124,7 +121,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     with axis_rules(mesh, DEFAULT_RULES):
         state_shapes = jax.eval_shape(init, params)
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
-                             step_lib.state_shardings(state_shapes, pshard, mcfg.expert_names, mesh))
+                             step_lib.state_shardings(state_shapes, pshard, mesh))
         batch_abs = sharded_shapes(shapes, mesh)
         lowered = jax.jit(step, donate_argnums=0).lower(state, batch_abs)
         timings["lower_s"] = time.perf_counter() - t0
@@ -150,10 +147,18 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
         "audio_windows": 0 if shapes.audio is None else int(shapes.audio.input_features.shape[0]),
         "argument_bytes": args_b, "output_bytes": out_b, "temp_bytes": temp_b, "alias_bytes": alias_b,
         "per_device_bytes": args_b + out_b + temp_b - alias_b,
+        # one device's shards of the parameters and of the optimiser state (Adam moments follow their parameter)
+        "param_bytes_per_device": shard_bytes(state.params),
+        "optimizer_bytes_per_device": shard_bytes(state.opt_state),
         "xla_flops_per_device": float(cost.get("flops", 0.0)),
         "flops_per_step": analytic,
         **{k: round(v, 1) for k, v in timings.items()},
     }
+
+
+def shard_bytes(tree) -> int:
+    """Bytes of one device's shard of every leaf of ``tree`` (ShapeDtypeStructs with shardings)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
@@ -164,6 +169,8 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
             ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']}, "
                                       f"audio windows {report.get('audio_windows', 0)})"),
             ("arguments (params + opt state + batch)", gib(report["argument_bytes"])),
+            ("  parameters / optimiser state shards", f"{gib(report['param_bytes_per_device'])} / "
+                                                     f"{gib(report['optimizer_bytes_per_device'])}"),
             ("outputs", gib(report["output_bytes"])), ("temporaries", gib(report["temp_bytes"])),
             ("donated (aliased)", gib(report["alias_bytes"])),
             ("per device", gib(report["per_device_bytes"])),

@@ -7,7 +7,7 @@ checkpoints like any array tree. The model is rebuilt inside the step with ``nnx
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,46 +16,44 @@ from flax import nnx
 
 from emoqwen_jax.model.lora import dropout_key
 from emoqwen_jax.train.loss import loss_fn
-from emoqwen_jax.train.optim import EXPERTS, from_opt_view, path_str, to_opt_view
+from emoqwen_jax.train.optim import Trainable, freeze_experts, path_str
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
     params: dict  # the model's pure nnx state (float32 master weights)
-    opt_state: Any  # optax state over the optimiser view (no entries for frozen leaves)
+    opt_state: Any  # optax state over the params (no entries for frozen leaves; stacked experts stay stacked)
     step: jax.Array  # int32: micro-steps taken in this stage
     nonfinite: jax.Array  # int32: consecutive skipped (non-finite) updates
     rng: jax.Array  # uint32[2]: key data, folded with the step for any stochastic layer (LoRA dropout)
 
 
-def _frozen_stop_gradient(params: dict, labels_view: dict, expert_names: Sequence[str]) -> dict:
+def _frozen_stop_gradient(params: dict, trainable: Trainable) -> dict:
     """stop_gradient on fully frozen leaves so XLA drops their weight-gradient matmuls; a stacked expert
     tensor with some frozen experts gets a per-expert mask instead."""
-    view = to_opt_view(params, expert_names)
-    stopped = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, view, labels_view)
-    return from_opt_view(stopped, expert_names)
+    stopped = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params,
+                           trainable.labels)
+    return freeze_experts(stopped, trainable.expert_masks)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels_view: dict,
-                    expert_names: Sequence[str], schedule: Callable, grad_accum: int = 1):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, trainable: Trainable,
+                    schedule: Callable, grad_accum: int = 1):
     """Returns ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donated state)."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_of(params):
-            model = nnx.merge(graphdef, _frozen_stop_gradient(params, labels_view, expert_names))
+            model = nnx.merge(graphdef, _frozen_stop_gradient(params, trainable))
             # A fresh dropout mask every micro-step, reproducible on resume (models without adapters ignore it).
             with dropout_key(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)):
                 return loss_fn(model, batch)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        grads_view = to_opt_view(grads, expert_names)
-        params_view = to_opt_view(state.params, expert_names)
-        trainable = jax.tree.map(lambda g, lab: g if lab == "trainable" else jnp.zeros((), g.dtype), grads_view,
-                                 labels_view)
-        grad_norm = optax.global_norm(trainable)
-        updates, new_opt = tx.update(grads_view, state.opt_state, params_view)
-        new_params = from_opt_view(optax.apply_updates(params_view, updates), expert_names)
+        masked = jax.tree.map(lambda g, lab: g if lab == "trainable" else jnp.zeros((), g.dtype), grads,
+                              trainable.labels)
+        grad_norm = optax.global_norm(masked)  # frozen experts of a stacked leaf already have zero gradient
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
@@ -67,30 +65,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     return train_step
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, expert_names: Sequence[str], seed: int) -> TrainState:
-    return TrainState(params=params, opt_state=tx.init(to_opt_view(params, expert_names)),
-                      step=jnp.zeros((), jnp.int32), nonfinite=jnp.zeros((), jnp.int32),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                      nonfinite=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def state_shardings(state_shapes: TrainState, param_shardings: dict, expert_names: Sequence[str], mesh) -> TrainState:
+def state_shardings(state_shapes: TrainState, param_shardings: dict, mesh) -> TrainState:
     """Shardings of a whole TrainState: ``params`` by the rules (``param_shardings``, shaped like the params
-    dict); every optimiser leaf (Adam moments, accumulators) like the optimiser-view parameter it mirrors —
-    the view path that ends its own path, with the same shape (a split expert drops the expert axis) — and
-    scalars / counters replicated. Without this, XLA may lay freshly initialised moments out replicated."""
+    dict); every optimiser leaf (Adam moments, accumulators) like the parameter it mirrors — the parameter path
+    that ends its own path, with the same shape (stacked experts keep their expert sharding) — and scalars /
+    counters replicated. Without this, XLA may lay freshly initialised moments out replicated."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    by_path: dict[str, tuple[tuple, NamedSharding]] = {}
-    for path, shape in jax.tree_util.tree_leaves_with_path(state_shapes.params):
-        key = path_str(path)
-        sh = _get(param_shardings, path)
-        if key.startswith("/".join(EXPERTS) + "/"):  # split per expert in the optimiser view
-            inner = NamedSharding(mesh, PartitionSpec(*tuple(sh.spec)[1:]))
-            for name in expert_names:
-                by_path[f"{key}/{name}"] = (tuple(shape.shape[1:]), inner)
-        else:
-            by_path[key] = (tuple(shape.shape), sh)
+    by_path = {path_str(path): (tuple(shape.shape), _get(param_shardings, path))
+               for path, shape in jax.tree_util.tree_leaves_with_path(state_shapes.params)}
 
     def opt_leaf(path, x):
         p = path_str(path)
@@ -109,4 +98,3 @@ def _get(tree, path):
     for k in path:
         tree = tree[getattr(k, "key", getattr(k, "idx", k))]
     return tree
-

@@ -38,7 +38,7 @@ from emoqwen_jax.parallel.rules import input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
-from emoqwen_jax.train.optim import check_patterns, make_optimizer, stage_patterns, to_opt_view, trainable_labels
+from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 
@@ -243,16 +243,14 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     info = D.tokenizer_info(mcfg.text.vocab_size)
     aspec = audio_spec(mcfg)
 
-    names = mcfg.expert_names
-    patterns, frozen = stage_patterns(sc, mcfg, extra_trainable)
-    labels_view = trainable_labels(to_opt_view(params, names), patterns, frozen)
-    trained = check_patterns(to_opt_view(params, names), patterns)
+    trainable = stage_trainable(params, sc, mcfg, extra_trainable)
+    trained = trainable.paths
     accum = int(sc.optimizer.get("grad_accum", 1))
-    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels_view)
+    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, trainable)
     params = jax.device_put(params, shardings)
-    init = lambda p: init_state(p, tx, names, config.seed)  # noqa: E731
+    init = lambda p: init_state(p, tx, config.seed)  # noqa: E731
     state_shapes = jax.eval_shape(init, params)
-    state_sharding = state_shardings(state_shapes, shardings, names, mesh)
+    state_sharding = state_shardings(state_shapes, shardings, mesh)
     start = 0
     if resume is None:
         state = jax.jit(init, out_shardings=state_sharding)(params)
@@ -262,7 +260,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
                                 state_sharding)
         state = ckpt.restore(int(resume["global_step"]), abstract, iterators)
         start = int(resume["stage_step"])
-    step_fn = jax.jit(make_train_step(graphdef, tx, labels_view, names, schedule, accum), donate_argnums=0,
+    step_fn = jax.jit(make_train_step(graphdef, tx, trainable, schedule, accum), donate_argnums=0,
                       out_shardings=(state_sharding, None))
     total = sc.num_steps * accum
     log_every = int(config.train.log_every)

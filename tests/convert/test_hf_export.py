@@ -108,7 +108,7 @@ def exports(src_dir, tmp_path_factory):
     out = {}
     for mode, comp in (("paper", dict(num_experts=2)), ("paper_tokens", dict(num_experts=3, expert_names=(),
                                                                               gate_input="tokens")),
-                       ("scale", dict(SCALE, capacity_factor=0.75)),
+                       ("scale", dict(SCALE, capacity_factor=0.75, group_size=5)),  # several groups per call
                        ("dropless", dict(SCALE, capacity_factor=0.0))):
         model = _perturb(from_hf(str(src_dir), compressor=comp, seed=1), seed=len(out))
         path = tmp_path_factory.mktemp(mode)

@@ -1,70 +1,110 @@
-"""Scale-mode routing: capacity and drops, the load-balancing and z losses, against independent numpy."""
+"""Scale-mode routing against a float64 numpy per-token reference (drops included), for every dispatch mode,
+on one device and sharded over 8 host devices; the GSPMD path's compiled collectives."""
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from emoqwen_jax.model import moe
+from emoqwen_jax.model.moe_dispatch import token_moe
+from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh
 
-E, K = 4, 2
-
-
-def scale_experts(buffers, params):
-    """Expert e multiplies its rows by params[0][e] (so outputs are easy to predict)."""
-    return buffers * params[0][:, None, None]
+E, K, I, O = 8, 2, 6, 5
 
 
-def numpy_reference(x, logits, valid, cap):
-    """Priority dispatch written out: all first choices (token order), then all second choices."""
+class TanhExperts:
+    """Expert e: tanh(x @ W[e]) — distinct per expert, easy to write in numpy."""
+
+    def apply(self, buffers, params):
+        return jnp.tanh(jnp.einsum("eci,eio->eco", buffers, params[0]))
+
+    def apply_ragged(self, rows, group_sizes, params):
+        return jnp.tanh(jax.lax.ragged_dot(rows, params[0], group_sizes))
+
+
+def numpy_reference(x, logits, valid, w, cap, group_size):
+    """Per group of ``group_size`` tokens: all first choices (token order), then all second choices, each kept
+    while its expert has fewer than ``cap`` rows (``cap=None``: dropless). float64 throughout."""
+    x, logits, w = (np.asarray(a, np.float64) for a in (x, logits, w))
     t = x.shape[0]
     order = np.argsort(-logits, axis=-1, kind="stable")[:, :K]
     top = np.take_along_axis(logits, order, -1)
-    w = np.exp(top - top.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    load = np.zeros(E, int)
+    gate = np.exp(top - top.max(-1, keepdims=True))
+    gate /= gate.sum(-1, keepdims=True)
     kept = np.zeros((t, K), bool)
-    for slot in range(K):
-        for i in range(t):
-            if valid[i]:
+    for start in range(0, t, group_size):
+        load = np.zeros(E, int)
+        for slot in range(K):
+            for i in range(start, min(start + group_size, t)):
                 e = order[i, slot]
-                if load[e] < cap:
+                if valid[i] and (cap is None or load[e] < cap):
                     kept[i, slot] = True
                     load[e] += 1
-    scales = np.arange(1, E + 1, dtype=np.float32)
-    y = np.zeros_like(x)
+    y = np.zeros((t, O))
     for i in range(t):
         for slot in range(K):
             if kept[i, slot]:
-                y[i] += w[i, slot] * scales[order[i, slot]] * x[i]
-    dropped_assign = int(valid.sum() * K - kept.sum())
-    dropped_tokens = int((valid & ~kept.any(1)).sum())
-    return y, dropped_assign, dropped_tokens, order
+                y[i] += gate[i, slot] * np.tanh(x[i] @ w[order[i, slot]])
+    return y, int(valid.sum() * K - kept.sum()), int((valid & ~kept.any(1)).sum())
 
 
-@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 0.0])
-def test_capacity_drops_match_numpy(capacity_factor):
-    rng = np.random.default_rng(0)
-    t = 24
-    x = rng.standard_normal((t, 6)).astype(np.float32)
+def make_inputs(t, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, I)).astype(np.float32)
     logits = rng.standard_normal((t, E)).astype(np.float32)
-    logits[:, 0] += 3.0  # most tokens prefer expert 0: it overflows
+    logits[:, 0] += 2.0  # most tokens prefer expert 0: it overflows
     valid = np.ones(t, bool)
     valid[-3:] = False  # padding tokens are never routed
-    cap = moe.capacity(t, E, K, capacity_factor)
-    ref_y, ref_assign, ref_tokens, _ = numpy_reference(x, logits, valid, cap)
-    y, sums, counts = moe.token_moe(jnp.asarray(x), jnp.asarray(logits), jnp.asarray(valid),
-                                    (jnp.arange(1, E + 1, dtype=jnp.float32),), scale_experts, top_k=K,
-                                    capacity_factor=capacity_factor, dispatch="einsum")
-    np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-5, atol=1e-6)
+    w = rng.standard_normal((E, I, O)).astype(np.float32) * 0.5
+    return x, logits, valid, w
+
+
+def run(x, logits, valid, w, dispatch, capacity_factor, group_size):
+    return token_moe(jnp.asarray(x), jnp.asarray(logits), jnp.asarray(valid), (jnp.asarray(w),), TanhExperts(),
+                         top_k=K, capacity_factor=capacity_factor, group_size=group_size, dispatch=dispatch)
+
+
+CASES = [("einsum", 1.0), ("einsum", 0.5), ("einsum", 0.0), ("shard_map", 1.0), ("shard_map", 0.0), ("ragged", 1.0)]
+
+
+@pytest.mark.parametrize("dispatch,capacity_factor", CASES)
+@pytest.mark.parametrize("t", [64, 61])  # 61: the last group is padded
+def test_dispatch_matches_float64_reference(dispatch, capacity_factor, t):
+    x, logits, valid, w = make_inputs(t)
+    group_size = 16
+    dropless = dispatch == "ragged" or capacity_factor <= 0
+    cap = None if dropless else moe.capacity(group_size, E, K, capacity_factor)
+    ref_y, ref_assign, ref_tokens = numpy_reference(x, logits, valid, w, cap, group_size)
+    y, _, counts = run(x, logits, valid, w, dispatch, capacity_factor, group_size)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref_y, rtol=1e-5, atol=1e-6)
     assert int(counts["dropped_assignments"]) == ref_assign
     assert int(counts["dropped_tokens"]) == ref_tokens
-    if capacity_factor <= 0:
-        assert ref_assign == 0 and cap == t  # dropless
-    elif capacity_factor == 0.5:
-        assert ref_tokens > 0  # the fallback is exercised: those rows are exactly zero
-        dropped_rows = np.flatnonzero(valid & (np.abs(ref_y).sum(1) == 0))
-        assert np.all(np.asarray(y)[dropped_rows] == 0)
+    if dropless:
+        assert ref_assign == 0
+    else:
+        assert ref_assign > 0  # capacity binds: the drop path is exercised
+    if capacity_factor == 0.5:
+        assert ref_tokens > 0  # a token lost both choices: its row is exactly zero
+        rows = np.flatnonzero(valid & (np.abs(ref_y).sum(1) == 0))
+        assert np.all(np.asarray(y)[rows] == 0)
     assert np.all(np.asarray(y)[~valid] == 0)
+
+
+def test_capacity_is_per_group():
+    assert moe.capacity(64, 8, 2, 1.25) == 20
+    assert moe.capacity(64, 8, 2, 0.0) == 64  # dropless: an expert gets at most one row per token
+    assert moe.capacity(4, 64, 2, 1.0) == 1
+    # A group's drops depend only on its own tokens: the same group gives the same rows in any batch.
+    x, logits, valid, w = make_inputs(64)
+    y, _, _ = run(x, logits, valid, w, "einsum", 1.0, 16)
+    y2, _, _ = run(x[16:32], logits[16:32], valid[16:32], w, "einsum", 1.0, 16)
+    np.testing.assert_allclose(np.asarray(y)[16:32], np.asarray(y2), rtol=1e-5, atol=1e-6)  # matmul rounding
+    np.testing.assert_array_equal(np.asarray(y)[16:32] == 0, np.asarray(y2) == 0)  # the same dropped tokens
 
 
 def test_load_balancing_and_z_loss_match_numpy():
@@ -76,15 +116,13 @@ def test_load_balancing_and_z_loss_match_numpy():
     ids, _, probs = moe.route(jnp.asarray(logits), K)
     lb, z = moe.aux_losses(moe.aux_sums(jnp.asarray(logits), probs, ids, jnp.asarray(valid)), K)
     # Independent: fraction of the k-assignments per expert and mean softmax probability, valid tokens only.
-    lv = logits[valid]
+    lv = logits[valid].astype(np.float64)
     choice = np.argsort(-lv, axis=-1)[:, :K]
     fraction = np.bincount(choice.ravel(), minlength=E) / (len(lv) * K)
     p = np.exp(lv - lv.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    expected_lb = E * np.sum(fraction * p.mean(0))
-    lse = np.log(np.exp(lv).sum(-1))
-    np.testing.assert_allclose(float(lb), expected_lb, rtol=1e-6)
-    np.testing.assert_allclose(float(z), np.mean(lse**2), rtol=1e-6)
+    np.testing.assert_allclose(float(lb), E * np.sum(fraction * p.mean(0)), rtol=1e-6)
+    np.testing.assert_allclose(float(z), np.mean(np.log(np.exp(lv).sum(-1)) ** 2), rtol=1e-6)
     # Perfect balance gives the minimum 1.0 for a uniform router.
     uniform = jnp.zeros((8, E))
     ids_u = jnp.asarray(np.stack([np.arange(8) % E, (np.arange(8) + 1) % E], 1))
@@ -92,7 +130,76 @@ def test_load_balancing_and_z_loss_match_numpy():
     np.testing.assert_allclose(float(lb_u), 1.0, rtol=1e-6)
 
 
-def test_ragged_dispatch_is_a_clear_error_on_this_backend():
-    with pytest.raises(ValueError, match="ragged"):
-        moe.token_moe(jnp.zeros((4, 2)), jnp.zeros((4, E)), jnp.ones(4, bool), (jnp.ones(E),), scale_experts,
-                      top_k=K, capacity_factor=1.0, dispatch="ragged")
+def test_unknown_dispatch_and_group_size_are_clear_errors():
+    x, logits, valid, w = make_inputs(16)
+    with pytest.raises(ValueError, match="choose one of .*ragged"):
+        run(x, logits, valid, w, "dense", 1.0, 8)
+    with pytest.raises(ValueError, match="group_size=0"):
+        run(x, logits, valid, w, "einsum", 1.0, 0)
+
+
+def _loss_and_grads(dispatch, capacity_factor, group_size):
+    def loss(x, logits, w, valid):
+        y, sums, counts = token_moe(x, logits, valid, (w,), TanhExperts(), top_k=K,
+                                        capacity_factor=capacity_factor, group_size=group_size, dispatch=dispatch)
+        lb, z = moe.aux_losses(sums, K)
+        target = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        return jnp.sum(y * target) + 0.1 * lb + 0.01 * z, counts
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+MESHES = (dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2))
+
+
+@pytest.mark.parametrize("dispatch,capacity_factor", [("einsum", 1.0), ("einsum", 0.0), ("shard_map", 1.0),
+                                                      ("shard_map", 0.0), ("ragged", 1.0)])
+def test_sharded_equals_single_device(dispatch, capacity_factor):
+    """Loss, drops and every gradient on 8 devices equal one device's (the routing groups do not move)."""
+    x, logits, valid, w = make_inputs(128, seed=3)
+    fn = _loss_and_grads(dispatch, capacity_factor, group_size=16)
+    (ref, ref_counts), ref_grads = fn(x, logits, w, valid)
+    if capacity_factor > 0 and dispatch != "ragged":
+        assert float(ref_counts["dropped_assignments"]) > 0
+    for mesh_cfg in MESHES:
+        mesh = make_mesh(mesh_cfg)
+        tok = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
+        par = NamedSharding(mesh, PartitionSpec("expert"))
+        args = (jax.device_put(x, tok), jax.device_put(logits, tok), jax.device_put(w, par),
+                jax.device_put(valid, tok))
+        with axis_rules(mesh, DEFAULT_RULES):
+            (loss, counts), grads = fn(*args)
+        np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5, err_msg=str(mesh_cfg))
+        assert float(counts["dropped_assignments"]) == float(ref_counts["dropped_assignments"]), mesh_cfg
+        for got, want in zip(grads, ref_grads):
+            err = float(jnp.abs(got - want).max() / jnp.maximum(jnp.abs(want).max(), 1e-30))
+            assert err <= 1e-5, (mesh_cfg, err)
+
+
+def _collectives(hlo: str) -> dict[str, list[str]]:
+    """Result shapes of each collective in compiled HLO text."""
+    out: dict[str, list[str]] = {}
+    for line in hlo.splitlines():
+        m = re.search(r"= (\(.*?\)|\S+) (all-to-all|all-gather|all-reduce|collective-permute)(-start)?\(", line)
+        if m:
+            out.setdefault(m.group(2), []).append(m.group(1))
+    return out
+
+
+def test_gspmd_dispatch_compiles_to_all_to_all_without_gathering_tokens():
+    mesh = make_mesh(dict(data=2, expert=4))
+    x, logits, valid, w = make_inputs(128, seed=3)
+    tok = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
+    args = (jax.device_put(x, tok), jax.device_put(logits, tok),
+            jax.device_put(w, NamedSharding(mesh, PartitionSpec("expert"))), jax.device_put(valid, tok))
+    with axis_rules(mesh, DEFAULT_RULES):
+        hlo = _loss_and_grads("einsum", 1.0, 16).lower(*args).compile().as_text()
+    ops = _collectives(hlo)
+    assert len(ops.get("all-to-all", [])) >= 2, ops  # to the experts and back (and again in the backward)
+    # No tensor is ever gathered, and no all-reduce is token-sized (they are the aux statistics and the
+    # expert-weight gradients summed over the data axis).
+    assert "all-gather" not in ops, ops
+    token_elements = x.shape[0] * min(I, O)
+    for result in ops.get("all-reduce", []):
+        for shape in re.findall(r"\[([\d,]*)\]", result):
+            assert np.prod([int(d) for d in shape.split(",") if d]) < token_elements, ops

@@ -20,7 +20,7 @@ from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, drop
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh, shard_batch, shard_model
 from emoqwen_jax.train.loss import loss_fn
-from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
+from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.trainer import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,19 +121,17 @@ def test_optimizer_state_holds_only_adapters_and_7b_saving():
         sc = config.stages[stage]
         mc = ModelConfig.from_run_config(config)
         abstract = abstract_model(mc)
-        patterns = tuple(sc.trainable)
+        extra = ()
         if sc.lora.enabled:
             lora = LoRAConfig.from_dict(sc.lora.to_dict())
             abstract = nnx.eval_shape(lambda: _with_lora(EmotionQwen(mc, rngs=nnx.Rngs(0)), lora))
-            patterns += (ADAPTER_PATTERN,)
-        names = abstract.config.expert_names
-        shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _pure(abstract))
-        view = jax.eval_shape(lambda p: to_opt_view(p, names), shapes)
-        labels = trainable_labels(view, patterns)
-        tx, _ = make_optimizer(sc.optimizer, sc.num_steps, labels)
+            extra = (ADAPTER_PATTERN,)
+        view = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _pure(abstract))
+        trainable = stage_trainable(view, sc, abstract.config, extra)
+        tx, _ = make_optimizer(sc.optimizer, sc.num_steps, trainable)
         state = jax.eval_shape(tx.init, view)
         leaves = [x for x in jax.tree.leaves(state) if x.ndim > 0]
-        return sum(x.size * x.dtype.itemsize for x in leaves), leaves, view, labels
+        return sum(x.size * x.dtype.itemsize for x in leaves), leaves, view, trainable.labels
 
     got, leaves, view, labels = adam_bytes("tiny", "stage3_lora")
     adapters = [x for x, lab in zip(jax.tree.leaves(view), jax.tree.leaves(labels)) if lab == "trainable"]

@@ -125,7 +125,7 @@ def _tiny_step(patterns, opt):
     """A tiny model's params, a text batch, and a jitted train step training ``patterns`` with ``opt``."""
     from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.model import EmotionQwen
-    from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
+    from emoqwen_jax.train.optim import make_optimizer, select_trainable
     from emoqwen_jax.train.step import make_train_step
 
     sys.path.insert(0, str(ROOT / "configs"))
@@ -135,27 +135,25 @@ def _tiny_step(patterns, opt):
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    labels = trainable_labels(to_opt_view(params, mc.expert_names), patterns)
+    labels = select_trainable(params, patterns, expert_names=mc.expert_names, expert_roles=mc.expert_roles)
     tx, schedule = make_optimizer(opt, 10, labels)
-    step = jax.jit(make_train_step(graphdef, tx, labels, mc.expert_names, schedule,
-                                   grad_accum=int(opt.get("grad_accum", 1))))
+    step = jax.jit(make_train_step(graphdef, tx, labels, schedule, grad_accum=int(opt.get("grad_accum", 1))))
     ids = np.arange(1, 9, dtype=np.int32).reshape(1, 8)
     batch = {k: jnp.asarray(v) for k, v in model.prepare_inputs(ids).items()}
     batch["labels"] = jnp.asarray(ids)
-    return params, batch, tx, step, mc.expert_names
+    return params, batch, tx, step
 
 
 def test_nonfinite_update_is_skipped():
-    from emoqwen_jax.train.optim import to_opt_view
     from emoqwen_jax.train.step import init_state
 
-    params, batch, tx, step, names = _tiny_step((r"^compressor/",), {"learning_rate": 1e-3})
+    params, batch, tx, step = _tiny_step((r"^compressor/",), {"learning_rate": 1e-3})
     # Optimizer state exists only for trainable leaves.
-    opt_arrays = sum(x.size for x in jax.tree.leaves(tx.init(to_opt_view(params, names))) if x.ndim > 0)
+    opt_arrays = sum(x.size for x in jax.tree.leaves(tx.init(params)) if x.ndim > 0)
     trainable = sum(x.size for x in jax.tree.leaves(params["compressor"]))
     assert opt_arrays == 2 * trainable  # Adam mu and nu (beside scalar step counts), nothing for frozen leaves
     params["language_model"]["norm"]["weight"] = params["language_model"]["norm"]["weight"].at[0].set(jnp.nan)
-    state0 = init_state(params, tx, names, 0)
+    state0 = init_state(params, tx, 0)
     state1, metrics = step(state0, batch)
     assert not bool(metrics["finite"]) and int(state1.nonfinite) == 1
     for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state0.params)):
@@ -165,9 +163,9 @@ def test_nonfinite_update_is_skipped():
 def test_gradient_accumulation_updates_every_k_micro_steps():
     from emoqwen_jax.train.step import init_state
 
-    params, batch, tx, step, names = _tiny_step((r"^language_model/norm/",), {
+    params, batch, tx, step = _tiny_step((r"^language_model/norm/",), {
         "learning_rate": 1e-2, "warmup_fraction": 0.0, "grad_accum": 2})
-    s0 = init_state(params, tx, names, 0)
+    s0 = init_state(params, tx, 0)
     s1, _ = step(s0, batch)
     s2, _ = step(s1, batch)
     w = lambda s: np.asarray(s.params["language_model"]["norm"]["weight"])  # noqa: E731
@@ -196,7 +194,7 @@ def test_optimizer_state_is_sharded_like_its_parameters():
     from emoqwen_jax.parallel import make_mesh, pure_param_shardings
     from emoqwen_jax.train.step import init_state, state_shardings
 
-    params, _, tx, _, names = _tiny_step((r"^compressor/", r"^language_model/layers/0/"), {"learning_rate": 1e-3})
+    params, _, tx, _ = _tiny_step((r"^compressor/", r"^language_model/layers/0/"), {"learning_rate": 1e-3})
     mesh = make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
     from emoqwen_jax.model import ModelConfig
 
@@ -206,8 +204,8 @@ def test_optimizer_state_is_sharded_like_its_parameters():
 
     abstract = nnx.eval_shape(lambda: EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0)))
     shardings = pure_param_shardings(abstract, mesh)
-    init = lambda p: init_state(p, tx, names, 0)  # noqa: E731
-    target = state_shardings(jax.eval_shape(init, params), shardings, names, mesh)
+    init = lambda p: init_state(p, tx, 0)  # noqa: E731
+    target = state_shardings(jax.eval_shape(init, params), shardings, mesh)
     state = jax.jit(init, out_shardings=target)(jax.device_put(params, shardings))
     q_kernel = shardings["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
     moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)

@@ -14,11 +14,13 @@ Compressor (``visual.compressor.*``):
     self-attention (q/k/v/out_proj with bias) -> [Linear -> ReLU -> LayerNorm] x 2 -> head -> softmax;
     tokens = sum_e w[item, e] * expert_e(units).
   * scale mode (``routing='token'``): ``router`` (float32, no bias) picks each unit's top-k experts, weights
-    softmaxed over the chosen k. Capacity per expert ceil(U * k / E * capacity_factor) (``capacity_factor``
-    <= 0: dropless); priority: every unit's first choice before any second choice, then unit order (window
-    order, as in ``emoqwen_jax``); a fully dropped unit becomes a zero vector. Capacity is counted over the
-    units of one vision call (HF encodes images and videos in separate calls; ``emoqwen_jax`` in one), so
-    with drops the two agree when a call holds the same units; dropless checkpoints agree always.
+    softmaxed over the chosen k. Units are routed in groups of ``group_size`` consecutive units; capacity per
+    expert and group ceil(S * k / E * capacity_factor), at most S (``capacity_factor`` <= 0: dropless);
+    priority within a group: every unit's first choice before any second choice, then unit order (window
+    order, as in ``emoqwen_jax``); a fully dropped unit becomes a zero vector. Groups start at the first unit
+    of each vision call (HF encodes images and videos in separate calls; ``emoqwen_jax`` in one flat
+    sequence, images first), so with drops the two agree when the image units fill whole groups (or a call
+    holds all units); dropless checkpoints agree always.
 
 Audio (``config.audio['enabled']``): ``audio_tower`` is transformers' own ``Qwen2AudioEncoder`` (Whisper-style,
 30 s windows of log-mel features), ``audio_projector`` a Linear (``linear``) or Linear-GELU-Linear
@@ -101,7 +103,7 @@ class EmotionQwenGate(nn.Module):
 
 
 def expert_capacity(num_units: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Rows per expert: ceil(U * k / E * factor), at most U; ``factor <= 0`` is dropless (U)."""
+    """Rows per expert in a group of U units: ceil(U * k / E * factor), at most U; ``factor <= 0`` is dropless."""
     if capacity_factor <= 0:
         return num_units
     return max(1, min(num_units, math.ceil(num_units * top_k / num_experts * capacity_factor)))
@@ -120,7 +122,8 @@ class EmotionQwenCompressor(nn.Module):
         token = cfg["routing"] == "token"
         self.gate = EmotionQwenGate(dv, cfg) if not token and e > 1 else None
         self.router = nn.Linear(dv * m * m, e, bias=False) if token else None
-        self.merge_unit, self.top_k, self.capacity_factor = m * m, cfg["top_k"], cfg["capacity_factor"]
+        self.merge_unit, self.top_k, self.capacity_factor = m * m, min(cfg["top_k"], e), cfg["capacity_factor"]
+        self.group_size = cfg["group_size"]
 
     def forward(self, features: torch.Tensor, patches_per_item: list[int]) -> torch.Tensor:
         """features float[P, Dv] -> tokens float[U, D] in the same (window) order."""
@@ -140,10 +143,13 @@ class EmotionQwenCompressor(nn.Module):
         logits = F.linear(units.float(), self.router.weight.float())  # the router runs in float32
         top_logits, ids = logits.topk(k, dim=-1)  # [U, k]
         weights = top_logits.softmax(-1)
-        # Slot of each assignment in its expert's buffer, first choices of all units before second choices.
-        onehot = F.one_hot(ids.t().reshape(-1), e)  # [k*U, E], choice-major
-        slot = ((onehot.cumsum(0) - 1) * onehot).sum(-1).view(k, u).t()  # [U, k]
-        keep = slot < expert_capacity(u, e, k, self.capacity_factor)
+        # Slot of each assignment in its expert's buffer within its group, first choices before second choices.
+        slot = torch.empty_like(ids)
+        for start in range(0, u, self.group_size):
+            group = ids[start:start + self.group_size]
+            onehot = F.one_hot(group.t().reshape(-1), e)  # [k*S, E], choice-major
+            slot[start:start + self.group_size] = ((onehot.cumsum(0) - 1) * onehot).sum(-1).view(k, -1).t()
+        keep = slot < expert_capacity(self.group_size, e, k, self.capacity_factor)
         out = torch.zeros(u, self.experts[0].mlp[2].out_features, dtype=features.dtype, device=features.device)
         for i, expert in enumerate(self.experts):
             rows, choice = ((ids == i) & keep).nonzero(as_tuple=True)
