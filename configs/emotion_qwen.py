@@ -41,8 +41,8 @@ def vision_config(preset: str) -> ml_collections.ConfigDict:
     v.tokens_per_second = 2.0  # M-RoPE temporal ids per second of video
     v.rms_norm_eps = 1e-6
     v.rope_theta = 10000.0  # 2-D rotary base
-    # Full-attention blocks attend block-locally when every frame has <= frame_block patches (exact; a longer
-    # frame yields NaN, which the trainer's non-finite guard stops on). 0 = dense masks (any frame size).
+    # Block size (patches) of the full-attention layers under model.attention='blockwise' (any frame size is
+    # exact: frames up to 768*28*28 px = 3072 patches); 0 = model.attention_block.
     v.frame_block = 0
     if preset == "tiny":
         v.update(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, window_size=56, fullatt_block_indexes=(1,))
@@ -106,7 +106,14 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.vision_end_token_id = info.vision_end_id  # <|vision_end|>
     m.dtype = "bfloat16" if preset == "7b" else "float32"  # activation / matmul dtype
     m.param_dtype = "float32"  # weight storage (float32 master weights)
-    m.remat = "none" if preset in ("tiny", "small") else "block"  # 'block' recomputes blocks in the backward
+    # Backward-pass memory: 'none' keeps activations | 'block' recomputes each ViT/decoder block |
+    # 'dots_saveable' keeps only the matmul outputs of each block.
+    m.remat = "none" if preset in ("tiny", "small") else "block"
+    m.scan_layers = preset == "7b"  # one lax.scan over the layers (ViT: over its window/full groups): fast compiles
+    # 'auto' (splash on TPU, cudnn on GPU in bf16, blockwise for >= 2048 keys elsewhere, else xla) | 'xla'
+    # (dense reference) | 'blockwise' (flash-style pure JAX, O(T*block) memory) | 'splash' | 'cudnn'.
+    m.attention = "auto"
+    m.attention_block = 512  # query/key block of 'blockwise' attention (decoder; ViT full layers by default)
     return m
 
 
@@ -157,12 +164,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if preset == "7b":
         config.data.length_buckets = (2048, 4096, 8192, 16384)
         config.data.patch_buckets = (4096, 16384, 65536)
-        # The layout `emoqwen-plan` fits on 8 x 80 GB and 256 x 95 GB (README, Performance): tensor parallelism
-        # over 4 devices, FSDP over the rest, block-local full attention for frames of <= 1024 patches (448^2),
-        # so frames and images are capped at 448^2 pixels.
+        # The layout `emoqwen-plan` fits (README, Long context): tensor parallelism over 4 devices, FSDP over the
+        # rest; attention 'auto' is blockwise/splash/cudnn at these lengths, so frames keep Qwen2.5-VL's own
+        # budget (768*28*28 px) and the loss is chunked.
         config.mesh.update(data=1, fsdp=-1, tensor=4)
-        config.model.vision.frame_block = 1024
-        config.data.update(video_max_pixels=448 * 448, image_max_pixels=448 * 448)
     return config
 
 

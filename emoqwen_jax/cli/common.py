@@ -21,7 +21,8 @@ def build_model(config: ml_collections.ConfigDict, ckpt: str = "") -> EmotionQwe
     source = ckpt or config.get("init_from", "")
     if not source:
         return EmotionQwen(model_config(config), rngs=nnx.Rngs(config.seed))
+    runtime = {k: config.model.get(k) for k in ("attention", "attention_block", "scan_layers", "remat")}
     if is_model_dir(source):
-        return load_model(source, dtype=config.model.dtype)
+        return load_model(source, dtype=config.model.dtype, **runtime)
     return from_hf(source, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                   compressor=config.model.compressor.to_dict(), seed=config.seed)
+                   compressor=config.model.compressor.to_dict(), seed=config.seed, **runtime)

@@ -11,6 +11,8 @@ JAX -> HF -> JAX is bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -181,6 +183,17 @@ def _init_routing(pure: dict, config: ModelConfig, seed: int) -> None:
         comp["router"] = nnx.to_pure_dict(nnx.state(router))
 
 
+RUNTIME_FIELDS = ("attention", "attention_block", "scan_layers", "remat")
+
+
+def with_runtime(config: ModelConfig, **runtime: Any) -> ModelConfig:
+    """``config`` with execution settings replaced (None values are left alone); other keys are a ValueError."""
+    bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
+    if bad:
+        raise ValueError(f"unknown runtime setting(s) {bad}; valid: {RUNTIME_FIELDS}")
+    return dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})
+
+
 def _perturb_experts(experts: dict, std: float, seed: int) -> None:
     """Experts 1.. get N(0, (std * tensor std)^2) noise so token routing can tell them apart; expert 0 stays
     an exact copy of the merger."""
@@ -193,7 +206,7 @@ def _perturb_experts(experts: dict, std: float, seed: int) -> None:
 
 
 def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
-            compressor: Mapping[str, Any] | None = None, seed: int = 0) -> EmotionQwen:
+            compressor: Mapping[str, Any] | None = None, seed: int = 0, **runtime: Any) -> EmotionQwen:
     """Builds ``EmotionQwen`` from a Qwen2.5-VL directory (every expert a copy of HF's merger) or from one of
     our exports (experts, gate and router as exported; ``seed`` unused).
 
@@ -202,9 +215,11 @@ def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *
       dtype: compute dtype ('float32' for parity, 'bfloat16' for training); ``param_dtype`` defaults to it.
       compressor: overrides of ``CompressorConfig`` fields (e.g. ``{"num_experts": 2}``).
       seed: initialises the gating network (absent from Qwen2.5-VL).
+      runtime: how the model runs, not what it is: ``attention`` ('auto' | 'xla' | 'blockwise' | 'splash' |
+        'cudnn'), ``attention_block``, ``scan_layers``, ``remat`` (``ModelConfig`` fields).
     """
     hf = read_hf_config(path)
-    config = config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype)
+    config = with_runtime(config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype), **runtime)
     reader = TensorReader(path)
     abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)

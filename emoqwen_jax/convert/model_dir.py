@@ -62,11 +62,15 @@ def is_model_dir(path: str) -> bool:
     return True
 
 
-def load_model(path: str, *, dtype: str | None = None) -> EmotionQwen:
-    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype)."""
+def load_model(path: str, *, dtype: str | None = None, **runtime: Any) -> EmotionQwen:
+    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype),
+    ``runtime`` the execution settings (``attention``, ``attention_block``, ``scan_layers``, ``remat``)."""
+    from emoqwen_jax.convert.hf_import import with_runtime  # noqa: PLC0415
+
     config, meta = read_model_config(path)
     if dtype is not None:
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})
+    config = with_runtime(config, **runtime)
     abstract = nnx.eval_shape(lambda: restore_lora(EmotionQwen(config, rngs=nnx.Rngs(0)), meta.get("lora")))
     graphdef, state = nnx.split(abstract)
     restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), state)

@@ -22,7 +22,7 @@ from emoqwen_jax import layout
 from emoqwen_jax.model import sharding
 from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
-from emoqwen_jax.model.text import TextModel, causal_padding_mask
+from emoqwen_jax.model.text import TextModel
 from emoqwen_jax.model.vision import VisionTransformer, from_window_order
 
 Array = jax.Array
@@ -50,11 +50,12 @@ def layout_spec(config: ModelConfig) -> layout.LayoutSpec:
 class EmotionQwen(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        remat = config.remat == "block"
         dt = dict(dtype=config.dtype, param_dtype=config.param_dtype)
-        self.visual = VisionTransformer(config.vision, rngs=rngs, remat=remat, **dt)
+        stack = dict(remat=config.remat, scan_layers=config.scan_layers, attention=config.attention,
+                     attention_block=config.attention_block)
+        self.visual = VisionTransformer(config.vision, rngs=rngs, **stack, **dt)
         self.compressor = HybridCompressor(config.compressor, config.vision, config.text.hidden_size, rngs=rngs, **dt)
-        self.language_model = TextModel(config.text, rngs=rngs, remat=remat, **dt)
+        self.language_model = TextModel(config.text, rngs=rngs, **stack, **dt)
 
     # ---- jittable core -------------------------------------------------------------------------------
     def encode_vision(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
@@ -82,8 +83,9 @@ class EmotionQwen(nnx.Module):
     def hidden_states(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
         """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
         embeds, gate_weights, aux = self.embed(inputs)
-        mask = causal_padding_mask(inputs["attention_mask"])
-        hidden, _ = self.language_model(embeds, inputs["position_ids"], mask)
+        # Segment ids of the decoder: the attention mask (1 real, 0 padding); a packed row would number its
+        # samples instead (attention never crosses them, see emoqwen_jax.model.attention).
+        hidden, _ = self.language_model(embeds, inputs["position_ids"], inputs["attention_mask"])
         return hidden, gate_weights, aux
 
     def forward(self, inputs: dict[str, Array]) -> ModelOutput:
