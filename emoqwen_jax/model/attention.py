@@ -251,6 +251,15 @@ def _scores(qb, kb, qs, ks, qpos, kpos, scale, causal):
     return jnp.where(mask, s, _NEG), mask
 
 
+def _key_block(qb, kt, vt, qs, kseg, qpos, j, bk, scale, causal):
+    """Key block j: (k float[B, K, bk, H], v, masked logits float32[B, K, G, bq, bk], mask)."""
+    kb = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+    vb = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
+    ks = jax.lax.dynamic_slice_in_dim(kseg, j * bk, bk, axis=1)
+    kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+    return (kb, vb, *_scores(qb, kb, qs, ks, qpos, kpos, scale, causal))
+
+
 def _flash_forward(qg, kt, vt, qseg, kseg, q_offset, scale, causal, bq, bk, band_blocks):
     b, kh, g, tp, h = qg.shape
     nq, nk = tp // bq, kt.shape[2] // bk
@@ -269,11 +278,7 @@ def _flash_forward(qg, kt, vt, qseg, kseg, q_offset, scale, causal, bq, bk, band
 
             def update(carry):
                 m, l, acc = carry
-                kb = jax.lax.dynamic_slice_in_dim(kt, jc * bk, bk, axis=2)
-                vb = jax.lax.dynamic_slice_in_dim(vt, jc * bk, bk, axis=2)
-                ks = jax.lax.dynamic_slice_in_dim(kseg, jc * bk, bk, axis=1)
-                kpos = jc * bk + jnp.arange(bk, dtype=jnp.int32)
-                s, mask = _scores(qb, kb, qs, ks, qpos, kpos, scale, causal)
+                kb, vb, s, mask = _key_block(qb, kt, vt, qs, kseg, qpos, jc, bk, scale, causal)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 p = jnp.exp(s - m_new[..., None]) * mask
                 corr = jnp.exp(m - m_new)
@@ -331,11 +336,7 @@ def _flash_bwd(scale, causal, bq, bk, band_blocks, res, dout):
 
             def update(inner_carry):
                 dq, dk, dv = inner_carry
-                kb = jax.lax.dynamic_slice_in_dim(kt, jc * bk, bk, axis=2)
-                vb = jax.lax.dynamic_slice_in_dim(vt, jc * bk, bk, axis=2)
-                ks = jax.lax.dynamic_slice_in_dim(kseg, jc * bk, bk, axis=1)
-                kpos = jc * bk + jnp.arange(bk, dtype=jnp.int32)
-                s, mask = _scores(qb, kb, qs, ks, qpos, kpos, scale, causal)
+                kb, vb, s, mask = _key_block(qb, kt, vt, qs, kseg, qpos, jc, bk, scale, causal)
                 p = jnp.exp(s - lse_c[..., None]) * mask  # float32[B, K, G, bq, bk]
                 dp = jnp.einsum("bkgqh,bksh->bkgqs", dob, vb, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_c[..., None]) * scale
