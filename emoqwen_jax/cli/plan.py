@@ -36,8 +36,8 @@ _PER_DEVICE = flags.DEFINE_integer("batch_per_device", 1, "Samples per batch-sha
 _FRAMES = flags.DEFINE_integer("frames", 16, "Video frames per sample (even: temporal patch 2).")
 _SIZE = flags.DEFINE_integer("frame_size", 448, "Frame side in pixels (multiple of 28).")
 _LENGTH = flags.DEFINE_integer("length", 0, "Text length per sample (0: the video's tokens + 256, to a multiple of 256).")
-_FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (block-local full attention; "
-                                    "-1 = leave the config's value, 0 = dense).")
+_FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (the ViT full layers' block "
+                                    "for blockwise attention; -1 = leave the config's value, 0 = attention_block).")
 _MEMORY = flags.DEFINE_float("device_memory_gb", 0.0, "If set, print the headroom against this per-device memory.")
 
 
@@ -160,7 +160,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
                                  sequences=b, items=shapes["vision_item_valid"].shape[0])
     return {
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "stage": stage,
-        "remat": mcfg.remat, "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
+        "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention, "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
         "patches": int(shapes["pixel_values"].shape[0]),
         "argument_bytes": args_b, "output_bytes": out_b, "temp_bytes": temp_b, "alias_bytes": alias_b,
         "per_device_bytes": args_b + out_b + temp_b - alias_b,
@@ -174,6 +174,7 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
     rows = [("mesh", " × ".join(f"{k}={v}" for k, v in report["mesh"].items())),
             ("stage / remat / dtype", f"{report['stage']} / {report['remat']} / {report['dtype']}"),
+            ("attention / scan_layers", f"{report.get('attention')} / {report.get('scan_layers')}"),
             ("parameters", f"{report['params'] / 1e6:,.1f} M"),
             ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']})"),
             ("arguments (params + opt state + batch)", gib(report["argument_bytes"])),
