@@ -17,8 +17,9 @@ Implementations (``config.model.attention``):
   splash     TPU Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) with
              ``SegmentIds``; TPU only.
   cudnn      ``jax.nn.dot_product_attention(implementation="cudnn")``; GPU only (segment ids become a mask).
-  auto       splash on TPU, cudnn on GPU, elsewhere blockwise for inputs of at least ``AUTO_BLOCKWISE_MIN``
-             keys and xla below; one log line per distinct choice says what was chosen and why.
+  auto       for causal attention (the decoder) splash on TPU and cudnn on GPU (bf16/fp16); otherwise
+             blockwise from ``AUTO_BLOCKWISE_MIN`` keys and xla below; one log line per distinct choice says
+             what was chosen and why.
 
 Shapes: q float[B, T, N, H]; k, v float[B, S, K, H] with N a multiple of K (G = N / K query heads per KV head);
 segment ids int[B, T] / int[B, S]. Logits and softmax in float32; the output has q's dtype.
@@ -51,16 +52,21 @@ def validate_implementation(name: str) -> str:
     return name
 
 
-def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bool = False) -> str:
-    """The concrete kernel for ``implementation`` on this backend ('auto' decides; others are checked)."""
+def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bool = False,
+            causal: bool = True) -> str:
+    """The concrete kernel for ``implementation`` on this backend ('auto' decides; others are checked).
+
+    'auto' gives the accelerator kernels the decoder's causal attention only: the ViT's flat patch sequence
+    (frames and windows of many samples, segment-masked) would make them compute all P² pairs (cudnn even
+    needs a [P, P] mask), while blockwise skips every key block outside a frame."""
     validate_implementation(implementation)
     backend = jax.default_backend()
     if implementation == "auto":
-        if backend == "tpu" and not cache:
-            choice, why = "splash", "TPU backend"
-        elif (backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        if backend == "tpu" and causal and not cache:
+            choice, why = "splash", "TPU backend, causal"
+        elif (backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and causal
               and not cache):
-            choice, why = "cudnn", f"GPU backend, {jnp.dtype(dtype).name}"
+            choice, why = "cudnn", f"GPU backend, causal, {jnp.dtype(dtype).name}"
         elif kv_length >= AUTO_BLOCKWISE_MIN:
             choice, why = "blockwise", f"{kv_length} keys >= {AUTO_BLOCKWISE_MIN} on {backend}"
         else:
@@ -105,7 +111,7 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     cache = not (isinstance(q_offset, int) and q_offset == 0)
-    impl = resolve(implementation, s, dtype=q.dtype, cache=cache)
+    impl = resolve(implementation, s, dtype=q.dtype, cache=cache, causal=causal)
     if impl == "xla":
         if band is not None and not causal and t == s and not cache:
             return _banded(q, k, v, q_segment_ids, kv_segment_ids, band, scale)

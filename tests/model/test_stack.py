@@ -48,7 +48,7 @@ def test_scan_and_remat_equal_the_loop(remat):
     plain = EmotionQwen(_config(), rngs=nnx.Rngs(0))
     scanned = EmotionQwen(_config(scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
     assert jax.tree.structure(nnx.state(plain, nnx.Param)) == jax.tree.structure(nnx.state(scanned, nnx.Param))
-    assert "3" in nnx.to_pure_dict(nnx.state(scanned, nnx.Param))["visual"]["blocks"]  # per-layer paths kept
+    assert 3 in nnx.to_pure_dict(nnx.state(scanned, nnx.Param))["visual"]["blocks"]  # per-layer paths kept
     batch = _batch(plain)
     (l0, g0), (l1, g1) = _loss_and_grads(plain, batch), _loss_and_grads(scanned, batch)
     assert float(l1) == pytest.approx(float(l0), rel=1e-6)
