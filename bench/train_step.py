@@ -69,6 +69,7 @@ def make_batch(mcfg, seed: int = 0) -> dict:
     """Host arrays for B=2: an image conversation and a video conversation, right-padded; labels on text."""
     from emoqwen_jax.layout import build_model_inputs
     from emoqwen_jax.model import layout_spec
+    from emoqwen_jax.tokens import IGNORE
 
     rng = np.random.default_rng(seed)
     vocab = min(mcfg.text.vocab_size, 4000) - 10
@@ -89,7 +90,7 @@ def make_batch(mcfg, seed: int = 0) -> dict:
     inputs = build_model_inputs(ids, mask, image, np.array([IMAGE_GRID]), video, np.array([VIDEO_GRID]), [1.0],
                                 spec=layout_spec(mcfg))
     vision_ids = (ids == mcfg.image_token_id) | (ids == mcfg.video_token_id)
-    inputs["labels"] = np.where((mask > 0) & ~vision_ids, ids, -100).astype(np.int32)
+    inputs.text.labels = np.where((mask > 0) & ~vision_ids, ids, IGNORE).astype(np.int32)
     raw = dict(input_ids=ids, attention_mask=mask, pixel_values=image, pixel_values_videos=video,
                image_grid_thw=np.array([IMAGE_GRID]), video_grid_thw=np.array([VIDEO_GRID]),
                second_per_grid_ts=np.array([1.0], np.float32))
@@ -119,7 +120,7 @@ def jax_step(config, batch, dense_vit: bool = False):
         finally:
             vision.VisionTransformer.__init__ = init_vit
 
-    from emoqwen_jax.cli.plan import build_train_step
+    from emoqwen_jax.train.plan import build_train_step
     from emoqwen_jax.model import EmotionQwen
 
     mcfg, step, tx, init = build_train_step(config, "stage3_video", trainable=(r".*",))
@@ -215,10 +216,10 @@ def peak_flops(config) -> float:
 
 def aot_only(config) -> dict:
     """No GPU: compile the step ahead of time on abstract arrays and report its memory and FLOPs."""
-    from emoqwen_jax.cli.common import model_config
-    from emoqwen_jax.cli.plan import plan
+    from emoqwen_jax.model import ModelConfig
+    from emoqwen_jax.train.plan import plan
 
-    return plan(config, num_devices=1, batch=make_batch(model_config(config))["jax"])
+    return plan(config, num_devices=1, batch=make_batch(ModelConfig.from_run_config(config))["jax"])
 
 
 def run_side(args) -> dict:
@@ -226,21 +227,21 @@ def run_side(args) -> dict:
     if args.side == "torch":
         import torch
 
-        from emoqwen_jax.cli.common import model_config
+        from emoqwen_jax.model import ModelConfig
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        mcfg = model_config(bench_config(args.preset, 1))
+        mcfg = ModelConfig.from_run_config(bench_config(args.preset, 1))
         run = torch_step(mcfg, make_batch(mcfg))
         runners, states = {"torch": run}, {"torch": None}
         extra = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     else:
         import jax
 
-        from emoqwen_jax.cli.common import model_config
+        from emoqwen_jax.model import ModelConfig
 
         configs = {e: bench_config(args.preset, e) for e in args.experts}
-        batch = make_batch(model_config(configs[args.experts[0]]))
+        batch = make_batch(ModelConfig.from_run_config(configs[args.experts[0]]))
         runners, states, extra = {}, {}, {"jax": jax.__version__, "backend": jax.default_backend(), "compile_s": {}}
         for e in args.experts:
             run, state, compile_s, _ = jax_step(configs[e], batch["jax"])
@@ -250,7 +251,7 @@ def run_side(args) -> dict:
             e = args.experts[0]
             run, state, compile_s, _ = jax_step(configs[e], batch["jax"], dense_vit=True)
             runners[f"jax E={e} dense ViT"], states[f"jax E={e} dense ViT"] = run, state
-        extra["train_flops"] = {f"jax E={e}": flops_per_step(model_config(configs[e]), batch["jax"])
+        extra["train_flops"] = {f"jax E={e}": flops_per_step(ModelConfig.from_run_config(configs[e]), batch["jax"])
                                 for e in args.experts}
         if jax.default_backend() == "gpu":
             extra["peak_flops"] = peak_flops(configs[args.experts[0]])
@@ -299,15 +300,15 @@ def main(argv=None) -> dict:
 
     import jax
 
+    from emoqwen_jax.model import ModelConfig
+
     before = machine_info()
     if args.preset == "gpu" and jax.default_backend() == "cpu":
         report = aot_only(bench_config("gpu", 2))
         out = {"preset": "gpu", "backend": "cpu", "compiled_only": True, **report, "machine": machine_info(before)}
         print(json.dumps(out))
         return out
-    from emoqwen_jax.cli.common import model_config
-
-    mcfg = model_config(bench_config(args.preset, args.experts[0]))
+    mcfg = ModelConfig.from_run_config(bench_config(args.preset, args.experts[0]))
     batch = make_batch(mcfg)
     n_patch = batch["raw"]["pixel_values"].shape[0] + batch["raw"]["pixel_values_videos"].shape[0]
     print(f"preset {args.preset}: LLM {mcfg.text.hidden_size}x{mcfg.text.num_layers}, ViT {mcfg.vision.hidden_size}x"

@@ -11,7 +11,6 @@ JAX -> HF -> JAX is bit-identical.
 
 from __future__ import annotations
 
-import dataclasses
 
 import json
 import logging
@@ -29,6 +28,9 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.compressor import GateNetwork
 from emoqwen_jax.model.config import CompressorConfig, TextConfig, VisionConfig
 from emoqwen_jax.model.layers import Linear, as_dtype
+from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
+
+_IDS = tokenizer_info(REAL_VOCAB_SIZE)  # Qwen2.5-VL's special ids, for configs that omit them
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,10 @@ def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | Non
     comp = CompressorConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in comp_fields.items()})
     return ModelConfig(
         vision=vision_cfg, text=text_cfg, compressor=comp,
-        image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
-        vision_start_token_id=hf.get("vision_start_token_id", 151652),
-        vision_end_token_id=hf.get("vision_end_token_id", 151653),
+        image_token_id=hf.get("image_token_id", _IDS.image_pad_id),
+        video_token_id=hf.get("video_token_id", _IDS.video_pad_id),
+        vision_start_token_id=hf.get("vision_start_token_id", _IDS.vision_start_id),
+        vision_end_token_id=hf.get("vision_end_token_id", _IDS.vision_end_id),
         dtype=dtype, param_dtype=param_dtype or dtype)
 
 
@@ -183,17 +186,6 @@ def _init_routing(pure: dict, config: ModelConfig, seed: int) -> None:
         comp["router"] = nnx.to_pure_dict(nnx.state(router))
 
 
-RUNTIME_FIELDS = ("attention", "attention_block", "scan_layers", "remat")
-
-
-def with_runtime(config: ModelConfig, **runtime: Any) -> ModelConfig:
-    """``config`` with execution settings replaced (None values are left alone); other keys are a ValueError."""
-    bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
-    if bad:
-        raise ValueError(f"unknown runtime setting(s) {bad}; valid: {RUNTIME_FIELDS}")
-    return dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})
-
-
 def _perturb_experts(experts: dict, std: float, seed: int) -> None:
     """Experts 1.. get N(0, (std * tensor std)^2) noise so token routing can tell them apart; expert 0 stays
     an exact copy of the merger."""
@@ -219,7 +211,7 @@ def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *
         'cudnn'), ``attention_block``, ``scan_layers``, ``remat`` (``ModelConfig`` fields).
     """
     hf = read_hf_config(path)
-    config = with_runtime(config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype), **runtime)
+    config = config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype).with_runtime(**runtime)
     reader = TensorReader(path)
     abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)

@@ -11,9 +11,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import EmotionQwen
-
-IGNORE = -100
+from emoqwen_jax.tokens import IGNORE
 LOSS_CHUNK = 512  # positions per cross-entropy chunk: float32 [B, 512, V] logits at a time (311 MB at V=152k)
 
 
@@ -63,13 +63,16 @@ def chunked_cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], ja
     return total, (labels[:, 1:] != IGNORE).sum().astype(jnp.float32)
 
 
-def loss_fn(model: EmotionQwen, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean token loss (chunked: no [B, L, V] logits) + the compressor's weighted aux loss; metrics for logging."""
+def loss_fn(model: EmotionQwen, batch: ModelInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean token loss (chunked: no [B, L, V] logits) + the compressor's weighted aux loss; metrics for logging.
+    ``batch`` carries labels."""
+    batch = ModelInputs.coerce(batch)
     hidden, gate_weights, aux = model.hidden_states(batch)
-    total, count = chunked_cross_entropy_sums(hidden, model.language_model.logits, batch["labels"])
+    total, count = chunked_cross_entropy_sums(hidden, model.language_model.logits, batch.text.labels)
     lm_loss = total / jnp.maximum(count, 1.0)
     loss = lm_loss + aux["aux_loss"]
-    valid = batch["vision_item_valid"].astype(jnp.float32)
+    valid = (jnp.zeros((0,), jnp.float32) if batch.vision is None
+             else batch.vision.item_valid.astype(jnp.float32))
     gate = (gate_weights * valid[:, None]).sum(0) / jnp.maximum(valid.sum(), 1.0)  # mean weight per expert
     metrics = {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux["aux_loss"], "tokens": count, "gate_weights": gate,
                **{k: v for k, v in aux.items() if k != "aux_loss"}}
