@@ -85,9 +85,12 @@ class EmotionQwen(nnx.Module):
         """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
         inputs = ModelInputs.coerce(inputs)
         embeds, gate_weights, aux = self.embed(inputs)
-        # Segment ids of the decoder: the attention mask (1 real, 0 padding); a packed row would number its
-        # samples instead (attention never crosses them, see emoqwen_jax.model.attention).
-        hidden, _ = self.language_model(embeds, inputs.text.position_ids, inputs.text.attention_mask)
+        # Decoder segment ids (emoqwen_jax.model.attention): a packed row's per-sample ids, else one segment;
+        # padding gets -1, so it attends only to padding and no real token sees it.
+        text = inputs.text
+        ids = jnp.ones_like(text.attention_mask) if text.segment_ids is None else text.segment_ids
+        segment_ids = jnp.where(text.attention_mask > 0, ids, -1)
+        hidden, _ = self.language_model(embeds, text.position_ids, segment_ids)
         return hidden, gate_weights, aux
 
     def forward(self, inputs: ModelInputs) -> ModelOutput:

@@ -63,12 +63,22 @@ def chunked_cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], ja
     return total, (labels[:, 1:] != IGNORE).sum().astype(jnp.float32)
 
 
+def packed_targets(labels: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """int[B, L]: ``labels`` with each packed sample's first token made IGNORE (None: ``labels``), so no sample
+    learns to predict the next one's first token — alone in its row that token is never a target either."""
+    if segment_ids is None:
+        return labels
+    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    return jnp.where(starts, IGNORE, labels)
+
+
 def loss_fn(model: EmotionQwen, batch: ModelInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean token loss (chunked: no [B, L, V] logits) + the compressor's weighted aux loss; metrics for logging.
     ``batch`` carries labels."""
     batch = ModelInputs.coerce(batch)
     hidden, gate_weights, aux = model.hidden_states(batch)
-    total, count = chunked_cross_entropy_sums(hidden, model.language_model.logits, batch.text.labels)
+    targets = packed_targets(batch.text.labels, batch.text.segment_ids)
+    total, count = chunked_cross_entropy_sums(hidden, model.language_model.logits, targets)
     lm_loss = total / jnp.maximum(count, 1.0)
     loss = lm_loss + aux["aux_loss"]
     valid = (jnp.zeros((0,), jnp.float32) if batch.vision is None
