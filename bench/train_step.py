@@ -1,9 +1,9 @@
 r"""Train-step benchmark: our jitted step (ViT + compressor + LLM, forward, backward, AdamW) against the same
-step in Hugging Face's torch Qwen2.5-VL (eager mode, same sizes, same batch, AdamW), interleaved.
+step in Hugging Face's torch Qwen2.5-VL (eager mode, same sizes, same batch, AdamW).
 
   python bench/train_step.py --preset small [--runs 7] [--experts 1 2] [--threads 0]
   python bench/train_step.py --preset small --routing token --experts 2 64 --no-torch   # scale mode vs E
-  python bench/train_step.py --preset gpu            # ~1.5B LLM + the 7B's ViT, bfloat16 (MFU on a GPU)
+  python bench/train_step.py --preset gpu            # ~1.5B LLM + the 7B's ViT, bfloat16, cudnn attention, MFU
 
 The batch: one 224x224 image (grid 1x16x16 = 256 patches) and one 16-frame 224x224 video (grid 8x16x16 =
 2048 patches), each in a short conversation (B = 2). Both frameworks train every parameter with AdamW
@@ -11,9 +11,14 @@ The batch: one 224x224 image (grid 1x16x16 = 256 patches) and one 16-frame 224x2
 the architecture HF has: that row gives the ratio) and with the paper's 2 experts + gate. HF gets explicit
 M-RoPE position ids (computed once on the host, outside the timing), and its default attention (sdpa).
 
-Timing: after ``--warmup`` steps of each, ``--runs`` rounds of (one JAX step, one torch step), so both see the
-same machine load; medians. Prints a table and, last, a JSON line {"jax_ms", "torch_ms", "ratio", ...}.
-On a machine without a GPU, ``--preset gpu`` only compiles ahead of time and prints the step's memory and FLOPs.
+Timing: JAX and torch each run in their OWN process, one after the other (torch's OpenMP threads keep spinning
+after a step and slow a JAX step in the same process; REFERENCE §6), each with the malloc settings of
+``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``; ``--warmup`` steps, then ``--runs``
+timed steps, medians. Prints a table and, last, a JSON line {"jax_ms", "torch_ms", "ratio", "machine", ...}
+where ``machine`` is ``bench/machine.py``'s ``machine_info()`` (cores, load, and ``reliable``: false when the
+load exceeded the core count before or after). On a GPU, ``--preset gpu`` uses ``model.attention='cudnn'`` and
+reports MFU against the card's bf16 peak; without a GPU it only compiles ahead of time and prints the step's
+memory and FLOPs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 IMAGE_GRID = (1, 16, 16)
 VIDEO_GRID = (8, 16, 16)  # 16 frames, temporal patch 2
@@ -47,9 +54,13 @@ def bench_config(preset: str, experts: int, routing: str = "sample"):
         config.model.text.update(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
                                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True)
         config.model.remat = "none"
+        import jax
+
+        if jax.default_backend() == "gpu":
+            config.model.attention = "cudnn"  # fused attention (bf16); the CPU AOT path keeps 'auto'
     else:
         raise ValueError(f"--preset {preset!r}; choose 'small' or 'gpu'")
-    config.model.vision.frame_block = 256  # a 224x224 frame is 16x16 patches
+    config.model.vision.frame_block = 256  # blockwise block of the full layers: a 224x224 frame is 16x16 patches
     config.model.compressor.update(num_experts=experts, routing=routing)  # names generated from the roles
     return config
 
@@ -101,7 +112,7 @@ def jax_step(config, batch, dense_vit: bool = False):
         def dense_init(self, *a, **kw):
             init_vit(self, *a, **kw)
             for block in self.blocks:
-                block.attn.local_block = 0
+                block.attn.attention, block.attn.band = "xla", None
 
         vision.VisionTransformer.__init__ = dense_init
         try:
@@ -186,17 +197,21 @@ def timed(fn, state):
     return state, (time.perf_counter() - t0) * 1e3
 
 
-def load() -> str:
-    try:
-        return "load avg " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "load n/a"
-
-
 def flops_per_step(mcfg, inputs) -> float:
     from emoqwen_jax.train import flops
 
     return flops.batch_train_flops(mcfg, inputs)
+
+
+# Dense bf16 peak FLOP/s per device by name (MFU); unknown cards fall back to config.train.peak_flops_per_device.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def peak_flops(config) -> float:
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16.items() if k in kind), float(config.train.peak_flops_per_device))
 
 
 def aot_only(config) -> dict:
@@ -205,6 +220,64 @@ def aot_only(config) -> dict:
     from emoqwen_jax.train.plan import plan
 
     return plan(config, num_devices=1, batch=make_batch(ModelConfig.from_run_config(config))["jax"])
+
+
+def run_side(args) -> dict:
+    """One framework's timings in this process: {"side", "compile_s", "times_ms": {row: [ms...]}, ...}."""
+    if args.side == "torch":
+        import torch
+
+        from emoqwen_jax.model import ModelConfig
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        mcfg = ModelConfig.from_run_config(bench_config(args.preset, 1))
+        run = torch_step(mcfg, make_batch(mcfg))
+        runners, states = {"torch": run}, {"torch": None}
+        extra = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    else:
+        import jax
+
+        from emoqwen_jax.model import ModelConfig
+
+        configs = {e: bench_config(args.preset, e, args.routing) for e in args.experts}
+        batch = make_batch(ModelConfig.from_run_config(configs[args.experts[0]]))
+        runners, states, extra = {}, {}, {"jax": jax.__version__, "backend": jax.default_backend(), "compile_s": {}}
+        for e in args.experts:
+            run, state, compile_s, _ = jax_step(configs[e], batch["jax"])
+            runners[f"jax E={e}"], states[f"jax E={e}"] = run, state
+            extra["compile_s"][f"jax E={e}"] = round(compile_s, 1)
+        if args.dense_vit:
+            e = args.experts[0]
+            run, state, compile_s, _ = jax_step(configs[e], batch["jax"], dense_vit=True)
+            runners[f"jax E={e} dense ViT"], states[f"jax E={e} dense ViT"] = run, state
+        extra["train_flops"] = {f"jax E={e}": flops_per_step(ModelConfig.from_run_config(configs[e]), batch["jax"])
+                                for e in args.experts}
+        if jax.default_backend() == "gpu":
+            extra["peak_flops"] = peak_flops(configs[args.experts[0]])
+            extra["device"] = jax.devices()[0].device_kind
+    times = {k: [] for k in runners}
+    for name, run in runners.items():  # one row at a time: rows never share the machine with each other
+        for i in range(args.warmup + args.runs):
+            states[name], ms = timed(run, states[name])
+            if i >= args.warmup:
+                times[name].append(ms)
+    return {"side": args.side, "times_ms": times, **extra}
+
+
+def _child(args, side: str) -> dict:
+    """Runs ``--side side`` in a fresh process with the malloc and OpenMP settings; returns its JSON line."""
+    from emoqwen_jax.malloc import GLIBC_ENV
+
+    cmd = [sys.executable, __file__, "--side", side, "--preset", args.preset, "--runs", str(args.runs),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--experts", *map(str, args.experts),
+           "--routing", args.routing]
+    if args.dense_vit:
+        cmd.append("--dense-vit")
+    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_ENV, OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    print(out, end="")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None) -> dict:
@@ -218,66 +291,53 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--no-torch", action="store_true", help="time only our step (profiling)")
     ap.add_argument("--dense-vit", action="store_true", help="add a row: E=1 with the dense-mask ViT (before)")
+    ap.add_argument("--side", choices=("both", "jax", "torch"), default="both",
+                    help="internal: time one framework in this process ('both' spawns one process per side)")
     args = ap.parse_args(argv)
+    from machine import describe, machine_info
+
+    if args.side != "both":
+        out = run_side(args)
+        print(json.dumps(out))
+        return out
 
     import jax
 
     from emoqwen_jax.model import ModelConfig
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    backend = jax.default_backend()
-    if args.preset == "gpu" and backend == "cpu":
+    before = machine_info()
+    if args.preset == "gpu" and jax.default_backend() == "cpu":
         report = aot_only(bench_config("gpu", 2))
-        print(json.dumps({"preset": "gpu", "backend": "cpu", "compiled_only": True, **report}))
-        return report
-
-    configs = {e: bench_config(args.preset, e, args.routing) for e in args.experts}
-    mcfgs = {e: ModelConfig.from_run_config(c) for e, c in configs.items()}
-    batch = make_batch(mcfgs[args.experts[0]])
+        out = {"preset": "gpu", "backend": "cpu", "compiled_only": True, **report, "machine": machine_info(before)}
+        print(json.dumps(out))
+        return out
+    mcfg = ModelConfig.from_run_config(bench_config(args.preset, args.experts[0], args.routing))
+    batch = make_batch(mcfg)
     n_patch = batch["raw"]["pixel_values"].shape[0] + batch["raw"]["pixel_values_videos"].shape[0]
-    print(f"preset {args.preset}: LLM {mcfgs[args.experts[0]].text.hidden_size}x{mcfgs[args.experts[0]].text.num_layers}"
-          f", ViT {mcfgs[args.experts[0]].vision.hidden_size}x{mcfgs[args.experts[0]].vision.depth}; batch 2 "
-          f"(image {IMAGE_GRID} + 16-frame video {VIDEO_GRID}), {n_patch} patches, text length "
-          f"{batch['raw']['input_ids'].shape[1]}; {platform.processor() or platform.machine()}, {os.cpu_count()} "
-          f"cpus, jax {jax.__version__} ({backend}); {load()}")
-    runners, states = {}, {}
-    for e in args.experts:
-        run, state, compile_s, _ = jax_step(configs[e], batch["jax"])
-        runners[f"jax E={e}"], states[f"jax E={e}"] = run, state
-        print(f"  compiled ours (E={e}) in {compile_s:.1f} s")
-    if args.dense_vit:
-        e = args.experts[0]
-        run, state, compile_s, _ = jax_step(configs[e], batch["jax"], dense_vit=True)
-        runners[f"jax E={e} dense ViT"], states[f"jax E={e} dense ViT"] = run, state
-        print(f"  compiled ours (E={e}, dense ViT masks) in {compile_s:.1f} s")
-    if not args.no_torch:
-        import torch
-
-        runners["torch"], states["torch"] = torch_step(mcfgs[args.experts[0]] if 1 not in mcfgs else mcfgs[1],
-                                                       batch), None
-        print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")
-    times = {k: [] for k in runners}
-    for i in range(args.warmup + args.runs):
-        for name, run in runners.items():
-            states[name], ms = timed(run, states[name])
-            if i >= args.warmup:
-                times[name].append(ms)
+    print(f"preset {args.preset}: LLM {mcfg.text.hidden_size}x{mcfg.text.num_layers}, ViT {mcfg.vision.hidden_size}x"
+          f"{mcfg.vision.depth}; batch 2 (image {IMAGE_GRID} + 16-frame video {VIDEO_GRID}), {n_patch} patches, "
+          f"text length {batch['raw']['input_ids'].shape[1]}; {platform.processor() or platform.machine()}; "
+          f"{describe(before)}")
+    ours = _child(args, "jax")
+    theirs = None if args.no_torch else _child(args, "torch")
+    machine = machine_info(before)
+    times = dict(ours["times_ms"], **(theirs["times_ms"] if theirs else {}))
     med = {k: statistics.median(v) for k, v in times.items()}
-    flops = flops_per_step(mcfgs[args.experts[0]], batch["jax"])
-    print(f"\n| step | median ms | min ms | max ms | analytic GFLOP/s |\n|---|---|---|---|---|")
+    print("\n| step | median ms | min ms | max ms | analytic GFLOP/s |\n|---|---|---|---|---|")
+    flops = ours["train_flops"]
     for name, v in times.items():
-        e = int(name.split("=")[1].split()[0]) if "=" in name else (1 if 1 in mcfgs else args.experts[0])
-        f = flops_per_step(mcfgs[e], batch["jax"])
+        f = flops.get(name.replace(" dense ViT", ""), flops.get("jax E=1", next(iter(flops.values()))))
         print(f"| {name} | {med[name]:.0f} | {min(v):.0f} | {max(v):.0f} | {f / med[name] / 1e6:.1f} |")
-    ours = med.get("jax E=1", med[f"jax E={args.experts[0]}"])
-    out = {"jax_ms": round(ours, 1), "torch_ms": round(med["torch"], 1) if "torch" in med else None,
-           "ratio": round(med["torch"] / ours, 2) if "torch" in med else None,
+    jax_ms = med.get("jax E=1", med[f"jax E={args.experts[0]}"])
+    out = {"jax_ms": round(jax_ms, 1), "torch_ms": round(med["torch"], 1) if "torch" in med else None,
+           "ratio": round(med["torch"] / jax_ms, 2) if "torch" in med else None,
            "jax_ms_by_experts": {k: round(v, 1) for k, v in med.items() if k != "torch"},
-           "routing": args.routing, "runs": args.runs, "train_flops": flops, "load": load()}
-    print(f"({load()})")
+           "compile_s": ours.get("compile_s"), "routing": args.routing, "runs": args.runs, "train_flops": flops, "machine": machine}
+    if "peak_flops" in ours:
+        name = f"jax E={args.experts[0]}"
+        out["mfu"] = round(flops[name] / (med[name] / 1e3) / ours["peak_flops"], 4)
+        out["device"] = ours["device"]
+    print(f"({describe(machine)})")
     print(json.dumps(out))
     return out
 

@@ -36,8 +36,8 @@ def vision_config(preset: str) -> ml_collections.ConfigDict:
     v = ml_collections.ConfigDict(model_size(preset)["vision"])
     v.rms_norm_eps = 1e-6
     v.rope_theta = 10000.0  # 2-D rotary base
-    # Full-attention blocks attend block-locally when every frame has <= frame_block patches (exact; a longer
-    # frame yields NaN, which the trainer's non-finite guard stops on). 0 = dense masks (any frame size).
+    # Block size (patches) of the full-attention layers under model.attention='blockwise' (any frame size is
+    # exact: frames up to 768*28*28 px = 3072 patches); 0 = model.attention_block.
     v.frame_block = 0
     return v
 
@@ -109,7 +109,14 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.audio.audio_eos_token_id = info.audio_eos_id  # <|audio_eos|>
     m.dtype = "bfloat16" if preset == "7b" else "float32"  # activation / matmul dtype
     m.param_dtype = "float32"  # weight storage (float32 master weights)
-    m.remat = "none" if preset in ("tiny", "small") else "block"  # 'block' recomputes blocks in the backward
+    # Backward-pass memory: 'none' keeps activations | 'block' recomputes each ViT/decoder block |
+    # 'dots_saveable' keeps only the matmul outputs of each block.
+    m.remat = "none" if preset in ("tiny", "small") else "block"
+    m.scan_layers = preset == "7b"  # one lax.scan over the layers (ViT: over its window/full groups): fast compiles
+    # 'auto' (decoder: splash on TPU, cudnn on GPU in bf16; else blockwise from 2048 keys, xla below) | 'xla'
+    # (dense reference) | 'blockwise' (flash-style pure JAX, O(T*block) memory) | 'splash' | 'cudnn'.
+    m.attention = "auto"
+    m.attention_block = 512  # query/key block of 'blockwise' attention (decoder; ViT full layers by default)
     return m
 
 
@@ -172,12 +179,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if preset == "7b":
         config.data.length_buckets = (2048, 4096, 8192, 16384)
         config.data.patch_buckets = (4096, 16384, 65536)
-        # The layout `emoqwen-plan` fits on 8 x 80 GB and 256 x 95 GB (README, Performance): tensor parallelism
-        # over 4 devices, FSDP over the rest, block-local full attention for frames of <= 1024 patches (448^2),
-        # so frames and images are capped at 448^2 pixels.
+        # The layout `emoqwen-plan` fits (README, Long context): tensor parallelism over 4 devices, FSDP over the
+        # rest; attention 'auto' is blockwise/splash/cudnn at these lengths, so frames keep Qwen2.5-VL's own
+        # budget (768*28*28 px) and the loss is chunked.
         config.mesh.update(data=1, fsdp=-1, tensor=4)
-        config.model.vision.frame_block = 1024
-        config.data.update(video_max_pixels=448 * 448, image_max_pixels=448 * 448)
     return config
 
 

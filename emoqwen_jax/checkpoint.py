@@ -65,11 +65,13 @@ def is_model_dir(path: str) -> bool:
     return True
 
 
-def load_model(path: str, *, dtype: str | None = None) -> EmotionQwen:
-    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype)."""
+def load_model(path: str, *, dtype: str | None = None, **runtime: Any) -> EmotionQwen:
+    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype),
+    ``runtime`` the execution settings (``attention``, ``attention_block``, ``scan_layers``, ``remat``)."""
     config, meta = read_model_config(path)
     if dtype is not None:
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})
+    config = config.with_runtime(**runtime)
     abstract = nnx.eval_shape(lambda: restore_lora(EmotionQwen(config, rngs=nnx.Rngs(0)), meta.get("lora")))
     graphdef, state = nnx.split(abstract)
     return nnx.merge(graphdef, _read_params(path, state))
@@ -81,15 +83,17 @@ def _read_params(path: str, abstract_state: Any) -> Any:
 
 
 def load_weights(source: str, *, dtype: str | None = None, param_dtype: str | None = None,
-                 compressor: Mapping[str, Any] | None = None, seed: int = 0) -> EmotionQwen:
+                 compressor: Mapping[str, Any] | None = None, seed: int = 0, **runtime: Any) -> EmotionQwen:
     """The model stored at ``source``: our model directory, or a Hugging Face Qwen2.5-VL (or our export)
     directory, converted (``emoqwen_jax.convert.from_hf``; ``param_dtype``, ``compressor`` overrides and ``seed``
-    for the gate apply there only). ``dtype`` overrides the compute dtype."""
+    for the gate apply there only). ``dtype`` overrides the compute dtype; ``runtime`` the execution settings
+    (``attention``, ``attention_block``, ``scan_layers``, ``remat``)."""
     if is_model_dir(source):
-        return load_model(source, dtype=dtype)
+        return load_model(source, dtype=dtype, **runtime)
     if os.path.isfile(os.path.join(source, "config.json")):
         from emoqwen_jax.convert.hf_import import from_hf  # noqa: PLC0415 — conversion only when needed
 
-        return from_hf(source, dtype=dtype or "float32", param_dtype=param_dtype, compressor=compressor, seed=seed)
+        return from_hf(source, dtype=dtype or "float32", param_dtype=param_dtype, compressor=compressor, seed=seed,
+                       **runtime)
     raise ValueError(f"{source!r} is neither an emoqwen_jax model directory nor a Hugging Face directory "
                      f"(no config.json)")

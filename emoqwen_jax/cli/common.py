@@ -15,5 +15,6 @@ def build_model(config: ml_collections.ConfigDict, ckpt: str = "") -> EmotionQwe
     source = ckpt or config.get("init_from", "")
     if not source:
         return EmotionQwen(ModelConfig.from_run_config(config), rngs=nnx.Rngs(config.seed))
+    runtime = {k: config.model.get(k) for k in ("attention", "attention_block", "scan_layers", "remat")}
     return load_weights(source, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                        compressor=config.model.compressor.to_dict(), seed=config.seed)
+                        compressor=config.model.compressor.to_dict(), seed=config.seed, **runtime)

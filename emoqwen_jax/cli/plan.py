@@ -1,8 +1,7 @@
 r"""emoqwen-plan: compile a stage's full train step ahead of time for N (simulated) devices, without weights,
 and print its per-device memory and FLOPs.
 
-  emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=256 --config.mesh.fsdp=-1 --config.mesh.data=1 \
-      --frame_block=1024 --device_memory_gb=95
+  emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices 64 --length 8192 --frames 16 --frame_size 448
   emoqwen-plan --config=configs/emotion_qwen.py:tiny --num_devices=4 --batch_per_device=1 --frames=4 --frame_size=112
   emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=8 --audio_seconds=30 --device_memory_gb=80
 
@@ -37,8 +36,8 @@ _PER_DEVICE = flags.DEFINE_integer("batch_per_device", 1, "Samples per batch-sha
 _FRAMES = flags.DEFINE_integer("frames", 16, "Video frames per sample (even: temporal patch 2).")
 _SIZE = flags.DEFINE_integer("frame_size", 448, "Frame side in pixels (multiple of 28).")
 _LENGTH = flags.DEFINE_integer("length", 0, "Text length per sample (0: the video's tokens + 256, to a multiple of 256).")
-_FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (block-local full attention; "
-                                    "-1 = leave the config's value, 0 = dense).")
+_FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (the ViT full layers' block "
+                                    "for blockwise attention; -1 = leave the config's value, 0 = attention_block).")
 _MEMORY = flags.DEFINE_float("device_memory_gb", 0.0, "If set, print the headroom against this per-device memory.")
 _AUDIO = flags.DEFINE_float("audio_seconds", 0.0, "Seconds of each sample's audio track (> 0 turns "
                             "model.audio on: encoder windows and 25 audio tokens per second join the batch).")

@@ -46,6 +46,9 @@ def main_(argv) -> None:
 
 
 def main() -> None:
+    from emoqwen_jax.malloc import tune_malloc
+
+    tune_malloc()  # before JAX allocates: XLA:CPU's per-step scratch buffer stays mapped (emoqwen_jax/malloc.py)
     app.run(main_, argv=sys.argv)
 
 

@@ -11,6 +11,7 @@ JAX -> HF -> JAX is bit-identical.
 
 from __future__ import annotations
 
+
 import json
 import logging
 import os
@@ -198,7 +199,7 @@ def _perturb_experts(experts: dict, std: float, seed: int) -> None:
 
 
 def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
-            compressor: Mapping[str, Any] | None = None, seed: int = 0) -> EmotionQwen:
+            compressor: Mapping[str, Any] | None = None, seed: int = 0, **runtime: Any) -> EmotionQwen:
     """Builds ``EmotionQwen`` from a Qwen2.5-VL directory (every expert a copy of HF's merger) or from one of
     our exports (experts, gate and router as exported; ``seed`` unused).
 
@@ -207,9 +208,11 @@ def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *
       dtype: compute dtype ('float32' for parity, 'bfloat16' for training); ``param_dtype`` defaults to it.
       compressor: overrides of ``CompressorConfig`` fields (e.g. ``{"num_experts": 2}``).
       seed: initialises the gating network (absent from Qwen2.5-VL).
+      runtime: how the model runs, not what it is: ``attention`` ('auto' | 'xla' | 'blockwise' | 'splash' |
+        'cudnn'), ``attention_block``, ``scan_layers``, ``remat`` (``ModelConfig`` fields).
     """
     hf = read_hf_config(path)
-    config = config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype)
+    config = config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype).with_runtime(**runtime)
     reader = TensorReader(path)
     abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)

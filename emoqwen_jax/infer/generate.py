@@ -7,8 +7,8 @@ S = L + N cache slots · V vocab · K kv heads · H head dim.
 Padding and positions (the design choice this module rests on):
   * Batched prompts are LEFT-padded (``left_pad``): every row's last prompt token sits at column L − 1, so
     the prefill's last logits are the next-token logits of every row and decode step i writes cache slot
-    L + i for all rows at once. Padding slots are masked out as keys for every query; a padding query sees
-    no key at all and gets a finite, ignored output (the model's masked-softmax convention).
+    L + i for all rows at once. Padding slots are masked out as keys for every real query (segment ids: 1
+    real, 0 padding); a padding query sees only padding slots and gets a finite, ignored output.
   * Prompt positions come from ``layout.get_rope_index`` (the released M-RoPE rule), which numbers only the
     tokens whose attention mask is 1, so left padding does not shift them. It returns
     ``rope_deltas = max_position + 1 − L`` per row; the token decoded at step i sits at column L + i and
@@ -135,10 +135,10 @@ def prefill(model: EmotionQwen, inputs: ModelInputs, cache_len: int) -> tuple[Ar
     embeds = model.embed(inputs)[0]  # (embeddings, gate weights, …): only the embeddings matter here
     b, length = text.input_ids.shape
     key_valid = jnp.zeros((b, cache_len), bool).at[:, :length].set(text.attention_mask > 0)
-    causal = jnp.arange(cache_len)[None, :] <= jnp.arange(length)[:, None]  # [L, S]
-    mask = causal[None, None] & key_valid[:, None, None, :]
     lm = model.language_model
-    hidden, cache = lm(embeds, text.position_ids, mask, init_cache(model, b, cache_len), jnp.int32(0))
+    # Segment ids: 1 real, 0 padding; causality (slot <= query position) hides the slots not yet written.
+    hidden, cache = lm(embeds, text.position_ids, text.attention_mask, init_cache(model, b, cache_len),
+                       jnp.int32(0), key_valid.astype(jnp.int32))
     return lm.logits(hidden[:, -1:])[:, 0], cache, key_valid
 
 
@@ -193,7 +193,8 @@ def decode(model: EmotionQwen, logits: Array, cache: KVCache, key_valid: Array, 
         # Feed the token back: position max + 1 + i on all three M-RoPE axes, cache slot L + i.
         position = jnp.broadcast_to((next_position + i)[None, :, None], (3, b, 1))
         key_valid = key_valid.at[:, start + i].set(True)
-        hidden, cache = lm(lm.embed(token[:, None]), position, key_valid[:, None, None, :], cache, start + i)
+        hidden, cache = lm(lm.embed(token[:, None]), position, jnp.ones((b, 1), jnp.int32), cache, start + i,
+                           key_valid.astype(jnp.int32))
         return i + 1, tokens, done, num, lm.logits(hidden)[:, 0], cache, key_valid
 
     state = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b,), bool),

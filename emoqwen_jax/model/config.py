@@ -16,6 +16,9 @@ from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
 _V, _T, _C, _A = (SIZES[BASE][part] for part in ("vision", "text", "compressor", "audio"))  # the released 7B
 _IDS = tokenizer_info(REAL_VOCAB_SIZE)  # special-token ids at the full vocabulary
 _DTYPES = ("float32", "bfloat16", "float16")
+# Kept here (not imported from attention.py / stack.py, which import jax) so configs validate without JAX.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+REMAT_POLICIES = ("none", "block", "dots_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +39,8 @@ class VisionConfig:
     tokens_per_second: float = _V["tokens_per_second"]
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # Full-attention layers: 0 = dense [P, P] frame mask (exact for any input); N > 0 = block-local attention
-    # over blocks of N patches (O(P * 3N)), exact when no frame has more than N patches — a longer frame makes
-    # the ViT output NaN rather than a silently wrong result. Not part of the HF config.
+    # Block size hint (patches) of the full-attention layers for model.attention='blockwise' (query and key
+    # blocks; any frame size is exact); 0 = ModelConfig.attention_block. Not part of the HF config.
     frame_block: int = 0
 
     @property
@@ -65,7 +67,7 @@ class VisionConfig:
                 f"vision.window_size={self.window_size} must be a multiple of spatial_merge_size*patch_size={unit}"
             )
         if self.frame_block < 0:
-            raise ValueError(f"vision.frame_block={self.frame_block} must be >= 0 (0 = dense frame attention)")
+            raise ValueError(f"vision.frame_block={self.frame_block} must be >= 0 (0 = model.attention_block)")
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"vision.fullatt_block_indexes {bad} outside [0, depth={self.depth})")
@@ -219,7 +221,10 @@ class ModelConfig:
     vision_end_token_id: int = _IDS.vision_end_id
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the weights (master weights stay float32 in training)
-    remat: str = "none"  # 'none' | 'block': recompute each ViT/decoder block in the backward pass
+    remat: str = "none"  # 'none' | 'block' (recompute each ViT/decoder block) | 'dots_saveable' (keep matmuls)
+    scan_layers: bool = False  # one lax.scan over the decoder's layers and the ViT's groups (faster compiles)
+    attention: str = "auto"  # 'auto' | 'xla' | 'blockwise' | 'splash' | 'cudnn' (emoqwen_jax.model.attention)
+    attention_block: int = 512  # query/key block of 'blockwise' attention in the decoder (and the ViT default)
 
     def __post_init__(self):
         self.validate()
@@ -232,13 +237,29 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {_DTYPES}")
-        if self.remat not in ("none", "block"):
-            raise ValueError(f"model.remat={self.remat!r}; choose 'none' or 'block'")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention_block < 1:
+            raise ValueError(f"model.attention_block={self.attention_block} must be >= 1")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"model.scan_layers={self.scan_layers!r}; choose True or False")
         ids = [self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id]
         if self.audio.enabled:
             ids += [self.audio.audio_bos_token_id, self.audio.audio_token_id, self.audio.audio_eos_token_id]
         if max(ids) >= self.text.vocab_size:
             raise ValueError(f"special token ids {ids} must be < text.vocab_size={self.text.vocab_size}")
+
+    RUNTIME_FIELDS = ("attention", "attention_block", "scan_layers", "remat")
+
+    def with_runtime(self, **runtime: Any) -> "ModelConfig":
+        """This config with execution settings (``RUNTIME_FIELDS``: how the model runs, not what it is)
+        replaced; None values are left alone, other keys are a ValueError."""
+        bad = sorted(set(runtime) - set(self.RUNTIME_FIELDS))
+        if bad:
+            raise ValueError(f"unknown runtime setting(s) {bad}; valid: {self.RUNTIME_FIELDS}")
+        return dataclasses.replace(self, **{k: v for k, v in runtime.items() if v is not None})
 
     @property
     def expert_roles(self) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from emoqwen_jax.model.audio import AudioEncoder, AudioProjector, pooled_audio_p
 from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
 from emoqwen_jax.model.layers import Linear, as_dtype
-from emoqwen_jax.model.text import TextModel, causal_padding_mask
+from emoqwen_jax.model.text import TextModel
 from emoqwen_jax.model.vision import VisionTransformer, from_window_order
 
 Array = jax.Array
@@ -63,11 +63,12 @@ def audio_spec(config: ModelConfig) -> layout_audio.AudioSpec | None:
 class EmotionQwen(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        remat = config.remat == "block"
         dt = dict(dtype=config.dtype, param_dtype=config.param_dtype)
-        self.visual = VisionTransformer(config.vision, rngs=rngs, remat=remat, **dt)
+        stack = dict(remat=config.remat, scan_layers=config.scan_layers, attention=config.attention,
+                     attention_block=config.attention_block)
+        self.visual = VisionTransformer(config.vision, rngs=rngs, **stack, **dt)
         self.compressor = HybridCompressor(config.compressor, config.vision, config.text.hidden_size, rngs=rngs, **dt)
-        self.language_model = TextModel(config.text, rngs=rngs, remat=remat, **dt)
+        self.language_model = TextModel(config.text, rngs=rngs, **stack, **dt)
         if config.audio.enabled:  # Qwen2-Audio's encoder and projector (model/audio.py)
             self.audio_tower = AudioEncoder(config.audio, rngs=rngs, **dt)
             self.audio_projector = AudioProjector(config.audio, config.text.hidden_size, rngs=rngs, **dt)
@@ -128,8 +129,12 @@ class EmotionQwen(nnx.Module):
         """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
         inputs = ModelInputs.coerce(inputs)
         embeds, gate_weights, aux = self.embed(inputs)
-        mask = causal_padding_mask(inputs.text.attention_mask, inputs.text.segment_ids)
-        hidden, _ = self.language_model(embeds, inputs.text.position_ids, mask)
+        # Decoder segment ids (emoqwen_jax.model.attention): a packed row's per-sample ids, else one segment;
+        # padding gets -1, so it attends only to padding and no real token sees it.
+        text = inputs.text
+        ids = jnp.ones_like(text.attention_mask) if text.segment_ids is None else text.segment_ids
+        segment_ids = jnp.where(text.attention_mask > 0, ids, -1)
+        hidden, _ = self.language_model(embeds, text.position_ids, segment_ids)
         return hidden, gate_weights, aux
 
     def forward(self, inputs: ModelInputs) -> ModelOutput:

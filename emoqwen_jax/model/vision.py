@@ -9,11 +9,13 @@ computed on the host (``emoqwen_jax.layout``), so everything here has static sha
   * ``pos_hw`` int[P, 2]: (row, column) of each patch for the 2-D rotary, in HF patch order.
 Padding patches carry segment id -1: they attend only to each other and never touch real tokens.
 
-Window layers attend block-locally (``local_segment_attention`` with blocks of one window, (window/patch)^2
-patches): a window is contiguous in window order and never longer than that, so each query looks at 3 blocks
-of keys instead of all P — exact, and O(P) instead of O(P^2). Full-attention layers keep the dense [P, P]
-frame mask by default (a frame's length is data-dependent); ``vision.frame_block = N`` makes them block-local
-too, exact for frames of at most N patches (a longer frame turns the output into NaN, never a wrong number).
+Attention (``emoqwen_jax.model.attention``, chosen by ``model.attention``) runs per layer on the flat sequence
+with the layer's segment ids, so frames of any size are exact. Window layers pass ``band`` = one window's
+patches ((window/patch)^2): a window is contiguous in window order and never longer, so a query block only
+meets its neighbouring key blocks (``xla``: 3 blocks of one window; ``blockwise``: the blocks its windows
+touch). Full-attention layers attend over the whole frame; ``vision.frame_block`` is their block size for
+``blockwise`` (0 = the model's ``attention_block``). Frames may be as large as the data allows (Qwen2.5-VL's
+video budget is 768·28·28 pixels, 3072 patches per frame).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from flax import nnx
 
 from emoqwen_jax.model import sharding
 from emoqwen_jax.model.config import VisionConfig
-from emoqwen_jax.model.layers import (GatedMLP, Linear, RMSNorm, as_dtype, dot_product_attention,
-                                     local_segment_attention)
+from emoqwen_jax.model.attention import attention
+from emoqwen_jax.model.layers import GatedMLP, Linear, RMSNorm, as_dtype
 from emoqwen_jax.model.rope import apply_rotary, vision_rotary
+from emoqwen_jax.model.stack import run_stack
 
 Array = jax.Array
 
@@ -55,33 +58,34 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, attention: str = "xla",
+                 block: int = 512, band: int | None = None):
         kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, axes=("embed", "qkv"), **kw)
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, axes=("heads", "embed"), **kw)
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
-        self.local_block = 0  # > 0: segments are at most this long (window layers); 0: dense segment mask
+        self.attention = attention
+        self.block = block  # blockwise block size
+        self.band = band  # window layers: segments are at most this many patches; None: whole frames
 
     def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array) -> Array:
         """x float[P, D]; cos/sin float32[P, H]; segment_ids int[P] -> float[P, D]."""
         p = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, self.head_dim), 1, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.local_block:
-            out = local_segment_attention(q, k, v, segment_ids, block=self.local_block, scale=self.head_dim**-0.5)
-        else:
-            mask = segment_ids[:, None] == segment_ids[None, :]
-            out = dot_product_attention(q[None], k[None], v[None], mask[None, None], scale=self.head_dim**-0.5)
+        seg = segment_ids[None]
+        out = attention(q[None], k[None], v[None], scale=self.head_dim**-0.5, q_segment_ids=seg, kv_segment_ids=seg,
+                        implementation=self.attention, block_size=self.block, band=self.band)[0]
         return self.proj(out.reshape(p, -1))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, **attention):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.norm1 = RMSNorm(cfg.hidden_size, **norm)
         self.norm2 = RMSNorm(cfg.hidden_size, **norm)
-        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **attention)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, use_bias=True, rngs=rngs, dtype=dtype,
                             param_dtype=param_dtype)
 
@@ -90,25 +94,25 @@ class VisionBlock(nnx.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _block_call(block: VisionBlock, x, cos, sin, segment_ids):
-    return block(x, cos, sin, segment_ids)
-
-
 class VisionTransformer(nnx.Module):
     """Patch embedding + ``depth`` blocks. Returns features in *window order* (the mergers consume
     contiguous groups of 4 patches, which window order keeps together)."""
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32",
-                 remat: bool = False):
+                 remat: str | bool = "none", scan_layers: bool = False, attention: str = "xla",
+                 attention_block: int = 512):
         dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.depth)])
-        window_patches = (cfg.window_size // cfg.patch_size) ** 2
-        for i, block in enumerate(self.blocks):
-            block.attn.local_block = cfg.frame_block if i in cfg.fullatt_block_indexes else window_patches
-        self.remat = remat
+        window = (cfg.window_size // cfg.patch_size) ** 2
+        full = set(cfg.fullatt_block_indexes)
+        self.blocks = nnx.List([
+            VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                        block=(cfg.frame_block or attention_block) if i in full else window,
+                        band=None if i in full else window)
+            for i in range(cfg.depth)])
+        self.remat = remat  # 'none' | 'block' | 'dots_saveable' (emoqwen_jax.model.stack); True = 'block'
+        self.scan_layers = scan_layers
         self.dtype = dtype
 
     def __call__(self, pixel_values: Array, *, pos_hw: Array, window_index: Array, frame_segment: Array,
@@ -119,19 +123,19 @@ class VisionTransformer(nnx.Module):
         # Keep the flat patch axis sharded like the batch (the index gather alone would let GSPMD replicate it).
         x = sharding.constrain(to_window_order(x, window_index, cfg.merge_unit), ("units", "act_embed"))
         cos, sin = vision_rotary(to_window_order(pos_hw, window_index, cfg.merge_unit), cfg.head_dim, cfg.rope_theta)
-        call = nnx.remat(_block_call) if self.remat else _block_call
         full = set(cfg.fullatt_block_indexes)
-        for i, block in enumerate(self.blocks):
-            x = sharding.constrain(call(block, x, cos, sin, frame_segment if i in full else window_segment),
-                                   ("units", "act_embed"))
-        if cfg.frame_block and full:
-            x = jnp.where(longest_run(frame_segment) > cfg.frame_block, jnp.nan, x)
-        return x
+        period = _period(cfg.depth, full)
+
+        def call(i, block, x):  # i: the layer's index within its period (the same kind of layer in every group)
+            segment = frame_segment if i in full else window_segment
+            return sharding.constrain(block(x, cos, sin, segment), ("units", "act_embed"))
+
+        return run_stack(self.blocks, x, call, scan=self.scan_layers, remat=self.remat, period=period)
 
 
-def longest_run(segment_ids: Array) -> Array:
-    """int32[]: the longest run of equal consecutive ids >= 0 in int[P] (padding, id < 0, is not a segment)."""
-    idx = jnp.arange(segment_ids.shape[0], dtype=jnp.int32)
-    starts = jnp.concatenate([jnp.ones((1,), bool), segment_ids[1:] != segment_ids[:-1]])
-    run_start = jax.lax.cummax(jnp.where(starts, idx, 0))
-    return jnp.max(jnp.where(segment_ids >= 0, idx - run_start + 1, 0))
+def _period(depth: int, full: set[int]) -> int:
+    """The smallest p dividing ``depth`` with layer i full iff layer i + p is (7, 15, 23, 31 of 32: 8)."""
+    for p in range(1, depth + 1):
+        if depth % p == 0 and all((i in full) == ((i % p) in full) for i in range(depth)):
+            return p
+    return depth

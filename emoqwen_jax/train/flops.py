@@ -9,10 +9,11 @@ Attention is counted in *query-key pairs*: ``4 * width * pairs`` per layer (logi
 Two conventions:
   * model FLOPs (``batch_train_flops(..., implementation=False)``, what MFU uses): the pairs the math needs —
     per window / frame segment len², causal (i + 1) per text query;
-  * implementation FLOPs (``implementation=True``): the pairs our XLA code computes — 3 blocks of keys per
-    window-layer query (``local_segment_attention``), P² for the dense full-attention layers (3 blocks of
-    ``vision.frame_block`` keys when set), L² per text row,
-    padding included. This is the one compared with XLA's ``cost_analysis``.
+  * implementation FLOPs (``implementation=True``): the pairs the ``xla`` attention path computes (what
+    ``model.attention='auto'`` runs on CPU below 2048 keys) — 3 blocks of keys per window-layer query (the
+    banded path), P² for the dense full-attention layers, and per text row the causal query blocks of
+    ``attention.CAUSAL_QUERY_BLOCK`` against the keys up to the block's end, padding included. This is the one
+    compared with XLA's ``cost_analysis``.
 Training = forward + backward = 3 × forward, except that the patch embedding needs no input gradient (2 ×).
 """
 
@@ -35,6 +36,15 @@ def segment_pairs(segment_ids) -> int:
         return 0
     _, counts = np.unique(ids, return_counts=True)
     return int((counts.astype(np.int64) ** 2).sum())
+
+
+def causal_block_pairs(length: int, block: int = 128, max_blocks: int = 64) -> int:
+    """Query-key pairs of the ``xla`` path's causal attention over one row: query block c meets the keys up to
+    its end (``emoqwen_jax.model.attention._xla``; a single block or more than ``max_blocks`` run dense)."""
+    blocks = -(-length // block)
+    if blocks <= 1 or blocks > max_blocks:
+        return length * length
+    return sum((min(length, (c + 1) * block) - c * block) * min(length, (c + 1) * block) for c in range(blocks))
 
 
 def vision_flops(cfg: ModelConfig, patches: int, window_pairs: float, full_pairs: float) -> tuple[float, float]:
@@ -121,14 +131,14 @@ def batch_train_flops(cfg: ModelConfig, inputs: ModelInputs | Mapping[str, np.nd
         if implementation:
             local = lambda block: -(-patches // block) * block * 3 * block  # noqa: E731
             window_pairs = local((v.window_size // v.patch_size) ** 2)
-            full_pairs = local(v.frame_block) if v.frame_block else patches * patches
+            full_pairs = patches * patches
         else:
             window_pairs, full_pairs = segment_pairs(window_seg), segment_pairs(frame_seg)
         embed, blocks = vision_flops(cfg, patches, window_pairs, full_pairs)
         comp = compressor_flops(cfg, patches // v.merge_unit, items, gate_tokens=patches,
                                 implementation=implementation)
     if implementation:
-        tokens, pairs = b * length, b * length * length
+        tokens, pairs = b * length, b * causal_block_pairs(length)
     else:
         lengths = mask.sum(-1).astype(np.int64)
         if inputs.text.segment_ids is not None:  # packed rows: causal pairs within each sample

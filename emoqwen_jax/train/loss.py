@@ -6,12 +6,15 @@ should produce *at* i, -100 where nothing is learned; the shift happens here.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import EmotionQwen
 from emoqwen_jax.tokens import IGNORE
+LOSS_CHUNK = 512  # positions per cross-entropy chunk: float32 [B, 512, V] logits at a time (311 MB at V=152k)
 
 
 def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -27,6 +30,39 @@ def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
     return nll.sum(), valid.sum().astype(jnp.float32)
 
 
+def chunked_cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], labels: jax.Array,
+                               chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """``cross_entropy_sums(head(hidden), labels)`` without ever holding float32 [B, L, V] logits.
+
+    The shifted sequence is cut into ``chunk`` positions; a ``lax.scan`` computes each chunk's logits, their
+    log-sum-exp and the target logit, and ``jax.checkpoint`` makes the backward pass recompute the chunk's
+    logits instead of keeping them: memory O(B · chunk · V) instead of O(B · L · V).
+
+    hidden float[B, L, D] (final-normed decoder states), head: float[B, c, D] -> float32[B, c, V],
+    labels int[B, L]."""
+    b, length, d = hidden.shape
+    n = length - 1
+    chunk = max(1, min(chunk, n))
+    pad = -n % chunk
+    x = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE)
+    x = x.reshape(b, -1, chunk, d).swapaxes(0, 1)  # [C, B, chunk, D]
+    targets = targets.reshape(b, -1, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_nll(x, t):
+        logits = head(x).astype(jnp.float32)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
+        return jnp.where(t != IGNORE, logz - picked, 0.0).sum()
+
+    def body(total, xs):
+        return total + chunk_nll(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x, targets))
+    return total, (labels[:, 1:] != IGNORE).sum().astype(jnp.float32)
+
+
 def packed_targets(labels: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """int[B, L]: ``labels`` with each packed sample's first token made IGNORE (None: ``labels``), so no sample
     learns to predict the next one's first token — alone in its row that token is never a target either."""
@@ -37,15 +73,17 @@ def packed_targets(labels: jax.Array, segment_ids: jax.Array | None) -> jax.Arra
 
 
 def loss_fn(model: EmotionQwen, batch: ModelInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean token loss + the compressor's weighted aux loss; metrics for logging. ``batch`` carries labels."""
+    """Mean token loss (chunked: no [B, L, V] logits) + the compressor's weighted aux loss; metrics for logging.
+    ``batch`` carries labels."""
     batch = ModelInputs.coerce(batch)
-    out = model.forward(batch)
-    total, count = cross_entropy_sums(out.logits, packed_targets(batch.text.labels, batch.text.segment_ids))
+    hidden, gate_weights, aux = model.hidden_states(batch)
+    targets = packed_targets(batch.text.labels, batch.text.segment_ids)
+    total, count = chunked_cross_entropy_sums(hidden, model.language_model.logits, targets)
     lm_loss = total / jnp.maximum(count, 1.0)
-    loss = lm_loss + out.aux_loss
+    loss = lm_loss + aux["aux_loss"]
     valid = (jnp.zeros((0,), jnp.float32) if batch.vision is None
              else batch.vision.item_valid.astype(jnp.float32))
-    gate = (out.gate_weights * valid[:, None]).sum(0) / jnp.maximum(valid.sum(), 1.0)  # mean weight per expert
-    metrics = {"loss": loss, "lm_loss": lm_loss, "aux_loss": out.aux_loss, "tokens": count, "gate_weights": gate,
-               **{k: v for k, v in out.aux.items() if k != "aux_loss"}}
+    gate = (gate_weights * valid[:, None]).sum(0) / jnp.maximum(valid.sum(), 1.0)  # mean weight per expert
+    metrics = {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux["aux_loss"], "tokens": count, "gate_weights": gate,
+               **{k: v for k, v in aux.items() if k != "aux_loss"}}
     return loss, metrics

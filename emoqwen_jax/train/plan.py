@@ -142,7 +142,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
                                  sequences=b, items=items)
     return {
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "stage": stage,
-        "remat": mcfg.remat, "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
+        "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention, "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
         "patches": int(patches),
         "audio_windows": 0 if shapes.audio is None else int(shapes.audio.input_features.shape[0]),
         "argument_bytes": args_b, "output_bytes": out_b, "temp_bytes": temp_b, "alias_bytes": alias_b,
@@ -165,6 +165,7 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
     rows = [("mesh", " × ".join(f"{k}={v}" for k, v in report["mesh"].items())),
             ("stage / remat / dtype", f"{report['stage']} / {report['remat']} / {report['dtype']}"),
+            ("attention / scan_layers", f"{report.get('attention')} / {report.get('scan_layers')}"),
             ("parameters", f"{report['params'] / 1e6:,.1f} M"),
             ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']}, "
                                       f"audio windows {report.get('audio_windows', 0)})"),

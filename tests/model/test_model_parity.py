@@ -16,12 +16,25 @@ from emoqwen_jax.model import layout_spec
 TOL = 1e-4
 
 
+# How our model runs (``from_hf(..., **runtime)``): the default ('auto': dense at these lengths), blockwise
+# attention with blocks of 8 (so every sequence spans several query and key blocks, frames included), and
+# that with scanned layers (the ViT scans its window/full groups; xla + scan: tests/model/test_attention.py).
+RUNTIMES = {"auto": {}, "blockwise": dict(attention="blockwise", attention_block=8),
+            "scan_blockwise": dict(scan_layers=True, remat="block", attention="blockwise", attention_block=8)}
+
+
 @pytest.fixture(scope="module", params=sorted(O.CONFIGS))
-def pair(request, tmp_path_factory):
+def hf_saved(request, tmp_path_factory):
     hf = O.build_hf_model(request.param, seed=3)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
-    return hf, from_hf(str(path), dtype="float32")
+    return hf, str(path)
+
+
+@pytest.fixture(scope="module", params=sorted(RUNTIMES))
+def pair(request, hf_saved):
+    hf, path = hf_saved
+    return hf, from_hf(path, dtype="float32", **RUNTIMES[request.param])
 
 
 def _released_positions(ours, ids, mask, images=None, videos=None, spt=None):

@@ -22,7 +22,7 @@ from emoqwen_jax import layout
 from emoqwen_jax.model import rope
 from emoqwen_jax.model.compressor import ExpertMergers
 from emoqwen_jax.model.layers import GatedMLP, RMSNorm
-from emoqwen_jax.model.text import DecoderLayer, causal_padding_mask
+from emoqwen_jax.model.text import DecoderLayer
 from emoqwen_jax.model.vision import VisionBlock, VisionTransformer, from_window_order, to_window_order
 
 SIMPLE, COMPOSITE = 1e-5, 1e-4
@@ -244,7 +244,7 @@ def test_decoder_layer_causal_right_padding_mrope(hf_cfg, ours_cfg):
     with torch.no_grad():
         ref = hf(_t(x), attention_mask=_t(additive), position_embeddings=(cos, sin))
     ours_cos, ours_sin = _mrope(position_ids, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
-    got, cache = _apply(ours, x, ours_cos, ours_sin, causal_padding_mask(mask))
+    got, cache = _apply(ours, x, ours_cos, ours_sin, mask)
     assert cache is None
     assert O.rel_err(got, ref, mask) <= COMPOSITE
 
