@@ -62,8 +62,9 @@ def is_model_dir(path: str) -> bool:
     return True
 
 
-def load_model(path: str, *, dtype: str | None = None) -> EmotionQwen:
-    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype)."""
+def load_model(path: str, *, dtype: Any = None) -> EmotionQwen:
+    """Restores a model directory; ``dtype`` ('bfloat16', jnp.bfloat16, np.dtype('float32')...) overrides the
+    compute dtype (weights keep their storage dtype)."""
     config, meta = read_model_config(path)
     if dtype is not None:
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})

@@ -10,7 +10,29 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-_DTYPES = ("float32", "bfloat16", "float16")
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
+import numpy as np
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(value: Any, field: str = "dtype") -> str:
+    """The canonical name ('float32', 'bfloat16', 'float16') of any dtype spelling.
+
+    Accepts the names themselves and everything JAX/numpy users pass as a dtype: ``jnp.bfloat16``,
+    ``jnp.float32``, ``np.float32``, ``np.dtype('bfloat16')``, ``jnp.dtype('float16')``. Configs store the
+    name, so they stay JSON-serialisable and comparable. Anything else is a ValueError naming the choices.
+    """
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = None
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"{field}={value!r}; choose one of {DTYPE_NAMES} (or the matching jnp/np dtype)")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +176,9 @@ class ModelConfig:
     remat: str = "none"  # 'none' | 'block': recompute each ViT/decoder block in the backward pass
 
     def __post_init__(self):
+        # jnp.bfloat16, np.dtype('float32')... are normalised to their name (frozen: object.__setattr__).
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"model.{name}"))
         self.validate()
 
     def validate(self) -> None:
@@ -161,8 +186,8 @@ class ModelConfig:
         self.text.validate()
         self.compressor.validate(self.vision.hidden_size)
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {_DTYPES}")
+            if getattr(self, name) not in DTYPE_NAMES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {DTYPE_NAMES}")
         if self.remat not in ("none", "block"):
             raise ValueError(f"model.remat={self.remat!r}; choose 'none' or 'block'")
         ids = [self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id]
