@@ -105,7 +105,7 @@ RUNS = {
                        ("--config.init_from=/ckpt/emoqwen-7b", "--config.init_from=runs/demo/stages/stage3_video"),
                        ("--config.run_stages='(\"stage3_lora\",)'",
                         "--config.run_stages='(\"stage3_lora\",)' --config.stages.stage3_lora.num_steps=2"),
-                       ("/ckpt/", "ckpt/"), ("/hf/", "hf/")],
+                       ("/ckpt/", "root/ckpt/"), ("/hf/", "root/hf/")],  # absolute paths, under the scratch dir
                  needs=["quickstart"]),
     "data": dict(subs=[("python bench/data_throughput.py", "python bench/data_throughput.py --clips 2 --workers 0")]),
 }
@@ -256,8 +256,8 @@ def check_outputs(key: str, outputs: list[str], ws: Path) -> None:
         assert (ws / "forgetting_out/forgetting.md").exists()
         assert (ws / "forgetting_out/before/report.json").exists()
     elif key == "lora":
-        assert (ws / "ckpt/emoqwen-7b-lora-merged/config.json").exists()
-        assert (ws / "hf/emoqwen-7b-lora/adapter_config.json").exists()
+        assert (ws / "root/ckpt/emoqwen-7b-lora-merged/config.json").exists()
+        assert (ws / "root/hf/emoqwen-7b-lora/adapter_config.json").exists()
     elif key == "data":
         assert _last_json(outputs[1])["ok"] > 0
         assert "machine" in _last_json(outputs[-1])
