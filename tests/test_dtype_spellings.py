@@ -11,7 +11,7 @@ import pytest
 import hf_oracle as O
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.convert.hf_export import hf_config
-from emoqwen_jax.convert.model_dir import load_model, save_model
+from emoqwen_jax.checkpoint import load_model, load_weights, save_model
 from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.model.config import dtype_name
 from emoqwen_jax.model.layers import as_dtype
@@ -74,6 +74,8 @@ def test_from_hf_load_model_and_export_take_jax_dtypes(hf_dir, tmp_path):
         assert loaded.language_model.embed_tokens[...].dtype == jnp.float32  # storage kept
         assert np.isfinite(_logits(loaded)).all()
 
+    for source in (hf_dir, str(tmp_path / "m")):  # load_weights: an HF directory or one of ours
+        assert load_weights(source, dtype=jnp.bfloat16).config.dtype == "bfloat16"
     assert hf_config(by_name.config, dtype=jnp.bfloat16)["dtype"] == "bfloat16"
     assert hf_config(by_name.config, dtype=np.dtype("float32"))["dtype"] == "float32"
 
