@@ -82,7 +82,7 @@ def commands(text: str) -> list[str]:
     joined = re.sub(r"\s*\\\n\s*", " ", text)
     out = []
     for line in joined.splitlines():
-        line = line.strip()
+        line = re.sub(r"\s+#[^'\"]*$", "", line.strip())  # a trailing comment (memo key: the command alone)
         if line and not line.startswith("#"):
             out.append(line)
     return out
@@ -241,6 +241,7 @@ def check_outputs(key: str, outputs: list[str], ws: Path) -> None:
         experts = re.search(r"--config\.model\.compressor\.num_experts=(\d+)", RUN_TEXT[key])
         if experts:
             assert all(len(row) == int(experts.group(1)) for row in sample["gate_weights"])
+        assert sample["logits_shape"] and all(abs(sum(row) - 1) < 1e-3 for row in sample["gate_weights"])
     elif key == "convert-from-hf":
         assert _last_json(outputs[-1])["dtype"] == "float32"
         assert (ws / "ckpt/emoqwen-7b/config.json").exists()
