@@ -47,7 +47,7 @@ setup(
     version="0.1.0",
     description="Emotion-Qwen in JAX/Flax NNX: Qwen2.5-VL ViT + Hybrid Compressor (MoE) + Qwen2.5 LLM",
     packages=find_packages(include=["emoqwen_jax", "emoqwen_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # numpy 2.4.6 and jax 0.10.2 need 3.11
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={

@@ -7,7 +7,8 @@ folder, then times ``SampleProcessor`` (PyAV seek + decode, sampling, smart_resi
 patchify, tokenizer, chat template) over them through grain. All 16 frames are kept (fps = the clip's rate,
 max_frames 16) and 448×448 is already a multiple of 28, so each clip gives grid (8, 32, 32) = 8192 patch
 rows. Steady-state rates exclude the worker start-up, which is printed separately. Prints one line per
-setting and a JSON line with all figures.
+setting and a JSON line with all figures and ``machine`` (cores, load average before and after, and
+``reliable``: false when the load exceeded the core count, i.e. the figures were taken under load).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 import grain
 import numpy as np
+from machine import describe, machine_info  # bench/machine.py (this script's directory is on sys.path)
 
 
 def make_clips(root: str, n: int) -> list[dict]:
@@ -79,6 +81,7 @@ def main() -> None:
     cfg.max_length = 8192  # 2048 vision tokens per clip, twice with faces=extra
     load_tokenizer(cfg.tokenizer_vocab_size, cfg.tokenizer_cache_dir)  # build the cache once, outside timing
     results = []
+    before = machine_info()
     with tempfile.TemporaryDirectory() as root:
         records = make_clips(root, args.clips)
         for faces in args.faces:
@@ -90,7 +93,10 @@ def main() -> None:
                 print(f"faces={faces:5s} workers={workers}: {r['clips_per_s']:6.2f} clips/s, "
                       f"{r['clips_per_s_per_core']:6.2f} clips/s/core (start-up {r['startup_s']} s, "
                       f"{r['patch_rows_per_clip']} patch rows/clip)", flush=True)
-    print(json.dumps({"cpu_count": os.cpu_count(), "numpy": np.__version__, "results": results}))
+    machine = machine_info(before)
+    print(f"machine: {describe(machine)}", flush=True)
+    print(json.dumps({"cpu_count": os.cpu_count(), "numpy": np.__version__, "machine": machine,
+                      "results": results}))
 
 
 if __name__ == "__main__":

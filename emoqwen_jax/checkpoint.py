@@ -65,9 +65,10 @@ def is_model_dir(path: str) -> bool:
     return True
 
 
-def load_model(path: str, *, dtype: str | None = None, **runtime: Any) -> EmotionQwen:
-    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype),
-    ``runtime`` the execution settings (``attention``, ``attention_block``, ``scan_layers``, ``remat``)."""
+def load_model(path: str, *, dtype: Any = None, **runtime: Any) -> EmotionQwen:
+    """Restores a model directory; ``dtype`` ('bfloat16', jnp.bfloat16, np.dtype('float32')...) overrides the
+    compute dtype (weights keep their storage dtype), ``runtime`` the execution settings (``attention``,
+    ``attention_block``, ``scan_layers``, ``remat``)."""
     config, meta = read_model_config(path)
     if dtype is not None:
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})
@@ -82,7 +83,7 @@ def _read_params(path: str, abstract_state: Any) -> Any:
     return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract_state)
 
 
-def load_weights(source: str, *, dtype: str | None = None, param_dtype: str | None = None,
+def load_weights(source: str, *, dtype: Any = None, param_dtype: Any = None,
                  compressor: Mapping[str, Any] | None = None, seed: int = 0, **runtime: Any) -> EmotionQwen:
     """The model stored at ``source``: our model directory, or a Hugging Face Qwen2.5-VL (or our export)
     directory, converted (``emoqwen_jax.convert.from_hf``; ``param_dtype``, ``compressor`` overrides and ``seed``

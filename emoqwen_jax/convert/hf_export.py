@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.convert.hf_import import EXPORT_MODEL_TYPE
 from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.model.config import dtype_name
 from emoqwen_jax.model.lora import lora_modules
 
 FORMATS = (EXPORT_MODEL_TYPE, "qwen2_5_vl")
@@ -95,7 +96,7 @@ def check_format(config: ModelConfig, fmt: str) -> None:
                              f"tokens, which a plain Qwen2.5-VL merger cannot; use format '{EXPORT_MODEL_TYPE}'")
 
 
-def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: str | None = None,
+def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: Any = None,
               eos_ids: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Our config -> the HF config.json dict (transformers 5 nested layout); inverse of ``config_from_hf``."""
     check_format(config, fmt)
@@ -122,7 +123,7 @@ def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: str |
     }
     out: dict[str, Any] = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "dtype": dtype or config.param_dtype, "tie_word_embeddings": t.tie_word_embeddings,
+        "dtype": dtype_name(dtype) if dtype is not None else config.param_dtype, "tie_word_embeddings": t.tie_word_embeddings,
         "image_token_id": config.image_token_id, "video_token_id": config.video_token_id,
         "vision_start_token_id": config.vision_start_token_id, "vision_end_token_id": config.vision_end_token_id,
         "text_config": text, "vision_config": vision,

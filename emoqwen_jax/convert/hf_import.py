@@ -49,7 +49,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 
 def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | None = None,
-                   dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
+                   dtype: Any = "float32", param_dtype: Any = None) -> ModelConfig:
     """Translates an HF Qwen2.5-VL config dict (nested transformers-5 or flat release format), or one of our
     exports (whose ``compressor`` dict is the base that ``compressor`` overrides)."""
     model_type = hf.get("model_type")
@@ -198,14 +198,15 @@ def _perturb_experts(experts: dict, std: float, seed: int) -> None:
         experts[name] = (w.astype(jnp.float32) + noise.at[0].set(0.0)).astype(w.dtype)
 
 
-def from_hf(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
+def from_hf(path: str, dtype: Any = "float32", param_dtype: Any = None, *,
             compressor: Mapping[str, Any] | None = None, seed: int = 0, **runtime: Any) -> EmotionQwen:
     """Builds ``EmotionQwen`` from a Qwen2.5-VL directory (every expert a copy of HF's merger) or from one of
     our exports (experts, gate and router as exported; ``seed`` unused).
 
     Args:
       path: directory with config.json and model.safetensors (or sharded files with an index).
-      dtype: compute dtype ('float32' for parity, 'bfloat16' for training); ``param_dtype`` defaults to it.
+      dtype: compute dtype ('float32' for parity, 'bfloat16' for training), as a name or a JAX/numpy dtype
+        (``jnp.bfloat16``, ``np.dtype('float32')``); ``param_dtype`` (same spellings) defaults to it.
       compressor: overrides of ``CompressorConfig`` fields (e.g. ``{"num_experts": 2}``).
       seed: initialises the gating network (absent from Qwen2.5-VL).
       runtime: how the model runs, not what it is: ``attention`` ('auto' | 'xla' | 'blockwise' | 'splash' |

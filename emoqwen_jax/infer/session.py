@@ -89,7 +89,7 @@ class Session:
         self.processor = SampleProcessor(cfg)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str, overrides: dict[str, Any] | None = None, dtype: str | None = None) -> "Session":
+    def from_checkpoint(cls, ckpt: str, overrides: dict[str, Any] | None = None, dtype: Any = None) -> "Session":
         """Loads one of our model directories (``emoqwen-convert from-hf`` or the trainer writes them)."""
         from emoqwen_jax.checkpoint import load_model, read_model_config
 

@@ -10,12 +10,36 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
+import numpy as np
+
 from emoqwen_jax.sizes import BASE, SIZES
 from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(value: Any, field: str = "dtype") -> str:
+    """The canonical name ('float32', 'bfloat16', 'float16') of any dtype spelling.
+
+    Accepts the names themselves and everything JAX/numpy users pass as a dtype: ``jnp.bfloat16``,
+    ``jnp.float32``, ``np.float32``, ``np.dtype('bfloat16')``, ``jnp.dtype('float16')``. Configs store the
+    name, so they stay JSON-serialisable and comparable. Anything else is a ValueError naming the choices.
+    """
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = None
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"{field}={value!r}; choose one of {DTYPE_NAMES} (or the matching jnp/np dtype)")
+    return name
+
+
 _V, _T, _C, _A = (SIZES[BASE][part] for part in ("vision", "text", "compressor", "audio"))  # the released 7B
 _IDS = tokenizer_info(REAL_VOCAB_SIZE)  # special-token ids at the full vocabulary
-_DTYPES = ("float32", "bfloat16", "float16")
 # Kept here (not imported from attention.py / stack.py, which import jax) so configs validate without JAX.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 REMAT_POLICIES = ("none", "block", "dots_saveable")
@@ -227,6 +251,9 @@ class ModelConfig:
     attention_block: int = 512  # query/key block of 'blockwise' attention in the decoder (and the ViT default)
 
     def __post_init__(self):
+        # jnp.bfloat16, np.dtype('float32')... are normalised to their name (frozen: object.__setattr__).
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"model.{name}"))
         self.validate()
 
     def validate(self) -> None:
@@ -235,8 +262,8 @@ class ModelConfig:
         self.compressor.validate(self.vision.hidden_size)
         self.audio.validate()
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {_DTYPES}")
+            if getattr(self, name) not in DTYPE_NAMES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {DTYPE_NAMES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:

@@ -16,15 +16,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emoqwen_jax.model.config import dtype_name
+
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def as_dtype(name_or_dtype) -> jnp.dtype:
-    if isinstance(name_or_dtype, str):
-        return DTYPES[name_or_dtype]
-    return jnp.dtype(name_or_dtype)
+    """'bfloat16', jnp.bfloat16, np.dtype('bfloat16')... -> the jnp dtype; ValueError names the choices."""
+    return DTYPES[dtype_name(name_or_dtype)]
 
 
 def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Sequence[str | None]) -> nnx.Param:

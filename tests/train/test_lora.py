@@ -151,10 +151,11 @@ def _with_lora(model, cfg):
 
 
 @pytest.mark.slow
-def test_sharded_lora_loss_and_grads_equal_single_device():
-    """Token routing with the shard_map all-to-all dispatch (the mode with the most sharding machinery; the
-    adapters sit outside the compressor, so paper mode shards them the same way)."""
-    mc = tiny_config("token_shard_map")
+@pytest.mark.parametrize("mode", ["paper", "token_shard_map"])
+def test_sharded_lora_loss_and_grads_equal_single_device(mode):
+    """Paper mode (E experts + gate, the expert axis a reduction over expert groups) and token routing with
+    the shard_map all-to-all dispatch, each on an (fsdp=2, expert=2, tensor=2) mesh."""
+    mc = tiny_config(mode)
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), rngs=nnx.Rngs(1))
     _randomize_b(model, 2)

@@ -1,11 +1,9 @@
-"""The training system: determinism, freezing, exact resume after SIGKILL, clean SIGTERM, safety."""
+"""The training system: determinism, freezing, safety (resume after SIGKILL / SIGTERM: test_resume.py)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -69,9 +67,12 @@ def test_freezing_per_stage(reference_run):
     def same(a, b):
         return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    # Stage 1 trains the compressor only.
+    # Stage 1 trains the compressor only: the gate and each of the two experts change.
     assert same(s1["visual"], init["visual"]) and same(s1["language_model"], init["language_model"])
-    assert not same(s1["compressor"]["experts"], init["compressor"]["experts"])
+    assert not same(s1["compressor"]["gate"], init["compressor"]["gate"])
+    for e, expert in enumerate(("general", "emotion")):
+        for name, stacked in s1["compressor"]["experts"].items():
+            assert not np.array_equal(stacked[e], init["compressor"]["experts"][name][e]), (expert, name)
     # Stage 2 trains the emotion expert (index 1) and the gate; the general expert is bit-identical.
     for name, stacked in s2["compressor"]["experts"].items():
         np.testing.assert_array_equal(stacked[0], s1["compressor"]["experts"][name][0])
@@ -79,46 +80,6 @@ def test_freezing_per_stage(reference_run):
                               s1["compressor"]["experts"]["mlp_0_kernel"][1])
     assert not same(s2["compressor"]["gate"], s1["compressor"]["gate"])
     assert same(s2["language_model"], s1["language_model"]) and same(s2["visual"], s1["visual"])
-
-
-@pytest.mark.slow
-def test_sigkill_mid_stage_then_resume_matches_uninterrupted(reference_run, tmp_path, demo_dir):
-    root, _, _ = reference_run
-    cfg = write_config(tmp_path / "cfg.py", demo_dir, steps=STEPS)
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "emoqwen_jax.cli.train", f"--config={cfg}", f"--config.workdir={workdir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900  # generous: CI machines may be loaded
-    while time.time() < deadline:  # wait until stage 2 is past its first checkpoint (its step 2)
-        done = losses(workdir) if (workdir / "metrics.jsonl").exists() else {}
-        if ("stage2_emotion", 3) in done:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ("stage2_emotion", STEPS) not in losses(workdir), "the run finished before it could be killed"
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert losses(workdir) == losses(root / "run")
-    steps = [(r["stage"], r["step"]) for r in read_metrics(str(workdir))]
-    assert steps.count(("stage2_emotion", 2)) == 1  # resumed after the checkpoint: no step repeated before it
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path, demo_dir):
-    cfg = write_config(tmp_path / "cfg.py", demo_dir, stages=("stage1_align",), steps=40, every=100)
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "emoqwen_jax.cli.train", f"--config={cfg}", f"--config.workdir={workdir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 900
-    while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: saved step" in out
-    saved = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
-    assert saved and saved[-1] < 40
 
 
 def _tiny_step(patterns, opt):

@@ -1,0 +1,285 @@
+"""README commands run in CI (issue 18): every ```bash block of README.md is either run here or marked
+illustrative with a reason. The convention (CONTRIBUTING.md, "README commands"):
+
+    <!-- readme-test: KEY -->            the block is run by ``test_readme_blocks_run`` below (``RUNS[KEY]``)
+    <!-- readme-test: tests/x/test_y.py -->  the block is run by that test module, which reads it from README.md
+    <!-- illustrative: REASON -->        the block is not run, for REASON (e.g. it needs the 7B weights)
+
+on the line right above the block. The runner executes the README's own text, so an edit to a block changes
+what runs; the few substitutions (tiny step counts, a tiny checkpoint for a 7B path, the first alternative of
+``a|b``) are listed per block and each must still match the text, or the test fails and says so. Blocks run
+with bash (``set -e``) in one scratch directory shared by the module (with ``configs/`` and ``bench/`` linked
+in), so a checkpoint trained by one block is reused by the next, and a command already run there verbatim
+(the demo training appears in three blocks) runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+MARK = re.compile(r"^<!--\s*(readme-test|illustrative):\s*(.*?)\s*-->\s*$")
+TIMEOUT = 900
+
+# The demo preset's three stages shortened to 2 steps each: the commands' plumbing is under test here, not
+# learning (tests/train/test_trainer.py runs the demo command at full length).
+SHORT_DEMO = ("--config.workdir=runs/demo --config.stages.stage1_align.num_steps=2 "
+              "--config.stages.stage2_emotion.num_steps=2 --config.stages.stage3_video.num_steps=2")
+DEMO_TRAIN = ("--config.workdir=runs/demo", SHORT_DEMO)
+
+
+@dataclass
+class Block:
+    line: int  # 1-based line of the opening fence
+    text: str
+    kind: str | None  # 'readme-test', 'illustrative' or None
+    arg: str
+
+    def __str__(self) -> str:
+        first = next((ln for ln in self.text.splitlines() if ln.strip() and not ln.startswith("#")), "")
+        return f"README.md line {self.line} (`{first.strip()[:70]}`)"
+
+
+def readme_blocks(path: Path = README) -> list[Block]:
+    lines = path.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```bash":
+            start = i
+            i += 1
+            body = []
+            while i < len(lines) and lines[i].strip() != "```":
+                body.append(lines[i])
+                i += 1
+            prev = start - 1
+            while prev >= 0 and not lines[prev].strip():
+                prev -= 1
+            match = MARK.match(lines[prev].strip()) if prev >= 0 else None
+            blocks.append(Block(start + 1, "\n".join(body) + "\n", match.group(1) if match else None,
+                                match.group(2) if match else ""))
+        i += 1
+    return blocks
+
+
+def first_alternatives(text: str) -> str:
+    """Synopsis -> command: ``[--opt a|b]`` becomes ``--opt a`` (optional groups taken, first choice)."""
+    text = re.sub(r"\[([^\[\]]*)\]", r"\1", text)
+    return re.sub(r"(\S+)\|\S+", r"\1", text)
+
+
+def commands(text: str) -> list[str]:
+    """A block's commands: continuation lines joined, comments and blank lines dropped."""
+    joined = re.sub(r"\s*\\\n\s*", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s+#[^'\"]*$", "", line.strip())  # a trailing comment (memo key: the command alone)
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+# key -> (substitutions (old, new) applied in order, each must occur; fixtures the block needs; transform)
+RUNS = {
+    "quickstart": dict(subs=[("pip install torch==2.13.0 && pip install -e '.[test]' && ", ""),  # CI installed it
+                             ("python -m pytest -q -n 2 tests", "true  # the suite that runs this test"),
+                             DEMO_TRAIN]),
+    "train-demo": dict(subs=[DEMO_TRAIN]),
+    "config-override": dict(subs=[]),
+    "convert-from-hf": dict(subs=[("/path/to/Qwen2.5-VL-7B-Instruct", "{hf_dir}")], synopsis=True, needs=["hf_dir"]),
+    "convert-to-hf": dict(subs=[], synopsis=True, needs=["convert-from-hf"]),
+    "inference-demo": dict(subs=[], needs=["quickstart"]),
+    "general-eval": dict(subs=[DEMO_TRAIN, ("eval_out/a/report.json", "forgetting_out/before/report.json"),
+                               ("eval_out/b/report.json", "forgetting_out/after/report.json")],
+                         needs=["quickstart"]),
+    "lora": dict(subs=[("configs/emotion_qwen.py:7b", "configs/emotion_qwen.py:demo"),
+                       ("--config.init_from=/ckpt/emoqwen-7b", "--config.init_from=runs/demo/stages/stage3_video"),
+                       ("--config.run_stages='(\"stage3_lora\",)'",
+                        "--config.run_stages='(\"stage3_lora\",)' --config.stages.stage3_lora.num_steps=2"),
+                       ("/ckpt/", "root/ckpt/"), ("/hf/", "root/hf/")],  # absolute paths, under the scratch dir
+                 needs=["quickstart"]),
+    "data": dict(subs=[("python bench/data_throughput.py", "python bench/data_throughput.py --clips 2 --workers 0")]),
+}
+
+
+RUN_TEXT: dict[str, str] = {}  # key -> the text that ran (after substitutions)
+
+
+def test_every_bash_block_is_run_or_illustrative():
+    problems, keys = [], []
+    for b in readme_blocks():
+        if b.kind is None:
+            problems.append(f"{b}: no test runs it and it is not marked; put `<!-- readme-test: KEY -->` (and a "
+                            f"runner in tests/test_readme.py) or `<!-- illustrative: REASON -->` right above it")
+        elif b.kind == "illustrative" and len(b.arg) < 10:
+            problems.append(f"{b}: `illustrative` needs a reason (why it cannot run in CI)")
+        elif b.kind == "readme-test" and b.arg.endswith(".py"):  # run by another test module
+            other = ROOT / b.arg
+            if not other.is_file() or "README" not in other.read_text():
+                problems.append(f"{b}: {b.arg} does not exist or does not read the README")
+        elif b.kind == "readme-test":
+            if b.arg not in RUNS:
+                problems.append(f"{b}: readme-test key {b.arg!r} has no runner; known: {sorted(RUNS)}")
+            keys.append(b.arg)
+    for key in RUNS:
+        if keys.count(key) != 1:
+            problems.append(f"runner {key!r} is used by {keys.count(key)} README blocks (must be exactly 1)")
+    assert not problems, "\n".join(problems)
+
+
+def test_synopsis_and_command_parsing(tmp_path):
+    assert first_alternatives("x --a [--dtype f32|bf16] [--overwrite]") == "x --a --dtype f32 --overwrite"
+    assert commands("# c\na \\\n   b\n\nc\n") == ["a b", "c"]
+    text = "```bash\nls\n```\n\n<!-- illustrative: needs the 7B weights -->\n```bash\nrm\n```\n"
+    path = tmp_path / "README.md"
+    path.write_text(text)
+    first, second = readme_blocks(path)
+    assert (first.kind, second.kind, second.arg) == (None, "illustrative", "needs the 7B weights")
+
+
+class Workspace:
+    """One scratch directory for every block; remembers the commands it already ran there."""
+
+    def __init__(self, path: Path, env: dict):
+        self.path, self.env, self.done, self.outputs = path, env, set(), {}
+
+    def run(self, cmd: str) -> str:
+        if cmd in self.done:
+            return self.outputs[cmd]
+        res = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=self.path, env=self.env,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        if res.returncode != 0:
+            raise AssertionError(f"README command failed (exit {res.returncode}) in {self.path}:\n  {cmd}\n"
+                                 f"stdout tail:\n{res.stdout[-2000:]}\nstderr tail:\n{res.stderr[-4000:]}")
+        self.done.add(cmd)
+        self.outputs[cmd] = res.stdout
+        return res.stdout
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("readme")
+    for name in ("configs", "bench"):
+        (path / name).symlink_to(ROOT / name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               JAX_PLATFORMS="cpu", PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    env.pop("XLA_FLAGS", None)  # the CLIs run as users run them: one CPU device
+    return Workspace(path, env)
+
+
+@pytest.fixture(scope="module")
+def block_runner(workspace, tmp_path_factory):
+    blocks = {b.arg: b for b in readme_blocks() if b.kind == "readme-test"}
+    ran: dict[str, list[str]] = {}
+    values: dict[str, str] = {}
+
+    def hf_dir() -> str:
+        import hf_oracle as O
+
+        path = tmp_path_factory.mktemp("readme_hf")
+        O.build_hf_model("base", seed=0).save_pretrained(path)
+        return str(path)
+
+    failed: set[str] = set()
+
+    def run(key: str) -> list[str]:
+        if key in ran:
+            return ran[key]
+        if key in failed:
+            raise AssertionError(f"depends on the README block [readme-test: {key}], which failed")
+        try:
+            return _run(key)
+        except BaseException:
+            failed.add(key)
+            raise
+
+    def _run(key: str) -> list[str]:
+        if key not in blocks:
+            pytest.fail(f"no README block is marked `<!-- readme-test: {key} -->`")
+        spec = RUNS[key]
+        for need in spec.get("needs", []):
+            if need == "hf_dir":
+                values.setdefault("hf_dir", hf_dir())
+            else:
+                run(need)
+        text = blocks[key].text
+        for old, new in spec["subs"]:
+            if old not in text:
+                pytest.fail(f"{blocks[key]} [readme-test: {key}]: the substitution {old!r} no longer matches the "
+                            f"README text; update RUNS[{key!r}] in tests/test_readme.py")
+            text = text.replace(old, new.replace("{hf_dir}", values.get("hf_dir", "{hf_dir}")))
+        if spec.get("synopsis"):
+            text = first_alternatives(text)
+        RUN_TEXT[key] = text
+        ran[key] = [workspace.run(cmd) for cmd in commands(text)]
+        return ran[key]
+
+    return run
+
+
+def _last_json(output: str) -> dict | list:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def check_outputs(key: str, outputs: list[str], ws: Path) -> None:
+    """What each block must have produced, beyond exiting 0."""
+    assert outputs and all(isinstance(o, str) for o in outputs)
+    if key in ("quickstart", "train-demo"):
+        for stage in ("stage1_align", "stage2_emotion", "stage3_video"):
+            assert (ws / "runs/demo/stages" / stage / "config.json").exists()
+    elif key == "config-override":
+        sample = _last_json(outputs[-1])
+        experts = re.search(r"--config\.model\.compressor\.num_experts=(\d+)", RUN_TEXT[key])
+        if experts:
+            assert all(len(row) == int(experts.group(1)) for row in sample["gate_weights"])
+        assert sample["logits_shape"] and all(abs(sum(row) - 1) < 1e-3 for row in sample["gate_weights"])
+    elif key == "convert-from-hf":
+        assert _last_json(outputs[-1])["dtype"] == "float32"
+        assert (ws / "ckpt/emoqwen-7b/config.json").exists()
+    elif key == "convert-to-hf":
+        assert (ws / "hf/emoqwen-7b/config.json").exists()
+        assert list((ws / "hf/emoqwen-7b").glob("*.safetensors"))
+    elif key == "inference-demo":
+        assert outputs[0].strip()  # describe printed an answer
+        assert (ws / "eval_out/dfew/eval_dfew.jsonl").exists()
+        score = _last_json(outputs[-1])
+        assert score["n"] > 0 and 0.0 <= score["uar"] <= 1.0
+    elif key == "general-eval":
+        assert (ws / "forgetting_out/forgetting.md").exists()
+        assert (ws / "forgetting_out/before/report.json").exists()
+    elif key == "lora":
+        assert (ws / "root/ckpt/emoqwen-7b-lora-merged/config.json").exists()
+        assert (ws / "root/hf/emoqwen-7b-lora/adapter_config.json").exists()
+    elif key == "data":
+        assert _last_json(outputs[1])["ok"] > 0
+        assert "machine" in _last_json(outputs[-1])
+
+
+@pytest.mark.slow
+def test_readme_blocks_run(block_runner, workspace):
+    """Every `readme-test` block, in README order, in one test (so one xdist worker shares the scratch
+    directory and the trained demo checkpoint). Every failing block is reported, by line and key."""
+    failures = []
+    for block in readme_blocks():
+        if block.kind != "readme-test" or block.arg not in RUNS:
+            continue  # reported by test_every_bash_block_is_run_or_illustrative
+        try:
+            check_outputs(block.arg, block_runner(block.arg), workspace.path)
+        except (AssertionError, subprocess.TimeoutExpired, pytest.fail.Exception) as e:
+            failures.append(f"{block} [readme-test: {block.arg}]: {e}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_commands_are_split_as_bash_would():
+    block = "emoqwen-x --a 1 \\\n    --b '(\"s\",)'   # trailing comment\n"
+    (cmd,) = commands(block)
+    assert shlex.split(cmd, comments=True) == ["emoqwen-x", "--a", "1", "--b", '("s",)']

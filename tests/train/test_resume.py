@@ -1,0 +1,191 @@
+"""Resume after SIGKILL and after SIGTERM, checked so that neither test can pass by accident (issue 18).
+
+* The run is frozen (SIGSTOP) as soon as it logs a given step of a stage; the last step it logged is then read,
+  so the test knows, rather than hopes, that the kill lands after that step and before the stage ends.
+* The restarted process must start right after the checkpoint it resumes from (its first metrics row), and
+  must not re-run a finished stage.
+* Against an uninterrupted run of the same config: every logged step's loss, lm_loss, aux_loss, grad_norm, lr
+  and gate weights are equal (float equality), the saved stage weights are bit-identical, and so are the
+  parameters and optimizer state of every checkpoint both runs wrote after the interruption.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from train_configs import ROOT, load_config, write_config
+from emoqwen_jax.checkpoint import load_model
+from emoqwen_jax.train.trainer import train_and_evaluate
+
+STEPS = 8  # per stage; checkpoints every 2 steps
+COMPARED = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "gate_weights")
+
+
+def metric_rows(workdir) -> list[dict]:
+    """metrics.jsonl rows; a last line still being written by the live process is ignored."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.endswith("\n"):
+                rows.append(json.loads(line))
+    return rows
+
+
+def by_step(rows) -> dict:
+    """{(stage, step): row}, the last row per step (a resumed run re-logs steps after its checkpoint)."""
+    return {(r["stage"], r["step"]): r for r in rows}
+
+
+def assert_same_metrics(got_rows, want_rows):
+    got, want = by_step(got_rows), by_step(want_rows)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        for name in COMPARED:
+            assert got[key][name] == want[key][name], (key, name, got[key][name], want[key][name])
+
+
+def assert_trees_identical(got, want, what):
+    got_leaves, want_leaves = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_flatten_with_path(want)[0]
+    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves], what
+    assert got_leaves, what
+    for (path, a), (_, b) in zip(got_leaves, want_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, path)
+        assert a.tobytes() == b.tobytes(), (what, jax.tree_util.keystr(path))  # bit for bit
+
+
+def stage_params(workdir, stage):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(os.path.join(workdir, "stages", stage)),
+                                                               nnx.Param)))
+
+
+def checkpoint_steps(workdir) -> set[int]:
+    root = os.path.join(workdir, "checkpoints")
+    return {int(p) for p in os.listdir(root) if p.isdigit()} if os.path.isdir(root) else set()
+
+
+def checkpoint_state(workdir, step):
+    """The saved train state (params, optimizer state, counters, rng) as numpy, restored without a target."""
+    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
+
+
+def checkpoint_meta(workdir, step) -> dict:
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), item_names=("meta",),
+                                    item_handlers={"meta": ocp.JsonCheckpointHandler()})
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def assert_checkpoints_identical(workdir, reference, after_step):
+    common = sorted(s for s in checkpoint_steps(workdir) & checkpoint_steps(reference) if s > after_step)
+    assert common, (checkpoint_steps(workdir), checkpoint_steps(reference), after_step)
+    for step in common:
+        assert_trees_identical(checkpoint_state(workdir, step), checkpoint_state(reference, step),
+                               f"checkpoint {step}")
+    return common
+
+
+def train_cmd(cfg, workdir):
+    return [sys.executable, "-m", "emoqwen_jax.cli.train", f"--config={cfg}", f"--config.workdir={workdir}"]
+
+
+def freeze_after(proc, workdir, stage, step, timeout=900):
+    """Waits until the run logs ``step`` of ``stage``, stops the process (SIGSTOP) and returns the last
+    (stage, step) it had logged: the point the interruption provably comes after."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (stage, step) in by_step(metric_rows(workdir)):
+            proc.send_signal(signal.SIGSTOP)
+            last = metric_rows(workdir)[-1]
+            return last["stage"], last["step"]
+        if proc.poll() is not None:
+            pytest.fail(f"the training process exited (code {proc.returncode}) before logging {stage} step {step}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"{stage} step {step} was not logged within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, demo_dir):
+    """The uninterrupted run: stage 1 and stage 2, STEPS steps each, in this process."""
+    root = tmp_path_factory.mktemp("resume_ref")
+    config = load_config(write_config(root / "cfg.py", demo_dir, steps=STEPS))
+    config.workdir = str(root / "run")
+    train_and_evaluate(config)
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage2_then_resume_matches_uninterrupted(reference, tmp_path, demo_dir):
+    cfg = write_config(tmp_path / "cfg.py", demo_dir, steps=STEPS)
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(cfg, workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage, killed_after = freeze_after(proc, workdir, "stage2_emotion", 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert stage == "stage2_emotion" and 3 <= killed_after < STEPS, (stage, killed_after)
+    assert not (workdir / "stages" / "stage2_emotion").exists()
+    assert (workdir / "stages" / "stage1_align").exists()
+    latest = max(checkpoint_steps(workdir))
+    meta = checkpoint_meta(workdir, latest)
+    assert meta["stage"] == "stage2_emotion" and 2 <= meta["stage_step"] <= killed_after, meta
+    logged_before = len(metric_rows(workdir))
+
+    res = subprocess.run(train_cmd(cfg, workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = metric_rows(workdir)[logged_before:]
+    # The restart resumed from that checkpoint: stage 1 is not re-run, stage 2 continues at the next step.
+    assert [(r["stage"], r["step"]) for r in resumed] == [
+        ("stage2_emotion", s) for s in range(meta["stage_step"] + 1, STEPS + 1)]
+
+    assert_same_metrics(metric_rows(workdir), metric_rows(reference))
+    for name in ("stage1_align", "stage2_emotion"):
+        assert_trees_identical(stage_params(workdir, name), stage_params(reference, name), name)
+    assert_checkpoints_identical(workdir, reference, after_step=latest)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoint_is_resumed_and_matches_uninterrupted(tmp_path, demo_dir):
+    steps = 12
+    cfg = write_config(tmp_path / "cfg.py", demo_dir, stages=("stage1_align",), steps=steps, every=3)
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(cfg, workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _, stopped_after = freeze_after(proc, workdir, "stage1_align", 2)
+    proc.send_signal(signal.SIGTERM)  # delivered when the process continues
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in out
+    saved = max(checkpoint_steps(workdir))
+    meta = checkpoint_meta(workdir, saved)
+    assert meta["stage"] == "stage1_align" and stopped_after <= meta["stage_step"] < steps, (meta, stopped_after)
+    assert f"SIGTERM: saved step {saved} " in out
+    assert not (workdir / "stages" / "stage1_align").exists()
+    logged_before = len(metric_rows(workdir))
+
+    res = subprocess.run(train_cmd(cfg, workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = metric_rows(workdir)[logged_before:]
+    assert [(r["stage"], r["step"]) for r in resumed] == [
+        ("stage1_align", s) for s in range(meta["stage_step"] + 1, steps + 1)]
+
+    config = load_config(cfg)
+    config.workdir = str(tmp_path / "uninterrupted")
+    train_and_evaluate(config)
+    assert_same_metrics(metric_rows(workdir), metric_rows(tmp_path / "uninterrupted"))
+    assert_trees_identical(stage_params(workdir, "stage1_align"),
+                           stage_params(tmp_path / "uninterrupted", "stage1_align"), "stage1_align")
+    assert_checkpoints_identical(workdir, tmp_path / "uninterrupted", after_step=saved)
