@@ -9,7 +9,7 @@ Entry points: ``process_image`` / ``process_video`` (vision), ``load_tokenizer``
 """
 
 from emoqwen_jax.data.defaults import data_config
-from emoqwen_jax.data.demo import build_demo
+from emoqwen_jax.data.demo import build_demo, check_demo_data
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES, benchmark_prompt, load_manifest
 from emoqwen_jax.data.pipeline import Collate, load_sources, make_dataset, make_iterator
 from emoqwen_jax.data.prepare import load_prepared, prepare_dataset
@@ -20,7 +20,8 @@ from emoqwen_jax.data.vision import process_image, process_video, sample_indices
 
 __all__ = [
     "BENCHMARK_CLASSES", "Collate", "REASONS", "RejectCounter", "Rejected", "SampleProcessor", "TokenizerInfo",
-    "TooManyRejectsError", "benchmark_prompt", "build_demo", "data_config", "load_manifest", "load_prepared", "load_sources",
-    "load_tokenizer", "make_dataset", "make_iterator", "prepare_dataset", "process_image", "process_video",
+    "TooManyRejectsError", "benchmark_prompt", "build_demo", "check_demo_data", "data_config", "load_manifest",
+    "load_prepared", "load_sources", "load_tokenizer", "make_dataset", "make_iterator", "prepare_dataset",
+    "process_image", "process_video",
     "sample_indices", "smart_nframes", "smart_resize", "tokenizer_info",
 ]

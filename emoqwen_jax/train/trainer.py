@@ -68,15 +68,14 @@ def resolve_mixture(mixture, workdir: str) -> list[dict]:
     """``{demo}`` in a manifest or data_root means the bundled demo set (built once into workdir)."""
     entries = [dict(e) for e in mixture]
     if any("{demo}" in str(v) for e in entries for v in e.values()):
-        demo_dir = os.path.join(workdir, "demo_data")
+        demo_dir = D.demo.demo_root(workdir)
         if jax.process_index() == 0:
             D.build_demo(demo_dir)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("demo_data")
-        entries = [{k: v.replace("{demo}", demo_dir) if isinstance(v, str) else v for k, v in e.items()}
-                   for e in entries]
+        entries = D.demo.fill_demo(entries, demo_dir)
     return entries
 
 
@@ -123,6 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")
     workdir = os.path.abspath(workdir)
+    D.check_demo_data(config)  # before any work: a larger preset must not train on the demo set by accident
     maybe_initialize_distributed(config)
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     mesh = make_mesh(config.mesh)
