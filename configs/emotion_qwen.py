@@ -160,6 +160,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.distributed.auto = False  # jax.distributed.initialize() from the cluster environment (TPU, SLURM)
     if preset in ("demo", "tiny"):
         demo_data(config)
+    if preset == "demo":  # a few hundred steps: checkpoint and log less often than every 5 and every step
+        config.checkpoint.every_steps = 50
+        config.train.log_every = 5
     if preset == "7b":
         config.data.length_buckets = (2048, 4096, 8192, 16384)
         config.data.patch_buckets = (4096, 16384, 65536)
@@ -265,7 +268,7 @@ def demo_stage(s: ml_collections.ConfigDict, name: str, lora: bool) -> None:
 # batch and lengths (a demo sample is ~140 tokens), and its stage-3 length.
 DEMO_FRAMES = dict(fps=2.0, video_min_pixels=56 * 56, video_max_pixels=112 * 112, video_total_pixels=0,
                    image_min_pixels=56 * 56, image_max_pixels=112 * 112)
-DEMO_BATCH, DEMO_LENGTH, DEMO_STAGE3_STEPS = 8, 192, 400
+DEMO_BATCH, DEMO_LENGTH, DEMO_STAGE3_STEPS = 8, 192, 300
 
 
 def demo_data(config: ml_collections.ConfigDict) -> None:
