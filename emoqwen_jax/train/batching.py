@@ -22,16 +22,21 @@ _OFFSETS = {"visual_token_index": "units", "vision_window_index": "units", "visi
 
 
 def needs(batch: dict) -> tuple[int, int, int]:
-    """(text length, patch rows, visual items) the shard needs, before agreement with the other shards."""
+    """(text length, patch rows, visual items) the shard needs, before agreement with the other shards. Patch
+    rows are the real ones (image and video rows are padded separately by the pipeline; their sum would give a
+    batch with a still a second, larger shape)."""
+    rows = sum(int(np.prod(batch[k], axis=-1).sum()) for k in ("image_grid_thw", "video_grid_thw") if len(batch[k]))
     n_items = len(batch["image_grid_thw"]) + len(batch["video_grid_thw"])
-    return (int(batch["input_ids"].shape[1]),
-            int(batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]), n_items)
+    return int(batch["input_ids"].shape[1]), rows, n_items
 
 
-def agreed_sizes(all_needs: Sequence[tuple[int, int, int]], batch_size: int) -> tuple[int, int, int]:
-    """Common (L, P, G) for a step: the maxima; G rounded up to a multiple of the shard batch (few shapes)."""
+def agreed_sizes(all_needs: Sequence[tuple[int, int, int]], batch_size: int,
+                 patch_buckets: Sequence[int] = ()) -> tuple[int, int, int]:
+    """Common (L, P, G) for a step: the maxima; P rounded up to the smallest of ``patch_buckets`` that holds it
+    (the data config's; none: the maximum itself), G to a multiple of the shard batch (few shapes)."""
     length = max(n[0] for n in all_needs)
     patches = max(n[1] for n in all_needs)
+    patches = min([int(b) for b in patch_buckets if int(b) >= patches] or [patches])
     items = max(n[2] for n in all_needs)
     items = max(batch_size, -(-items // batch_size) * batch_size)
     return length, patches, items

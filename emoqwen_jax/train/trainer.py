@@ -195,13 +195,14 @@ def stage_model(config, name: str, params: dict, graphdef, mesh):
         (ADAPTER_PATTERN,)
 
 
-def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh):
+def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh,
+                  patch_buckets=()):
     from jax.experimental import multihost_utils
 
     needs = np.array([batching.needs(b) for b in batches])
     if jax.process_count() > 1:
         needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, 3)
-    sizes = batching.agreed_sizes(needs.tolist(), batch_size)
+    sizes = batching.agreed_sizes(needs.tolist(), batch_size, patch_buckets)
     local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id)
                                     for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
@@ -267,7 +268,8 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
     with _Sigterm() as sigterm, axis_rules(mesh, DEFAULT_RULES):
         for micro in range(start, total):
-            batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh)
+            batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
+                                         config.data.patch_buckets)
             state, metrics = step_fn(state, batch)
             global_step += 1
             tokens = float(local["attention_mask"].sum()) * processes
