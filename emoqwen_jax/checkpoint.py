@@ -1,5 +1,8 @@
-"""Our model directory: ``config.json`` (architecture + provenance) and ``params/`` (an orbax checkpoint of
-the parameters). Every command that takes ``--ckpt`` accepts one; ``emoqwen-convert from-hf`` writes one.
+"""Model weights on disk: our model directory, and ``load_weights`` for it or a Hugging Face directory.
+
+Our model directory is ``config.json`` (architecture + provenance) and ``params/`` (an orbax checkpoint of
+the parameters). Every command that takes ``--ckpt`` accepts one; ``emoqwen-convert from-hf`` and the trainer
+write one. (Training-state checkpoints — optimiser, step, data iterators — are ``train/checkpoint.py``'s.)
 
     DIR/config.json   {"format": "emoqwen_jax.model", "version": 1, "model": {...ModelConfig...}, "meta": {...}}
     DIR/params/       orbax StandardCheckpointer of the nnx parameter state
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -69,5 +72,24 @@ def load_model(path: str, *, dtype: str | None = None) -> EmotionQwen:
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})
     abstract = nnx.eval_shape(lambda: restore_lora(EmotionQwen(config, rngs=nnx.Rngs(0)), meta.get("lora")))
     graphdef, state = nnx.split(abstract)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), state)
-    return nnx.merge(graphdef, restored)
+    return nnx.merge(graphdef, _read_params(path, state))
+
+
+def _read_params(path: str, abstract_state: Any) -> Any:
+    """Reads the parameters of a model directory into ``abstract_state``'s shapes (and shardings, if set)."""
+    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract_state)
+
+
+def load_weights(source: str, *, dtype: str | None = None, param_dtype: str | None = None,
+                 compressor: Mapping[str, Any] | None = None, seed: int = 0) -> EmotionQwen:
+    """The model stored at ``source``: our model directory, or a Hugging Face Qwen2.5-VL (or our export)
+    directory, converted (``emoqwen_jax.convert.from_hf``; ``param_dtype``, ``compressor`` overrides and ``seed``
+    for the gate apply there only). ``dtype`` overrides the compute dtype."""
+    if is_model_dir(source):
+        return load_model(source, dtype=dtype)
+    if os.path.isfile(os.path.join(source, "config.json")):
+        from emoqwen_jax.convert.hf_import import from_hf  # noqa: PLC0415 — conversion only when needed
+
+        return from_hf(source, dtype=dtype or "float32", param_dtype=param_dtype, compressor=compressor, seed=seed)
+    raise ValueError(f"{source!r} is neither an emoqwen_jax model directory nor a Hugging Face directory "
+                     f"(no config.json)")
