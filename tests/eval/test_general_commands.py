@@ -13,9 +13,9 @@ from flax import nnx
 import emotion_qwen  # on sys.path via tests/eval/conftest.py
 from emoqwen_jax.cli import eval as eval_cli, forgetting as forgetting_cli
 from emoqwen_jax.checkpoint import read_model_config, save_model
-from emoqwen_jax.eval.demo_general import build_demo_general
-from emoqwen_jax.eval.stage_eval import resolve_eval_suite, run_stage_eval
-from emoqwen_jax.eval.suite_report import read_report, write_report
+from emoqwen_jax.eval.general.demo import build_demo_general
+from emoqwen_jax.eval.suites.stage_eval import resolve_eval_suite, run_stage_eval
+from emoqwen_jax.eval.suites.report import read_report, write_report
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
 
@@ -85,7 +85,7 @@ def test_one_general_benchmark(ckpt, general_demo, tmp_path, capsys):
 
 def test_pope_official_rule_flag_rescores_the_same_answers(ckpt, general_demo, tmp_path, capsys):
     """--yes_no_rule official: the same greedy answers, read by POPE's script; the report names the rule."""
-    from emoqwen_jax.eval import general
+    from emoqwen_jax.eval.general import benchmarks as general
 
     root, _ = general_demo
     code = eval_cli.main(["--ckpt", ckpt, "--benchmark", "pope", "--root", str(root / "POPE"), "--limit", "5",
