@@ -87,3 +87,27 @@ def test_tiny_model_runs_text_only():
     out = model(ids)
     assert out.logits.shape == (2, 6, mcfg.text.vocab_size)
     assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_larger_presets_refuse_the_demo_data_unless_allowed(tmp_path):
+    """A preset larger than tiny must not train on the bundled cartoons because a mixture was forgotten."""
+    from emoqwen_jax.data import check_demo_data
+    from emoqwen_jax.train.trainer import train_and_evaluate
+
+    for preset in ("demo", "tiny"):
+        check_demo_data(emotion_qwen.get_config(preset))  # the demo set is what these presets are for
+    config = emotion_qwen.get_config("7b")
+    with pytest.raises(ValueError, match="allow_demo_data=True") as err:
+        train_and_evaluate(config, str(tmp_path / "run"))  # refused before any work
+    assert all(f"--config.stages.{name}.mixture=" in str(err.value) for name in config.run_stages)
+    assert not (tmp_path / "run").exists()
+    config.allow_demo_data = True
+    check_demo_data(config)
+    config = emotion_qwen.get_config("small")
+    own = ({"manifest": "/data/train.jsonl", "data_root": "/data"},)
+    config.stages.stage1_align.mixture = config.stages.stage3_video.mixture = own
+    with pytest.raises(ValueError, match=r"\['stage2_emotion'\]") as err:
+        check_demo_data(config)
+    assert "stages.stage1_align.mixture" not in str(err.value)
+    config.stages.stage2_emotion.mixture = own
+    check_demo_data(config)

@@ -3,7 +3,7 @@ r"""emoqwen-eval: answer a benchmark's questions with a checkpoint, write the pr
   emoqwen-eval --ckpt C --benchmark dfew --labels DFEW/test/set_1.csv --video_root DFEW/clips [--folds]
   emoqwen-eval --ckpt C --benchmark mer2023 --labels MER2023/labels.csv --video_root MER2023/test3
   emoqwen-eval --ckpt C --benchmark emer --labels EMER/descriptions.csv --video_root MER2023/test3
-  emoqwen-eval --ckpt C --benchmark pope --root POPE --image_root coco/val2014
+  emoqwen-eval --ckpt C --benchmark pope --root POPE --image_root coco/val2014 [--yes_no_rule official]
   emoqwen-eval --ckpt C --benchmark mmbench --root MMBench --circular
   emoqwen-eval --ckpt C --suite general|emotion|all --suite_config suite.json
 
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default="", help="general: the benchmark's folder (published layout)")
     parser.add_argument("--image_root", default="", help="POPE: the COCO val2014 image folder")
     parser.add_argument("--circular", action="store_true", help="MMBench: circular evaluation over rotated options")
+    parser.add_argument("--yes_no_rule", default="", choices=("", "strict", "official"),
+                        help="POPE: how yes/no answers are read: strict (default; unclear answers are invalid) or "
+                             "official (POPE's script: yes unless the first sentence has no/not)")
     parser.add_argument("--limit", type=int, default=0, help="general: only the first N questions (0 = all)")
     parser.add_argument("--out", default="", help="output directory")
     parser.add_argument("--batch_size", type=int, default=4, help="questions per generate call")
@@ -59,9 +62,14 @@ def spec_from_args(args: argparse.Namespace) -> dict:
     if args.benchmark in GENERAL_BENCHMARKS:
         if args.labels or args.video_root or args.folds:
             raise ValueError(f"{args.benchmark} is an image benchmark: give --root, not --labels/--video_root/--folds")
+        if args.yes_no_rule and args.benchmark != "pope":
+            raise ValueError(f"--yes_no_rule applies to pope, not {args.benchmark}")
         spec = {"benchmark": args.benchmark, "root": args.root, "image_root": args.image_root,
-                "circular": args.circular if args.benchmark == "mmbench" else None, "limit": args.limit}
+                "circular": args.circular if args.benchmark == "mmbench" else None, "limit": args.limit,
+                "yes_no_rule": args.yes_no_rule}
         return {k: v for k, v in spec.items() if v not in ("", None, 0, False)}
+    if args.yes_no_rule:
+        raise ValueError(f"--yes_no_rule applies to pope, not {args.benchmark}")
     if not args.labels or not args.video_root:
         raise ValueError(f"{args.benchmark} needs --labels and --video_root")
     spec = {"benchmark": args.benchmark, "labels": args.labels, "video_root": args.video_root,

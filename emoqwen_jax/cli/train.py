@@ -5,7 +5,9 @@ r"""emoqwen-train: Emotion-Qwen's three pretraining stages on a device mesh.
       --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct --config.mesh.fsdp=-1 --config.mesh.data=1
 
 Starting again in a workdir that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a
-checkpoint and exits cleanly.
+checkpoint and exits cleanly. Stages with an ``eval_suite`` are scored on their final weights (the demo preset
+scores held-out demo clips as DFEW); the last line printed is a JSON summary whose ``eval`` holds the final
+stage's scores: ``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,25 @@ def main_(argv) -> None:
               f"plot {last.get('plot', '-')}")
     print(f"weights per stage: {summary['workdir']}/stages/<stage>   checkpoints: {summary['workdir']}/checkpoints")
     print(f"metrics: {summary['metrics']}   tensorboard: {summary['workdir']}/tensorboard")
-    print(json.dumps({"workdir": summary["workdir"], "final": summary["final"],
-                      "final_loss": {k: v.get("loss") for k, v in summary["stages"].items()}}))
+    line = {"workdir": summary["workdir"], "final": summary["final"],
+            "final_loss": {k: v.get("loss") for k, v in summary["stages"].items()}}
+    final_stage = config.run_stages[-1]
+    for name, last in summary["stages"].items():
+        for bench, scores in eval_scores(last.get("eval") or {}).items():
+            print(f"{name} eval {bench}: " + "  ".join(f"{k} {v}" for k, v in scores.items())
+                  + f"   report: {summary['workdir']}/eval/{name}/report.md")
+            if name == final_stage:  # the final weights' scores close the run's summary line
+                line.setdefault("eval", {})[bench] = scores
+    print(json.dumps(line))
+
+
+def eval_scores(report: dict) -> dict[str, dict]:
+    """{benchmark: {its headline metric (and UAR/WAR where it has them), invalid_rate, n}} of a stage's report."""
+    out = {}
+    for bench, result in report.get("benchmarks", {}).items():
+        keys = dict.fromkeys((result.get("headline"), "uar", "war", "invalid_rate", "n"))
+        out[bench] = {k: result[k] for k in keys if k in result}
+    return out
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ _EXPORTS = {
     "TooManyRejectsError": "emoqwen_jax.data.reasons",
     "benchmark_prompt": "emoqwen_jax.data.manifests",
     "build_demo": "emoqwen_jax.data.demo",
+    "check_demo_data": "emoqwen_jax.data.demo",
     "data_config": "emoqwen_jax.data.defaults",
     "load_manifest": "emoqwen_jax.data.manifests",
     "load_prepared": "emoqwen_jax.data.prepare",
@@ -53,7 +54,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BENCHMARK_CLASSES", "Collate", "REASONS", "RejectCounter", "Rejected", "SampleProcessor", "TokenizerInfo",
-    "TooManyRejectsError", "benchmark_prompt", "build_demo", "data_config", "load_manifest", "load_prepared", "load_sources",
-    "load_tokenizer", "make_dataset", "make_iterator", "prepare_dataset", "process_image", "process_video",
-    "sample_indices", "smart_nframes", "smart_resize", "tokenizer_info",
+    "TooManyRejectsError", "benchmark_prompt", "build_demo", "check_demo_data", "data_config", "load_manifest",
+    "load_prepared", "load_sources", "load_tokenizer", "make_dataset", "make_iterator", "prepare_dataset",
+    "process_image", "process_video", "sample_indices", "smart_nframes", "smart_resize", "tokenizer_info",
 ]

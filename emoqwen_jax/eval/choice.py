@@ -12,6 +12,9 @@ The same spirit as ``parse.LabelParser`` (rules tested in tests/eval/test_choice
   4. Verdict: exactly one distinct option → that option; none → invalid ('no_label'); several distinct
      options (e.g. "A or B", "yes and no") → invalid ('several_labels'). Invalid answers are never mapped to
      a default; the scorers count them as wrong and report the invalid rate.
+
+POPE's official script reads yes/no differently; ``parse_yes_no_official`` transcribes it so published POPE
+figures can be reproduced (``YES_NO_RULES``; the POPE report says which rule it used).
 """
 
 from __future__ import annotations
@@ -68,3 +71,28 @@ def parse_yes_no(response: str | None) -> Parsed:
     """'yes' | 'no' (rules 1, 3, 4)."""
     span = answer_span(response or "")
     return _verdict([w for w in _words(span) if w in ("yes", "no")], span)
+
+
+# How a yes/no answer is read: 'strict' = ``parse_yes_no`` (rules 1, 3, 4; unclear answers are invalid);
+# 'official' = POPE's own evaluate.py (``parse_yes_no_official``; every answer is yes or no).
+YES_NO_RULES = ("strict", "official")
+
+
+def parse_yes_no_official(response: str | None) -> Parsed:
+    """POPE's official rule (AoiDragon/POPE evaluate.py, also LLaVA's eval_pope.py), transcribed: keep the text
+    before the first '.', drop commas, split on spaces; the answer is 'no' if a word is exactly "No", "no" or
+    "not", else 'yes' — so "Nope", "NO" or "" count as yes. No span rule, no invalid verdict; only a missing
+    answer (None: the item could not be asked) stays invalid ('no_label')."""
+    if response is None:
+        return Parsed(None, "no_label", (), "")
+    text = response.split(".")[0] if "." in response else response
+    words = text.replace(",", "").split(" ")
+    label = "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+    return Parsed(label, "ok", (label,), text)
+
+
+def parse_yes_no_by(rule: str):
+    """The yes/no parser of ``rule`` (one of ``YES_NO_RULES``)."""
+    if rule not in YES_NO_RULES:
+        raise ValueError(f"yes/no rule {rule!r}; valid: {YES_NO_RULES}")
+    return parse_yes_no if rule == "strict" else parse_yes_no_official

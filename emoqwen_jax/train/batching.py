@@ -22,19 +22,23 @@ from emoqwen_jax.tokens import IGNORE
 
 
 def needs(batch: dict) -> tuple[int, int, int, int]:
-    """(text length, patch rows, visual items, audio windows) the shard needs, before agreement with the
-    other shards."""
+    """(text length, patch rows, visual items, audio windows) the shard needs, before agreement with the other
+    shards. Patch rows are the real ones (image and video rows are padded separately by the pipeline; their
+    sum would give a batch with a still a second, larger shape)."""
+    rows = sum(int(np.prod(batch[k], axis=-1).sum()) for k in ("image_grid_thw", "video_grid_thw") if len(batch[k]))
     n_items = len(batch["image_grid_thw"]) + len(batch["video_grid_thw"])
     windows = int(batch["audio_lengths"][:, 0].sum()) if len(batch.get("audio_lengths", ())) else 0
-    return (int(batch["input_ids"].shape[1]),
-            int(batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]), n_items, windows)
+    return int(batch["input_ids"].shape[1]), rows, n_items, windows
 
 
-def agreed_sizes(all_needs: Sequence[tuple[int, ...]], batch_size: int) -> tuple[int, int, int, int]:
-    """Common (L, P, G, W) for a step: the maxima; G and (when any shard has audio) W rounded up to a multiple
-    of the shard batch, so the joined items and windows split evenly over the batch devices (few shapes)."""
+def agreed_sizes(all_needs: Sequence[tuple[int, ...]], batch_size: int,
+                 patch_buckets: Sequence[int] = ()) -> tuple[int, int, int, int]:
+    """Common (L, P, G, W) for a step: the maxima; P rounded up to the smallest of ``patch_buckets`` that holds
+    it (the data config's; none: the maximum itself), G and (when any shard has audio) W to a multiple of the
+    shard batch, so the joined items and windows split evenly over the batch devices (few shapes)."""
     length = max(n[0] for n in all_needs)
     patches = max(n[1] for n in all_needs)
+    patches = min([int(b) for b in patch_buckets if int(b) >= patches] or [patches])
     items = max(n[2] for n in all_needs)
     items = max(batch_size, -(-items // batch_size) * batch_size)
     windows = max((n[3] if len(n) > 3 else 0) for n in all_needs)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from emoqwen_jax import data as D
 from emoqwen_jax.checkpoint import is_model_dir, load_model, load_weights, save_model
+from emoqwen_jax.data.demo import build_demo, check_demo_data, demo_root, fill_demo
 from emoqwen_jax.data.pipeline import load_sources, make_iterator
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
 from emoqwen_jax.model.emotion_qwen import audio_spec
@@ -69,15 +70,14 @@ def resolve_mixture(mixture, workdir: str) -> list[dict]:
     """``{demo}`` in a manifest or data_root means the bundled demo set (built once into workdir)."""
     entries = [dict(e) for e in mixture]
     if any("{demo}" in str(v) for e in entries for v in e.values()):
-        demo_dir = os.path.join(workdir, "demo_data")
+        demo_dir = demo_root(workdir)
         if jax.process_index() == 0:
-            D.build_demo(demo_dir)
+            build_demo(demo_dir)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("demo_data")
-        entries = [{k: v.replace("{demo}", demo_dir) if isinstance(v, str) else v for k, v in e.items()}
-                   for e in entries]
+        entries = fill_demo(entries, demo_dir)
     return entries
 
 
@@ -132,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")
     workdir = os.path.abspath(workdir)
+    check_demo_data(config)  # before any work: a larger preset must not train on the demo set by accident
     maybe_initialize_distributed(config)
     mcfg = ModelConfig.from_run_config(config)
     mesh = make_mesh(config.mesh)
@@ -203,13 +204,13 @@ def stage_model(config, name: str, params: dict, graphdef, mesh):
 
 
 def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh,
-                  aspec=None):
+                  aspec=None, patch_buckets=()):
     from jax.experimental import multihost_utils
 
     needs = np.array([batching.needs(b) for b in batches])
     if jax.process_count() > 1:
         needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, needs.shape[-1])
-    sizes = batching.agreed_sizes(needs.tolist(), batch_size)
+    sizes = batching.agreed_sizes(needs.tolist(), batch_size, patch_buckets)
     local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id,
                                                           audio_spec=aspec) for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
@@ -272,7 +273,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     with _Sigterm() as sigterm, axis_rules(mesh, DEFAULT_RULES):
         for micro in range(start, total):
             batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
-                                         aspec)
+                                         aspec, config.data.patch_buckets)
             state, metrics = step_fn(state, batch)
             global_step += 1
             tokens = float(local.text.attention_mask.sum()) * processes

@@ -35,10 +35,15 @@ def test_demo_set_is_deterministic_and_labelled(demo_dir, tmp_path):
     second = video_io.read_video(str(again / "videos/clip_003.mp4"), lambda n, f: np.arange(n))[0]
     np.testing.assert_array_equal(first, second)
     recs = manifests.load_manifest(str(demo_dir / "train.jsonl"), str(demo_dir))
-    assert len(recs) == 18 and all(r["label"] in demo.EMOTIONS for r in recs)
-    assert all(r["conversations"][1]["content"].endswith(r["label"] + ".") for r in recs)
+    assert len(recs) == 70 and all(r["label"] in demo.EMOTIONS for r in recs)
+    # The DFEW question (with the medium's placeholder), answered by the one class word.
+    prompt = manifests.benchmark_prompt("dfew")
+    assert all(r["conversations"][0]["content"] == prompt.replace("video", r["media"][0]["kind"])
+               and r["conversations"][1]["content"] == r["label"] for r in recs)
     fold = manifests.load_manifest(str(demo_dir / "eval_dfew.csv"), str(demo_dir))
-    assert [r["label"] for r in fold] == [r["label"] for r in recs if r["id"].startswith("clip")]
+    assert [r["label"] for r in fold] == list(demo.EMOTIONS) * 5  # 25 held-out clips, 5 per class
+    trained = {m["path"] for r in recs for m in r["media"]}
+    assert not trained & {m["path"] for r in fold for m in r["media"]}  # held out: never in train.jsonl
     assert "SMOKE-TEST" in (demo_dir / "README.txt").read_text()
 
 
@@ -47,7 +52,7 @@ def test_cli_demo_and_check(tmp_path, tok_cache, capsys):
     assert last_json(capsys)["train"].endswith("train.jsonl")
     code = cli.main(["check", "--manifest", str(tmp_path / "d/train.jsonl"), "--data_root", str(tmp_path / "d")]
                     + tiny_args(tok_cache))
-    assert code == 0 and last_json(capsys) == {"ok": 18, "rejected": {}, "examples": {}}
+    assert code == 0 and last_json(capsys) == {"ok": 70, "rejected": {}, "examples": {}}
 
 
 def test_cli_check_reports_reasons_and_fails_past_the_limit(clip_dir, tmp_path, tok_cache, capsys):
@@ -96,3 +101,10 @@ def test_prepared_dataset_round_trips_through_the_pipeline(demo_dir, tmp_path, c
         pipeline.load_sources([{"weight": 2.0}])
     with pytest.raises(FileNotFoundError, match="emoqwen-data prepare"):
         prepare.load_prepared(str(tmp_path / "nothing"))
+
+
+def test_demo_placeholder_fills_nested_specs():
+    spec = [{"benchmark": "dfew", "labels": "{demo}/eval_dfew.csv", "video_root": "{demo}", "folds": False}]
+    assert demo.fill_demo(spec, "/w/demo_data") == [{"benchmark": "dfew", "labels": "/w/demo_data/eval_dfew.csv",
+                                                    "video_root": "/w/demo_data", "folds": False}]
+    assert demo.fill_demo(("{demo}/a", 3), "/r") == ("/r/a", 3) and demo.demo_root("/w") == "/w/demo_data"

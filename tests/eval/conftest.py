@@ -20,7 +20,7 @@ from eval_settings import SMALL_PIXELS  # noqa: E402,F401
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    build_demo(str(root), num_clips=4, num_images=1)
+    build_demo(str(root), num_clips=4, num_images=1, num_heldout=4)
     return root
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emoqwen_jax.eval.choice import parse_choice, parse_yes_no
+from emoqwen_jax.eval.choice import parse_choice, parse_yes_no, parse_yes_no_by, parse_yes_no_official
 
 OPTIONS = {"A": "red", "B": "green", "C": "dark blue", "D": "yellow"}
 
@@ -42,3 +42,30 @@ def test_parse_choice(response, label, reason):
 def test_parse_yes_no(response, label, reason):
     parsed = parse_yes_no(response)
     assert (parsed.label, parsed.reason) == (label, reason)
+
+
+@pytest.mark.parametrize("response, label", [
+    ("Yes", "yes"),
+    ("No", "no"),
+    ("No, there is no dog.", "no"),  # commas dropped: "No," is the word "No"
+    ("There is not a dog in the image.", "no"),
+    ("Yes. There is no cat.", "yes"),  # only the first sentence is read
+    ("maybe", "yes"),  # anything without no/not counts as yes ...
+    ("", "yes"),
+    ("NO", "yes"),  # ... including these: the script matches "No", "no" and "not" exactly
+    ("Nope", "yes"),
+    ("no!", "yes"),
+    ("I don't know", "yes"),
+    ("yes and no", "no"),
+    ("<answer>no</answer>", "yes"),  # no span rule either
+])
+def test_parse_yes_no_official_transcribes_popes_script(response, label):
+    parsed = parse_yes_no_official(response)
+    assert (parsed.label, parsed.reason) == (label, "ok")
+
+
+def test_yes_no_rules():
+    assert parse_yes_no_official(None).label is None  # an item that could not be asked stays invalid
+    assert parse_yes_no_by("strict") is parse_yes_no and parse_yes_no_by("official") is parse_yes_no_official
+    with pytest.raises(ValueError, match="valid: .'strict', 'official'"):
+        parse_yes_no_by("lenient")

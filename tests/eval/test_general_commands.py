@@ -80,6 +80,28 @@ def test_one_general_benchmark(ckpt, general_demo, tmp_path, capsys):
     assert run["result"]["headline"] == "f1" and run["settings"]["overrides"] == {"image_max_pixels": 3136}
     assert (tmp_path / "pope.jsonl").exists() and (tmp_path / "report.md").exists()
     assert "departs from the standard" in err
+    assert result["yes_no_rule"] == "strict" and "read by the strict rule" in (tmp_path / "report.md").read_text()
+
+
+def test_pope_official_rule_flag_rescores_the_same_answers(ckpt, general_demo, tmp_path, capsys):
+    """--yes_no_rule official: the same greedy answers, read by POPE's script; the report names the rule."""
+    from emoqwen_jax.eval.general import benchmarks as general
+
+    root, _ = general_demo
+    code = eval_cli.main(["--ckpt", ckpt, "--benchmark", "pope", "--root", str(root / "POPE"), "--limit", "5",
+                          "--out", str(tmp_path), "--max_new_tokens", "3", "--set", "image_max_pixels=3136",
+                          "--yes_no_rule", "official"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    result = last_json(stdout)
+    assert result["yes_no_rule"] == "official" and result["invalid_rate"] == 0.0  # every answer is yes or no
+    assert "read by the official rule" in (tmp_path / "report.md").read_text()
+    spec = {"benchmark": "pope", "root": str(root / "POPE"), "limit": 5}
+    items = general.load_items(spec, str(tmp_path))
+    strict = general.score_predictions(spec, items, str(tmp_path / "pope.jsonl"))
+    assert strict["yes_no_rule"] == "strict" and strict["n"] == result["n"]
+    with pytest.raises(ValueError, match="yes/no rule 'lenient'"):
+        general.check_spec({**spec, "yes_no_rule": "lenient"})
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -87,6 +109,7 @@ def test_one_general_benchmark(ckpt, general_demo, tmp_path, capsys):
     (["--benchmark", "pope"], "give the benchmark's folder"),
     (["--benchmark", "pope", "--root", "{tmp}/nope"], "does not exist"),
     (["--benchmark", "dfew", "--root", "{tmp}"], "needs --labels and --video_root"),
+    (["--benchmark", "mme", "--root", "{tmp}", "--yes_no_rule", "official"], "--yes_no_rule applies to pope"),
     (["--suite", "all", "--suite_config", "{tmp}/nope.json"], "does not exist"),
 ])
 def test_eval_errors(ckpt, tmp_path, capsys, argv, match):

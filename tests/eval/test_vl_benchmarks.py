@@ -138,6 +138,12 @@ def test_pope_scores_by_hand(tmp_path):
     assert s["splits"]["popular"]["f1"] == 1.0
     assert s["f1"] == pytest.approx(0.7, abs=1e-6) and s["accuracy"] == 0.75  # mean over splits
     assert s["invalid_rate"] == pytest.approx(1 / 8, abs=1e-6) and s["headline"] == "f1"
+    assert s["yes_no_rule"] == "strict"
+    # POPE's official script reads "I cannot tell" as yes: random has TP 2, FN 1, FP 1, TN 2, nothing invalid.
+    o = vl_scores.score_pope(items, preds, yes_no_rule="official")
+    r = o["splits"]["random"]
+    assert (r["tp"], r["fn"], r["fp"], r["tn"]) == (2, 1, 1, 2) and o["invalid_rate"] == 0.0
+    assert r["f1"] == pytest.approx(2 / 3, abs=1e-6) and r["yes_ratio"] == 0.5 and o["yes_no_rule"] == "official"
     with pytest.raises(FileNotFoundError, match="coco_pope_adversarial"):
         vl_data.read_pope(str(tmp_path))
 

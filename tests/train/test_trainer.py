@@ -136,9 +136,11 @@ def test_gradient_accumulation_updates_every_k_micro_steps():
 
 @pytest.mark.slow
 def test_demo_preset_runs_three_stages_from_the_readme_command(tmp_path):
+    """README command 1 as written: three stages, then the final weights score the held-out demo clips, and
+    the tiny model has learned the five cartoon expressions (UAR >= 0.6; chance is 0.2)."""
     res = subprocess.run([sys.executable, "-m", "emoqwen_jax.cli.train", "--config=configs/emotion_qwen.py:demo",
                           f"--config.workdir={tmp_path / 'demo'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(summary["final_loss"]) == {"stage1_align", "stage2_emotion", "stage3_video"}
@@ -148,6 +150,13 @@ def test_demo_preset_runs_three_stages_from_the_readme_command(tmp_path):
     for stage in summary["final_loss"]:
         assert (tmp_path / "demo" / "stages" / stage / "config.json").exists()
         assert (tmp_path / "demo" / "plots" / f"{stage}_loss.png").exists()
+    dfew = summary["eval"]["dfew"]
+    assert set(dfew) == {"uar", "war", "invalid_rate", "n"} and dfew["n"] == 25  # the held-out clips
+    assert dfew["uar"] >= 0.6 and dfew["invalid_rate"] <= 0.2, dfew
+    assert f"stage3_video eval dfew: uar {dfew['uar']}" in res.stdout
+    report = json.loads((tmp_path / "demo" / "eval" / "stage3_video" / "report.json").read_text())
+    assert report["benchmarks"]["dfew"]["uar"] == dfew["uar"]
+    assert report["settings"]["overrides"]["video_max_pixels"] == 112 * 112  # the demo's frames, recorded
 
 
 def test_optimizer_state_is_sharded_like_its_parameters():

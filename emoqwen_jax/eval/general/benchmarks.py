@@ -3,7 +3,9 @@ with a checkpoint (image questions -> predictions JSONL -> scores).
 
 A benchmark SPEC (from the command line or a suite config) is a dict: ``{"benchmark": "pope", "root": DIR}``
 plus the reader's optional keys (``image_root``, ``splits``, ``circular``, ``file``, ``split``, ...; see
-``vl_data``) and ``limit`` (score only the first N questions — a quick check, reported as such).
+``vl_data``), ``limit`` (score only the first N questions — a quick check, reported as such) and, for POPE,
+``yes_no_rule``: 'strict' (default; unclear answers are invalid) or 'official' (POPE's own script: an answer
+is "yes" unless its first sentence has the word no/No/not; see ``choice.parse_yes_no_official``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from emoqwen_jax.eval.choice import parse_yes_no_by
+from emoqwen_jax.eval.emotion.benchmarks import read_predictions
 from emoqwen_jax.eval.general import data as vl_data
 from emoqwen_jax.eval.general import scores as vl_scores
-from emoqwen_jax.eval.emotion.benchmarks import read_predictions
 from emoqwen_jax.eval.general.data import VLItem
 
 # Image settings of the general benchmarks, the same for every model: qwen-vl-utils' image pixel range (the
@@ -28,7 +31,7 @@ GENERAL_MAX_NEW_TOKENS = 16  # a letter, yes/no or a short phrase
 class GeneralBenchmark:
     name: str
     read: Callable[[dict, str], list[VLItem]]  # (spec, output dir) -> items
-    score: Callable[[Sequence[VLItem], dict], dict]
+    score: Callable[..., dict]  # (items, predictions) -> metrics; POPE also takes the spec (its yes_no_rule)
     options: tuple[str, ...]  # spec keys the reader accepts besides benchmark/root/limit
     answer_format: str  # for the report: 'option letter' | 'yes/no' | 'open (VQA accuracy)'
 
@@ -51,7 +54,8 @@ GENERAL_BENCHMARKS: dict[str, GeneralBenchmark] = {b.name: b for b in (
         lambda items, p: vl_scores.score_choice(items, p, by="category"), ("circular", "file"), "option letter"),
     GeneralBenchmark("mme", lambda s, out: vl_data.read_mme(_root(s)), vl_scores.score_mme, (), "yes/no"),
     GeneralBenchmark("pope", lambda s, out: vl_data.read_pope(_root(s), **_kw(s, "image_root", "splits")),
-                     vl_scores.score_pope, ("image_root", "splits"), "yes/no"),
+                     lambda items, p, spec: vl_scores.score_pope(items, p, spec.get("yes_no_rule") or "strict"),
+                     ("image_root", "splits", "yes_no_rule"), "yes/no"),
     GeneralBenchmark("scienceqa", lambda s, out: vl_data.read_scienceqa(_root(s), **_kw(s, "split")),
                      lambda items, p: vl_scores.score_choice(items, p, by="subject"), ("split",), "option letter"),
     GeneralBenchmark("seedbench", lambda s, out: vl_data.read_seedbench(_root(s), **_kw(s, "file", "image_dir")),
@@ -79,6 +83,8 @@ def check_spec(spec: dict) -> None:
     if unknown:
         raise ValueError(f"{bench.name}: unknown spec keys {sorted(unknown)}; valid: "
                          f"{['benchmark', 'name', 'root', 'limit', *bench.options]}")
+    if spec.get("yes_no_rule"):
+        parse_yes_no_by(spec["yes_no_rule"])  # a bad rule fails before any question is asked
 
 
 def limit_items(items: list[VLItem], limit: int) -> list[VLItem]:
@@ -101,7 +107,11 @@ def load_items(spec: dict, out_dir: str) -> list[VLItem]:
 
 
 def score_predictions(spec: dict, items: Sequence[VLItem], predictions_path: str) -> dict:
-    return get_general(spec["benchmark"]).score(items, read_predictions(predictions_path))
+    bench = get_general(spec["benchmark"])
+    predictions = read_predictions(predictions_path)
+    if bench.name == "pope":  # the one scorer with a setting of its own: how yes/no answers are read
+        return bench.score(items, predictions, spec)
+    return bench.score(items, predictions)
 
 
 def run_general(session: Any, spec: dict, out_dir: str, *, sampling: Any, batch_size: int, seed: int = 0) -> dict:

@@ -15,7 +15,9 @@ answer or several answers is INVALID: it is counted wrong, never dropped, and it
   POPE             per split, "yes" is the positive class: accuracy = (TP + TN) / n, precision = TP / (TP + FP),
                    recall = TP / (TP + FN), F1, yes_ratio = answers "yes" / n. An invalid answer to a "yes"
                    question is a false negative; to a "no" question it is wrong but not a false positive (it did
-                   not say yes). The headline is F1 averaged over the splits.
+                   not say yes). The headline is F1 averaged over the splits. ``yes_no_rule`` picks how answers are
+                   read (``choice.YES_NO_RULES``): 'strict' (default) or POPE's 'official' script, under which
+                   every answer is yes or no; the result's ``yes_no_rule`` says which.
   VQA              mean of ``vqa_accuracy.vqa_accuracy`` over questions (per answer type for VQAv2); an empty
                    or missing answer scores 0 and is counted invalid.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from emoqwen_jax.eval.choice import parse_choice, parse_yes_no
+from emoqwen_jax.eval.choice import parse_choice, parse_yes_no, parse_yes_no_by
 from emoqwen_jax.eval.parse import answer_span
 from emoqwen_jax.eval.general.data import MME_COGNITION, MME_PERCEPTION, VLItem  # noqa: F401 (re-exported)
 from emoqwen_jax.eval.general.vqa_accuracy import vqa_accuracy
@@ -124,19 +126,21 @@ def pope_counts(labels: Sequence[str], verdicts: Sequence[str | None]) -> dict:
             "invalid_rate": _r(sum(p is None for p in verdicts) / n), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
-def score_pope(items: Sequence[VLItem], predictions: dict[str, str | None]) -> dict:
+def score_pope(items: Sequence[VLItem], predictions: dict[str, str | None], yes_no_rule: str = "strict") -> dict:
     _check(items, predictions)
+    parse = parse_yes_no_by(yes_no_rule)
     splits: dict[str, tuple[list[str], list[str | None]]] = {}
     for it in items:
         labels, verdicts = splits.setdefault(it.meta["split"], ([], []))
         labels.append(it.answer)
-        verdicts.append(parse_yes_no(predictions.get(it.id)).label)
+        verdicts.append(parse(predictions.get(it.id)).label)
     per_split = {s: pope_counts(*v) for s, v in splits.items()}
     invalid = sum(p is None for _, verdicts in splits.values() for p in verdicts)
     out = {"n": len(items), "invalid_rate": _r(invalid / len(items))}
     for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         out[key] = _r(_mean(s[key] for s in per_split.values()))  # mean over splits, each weighs the same
     out["splits"] = per_split
+    out["yes_no_rule"] = yes_no_rule
     out["headline"] = "f1"
     return out
 

@@ -67,6 +67,10 @@ def markdown(report: dict) -> str:
               "", "## Settings", ""]
     data = s.get("data", {})
     lines += [f"- {k}: `{json.dumps(v)}`" for k, v in data.items()]
+    lines += [f"- {name}: yes/no answers read by the {r['yes_no_rule']} rule" + (
+        " (POPE's official script: yes unless the first sentence has no/not)" if r["yes_no_rule"] == "official" else
+        " (only a clear yes or no counts; anything else is invalid)")
+        for name, r in report["benchmarks"].items() if r.get("yes_no_rule")]
     lines += [f"- decoding: `{json.dumps(s.get('sampling', {}))}`",
               f"- overrides of the standard settings: `{json.dumps(s.get('overrides', {}))}`", "", "## Prompts", ""]
     lines += [f"- {name}: `{json.dumps(p)}`" for name, p in s.get("prompts", {}).items()]

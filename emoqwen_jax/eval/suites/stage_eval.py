@@ -8,6 +8,8 @@
     command line: ``--config.stages.stage3_video.eval_suite='[{"benchmark": "pope", "root": "/data/POPE",
     "limit": 100}]'``.
 Declare the field as a string (``s.eval_suite = ""``): ConfigDict refuses to change a field's type.
+``{demo}`` in a spec's paths is the run's demo set (``workdir/demo_data``; the demo preset scores its held-out
+clips, ``{demo}/eval_dfew.csv``, this way).
 ``config.stages.<name>.eval_set`` (optional dict) overrides data settings on top of the suite's ``set``.
 
 The stage's saved weights are answered with emoqwen-eval's standard settings; the report goes to
@@ -23,6 +25,7 @@ import json
 import os
 from typing import Any
 
+from emoqwen_jax.data.demo import DEMO_PLACEHOLDER, build_demo, demo_root, fill_demo
 from emoqwen_jax.eval.suites.report import flatten_metrics
 
 
@@ -68,6 +71,11 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
     specs, suite_sets = resolve_eval_suite(stage.get("eval_suite", ()))
     if not specs:
         return {}
+    if DEMO_PLACEHOLDER in json.dumps(specs):  # the demo set's held-out clips (the demo preset's final eval)
+        root = demo_root(workdir)
+        if not os.path.isfile(os.path.join(root, "eval_dfew.csv")):
+            build_demo(root)
+        specs = fill_demo(specs, root)
     eval_set = stage.get("eval_set", None)
     overrides = {**suite_sets, **(eval_set.to_dict() if hasattr(eval_set, "to_dict") else dict(eval_set or {}))}
     _, meta = read_model_config(model_dir)

@@ -1,0 +1,25 @@
+"""Patch rows of a step: the real rows, rounded up to one of the data's patch buckets (one compiled shape)."""
+
+import numpy as np
+
+from emoqwen_jax.train import batching
+
+
+def fake_batch(image_grids, video_grids, *, image_rows, video_rows, length=192):
+    """A pipeline batch whose image and video rows are padded separately (as ``data.pipeline.Collate`` does)."""
+    return {"input_ids": np.zeros((8, length), np.int32),
+            "image_grid_thw": np.asarray(image_grids, np.int64).reshape(-1, 3),
+            "video_grid_thw": np.asarray(video_grids, np.int64).reshape(-1, 3),
+            "pixel_values": np.zeros((image_rows, 1176), np.float32),
+            "pixel_values_videos": np.zeros((video_rows, 1176), np.float32)}
+
+
+def test_a_batch_with_stills_gets_the_same_patch_rows_as_one_without():
+    videos_only = fake_batch([], [[2, 8, 8]] * 8, image_rows=0, video_rows=1024)
+    mixed = fake_batch([[1, 6, 8]] * 2, [[2, 8, 8]] * 6, image_rows=1024, video_rows=1024)  # 96 + 768 real rows
+    assert batching.needs(videos_only) == (192, 1024, 8) and batching.needs(mixed) == (192, 864, 8)
+    sizes = {batching.agreed_sizes([batching.needs(b)], 8, (1024,)) for b in (videos_only, mixed)}
+    assert sizes == {(192, 1024, 8)}
+    assert batching.agreed_sizes([(100, 864, 3), (120, 500, 8)], 4, (512, 1024, 4096)) == (120, 1024, 8)
+    assert batching.agreed_sizes([(100, 5000, 3)], 4, (512, 1024, 4096)) == (100, 5000, 4)  # past the last bucket
+    assert batching.agreed_sizes([(100, 864, 3)], 4) == (100, 864, 4)  # no buckets: the maximum itself
