@@ -4,19 +4,24 @@ the parameters). Every command that takes ``--ckpt`` accepts one; ``emoqwen-conv
     DIR/config.json   {"format": "emoqwen_jax.model", "version": 1, "model": {...ModelConfig...}, "meta": {...}}
     DIR/params/       orbax StandardCheckpointer of the nnx parameter state
 
+Parameters are saved from whatever sharding they have (every process writes its own shards; nothing is
+gathered on one host) and restored into any target: ``load_model(path, mesh=mesh)`` lays them out by the
+logical-axis rules on another mesh or device count; without a mesh they land on one device (describe, eval,
+convert). ``DIR`` may be a URI (``emoqwen_jax.storage``).
+
 A model with LoRA adapters (``emoqwen_jax.model.lora``) records them in ``meta["lora"]`` (rank, alpha, dropout,
 targets, the adapted module paths); ``load_model`` re-creates them before restoring the parameters.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from emoqwen_jax import storage
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.lora import lora_meta, restore_lora
 
@@ -26,28 +31,40 @@ VERSION = 1
 
 def save_model(model: EmotionQwen, out_dir: str, meta: dict[str, Any] | None = None, *, overwrite: bool = False) -> str:
     """Writes ``model`` to ``out_dir``; refuses to overwrite an existing model unless asked."""
-    out_dir = os.path.abspath(out_dir)
-    params_dir = os.path.join(out_dir, "params")
-    if os.path.exists(params_dir) and not overwrite:
+    out_dir = storage.normalize(out_dir)
+    params_dir = storage.join(out_dir, "params")
+    if storage.exists(params_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a model; pass overwrite=True (--overwrite) to replace it")
     lora = lora_meta(model)
     meta = {k: v for k, v in (meta or {}).items() if k != "lora"} | ({"lora": lora} if lora else {})
-    os.makedirs(out_dir, exist_ok=True)
+    config_file = storage.join(out_dir, "config.json")
+    if jax.process_index() == 0:
+        storage.makedirs(out_dir)
+        if storage.exists(config_file):  # written last: a directory without it is never taken as complete
+            storage.remove(config_file)
+    # Collective over all processes: each writes the shards it holds.
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, nnx.state(model, nnx.Param), force=overwrite)
+    checkpointer.save(storage.as_epath(params_dir), nnx.state(model, nnx.Param), force=overwrite)
     checkpointer.wait_until_finished()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), "meta": meta or {}}, f,
-                  indent=2)
+    if jax.process_index() == 0:
+        storage.write_json(config_file, {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
+                                         "meta": meta or {}}, indent=2)
+    _barrier("save_model")
     return out_dir
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
+    cfg_file = storage.join(path, "config.json")
+    if not storage.isfile(cfg_file):
         raise FileNotFoundError(f"{path!r} is not a model directory (no config.json)")
-    with open(cfg_file) as f:
-        blob = json.load(f)
+    blob = storage.read_json(cfg_file)
     if blob.get("format") != FORMAT:
         raise ValueError(f"{cfg_file} is not an emoqwen_jax model (format={blob.get('format')!r}); for a Hugging "
                          f"Face directory use emoqwen_jax.convert.from_hf or `emoqwen-convert from-hf`")
@@ -62,12 +79,25 @@ def is_model_dir(path: str) -> bool:
     return True
 
 
-def load_model(path: str, *, dtype: str | None = None) -> EmotionQwen:
-    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype)."""
+def load_model(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> EmotionQwen:
+    """Restores a model directory; ``dtype`` overrides the compute dtype (weights keep their storage dtype).
+
+    ``mesh``: restore each parameter straight into its sharding on this mesh (logical-axis rules), whatever
+    mesh saved it; None puts every parameter on one local device.
+    """
     config, meta = read_model_config(path)
     if dtype is not None:
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": dtype})
     abstract = nnx.eval_shape(lambda: restore_lora(EmotionQwen(config, rngs=nnx.Rngs(0)), meta.get("lora")))
     graphdef, state = nnx.split(abstract)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), state)
+    from emoqwen_jax.parallel.rules import variable_sharding
+
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def place(var):
+        sharding = variable_sharding(var, mesh) if mesh is not None else one
+        return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
+
+    target = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    restored = ocp.StandardCheckpointer().restore(storage.as_epath(storage.join(path, "params")), target)
     return nnx.merge(graphdef, restored)

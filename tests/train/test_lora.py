@@ -22,7 +22,7 @@ from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh, shard_batch, shard_model
 from emoqwen_jax.train.loss import loss_fn
 from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
-from emoqwen_jax.train.trainer import train_and_evaluate
+from emoqwen_jax.train.trainer import init_params, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -212,7 +212,7 @@ def test_trainer_lora_stage_freezes_base_and_merge_lora_cli(tmp_path, demo_dir):
     _, meta = read_model_config(stage_dir)
     assert meta["lora"]["rank"] == 4 and len(meta["lora"]["modules"]) == 8
     trained = load_model(stage_dir)
-    before = _pure(EmotionQwen(model_config(config), rngs=nnx.Rngs(config.seed)))
+    before = init_params(model_config(config), config.seed)  # the trainer's own start
     after = _pure(trained)
     changed = []
     for path, x in jax.tree_util.tree_leaves_with_path(after):
