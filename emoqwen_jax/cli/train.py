@@ -41,7 +41,8 @@ def main_(argv) -> None:
     print(f"weights per stage: {summary['workdir']}/stages/<stage>   checkpoints: {summary['workdir']}/checkpoints")
     print(f"metrics: {summary['metrics']}   tensorboard: {summary['workdir']}/tensorboard")
     print(json.dumps({"workdir": summary["workdir"], "final": summary["final"],
-                      "final_loss": {k: v.get("loss") for k, v in summary["stages"].items()}}))
+                      "final_loss": {k: v.get("loss") for k, v in summary["stages"].items()},
+                      **{k: summary[k] for k in ("process_index", "process_count", "device_count")}}))
 
 
 def main() -> None:

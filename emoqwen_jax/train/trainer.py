@@ -156,7 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     latest = ckpt.latest_step()
     resume = ckpt.read_meta(latest) if latest is not None else None
-    summary: dict[str, Any] = {"workdir": workdir, "stages": {}}
+    summary: dict[str, Any] = {"workdir": workdir, "stages": {}, "process_index": jax.process_index(),
+                               "process_count": jax.process_count(), "device_count": jax.device_count()}
     params, previous = None, None  # previous: the last skipped (finished) stage's directory
     global_step = int(resume["global_step"]) if resume else 0
     try:
