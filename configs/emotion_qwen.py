@@ -117,6 +117,9 @@ def mesh_config() -> ml_collections.ConfigDict:
     mesh.expert = 1  # expert parallelism of the compressor (extra data parallelism elsewhere)
     mesh.tensor = 1  # attention heads / MLP width
     mesh.num_devices = 0  # use only the first N devices (0 = every global device)
+    # Multislice: data / fsdp factors across slices (DCN); the sizes above then describe one slice.
+    mesh.dcn_data = 1
+    mesh.dcn_fsdp = 1
     return mesh
 
 
