@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emoqwen_jax import storage
+from emoqwen_jax.parallel.hosts import barrier
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.lora import lora_meta, restore_lora
 
@@ -49,15 +50,8 @@ def save_model(model: EmotionQwen, out_dir: str, meta: dict[str, Any] | None = N
     if jax.process_index() == 0:
         storage.write_json(config_file, {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
                                          "meta": meta or {}}, indent=2)
-    _barrier("save_model")
+    barrier("save_model")  # nobody reads the directory before config.json is written
     return out_dir
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:

@@ -11,7 +11,7 @@ Parameters are never gathered on one host: the initial model is built by a jitte
 mesh shardings (or restored / imported straight into them), and stage weights are written from the sharded
 arrays by orbax. Preemption (``train/preemption.py``): a SIGTERM to any host makes all hosts save one agreed
 step and stop. ``workdir`` and ``init_from`` may be URIs (``emoqwen_jax.storage``); before any compute every
-host checks that it sees the same workdir and ``init_from`` (``train/hosts.py``).
+host checks that it sees the same workdir and ``init_from`` (``parallel/hosts.py``).
 
 LoRA stages (``stages.<name>.lora.enabled``): the stage swaps adapters into the incoming weights
 (``emoqwen_jax.model.lora``), trains the adapters plus the stage's ``trainable`` regexes, and saves its model
@@ -41,9 +41,10 @@ from emoqwen_jax.data.pipeline import load_sources, make_iterator
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.parallel import hosts
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
 from emoqwen_jax.parallel.rules import shard_batch
-from emoqwen_jax.train import batching, flops, hosts
+from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
 from emoqwen_jax.train.preemption import PreemptionWatch
@@ -86,10 +87,7 @@ def resolve_mixture(mixture, workdir: str) -> list[dict]:
             demo_dir = storage.join(workdir, "demo_data")
             if jax.process_index() == 0:
                 D.build_demo(demo_dir)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("demo_data")
+        hosts.barrier("demo_data")  # the others wait for process 0's build
         entries = [{k: v.replace("{demo}", demo_dir) if isinstance(v, str) else v for k, v in e.items()}
                    for e in entries]
     return entries
@@ -282,6 +280,18 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
         start = int(resume["stage_step"])
     step_fn = jax.jit(make_train_step(graphdef, tx, labels_view, names, schedule, accum), donate_argnums=0,
                       out_shardings=(state_sharding, None))
+    compiled: dict = {}  # one executable per batch shape (bucket)
+
+    def train_step(state, batch):
+        """Compiles ahead of time, then waits for every host before the first run: hosts compile at different
+        speeds (a persistent-cache hit on one, a miss on another) and the step's first collective must not wait
+        on a host that is still compiling."""
+        key = (jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
+        if key not in compiled:
+            compiled[key] = step_fn.lower(state, batch).compile()
+            hosts.barrier(f"{name}_compiled")
+        return compiled[key](state, batch)
+
     total = stage_micro_steps(config, name)
     log_every = int(config.train.log_every)
     peak = float(config.train.peak_flops_per_device) * jax.device_count()
@@ -289,10 +299,11 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     last: dict[str, Any] = {"trained_leaves": len(trained)}
     tokens_seen, flops_seen, t0 = 0.0, 0.0, time.perf_counter()
     bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
+    hosts.barrier(f"{name}_start")  # the first batch's all-gather must not wait on a host still compiling
     with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES):
         for micro in range(start, total):
             batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = train_step(state, batch)
             global_step += 1
             tokens = float(local["attention_mask"].sum()) * processes
             tokens_seen += tokens

@@ -1,4 +1,5 @@
-"""Checks that every host sees the same run before any compute: a shared workdir and the starting weights.
+"""Multi-host coordination: barriers through the coordination service, and checks that every host sees the same
+run before any compute (a shared workdir and the starting weights).
 
 A workdir that is a local folder on each host looks fine until the first collective checkpoint, which then
 writes half a checkpoint per host and can never be resumed. Each host writes a marker file under
@@ -14,6 +15,20 @@ import jax
 import numpy as np
 
 from emoqwen_jax import storage
+
+
+_BARRIERS = [0]  # barrier ids must be unique: every host calls barrier() in the same order
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process gets here, through the coordination service (no device collective): a long
+    compile on one host then cannot time out another host's first collective (gloo on CPU gives up after 30 s)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    _BARRIERS[0] += 1
+    distributed.global_state.client.wait_at_barrier(f"emoqwen_{name}_{_BARRIERS[0]}", timeout_s * 1000)
 
 
 def _gather(flag: bool) -> np.ndarray:
@@ -33,12 +48,12 @@ def check_shared_workdir(workdir: str) -> None:
     token = int(multihost_utils.broadcast_one_to_all(np.asarray(np.random.default_rng().integers(1, 2**31 - 1), np.int32)))
     markers = storage.join(workdir, ".hosts", f"{token:08x}")
     storage.write_text(storage.join(markers, f"process_{pid}"), socket.gethostname())
-    multihost_utils.sync_global_devices("emoqwen_workdir_markers")
+    barrier("workdir_markers")
     seen = np.ones(count, np.int32)
     if pid == 0:
         seen = np.asarray([storage.exists(storage.join(markers, f"process_{i}")) for i in range(count)], np.int32)
     seen = np.asarray(multihost_utils.broadcast_one_to_all(seen))
-    multihost_utils.sync_global_devices("emoqwen_workdir_checked")
+    barrier("workdir_checked")
     if pid == 0:
         storage.remove(storage.join(workdir, ".hosts"))
     missing = [i for i in range(count) if not seen[i]]
