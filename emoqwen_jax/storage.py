@@ -169,6 +169,27 @@ def local_file(path: str | os.PathLike) -> Iterator[str]:
         yield local
 
 
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[str]:
+    """A local folder to write ``path``'s files into: ``path`` itself when local, else a temporary folder whose
+    files are uploaded to the URI when the block ends without error (for writers that need file names)."""
+    path = normalize(path)
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tmp
+        fs, inner = _fs(path)
+        for root, _, names in os.walk(tmp):
+            rel = os.path.relpath(root, tmp)
+            for name in names:
+                target = posixpath.join(inner, name) if rel == "." else posixpath.join(inner, *rel.split(os.sep), name)
+                fs.put_file(os.path.join(root, name), target)
+
+
 def as_epath(path: str | os.PathLike) -> epath.Path:
     """The ``etils.epath.Path`` orbax takes for ``path``."""
     return epath.Path(normalize(path))

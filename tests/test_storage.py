@@ -136,3 +136,28 @@ def test_tensor_reader_reads_one_tensor_at_a_time_from_a_uri(scratch):
     got = reader.get("lm_head.weight")
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got.astype(np.float32), tensors["lm_head.weight"].astype(np.float32))
+
+
+def test_export_to_a_uri_and_import_back(scratch):
+    """emoqwen-convert to-hf into scratch:// (staged locally, then uploaded) and from_hf straight from it."""
+    import sys
+    from pathlib import Path
+
+    import jax
+    from flax import nnx
+
+    from emoqwen_jax.convert import from_hf, to_hf
+    from emoqwen_jax.model import EmotionQwen, ModelConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+    import emotion_qwen
+
+    model = EmotionQwen(ModelConfig.from_dict(emotion_qwen.get_config("tiny").model.to_dict()), rngs=nnx.Rngs(1))
+    target = storage.join(scratch, "export")
+    summary = to_hf(model, target, tokenizer=False, max_shard_size="100KB")
+    assert summary["out_dir"] == target and "model.safetensors.index.json" in storage.listdir(target)
+    back = from_hf(target)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileExistsError, match="not empty"):
+        to_hf(model, target, tokenizer=False)
