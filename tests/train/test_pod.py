@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train_configs import ROOT, write_config
+from train_configs import ROOT, load_config, write_config
 from emoqwen_jax.convert.model_dir import load_model
+from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.train.metrics import read_metrics
+from emoqwen_jax.train.trainer import init_params
 
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
 STEPS = 4  # per stage; checkpoints every 2
@@ -125,8 +127,11 @@ def test_three_stages_complete_as_two_processes(pod):
 
 @pytest.mark.slow
 def test_one_process_with_eight_devices_matches_two_processes(pod, tmp_path):
-    """The same mesh in one process: losses, gradient norms (stage 3 trains the LLM) and final parameters agree
-    to float32 rounding (the collectives sum in another order)."""
+    """The same mesh and global batches in one process: losses and gradient norms at every step (stage 3 trains
+    the LLM) agree to float32 rounding (the collectives sum in another order), and so do the final parameters,
+    measured against how far training moved them: Adam normalises each element's update, so a rounding-level
+    gradient difference in an element whose gradient is ~0 can show up as a step of up to ~lr. Leaves no stage
+    trains are bit-identical."""
     root, cfg, env, params_ref = pod
     res = subprocess.run([sys.executable, "-m", "emoqwen_jax.cli.train", f"--config={cfg}",
                           f"--config.workdir={tmp_path / 'one'}", "--config.distributed.local_device_count=8"],
@@ -138,19 +143,18 @@ def test_one_process_with_eight_devices_matches_two_processes(pod, tmp_path):
     for key in two:
         for field in ("loss", "lm_loss", "grad_norm"):
             assert abs(one[key][field] - two[key][field]) <= 1e-5 * abs(two[key][field]), (key, field)
-    params = final_params(tmp_path / "one")
-    llm_changed = False
-    for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref),
-                                   jax.tree.leaves(final_params_of_stage(root / "ref", STAGES[1]))):
-        scale = max(float(np.abs(b).max()), 1e-12)
-        assert float(np.abs(a - b).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
-        llm_changed |= "language_model" in jax.tree_util.keystr(path) and not np.array_equal(b, start)
-    assert llm_changed  # stage 3 trained the LLM, so the comparison covers its sharded update
-
-
-def final_params_of_stage(workdir, stage):
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(str(workdir / "stages" / stage)),
-                                                                nnx.Param)))
+    config = load_config(cfg)
+    init = jax.tree.leaves(jax.tree.map(np.asarray, init_params(ModelConfig.from_dict(config.model.to_dict()),
+                                                                config.seed)))
+    params, llm_moved = final_params(tmp_path / "one"), 0.0
+    for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref), init):
+        name, moved = jax.tree_util.keystr(path), float(np.abs(b - start).max())
+        if moved == 0:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert float(np.abs(a - b).max()) <= 1e-2 * moved, name
+        llm_moved = max(llm_moved, moved) if "language_model" in name else llm_moved
+    assert llm_moved > 0  # stage 3 trained the LLM, so the comparison covers its sharded update
 
 
 @pytest.mark.slow
