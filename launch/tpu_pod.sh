@@ -7,7 +7,8 @@
 # COMMAND:
 #   install   on every worker: uv, a Python 3.11 venv (TPU VM images ship 3.10; our pins need >= 3.11), the repo
 #             at --branch, `pip install -e .[tpu,gcs]` into the venv
-#   start     on every worker: `python -m emoqwen_jax.cli.train FLAGS --config.distributed.auto=True` under nohup,
+#   start     on every worker: `python -m emoqwen_jax.cli.train FLAGS --config.distributed.auto=True
+#             --config.train.watch_maintenance_events=True` (a maintenance notice saves like SIGTERM) under nohup,
 #             log in ~/emoqwen/train.log (one per worker), pid in ~/emoqwen/train.pid, JAX's compilation cache in
 #             <workdir>/jax_cache (shared: workers and restarts reuse compiled programs)
 #   train     install, then start (the default)
@@ -68,7 +69,7 @@ TRAIN_FLAGS=$(printf '%q ' "$@")
 START="set -e; cd ${HOME_DIR}/repo; \
 if test -f ${HOME_DIR}/train.pid && kill -0 \$(cat ${HOME_DIR}/train.pid) 2>/dev/null; then echo already running; exit 1; fi; \
 JAX_COMPILATION_CACHE_DIR=$(printf '%q' "${WORKDIR%/}/jax_cache") nohup ${VENV}/bin/python -m emoqwen_jax.cli.train \
-${TRAIN_FLAGS}--config.distributed.auto=True >> ${HOME_DIR}/train.log 2>&1 < /dev/null & \
+${TRAIN_FLAGS}--config.distributed.auto=True --config.train.watch_maintenance_events=True >> ${HOME_DIR}/train.log 2>&1 < /dev/null & \
 echo \$! > ${HOME_DIR}/train.pid; echo started \$(hostname) pid \$(cat ${HOME_DIR}/train.pid)"
 STATUS="if test -f ${HOME_DIR}/train.pid && kill -0 \$(cat ${HOME_DIR}/train.pid) 2>/dev/null; \
 then echo \$(hostname) running; else echo \$(hostname) not running; fi; tail -n 3 ${HOME_DIR}/train.log 2>/dev/null || true"

@@ -34,7 +34,8 @@ def test_tpu_pod_train_installs_py311_venv_then_starts_in_background_everywhere(
     assert "uv pip install --python $HOME/emoqwen/venv/bin/python -e '.[tpu,gcs]'" in install
     assert "JAX_COMPILATION_CACHE_DIR=gs://bucket/run/jax_cache nohup $HOME/emoqwen/venv/bin/python -m " \
            "emoqwen_jax.cli.train --config=configs/emotion_qwen.py:7b --config.workdir=gs://bucket/run " \
-           "--config.distributed.auto=True >> $HOME/emoqwen/train.log 2>&1 < /dev/null &" in start
+           "--config.distributed.auto=True --config.train.watch_maintenance_events=True >> $HOME/emoqwen/train.log " \
+           "2>&1 < /dev/null &" in start
     assert "echo $! > $HOME/emoqwen/train.pid" in start
     assert "emoqwen-train" not in install + start  # ~/.local/bin is not on a non-login ssh's PATH
 

@@ -61,3 +61,39 @@ class PreemptionWatch:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
             self._old = None
+
+
+MAINTENANCE_URL = "http://metadata.google.internal/computeMetadata/v1/instance/maintenance-event"
+
+
+def watch_maintenance_events(url: str = MAINTENANCE_URL, *, on_event=None, every_s: float = 5.0):
+    """Starts a daemon thread that polls the GCE metadata server's maintenance-event every ``every_s`` seconds
+    and, when it turns to anything but NONE (a TPU host about to be migrated or terminated), calls
+    ``on_event(value)`` once — by default a SIGTERM to this process, which the preemption path above turns into
+    an agreed save on every host. Returns the thread. (``config.train.watch_maintenance_events``;
+    ``launch/tpu_pod.sh`` turns it on.)"""
+    import os
+    import threading
+    import urllib.request
+
+    def sigterm(value: str) -> None:  # noqa: ARG001
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    on_event = on_event or sigterm
+    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+
+    def poll() -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    value = response.read().decode().strip()
+            except OSError:  # not on GCE, or a hiccup: keep polling
+                value = "NONE"
+            if value and value != "NONE":
+                on_event(value)
+                return
+            threading.Event().wait(every_s)
+
+    thread = threading.Thread(target=poll, name="maintenance-event-watch", daemon=True)
+    thread.start()
+    return thread

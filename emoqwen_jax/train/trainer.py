@@ -47,7 +47,7 @@ from emoqwen_jax.parallel.rules import shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
-from emoqwen_jax.train.preemption import PreemptionWatch
+from emoqwen_jax.train.preemption import PreemptionWatch, watch_maintenance_events
 from emoqwen_jax.train.optim import check_patterns, make_optimizer, to_opt_view, trainable_labels
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
@@ -143,6 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     mesh = make_mesh(config.mesh)  # a mesh that does not divide the devices stops here, before any compute
     hosts.check_shared_workdir(workdir)
+    if config.train.get("watch_maintenance_events", False):
+        watch_maintenance_events()  # TPU maintenance notice -> SIGTERM -> the agreed save below
     if config.get("init_from", ""):
         hosts.check_present(config.init_from, "init_from")
     spec = layout_spec(mcfg)
