@@ -34,13 +34,13 @@ def make_step(num_experts: int, units: int, top_k: int, capacity_factor: float):
     from flax import nnx
 
     import emotion_qwen
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.model.compressor import HybridCompressor
 
     config = emotion_qwen.get_config("small")
     config.model.compressor.update(routing="token", num_experts=num_experts, expert_names=(), top_k=top_k,
                                    capacity_factor=capacity_factor, dispatch="einsum")
-    mc = model_config(config)
+    mc = ModelConfig.from_run_config(config)
     comp = HybridCompressor(mc.compressor, mc.vision, mc.text.hidden_size, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(comp, nnx.Param)
     rng = np.random.default_rng(0)

@@ -58,6 +58,7 @@ def make_batch(mcfg, seed: int = 0) -> dict:
     """Host arrays for B=2: an image conversation and a video conversation, right-padded; labels on text."""
     from emoqwen_jax.layout import build_model_inputs
     from emoqwen_jax.model import layout_spec
+    from emoqwen_jax.tokens import IGNORE
 
     rng = np.random.default_rng(seed)
     vocab = min(mcfg.text.vocab_size, 4000) - 10
@@ -78,7 +79,7 @@ def make_batch(mcfg, seed: int = 0) -> dict:
     inputs = build_model_inputs(ids, mask, image, np.array([IMAGE_GRID]), video, np.array([VIDEO_GRID]), [1.0],
                                 spec=layout_spec(mcfg))
     vision_ids = (ids == mcfg.image_token_id) | (ids == mcfg.video_token_id)
-    inputs["labels"] = np.where((mask > 0) & ~vision_ids, ids, -100).astype(np.int32)
+    inputs.text.labels = np.where((mask > 0) & ~vision_ids, ids, IGNORE).astype(np.int32)
     raw = dict(input_ids=ids, attention_mask=mask, pixel_values=image, pixel_values_videos=video,
                image_grid_thw=np.array([IMAGE_GRID]), video_grid_thw=np.array([VIDEO_GRID]),
                second_per_grid_ts=np.array([1.0], np.float32))
@@ -108,7 +109,7 @@ def jax_step(config, batch, dense_vit: bool = False):
         finally:
             vision.VisionTransformer.__init__ = init_vit
 
-    from emoqwen_jax.cli.plan import build_train_step
+    from emoqwen_jax.train.plan import build_train_step
     from emoqwen_jax.model import EmotionQwen
 
     mcfg, step, tx, init = build_train_step(config, "stage3_video", trainable=(r".*",))
@@ -200,10 +201,10 @@ def flops_per_step(mcfg, inputs) -> float:
 
 def aot_only(config) -> dict:
     """No GPU: compile the step ahead of time on abstract arrays and report its memory and FLOPs."""
-    from emoqwen_jax.cli.common import model_config
-    from emoqwen_jax.cli.plan import plan
+    from emoqwen_jax.model import ModelConfig
+    from emoqwen_jax.train.plan import plan
 
-    return plan(config, num_devices=1, batch=make_batch(model_config(config))["jax"])
+    return plan(config, num_devices=1, batch=make_batch(ModelConfig.from_run_config(config))["jax"])
 
 
 def main(argv=None) -> dict:
@@ -219,7 +220,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
 
     if args.threads:
         import torch
@@ -232,7 +233,7 @@ def main(argv=None) -> dict:
         return report
 
     configs = {e: bench_config(args.preset, e) for e in args.experts}
-    mcfgs = {e: model_config(c) for e, c in configs.items()}
+    mcfgs = {e: ModelConfig.from_run_config(c) for e, c in configs.items()}
     batch = make_batch(mcfgs[args.experts[0]])
     n_patch = batch["raw"]["pixel_values"].shape[0] + batch["raw"]["pixel_values_videos"].shape[0]
     print(f"preset {args.preset}: LLM {mcfgs[args.experts[0]].text.hidden_size}x{mcfgs[args.experts[0]].text.num_layers}"

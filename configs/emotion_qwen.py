@@ -23,52 +23,33 @@ AdamW b2 0.95, weight decay 0.1, cosine, 1% warmup) on stage 3's data. It is not
 import ml_collections
 
 from emoqwen_jax.data.defaults import data_config
-from emoqwen_jax.data.tokenizer import tokenizer_info
+from emoqwen_jax.sizes import size as model_size
+from emoqwen_jax.tokens import tokenizer_info
 
 
 def vision_config(preset: str) -> ml_collections.ConfigDict:
-    v = ml_collections.ConfigDict()
-    v.depth = 32  # number of ViT blocks
-    v.hidden_size = 1280  # ViT width
-    v.num_heads = 16  # ViT attention heads
-    v.intermediate_size = 3420  # gated-SiLU MLP width
-    v.in_channels = 3
-    v.patch_size = 14  # spatial patch side in pixels
-    v.temporal_patch_size = 2  # frames per patch (a still image is repeated to 2 frames)
-    v.spatial_merge_size = 2  # the compressor merges 2x2 patches into one LLM token
-    v.window_size = 112  # window-attention side in pixels (4x4 merged tokens)
-    v.fullatt_block_indexes = (7, 15, 23, 31)  # blocks that attend over the whole frame
-    v.tokens_per_second = 2.0  # M-RoPE temporal ids per second of video
+    # Sizes from emoqwen_jax/sizes.py: depth (ViT blocks), hidden_size (width), num_heads, intermediate_size
+    # (gated-SiLU MLP width), in_channels, patch_size (patch side in pixels), temporal_patch_size (frames per
+    # patch; a still image is repeated), spatial_merge_size (the compressor merges 2x2 patches into one LLM
+    # token), window_size (window-attention side in pixels), fullatt_block_indexes (blocks that attend over the
+    # whole frame), tokens_per_second (M-RoPE temporal ids per second of video).
+    v = ml_collections.ConfigDict(model_size(preset)["vision"])
     v.rms_norm_eps = 1e-6
     v.rope_theta = 10000.0  # 2-D rotary base
     # Full-attention blocks attend block-locally when every frame has <= frame_block patches (exact; a longer
     # frame yields NaN, which the trainer's non-finite guard stops on). 0 = dense masks (any frame size).
     v.frame_block = 0
-    if preset == "tiny":
-        v.update(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, window_size=56, fullatt_block_indexes=(1,))
-    elif preset == "small":
-        v.update(depth=8, hidden_size=256, num_heads=4, intermediate_size=512, fullatt_block_indexes=(3, 7))
     return v
 
 
 def text_config(preset: str) -> ml_collections.ConfigDict:
-    t = ml_collections.ConfigDict()
-    t.vocab_size = 152064  # embedding rows (Qwen2.5: 151,643 BPE + specials, padded)
-    t.hidden_size = 3584
-    t.num_layers = 28
-    t.num_heads = 28
-    t.num_kv_heads = 4  # grouped-query attention
-    t.intermediate_size = 18944  # SwiGLU width
+    # Sizes from emoqwen_jax/sizes.py: vocab_size (embedding rows; Qwen2.5: 151,643 BPE + specials, padded),
+    # hidden_size, num_layers, num_heads, num_kv_heads (grouped-query attention), intermediate_size (SwiGLU
+    # width), mrope_section (rotary frequency pairs for (t, h, w); sums to head_dim / 2).
+    t = ml_collections.ConfigDict(model_size(preset)["text"])
     t.rms_norm_eps = 1e-6
     t.rope_theta = 1_000_000.0
-    t.mrope_section = (16, 24, 24)  # rotary frequency pairs for (t, h, w); sums to head_dim / 2
     t.tie_word_embeddings = False
-    if preset == "tiny":
-        t.update(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                 mrope_section=(2, 3, 3))
-    elif preset == "small":
-        t.update(vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408,
-                 mrope_section=(8, 12, 12))
     return t
 
 
@@ -78,18 +59,15 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
     c.num_experts = 2  # patch-merger experts; 1 = plain Qwen2.5-VL
     c.expert_names = ("general", "emotion")  # one name per expert (used in logs and exports); () = generic
     c.gate_input = "pooled"  # 'pooled': mean ViT feature per item (as released) | 'tokens': all item tokens
-    c.gate_num_heads = 8  # heads of the gate's self-attention (must divide the ViT width)
-    c.gate_hidden_size = 512  # width of the gate's two Linear-ReLU-LayerNorm layers (inferred; not published)
+    # gate_num_heads (the gate's self-attention heads; must divide the ViT width) and gate_hidden_size (width
+    # of the gate's two Linear-ReLU-LayerNorm layers; inferred, not published) come from emoqwen_jax/sizes.py.
+    c.update(model_size(preset)["compressor"])
     c.top_k = 2  # scale mode: experts per token
     c.capacity_factor = 1.25  # scale mode: per-expert capacity multiplier (<= 0: dropless)
     c.dispatch = "einsum"  # scale mode: 'einsum' (GSPMD) | 'shard_map' (all-to-all) | 'ragged'
     c.lb_loss_weight = 0.01  # scale mode: Switch load-balancing loss weight
     c.z_loss_weight = 0.0  # scale mode: router z-loss weight
     c.init_noise_std = 0.0  # noise added to copies of the HF merger when importing more than 2 experts
-    if preset == "tiny":
-        c.update(gate_num_heads=2, gate_hidden_size=16)
-    elif preset == "small":
-        c.update(gate_num_heads=4, gate_hidden_size=128)
     return c
 
 

@@ -15,19 +15,26 @@ from typing import Sequence
 
 import numpy as np
 
+from emoqwen_jax.inputs import ModelInputs
+from emoqwen_jax.sizes import BASE, SIZES
+from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
+
+_V = SIZES[BASE]["vision"]  # defaults: the released 7B
+_IDS = tokenizer_info(REAL_VOCAB_SIZE)
+
 
 @dataclasses.dataclass(frozen=True)
 class LayoutSpec:
-    """The few model constants the host needs (read from ``ModelConfig.layout_spec()``)."""
+    """The few model constants the host needs (``emoqwen_jax.model.layout_spec(config)`` builds it)."""
 
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    patch_size: int = 14
-    spatial_merge_size: int = 2
-    window_size: int = 112
-    tokens_per_second: float = 2.0
-    patch_dim: int = 1176
+    image_token_id: int = _IDS.image_pad_id
+    video_token_id: int = _IDS.video_pad_id
+    vision_start_token_id: int = _IDS.vision_start_id
+    patch_size: int = _V["patch_size"]
+    spatial_merge_size: int = _V["spatial_merge_size"]
+    window_size: int = _V["window_size"]
+    tokens_per_second: float = _V["tokens_per_second"]
+    patch_dim: int = _V["in_channels"] * _V["temporal_patch_size"] * _V["patch_size"] ** 2  # 1176
 
     @property
     def merge_unit(self) -> int:
@@ -192,8 +199,8 @@ def visual_token_index(input_ids, spec: LayoutSpec, image_grids: np.ndarray, vid
 def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
                        spec: LayoutSpec, position_ids=None, pad_patches_to: int | None = None,
-                       pad_items_to: int | None = None) -> dict[str, np.ndarray]:
-    """Hugging Face-named inputs -> the dict of fixed-shape arrays ``EmotionQwen.forward`` takes.
+                       pad_items_to: int | None = None) -> ModelInputs:
+    """Hugging Face-named inputs -> the fixed-shape ``ModelInputs`` ``EmotionQwen.forward`` takes (host numpy).
 
     Images and videos share one ViT pass (attention never crosses a frame), images first.
     """
@@ -238,4 +245,4 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
         visual_token_index=visual_token_index(input_ids, spec, images, videos),
         pixel_values=pixels,
     )
-    return out
+    return ModelInputs.from_dict(out)

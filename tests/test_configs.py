@@ -9,7 +9,6 @@ import pytest
 import torch
 from flax import nnx
 
-from emoqwen_jax.cli.common import model_config
 from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model, count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
@@ -21,7 +20,7 @@ PRESETS = ("demo", "tiny", "small", "7b")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_builds_abstract_model(preset):
     config = emotion_qwen.get_config(preset)
-    mcfg = model_config(config)
+    mcfg = ModelConfig.from_run_config(config)
     model = abstract_model(mcfg)  # shapes only: no memory, no compute
     assert count_params(model) > 0
     assert mcfg.compressor.num_experts == 2 and mcfg.expert_names == ("general", "emotion")
@@ -34,11 +33,11 @@ def test_unknown_preset_and_bad_fields_are_clear_errors():
     config = emotion_qwen.get_config("tiny")
     config.model.text.mrope_section = (4, 4, 4)
     with pytest.raises(ValueError, match="mrope_section"):
-        model_config(config)
+        ModelConfig.from_run_config(config)
     config = emotion_qwen.get_config("tiny")
     config.model.vision.num_heads = 3
     with pytest.raises(ValueError, match="num_heads"):
-        model_config(config)
+        ModelConfig.from_run_config(config)
     with pytest.raises(ValueError, match="unknown field"):
         ModelConfig.from_dict({"text": {"hidden": 3}})
 
@@ -47,7 +46,7 @@ def test_7b_matches_released_qwen25vl_plus_one_merger_and_gate():
     """eval_shape of our 7b == HF Qwen2.5-VL-7B (built on torch's meta device) + 1 extra merger + the gate."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    mcfg = model_config(emotion_qwen.get_config("7b"))
+    mcfg = ModelConfig.from_run_config(emotion_qwen.get_config("7b"))
     ours = abstract_model(mcfg)
     v, t = mcfg.vision, mcfg.text
     hf_cfg = Qwen2_5_VLConfig(
@@ -71,7 +70,7 @@ def test_7b_matches_released_qwen25vl_plus_one_merger_and_gate():
 
 
 def test_tiny_model_runs_text_only():
-    mcfg = model_config(emotion_qwen.get_config("tiny"))
+    mcfg = ModelConfig.from_run_config(emotion_qwen.get_config("tiny"))
     model = EmotionQwen(mcfg, rngs=nnx.Rngs(0))
     ids = np.arange(12, dtype=np.int32).reshape(2, 6)
     out = model(ids)

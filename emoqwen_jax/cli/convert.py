@@ -28,7 +28,7 @@ import time
 
 def _from_hf(args: argparse.Namespace) -> int:
     from emoqwen_jax.convert import from_hf
-    from emoqwen_jax.convert.model_dir import save_model
+    from emoqwen_jax.checkpoint import save_model
     from emoqwen_jax.model import count_params
 
     compressor = {"num_experts": args.num_experts}
@@ -49,7 +49,7 @@ def _from_hf(args: argparse.Namespace) -> int:
 def _to_hf(args: argparse.Namespace) -> int:
     from emoqwen_jax.convert.hf_export import check_format
     from emoqwen_jax.convert.lora import export_hf
-    from emoqwen_jax.convert.model_dir import load_model, read_model_config
+    from emoqwen_jax.checkpoint import load_model, read_model_config
 
     start = time.time()
     config, meta = read_model_config(args.ckpt)

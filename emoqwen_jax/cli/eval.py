@@ -24,9 +24,9 @@ import json
 import os
 import sys
 
-from emoqwen_jax.eval.benchmarks import EMER_MAX_NEW_TOKENS, EVAL_MAX_NEW_TOKENS
-from emoqwen_jax.eval.commands import add_generation_args, parse_sets, run_command
-from emoqwen_jax.eval.general import GENERAL_BENCHMARKS, GENERAL_MAX_NEW_TOKENS
+from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
+from emoqwen_jax.eval.evaluate import evaluate as run_evaluation
+from emoqwen_jax.eval.general import GENERAL_BENCHMARKS
 from emoqwen_jax.eval.suites import EMOTION_BENCHMARKS, SUITES
 
 BENCHMARK_CHOICES = (*EMOTION_BENCHMARKS, *GENERAL_BENCHMARKS)
@@ -71,25 +71,14 @@ def spec_from_args(args: argparse.Namespace) -> dict:
 
 def evaluate(ckpt: str, specs: list[dict], out_dir: str, *, overrides: dict, args: argparse.Namespace,
              suite: str = "") -> dict:
-    """Runs ``specs`` with checkpoint ``ckpt``; writes report.json/.md in ``out_dir``; returns the report. A
-    suite puts each benchmark's files in ``out_dir/<name>/``; one benchmark writes into ``out_dir``."""
-    from emoqwen_jax.eval import suites
-    from emoqwen_jax.eval.suite_report import write_report
-    from emoqwen_jax.infer.session import Session
-
+    """``emoqwen_jax.eval.evaluate.evaluate`` with the generation flags of ``args`` (notes departures from
+    the standard settings on stderr)."""
     if overrides:
         print(f"note: --set {overrides} departs from the standard settings; scores are not comparable with "
               f"standard runs", file=sys.stderr)
-    session = Session.from_checkpoint(ckpt, {**suites.standard_data(), **overrides}, dtype=args.dtype)
-    kinds = {suites.kind_of(s) for s in specs}
-    default_tokens = (EMER_MAX_NEW_TOKENS if any(s["benchmark"] == "emer" for s in specs) else
-                      GENERAL_MAX_NEW_TOKENS if kinds == {"general"} else EVAL_MAX_NEW_TOKENS)
-    sampling = session.sampling(args.max_new_tokens or default_tokens, args.temperature, args.top_p, args.top_k)
-    settings = {"ckpt": os.path.abspath(ckpt), "suite": suite, "overrides": overrides, "specs": specs}
-    report = suites.run_suite(session, specs, out_dir, sampling=sampling, batch_size=args.batch_size,
-                              seed=args.seed, settings=settings, subdirs=bool(suite))
-    write_report(report, out_dir)
-    return report
+    return run_evaluation(ckpt, specs, out_dir, overrides=overrides, suite=suite, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          batch_size=args.batch_size, dtype=args.dtype)
 
 
 def summary_of(report: dict) -> dict:

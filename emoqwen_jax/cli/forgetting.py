@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from emoqwen_jax.eval.commands import add_generation_args, parse_sets, run_command
+from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
 from emoqwen_jax.eval.suites import SUITES
 
 

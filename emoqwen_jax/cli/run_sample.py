@@ -70,11 +70,11 @@ def sample_batch(config, model_config) -> dict:
 
 def main_(argv) -> None:
     del argv
-    from emoqwen_jax.cli.common import build_model, model_config
-    from emoqwen_jax.model import count_params
+    from emoqwen_jax.cli.common import build_model
+    from emoqwen_jax.model import ModelConfig, count_params
 
     config = _CONFIG.value
-    mcfg = model_config(config)
+    mcfg = ModelConfig.from_run_config(config)
     model = build_model(config, _CKPT.value)
     print(f"model: {config.preset} preset, {count_params(model):,} parameters, experts {mcfg.expert_names}")
     batch, tok = sample_batch(config, model.config)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax.eval.commands import run_command
+from emoqwen_jax.cli.args import run_command
 
 BENCHMARK_CHOICES = ("dfew", "mafw", "mer2023", "mer2024", "emer")
 

@@ -22,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Overrides config.workdir.")
 
 def main_(argv) -> None:
     del argv
+    from emoqwen_jax.eval.stage_eval import run_stage_eval
     from emoqwen_jax.train.trainer import Preempted, train_and_evaluate
 
     config = _CONFIG.value
@@ -31,7 +32,7 @@ def main_(argv) -> None:
         raise app.UsageError("set --config.workdir=DIR (or --workdir=DIR): checkpoints, metrics and plots go there")
     logging.set_verbosity(logging.WARNING)
     try:
-        summary = train_and_evaluate(config)
+        summary = train_and_evaluate(config, stage_eval=run_stage_eval)
     except Preempted as err:
         print(str(err))
         return

@@ -182,7 +182,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_si
 
 def check_tokenizer_fits(config: ModelConfig) -> None:
     """ValueError unless the Qwen2 tokenizer built for the model's vocab gives its vision token ids."""
-    from emoqwen_jax.data.tokenizer import tokenizer_info  # noqa: PLC0415
+    from emoqwen_jax.tokens import tokenizer_info  # noqa: PLC0415
 
     info = tokenizer_info(config.text.vocab_size)
     pairs = (("image_token_id", info.image_pad_id), ("video_token_id", info.video_pad_id),

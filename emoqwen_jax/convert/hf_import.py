@@ -31,6 +31,9 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.compressor import GateNetwork
 from emoqwen_jax.model.config import CompressorConfig, TextConfig, VisionConfig
 from emoqwen_jax.model.layers import Linear, as_dtype
+from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
+
+_IDS = tokenizer_info(REAL_VOCAB_SIZE)  # Qwen2.5-VL's special ids, for configs that omit them
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +88,10 @@ def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | Non
     comp = CompressorConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in comp_fields.items()})
     return ModelConfig(
         vision=vision_cfg, text=text_cfg, compressor=comp,
-        image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
-        vision_start_token_id=hf.get("vision_start_token_id", 151652),
-        vision_end_token_id=hf.get("vision_end_token_id", 151653),
+        image_token_id=hf.get("image_token_id", _IDS.image_pad_id),
+        video_token_id=hf.get("video_token_id", _IDS.video_pad_id),
+        vision_start_token_id=hf.get("vision_start_token_id", _IDS.vision_start_id),
+        vision_end_token_id=hf.get("vision_end_token_id", _IDS.vision_end_id),
         dtype=dtype, param_dtype=param_dtype or dtype)
 
 

@@ -136,7 +136,7 @@ def export_hf(model: EmotionQwen, out_dir: str, *, lora_adapter: str | None = No
 def merge_model_dir(ckpt: str, out: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Folds a model directory's adapters into its base weights and saves a plain model directory (its meta
     keeps the source's, with ``lora`` moved to ``merged_lora``)."""
-    from emoqwen_jax.convert.model_dir import load_model, read_model_config, save_model  # noqa: PLC0415
+    from emoqwen_jax.checkpoint import load_model, read_model_config, save_model  # noqa: PLC0415
 
     _, meta = read_model_config(ckpt)
     if not meta.get("lora"):

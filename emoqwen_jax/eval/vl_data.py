@@ -7,7 +7,7 @@ Layouts (``root`` is the folder a user points ``--root`` / the suite config at; 
               holding it). Rows whose ``index`` agree modulo 1e6 are circular variants of one question.
   MME         ``root/<subtask>/`` with ``X.jpg|png`` beside ``X.txt``, or in ``images/`` and
               ``questions_answers_YN/`` (artwork, celebrity, landmark, posters, scene); each txt holds lines
-              ``question<TAB>Yes|No`` (two per image). Subtasks: ``vl_scores.MME_PERCEPTION``/``MME_COGNITION``.
+              ``question<TAB>Yes|No`` (two per image). Subtasks: ``MME_PERCEPTION``/``MME_COGNITION``.
   POPE        ``root/coco_pope_{random,popular,adversarial}.json``: JSON lines {question_id, image, text,
               label}; images under ``image_root`` (default ``root/val2014``).
   ScienceQA   ``root/problems.json`` ({pid: {question, choices, answer, hint, image, subject, …}}),
@@ -146,12 +146,14 @@ def read_mmbench(root: str, image_cache: str, *, circular: bool = False, file: s
 
 
 MME_SPLIT_LAYOUT = ("images", "questions_answers_YN")
+# MME's subtask folders (perception then cognition), in the order its scores are reported.
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 def read_mme(root: str) -> list[VLItem]:
     """The MME release folder -> two yes/no items per image, grouped by image."""
-    from emoqwen_jax.eval.vl_scores import MME_COGNITION, MME_PERCEPTION
-
     items = []
     for task in MME_PERCEPTION + MME_COGNITION:
         task_dir = os.path.join(_need(root, "mme"), task)

@@ -26,12 +26,9 @@ from typing import Iterable, Sequence
 
 from emoqwen_jax.eval.choice import parse_choice, parse_yes_no
 from emoqwen_jax.eval.parse import answer_span
-from emoqwen_jax.eval.vl_data import VLItem
+from emoqwen_jax.eval.vl_data import MME_COGNITION, MME_PERCEPTION, VLItem  # noqa: F401 (re-exported)
 from emoqwen_jax.eval.vqa_accuracy import vqa_accuracy
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR")
-MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 def _r(x: float) -> float:

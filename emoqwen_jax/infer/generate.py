@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import EmotionQwen
 
 Array = jax.Array
@@ -119,22 +120,25 @@ def init_cache(model: EmotionQwen, batch: int, length: int) -> KVCache:
 
 
 @nnx.jit(static_argnames=("cache_len",))
-def prefill(model: EmotionQwen, inputs: dict[str, Array], cache_len: int) -> tuple[Array, KVCache, Array]:
+def prefill(model: EmotionQwen, inputs: ModelInputs, cache_len: int) -> tuple[Array, KVCache, Array]:
     """Runs the prompt through the model, filling cache slots [0, L).
 
     Args:
-      inputs: the dict of ``layout.build_model_inputs`` for left-padded prompts (input_ids int[B, L], …).
+      inputs: ``layout.build_model_inputs``'s ModelInputs (or the flat dict of its names) for left-padded
+        prompts (text.input_ids int[B, L], …).
       cache_len: S ≥ L, the static cache size.
     Returns:
       next-token logits float32[B, V] (last column), the cache, and key_valid bool[B, S] (real prompt slots).
     """
+    inputs = ModelInputs.coerce(inputs)
+    text = inputs.text
     embeds = model.embed(inputs)[0]  # (embeddings, gate weights, …): only the embeddings matter here
-    b, length = inputs["input_ids"].shape
-    key_valid = jnp.zeros((b, cache_len), bool).at[:, :length].set(inputs["attention_mask"] > 0)
+    b, length = text.input_ids.shape
+    key_valid = jnp.zeros((b, cache_len), bool).at[:, :length].set(text.attention_mask > 0)
     causal = jnp.arange(cache_len)[None, :] <= jnp.arange(length)[:, None]  # [L, S]
     mask = causal[None, None] & key_valid[:, None, None, :]
     lm = model.language_model
-    hidden, cache = lm(embeds, inputs["position_ids"], mask, init_cache(model, b, cache_len), jnp.int32(0))
+    hidden, cache = lm(embeds, text.position_ids, mask, init_cache(model, b, cache_len), jnp.int32(0))
     return lm.logits(hidden[:, -1:])[:, 0], cache, key_valid
 
 
@@ -218,7 +222,8 @@ def generate(model: EmotionQwen, input_ids, attention_mask=None, *, sampling: Sa
                                   video_grid_thw, second_per_grid_ts, pad_patches_to=pad_patches_to,
                                   pad_items_to=pad_items_to)
     length = input_ids.shape[1]
-    next_position = (length + inputs.pop("rope_deltas")).astype(np.int32)
+    next_position = (length + inputs.text.rope_deltas).astype(np.int32)
+    inputs = inputs.replace(rope_deltas=None)  # host-side only: keeps the prefill's signature minimal
     logits, cache, key_valid = prefill(model, inputs, cache_len=length + sampling.max_new_tokens)
     key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else int(rng))
     tokens, num, stopped = decode(

@@ -83,7 +83,7 @@ class Session:
     @classmethod
     def from_checkpoint(cls, ckpt: str, overrides: dict[str, Any] | None = None, dtype: str | None = None) -> "Session":
         """Loads one of our model directories (``emoqwen-convert from-hf`` or the trainer writes them)."""
-        from emoqwen_jax.convert.model_dir import load_model, read_model_config
+        from emoqwen_jax.checkpoint import load_model, read_model_config
 
         if not os.path.isdir(ckpt):
             raise FileNotFoundError(f"--ckpt {ckpt} is not a directory")

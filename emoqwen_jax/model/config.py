@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from emoqwen_jax.sizes import BASE, SIZES
+from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
+
+_V, _T, _C = (SIZES[BASE][part] for part in ("vision", "text", "compressor"))  # defaults: the released 7B
+_IDS = tokenizer_info(REAL_VOCAB_SIZE)  # special-token ids at the full vocabulary
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -18,17 +23,17 @@ class VisionConfig:
     """The Qwen2.5-VL vision transformer (HF ``Qwen2_5_VLVisionConfig`` minus the merger, which lives in
     the compressor)."""
 
-    depth: int = 32
-    hidden_size: int = 1280
-    num_heads: int = 16
-    intermediate_size: int = 3420
-    in_channels: int = 3
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    window_size: int = 112
-    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    tokens_per_second: float = 2.0
+    depth: int = _V["depth"]
+    hidden_size: int = _V["hidden_size"]
+    num_heads: int = _V["num_heads"]
+    intermediate_size: int = _V["intermediate_size"]
+    in_channels: int = _V["in_channels"]
+    patch_size: int = _V["patch_size"]
+    temporal_patch_size: int = _V["temporal_patch_size"]
+    spatial_merge_size: int = _V["spatial_merge_size"]
+    window_size: int = _V["window_size"]
+    fullatt_block_indexes: tuple[int, ...] = _V["fullatt_block_indexes"]
+    tokens_per_second: float = _V["tokens_per_second"]
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # Full-attention layers: 0 = dense [P, P] frame mask (exact for any input); N > 0 = block-local attention
@@ -70,15 +75,15 @@ class VisionConfig:
 class TextConfig:
     """The Qwen2.5 decoder (HF ``Qwen2_5_VLTextConfig``)."""
 
-    vocab_size: int = 152064
-    hidden_size: int = 3584
-    num_layers: int = 28
-    num_heads: int = 28
-    num_kv_heads: int = 4
-    intermediate_size: int = 18944
+    vocab_size: int = _T["vocab_size"]
+    hidden_size: int = _T["hidden_size"]
+    num_layers: int = _T["num_layers"]
+    num_heads: int = _T["num_heads"]
+    num_kv_heads: int = _T["num_kv_heads"]
+    intermediate_size: int = _T["intermediate_size"]
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    mrope_section: tuple[int, int, int] = _T["mrope_section"]
     tie_word_embeddings: bool = False
 
     @property
@@ -109,8 +114,8 @@ class CompressorConfig:
     num_experts: int = 2
     expert_names: tuple[str, ...] = ("general", "emotion")
     gate_input: str = "pooled"  # 'pooled': one mean ViT vector per item (as released) | 'tokens': all tokens
-    gate_num_heads: int = 8
-    gate_hidden_size: int = 512
+    gate_num_heads: int = _C["gate_num_heads"]
+    gate_hidden_size: int = _C["gate_hidden_size"]
     top_k: int = 2
     capacity_factor: float = 1.25
     dispatch: str = "einsum"
@@ -145,10 +150,10 @@ class ModelConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     compressor: CompressorConfig = dataclasses.field(default_factory=CompressorConfig)
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
+    image_token_id: int = _IDS.image_pad_id
+    video_token_id: int = _IDS.video_pad_id
+    vision_start_token_id: int = _IDS.vision_start_id
+    vision_end_token_id: int = _IDS.vision_end_id
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the weights (master weights stay float32 in training)
     remat: str = "none"  # 'none' | 'block': recompute each ViT/decoder block in the backward pass
@@ -176,6 +181,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_run_config(cls, config: Any) -> "ModelConfig":
+        """The frozen, validated architecture config from a run config's ``config.model`` (a ConfigDict)."""
+        model = config.model
+        return cls.from_dict(model.to_dict() if hasattr(model, "to_dict") else model)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

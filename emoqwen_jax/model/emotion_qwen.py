@@ -1,9 +1,9 @@
 """EmotionQwen: ViT -> Hybrid Compressor -> Qwen2.5 decoder.
 
 Two entry points:
-  * ``model.forward(inputs)`` — the jittable core. ``inputs`` is the dict of fixed-shape arrays built on
-    the host by ``emoqwen_jax.layout.build_model_inputs`` (the trainer builds the same dict in its data
-    pipeline with bucketed shapes).
+  * ``model.forward(inputs)`` — the jittable core. ``inputs`` is the ``ModelInputs`` pytree of fixed-shape
+    arrays built on the host by ``emoqwen_jax.layout.build_model_inputs`` (the trainer builds the same in its
+    data pipeline with bucketed shapes); a flat dict of the same names is accepted too.
   * ``model(input_ids=..., pixel_values=..., image_grid_thw=..., ...)`` — a Hugging Face-style call taking
     numpy or jax arrays: it builds the layout on the host and runs a jitted ``forward``.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from emoqwen_jax import layout
+from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import sharding
 from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
@@ -57,44 +58,47 @@ class EmotionQwen(nnx.Module):
         self.language_model = TextModel(config.text, rngs=rngs, remat=remat, **dt)
 
     # ---- jittable core -------------------------------------------------------------------------------
-    def encode_vision(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
-        """pixel_values float[P, 1176] + layout -> merged visual tokens float[U, D] (HF order), per-item expert
-        weights float32[G, E] and the compressor's aux dict."""
-        features = self.visual(
-            inputs["pixel_values"], pos_hw=inputs["vision_pos_hw"], window_index=inputs["vision_window_index"],
-            frame_segment=inputs["vision_frame_segment"], window_segment=inputs["vision_window_segment"])
-        tokens, gate_weights, aux = self.compressor(features, inputs["vision_patch_item"],
-                                                    inputs["vision_item_valid"].shape[0])
-        return from_window_order(tokens, inputs["vision_window_index"]), gate_weights, aux
+    def encode_vision(self, vision) -> tuple[Array, Array, dict]:
+        """``VisionInputs`` (pixel_values float[P, 1176] + layout) -> merged visual tokens float[U, D] (HF
+        order), per-item expert weights float32[G, E] and the compressor's aux dict."""
+        features = self.visual(vision.pixel_values, pos_hw=vision.pos_hw, window_index=vision.window_index,
+                               frame_segment=vision.frame_segment, window_segment=vision.window_segment)
+        tokens, gate_weights, aux = self.compressor(features, vision.patch_item, vision.item_valid.shape[0])
+        return from_window_order(tokens, vision.window_index), gate_weights, aux
 
-    def embed(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
+    def embed(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
         """Token embeddings float[B, L, D] with the visual tokens scattered into the placeholder positions,
-        plus the per-item expert weights and the compressor's aux dict."""
-        embeds = sharding.constrain(self.language_model.embed(inputs["input_ids"]), ("batch", "length", "act_embed"))
-        num_items = inputs["vision_item_valid"].shape[0]
-        if inputs["pixel_values"].shape[0] == 0:
+        plus the per-item expert weights float32[G, E] and the compressor's aux dict."""
+        inputs = ModelInputs.coerce(inputs)
+        text, vision = inputs.text, inputs.vision
+        embeds = sharding.constrain(self.language_model.embed(text.input_ids), ("batch", "length", "act_embed"))
+        num_items = 0 if vision is None else vision.item_valid.shape[0]
+        if vision is None or vision.pixel_values.shape[0] == 0:
             return embeds, jnp.zeros((num_items, self.config.compressor.num_experts), jnp.float32), empty_aux()
-        visual, gate_weights, aux = self.encode_vision(inputs)
-        index = inputs["visual_token_index"]
+        visual, gate_weights, aux = self.encode_vision(vision)
+        index = text.visual_token_index
         gathered = visual[jnp.maximum(index, 0)].astype(embeds.dtype)
         return jnp.where((index >= 0)[..., None], gathered, embeds), gate_weights, aux
 
-    def hidden_states(self, inputs: dict[str, Array]) -> tuple[Array, Array, dict]:
+    def hidden_states(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
         """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
+        inputs = ModelInputs.coerce(inputs)
         embeds, gate_weights, aux = self.embed(inputs)
-        mask = causal_padding_mask(inputs["attention_mask"])
-        hidden, _ = self.language_model(embeds, inputs["position_ids"], mask)
+        mask = causal_padding_mask(inputs.text.attention_mask)
+        hidden, _ = self.language_model(embeds, inputs.text.position_ids, mask)
         return hidden, gate_weights, aux
 
-    def forward(self, inputs: dict[str, Array]) -> ModelOutput:
+    def forward(self, inputs: ModelInputs) -> ModelOutput:
+        """``ModelInputs`` (or the flat dict of its names) -> logits float32[B, L, V], gate weights, aux."""
+        inputs = ModelInputs.coerce(inputs)
         hidden, gate_weights, aux = self.hidden_states(inputs)
         return ModelOutput(logits=self.language_model.logits(hidden), gate_weights=gate_weights,
-                           aux_loss=aux["aux_loss"], aux=aux, rope_deltas=inputs.get("rope_deltas"))
+                           aux_loss=aux["aux_loss"], aux=aux, rope_deltas=inputs.text.rope_deltas)
 
     # ---- Hugging Face-style call ---------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
-                       **layout_kwargs) -> dict[str, np.ndarray]:
+                       **layout_kwargs) -> ModelInputs:
         as_np = lambda x: None if x is None else np.asarray(x)  # noqa: E731
         return layout.build_model_inputs(
             as_np(input_ids), as_np(attention_mask), as_np(pixel_values), as_np(image_grid_thw),
@@ -110,7 +114,7 @@ class EmotionQwen(nnx.Module):
 
 
 @nnx.jit
-def _jit_forward(model: EmotionQwen, inputs: dict[str, Array]) -> ModelOutput:
+def _jit_forward(model: EmotionQwen, inputs: ModelInputs) -> ModelOutput:
     return model.forward(inputs)
 
 

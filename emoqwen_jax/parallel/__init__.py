@@ -1,8 +1,11 @@
-"""Meshes, logical-axis rules and shardings (the only place that knows mesh axis names)."""
+"""Meshes (``mesh.MESH_AXES`` names the axes), logical-axis rules and shardings of parameters and inputs.
+
+The logical -> mesh rules live in ``rules.DEFAULT_RULES``; model code names logical axes only (the MoE layer's
+expert axis is the one exception, see ``model/moe.py``)."""
 
 from emoqwen_jax.parallel.mesh import MESH_AXES, make_mesh, mesh_shape
-from emoqwen_jax.parallel.rules import (DEFAULT_RULES, batch_sharding, check_divisibility, param_shardings, pure_param_shardings,
-                                     shard_batch,                                      shard_model)
+from emoqwen_jax.parallel.rules import (DEFAULT_RULES, batch_sharding, batch_shardings, check_divisibility,
+                                        param_shardings, pure_param_shardings, shard_batch, shard_model)
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "batch_sharding", "check_divisibility", "make_mesh", "mesh_shape",
-           "param_shardings", "pure_param_shardings", "shard_batch", "shard_model"]
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "batch_sharding", "batch_shardings", "check_divisibility", "make_mesh",
+           "mesh_shape", "param_shardings", "pure_param_shardings", "shard_batch", "shard_model"]

@@ -11,12 +11,14 @@ Activations (``constrain`` calls in the model):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from emoqwen_jax.inputs import FieldSpec, ModelInputs
 from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.model.sharding import Rules, logical_to_spec
 
@@ -87,22 +89,24 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-# Which dimension of each model input is its batch-like dimension (sharded over the batch axes).
-_BATCH_DIM = {"position_ids": 1, "vision_item_valid": None}
+def input_sharding(spec: FieldSpec, ndim: int, mesh: Mesh) -> NamedSharding:
+    """The sharding of one model input: its declared batch dimension over the batch axes (None: replicated)."""
+    if spec.batch_dim is None or ndim == 0:
+        return NamedSharding(mesh, PartitionSpec())
+    return batch_sharding(mesh, ndim, spec.batch_dim)
 
 
-def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a model-input dict (``layout.build_model_inputs`` + ``labels``) on ``mesh``: text arrays by
-    row, flat vision arrays (patches, units) by position, over every batch-like axis."""
-    out = {}
-    for key, value in batch.items():
-        value = jax.numpy.asarray(value)
-        dim = _BATCH_DIM.get(key, 0)
-        if dim is None or value.ndim == 0:
-            out[key] = jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
-        else:
-            out[key] = jax.device_put(value, batch_sharding(mesh, value.ndim, dim))
-    return out
+def batch_shardings(inputs: ModelInputs | Mapping[str, Any], mesh: Mesh) -> ModelInputs:
+    """``ModelInputs`` of NamedShardings, one per present field (from the fields' ``batch_dim``)."""
+    return ModelInputs.coerce(inputs).map_fields(lambda spec, x: input_sharding(spec, len(x.shape), mesh))
+
+
+def shard_batch(batch: ModelInputs | Mapping[str, Any], mesh: Mesh) -> ModelInputs:
+    """Places model inputs (``layout.build_model_inputs``, labels included; a flat dict of the same names is
+    accepted) on ``mesh``: text arrays by row, flat vision arrays (patches, units) by position, over every
+    batch-like axis."""
+    return ModelInputs.coerce(batch).map_fields(
+        lambda spec, x: jax.device_put(jax.numpy.asarray(x), input_sharding(spec, np.ndim(x), mesh)))
 
 
 def check_divisibility(config: ModelConfig, mesh: Mesh, batch_size: int | None = None) -> None:

@@ -3,7 +3,8 @@
 A global step's batch is made of ``num_shards`` equal shards (one grain iterator each; a host owns a
 contiguous range of shards). Every shard is laid out with the same padded sizes — text length L, patches P,
 items G, agreed over all shards of the step — and its index arrays are offset by the shard's index, so the
-global arrays are the plain concatenation of the shards in shard order. That makes a 2-process run and a
+global arrays are the plain concatenation of the shards in shard order (each field's ``batch_dim`` and
+``offset`` metadata in ``emoqwen_jax.inputs`` say how). That makes a 2-process run and a
 1-process run that reads the same two shards feed the model identical arrays.
 """
 
@@ -13,12 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
+from emoqwen_jax import inputs as model_inputs
+from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.layout import LayoutSpec, build_model_inputs
-
-# Arrays whose batch dimension is 1 (all others: 0). Index arrays and their padding value and offset kind.
-_TEXT_PAD = {"input_ids": None, "attention_mask": 0, "labels": -100, "position_ids": 1, "visual_token_index": -1}
-_OFFSETS = {"visual_token_index": "units", "vision_window_index": "units", "vision_frame_segment": "patches",
-            "vision_window_segment": "patches", "vision_patch_item": "items"}
+from emoqwen_jax.tokens import IGNORE
 
 
 def needs(batch: dict) -> tuple[int, int, int]:
@@ -38,7 +37,7 @@ def agreed_sizes(all_needs: Sequence[tuple[int, int, int]], batch_size: int) -> 
 
 
 def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, int, int], *, shard_index: int = 0,
-                 pad_id: int = 0) -> dict[str, np.ndarray]:
+                 pad_id: int = 0) -> ModelInputs:
     """One data shard's batch -> model inputs padded to ``sizes`` and offset for position ``shard_index``."""
     length, patches, items = sizes
     n_img = int(np.prod(batch["image_grid_thw"], axis=-1).sum()) if len(batch["image_grid_thw"]) else 0
@@ -48,27 +47,17 @@ def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, int, int], *, 
         extra = length - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id)
         mask = np.pad(mask, ((0, 0), (0, extra)))
-        labels = np.pad(labels, ((0, 0), (0, extra)), constant_values=-100)
+        labels = np.pad(labels, ((0, 0), (0, extra)), constant_values=IGNORE)
     out = build_model_inputs(
         ids, mask, batch["pixel_values"][:n_img] if n_img else None,
         batch["image_grid_thw"] if n_img else None, batch["pixel_values_videos"][:n_vid] if n_vid else None,
         batch["video_grid_thw"] if n_vid else None, batch["second_per_grid_ts"] if n_vid else None,
         spec=spec, pad_patches_to=patches, pad_items_to=items)
-    out["labels"] = labels.astype(np.int32)
-    if shard_index:
-        scale = {"units": patches // spec.merge_unit, "patches": patches, "items": items}
-        for key, kind in _OFFSETS.items():
-            value = out[key]
-            offset = shard_index * scale[kind]
-            if key == "vision_window_index":  # a permutation: every entry moves
-                out[key] = value + offset
-            else:
-                out[key] = np.where(value >= 0, value + offset, value).astype(value.dtype)
-    return out
+    out.text.labels = labels.astype(np.int32)
+    scale = {"units": patches // spec.merge_unit, "patches": patches, "items": items}
+    return model_inputs.offset_indices(out, shard_index, scale)
 
 
-def concat_shards(shards: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def concat_shards(shards: Sequence[ModelInputs]) -> ModelInputs:
     """Concatenates equally-sized, already offset shards into the global (or this host's) arrays."""
-    if len(shards) == 1:
-        return shards[0]
-    return {k: np.concatenate([s[k] for s in shards], axis=1 if k == "position_ids" else 0) for k in shards[0]}
+    return model_inputs.concat(list(shards))

@@ -22,6 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
+from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import ModelConfig
 
 
@@ -93,22 +94,24 @@ def train_flops(cfg: ModelConfig, *, tokens: int, patches: int, window_tokens: i
     return 3.0 * forward + 2.0 * embed
 
 
-def batch_train_flops(cfg: ModelConfig, inputs: Mapping[str, np.ndarray], *, implementation: bool = False) -> float:
-    """Training FLOPs of one batch of model inputs (``layout.build_model_inputs`` arrays, host or device).
+def batch_train_flops(cfg: ModelConfig, inputs: ModelInputs | Mapping[str, np.ndarray], *,
+                      implementation: bool = False) -> float:
+    """Training FLOPs of one batch of ``ModelInputs`` (``layout.build_model_inputs``, host or device).
 
     ``implementation=False``: model FLOPs over the real patches and tokens (MFU). ``True``: what our XLA code
     computes, padding and masked-out pairs included (see the module docstring)."""
     v = cfg.vision
-    frame_seg = np.asarray(inputs["vision_frame_segment"])
-    window_seg = np.asarray(inputs["vision_window_segment"])
-    mask = np.asarray(inputs["attention_mask"])
+    inputs = ModelInputs.coerce(inputs)
+    vision = inputs.vision
+    mask = np.asarray(inputs.text.attention_mask)
     b, length = mask.shape
-    if frame_seg.shape[0] == 0:
+    if vision is None or vision.frame_segment.shape[0] == 0:
         embed = blocks = comp = 0.0
     else:
+        frame_seg, window_seg = np.asarray(vision.frame_segment), np.asarray(vision.window_segment)
+        item_valid = np.asarray(vision.item_valid)
         patches = frame_seg.shape[0] if implementation else int((frame_seg >= 0).sum())
-        items = int(np.asarray(inputs["vision_item_valid"]).shape[0] if implementation
-                    else np.asarray(inputs["vision_item_valid"]).sum())
+        items = int(item_valid.shape[0] if implementation else item_valid.sum())
         if implementation:
             local = lambda block: -(-patches // block) * block * 3 * block  # noqa: E731
             window_pairs = local((v.window_size // v.patch_size) ** 2)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import EmotionQwen
-
-IGNORE = -100
+from emoqwen_jax.tokens import IGNORE
 
 
 def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -27,13 +27,15 @@ def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
     return nll.sum(), valid.sum().astype(jnp.float32)
 
 
-def loss_fn(model: EmotionQwen, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean token loss + the compressor's weighted aux loss; metrics for logging."""
+def loss_fn(model: EmotionQwen, batch: ModelInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean token loss + the compressor's weighted aux loss; metrics for logging. ``batch`` carries labels."""
+    batch = ModelInputs.coerce(batch)
     out = model.forward(batch)
-    total, count = cross_entropy_sums(out.logits, batch["labels"])
+    total, count = cross_entropy_sums(out.logits, batch.text.labels)
     lm_loss = total / jnp.maximum(count, 1.0)
     loss = lm_loss + out.aux_loss
-    valid = batch["vision_item_valid"].astype(jnp.float32)
+    valid = (jnp.zeros((0,), jnp.float32) if batch.vision is None
+             else batch.vision.item_valid.astype(jnp.float32))
     gate = (out.gate_weights * valid[:, None]).sum(0) / jnp.maximum(valid.sum(), 1.0)  # mean weight per expert
     metrics = {"loss": loss, "lm_loss": lm_loss, "aux_loss": out.aux_loss, "tokens": count, "gate_weights": gate,
                **{k: v for k, v in out.aux.items() if k != "aux_loss"}}

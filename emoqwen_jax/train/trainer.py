@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +36,14 @@ from tqdm import tqdm
 
 from emoqwen_jax import data as D
 from emoqwen_jax import storage
-from emoqwen_jax.convert.model_dir import is_model_dir, load_model, save_model
+from emoqwen_jax.checkpoint import is_model_dir, load_model, load_weights, save_model
 from emoqwen_jax.data.pipeline import load_sources, make_iterator
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import hosts
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
-from emoqwen_jax.parallel.rules import shard_batch
+from emoqwen_jax.parallel.rules import input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
@@ -109,16 +109,10 @@ def initial_params(config, mcfg: ModelConfig, shardings: dict, mesh) -> dict:
     source = config.get("init_from", "")
     if not source:
         return init_params(mcfg, config.seed, shardings)
-    if is_model_dir(source):
-        model = load_model(source, dtype=mcfg.dtype, mesh=mesh)
-    else:
-        from emoqwen_jax.convert import from_hf
-
-        model = from_hf(source, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
-                        compressor=dict(config.model.compressor), seed=config.seed, mesh=mesh)
-        if model.config.text.vocab_size != mcfg.text.vocab_size:
-            raise ValueError(f"init_from has vocab {model.config.text.vocab_size}, the config "
-                             f"{mcfg.text.vocab_size}")
+    model = load_weights(source, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+                         compressor=dict(config.model.compressor), seed=config.seed, mesh=mesh)
+    if model.config.text.vocab_size != mcfg.text.vocab_size:
+        raise ValueError(f"init_from has vocab {model.config.text.vocab_size}, the config {mcfg.text.vocab_size}")
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -133,14 +127,26 @@ def load_stage_params(stage_dir: str, mcfg: ModelConfig, mesh) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, Any]:
-    """Runs every stage of ``config.run_stages``; returns {stage: final metrics} and the output paths."""
+# The per-stage evaluation hook: (config, stage name, stage model dir, workdir, metrics writer) -> report dict.
+# ``emoqwen-train`` passes ``emoqwen_jax.eval.stage_eval.run_stage_eval``; train never imports eval.
+StageEval = Callable[[ml_collections.ConfigDict, str, str, str, MetricsWriter], dict]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+                       stage_eval: StageEval | None = None) -> dict[str, Any]:
+    """Runs every stage of ``config.run_stages``; returns {stage: final metrics} and the output paths.
+
+    ``stage_eval`` runs after each stage that sets ``stages.<name>.eval_suite`` (process 0 only)."""
+    wanted = [n for n in config.run_stages if config.stages[n].get("eval_suite")]
+    if wanted and stage_eval is None:
+        raise ValueError(f"stages {wanted} set eval_suite but no stage_eval hook was given; pass "
+                         f"stage_eval=emoqwen_jax.eval.stage_eval.run_stage_eval (emoqwen-train does)")
     workdir = workdir or config.get("workdir", "")
     if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")
     workdir = storage.normalize(workdir)
     maybe_initialize_distributed(config)
-    mcfg = ModelConfig.from_dict(config.model.to_dict())
+    mcfg = ModelConfig.from_run_config(config)
     mesh = make_mesh(config.mesh)  # a mesh that does not divide the devices stops here, before any compute
     hosts.check_shared_workdir(workdir)
     if config.train.get("watch_maintenance_events", False):
@@ -185,9 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             if writer.enabled:
                 summary["stages"][name]["plot"] = plot_stage(workdir, name)
             if config.stages[name].get("eval_suite") and jax.process_index() == 0:
-                from emoqwen_jax.eval.stage_eval import run_stage_eval
-
-                summary["stages"][name]["eval"] = run_stage_eval(config, name, stage_dir, workdir, writer)
+                summary["stages"][name]["eval"] = stage_eval(config, name, stage_dir, workdir, writer)
             resume = None
     finally:
         ckpt.close()
@@ -230,16 +234,13 @@ def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: i
                                     for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
         return shard_batch(local, mesh), local
-    from emoqwen_jax.parallel.rules import _BATCH_DIM, batch_sharding
 
-    out = {}
-    for key, value in local.items():
-        dim = _BATCH_DIM.get(key, 0)
-        if dim is None:  # replicated, but still the concatenation over all hosts' shards
-            out[key] = jnp.asarray(multihost_utils.process_allgather(value, tiled=True))
-        else:
-            out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim, dim), value)
-    return out, local
+    def place(field, value):
+        if field.batch_dim is None:  # replicated, but still the concatenation over all hosts' shards
+            return jnp.asarray(multihost_utils.process_allgather(value, tiled=True))
+        return jax.make_array_from_process_local_data(input_sharding(field, value.ndim, mesh), value)
+
+    return local.map_fields(place), local
 
 
 def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step, resume,
@@ -307,7 +308,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
             batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh)
             state, metrics = train_step(state, batch)
             global_step += 1
-            tokens = float(local["attention_mask"].sum()) * processes
+            tokens = float(local.text.attention_mask.sum()) * processes
             tokens_seen += tokens
             flops_seen += flops.batch_train_flops(mcfg, local) * processes  # model FLOPs of the real tokens
             bar.update(1)

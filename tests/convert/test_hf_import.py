@@ -10,7 +10,7 @@ from flax import nnx
 
 import hf_oracle as O
 from emoqwen_jax.convert import config_from_hf, from_hf
-from emoqwen_jax.convert.model_dir import load_model, save_model
+from emoqwen_jax.checkpoint import load_model, save_model
 
 
 @pytest.fixture(scope="module")

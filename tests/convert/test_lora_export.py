@@ -20,7 +20,7 @@ import hf_oracle as O
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.convert.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_hf, peft_tensors
-from emoqwen_jax.convert.model_dir import save_model
+from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora
 from test_hf_export import CASES, TOL, _perturb, src_dir, type_ids  # noqa: F401 — src_dir is a fixture
 
@@ -120,14 +120,14 @@ def test_plain_to_hf_refuses_a_model_with_adapters(tmp_path):
 
     from flax import nnx
 
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.convert.hf_export import to_hf
     from emoqwen_jax.model import EmotionQwen
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
     import emotion_qwen
 
-    model = EmotionQwen(model_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))
+    model = EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))
     apply_lora(model, LoRAConfig.from_dict({"enabled": True, "rank": 2, "alpha": 2, "dropout": 0.0,
                                             "targets": DEFAULT_TARGETS}), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="LoRA adapters"):

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from emoqwen_jax.cli.common import model_config
-from emoqwen_jax.convert.model_dir import save_model
+from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.data.demo import build_demo
-from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
@@ -28,7 +27,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     config = emotion_qwen.get_config("tiny")
-    model = EmotionQwen(model_config(config), rngs=nnx.Rngs(0))
+    model = EmotionQwen(ModelConfig.from_run_config(config), rngs=nnx.Rngs(0))
     data = {"tokenizer_vocab_size": config.model.text.vocab_size,
             "tokenizer_cache_dir": str(tmp_path_factory.mktemp("tokcache")),
             "length_buckets": [128, 256], "patch_buckets": [64, 256], "max_length": 256}

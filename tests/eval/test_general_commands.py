@@ -12,12 +12,11 @@ from flax import nnx
 
 import emotion_qwen  # on sys.path via tests/eval/conftest.py
 from emoqwen_jax.cli import eval as eval_cli, forgetting as forgetting_cli
-from emoqwen_jax.cli.common import model_config
-from emoqwen_jax.convert.model_dir import read_model_config, save_model
+from emoqwen_jax.checkpoint import read_model_config, save_model
 from emoqwen_jax.eval.demo_general import build_demo_general
 from emoqwen_jax.eval.stage_eval import resolve_eval_suite, run_stage_eval
 from emoqwen_jax.eval.suite_report import read_report, write_report
-from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
 
 COUNTS = {"mmbench": 3, "mme": 16, "pope": 12, "scienceqa": 2, "seedbench": 3, "textvqa": 2, "vqav2": 6}
@@ -37,7 +36,7 @@ def general_demo(tmp_path_factory, demo):
 def ckpt_b(tmp_path_factory, ckpt):
     """A second random checkpoint with the first one's data settings (the 'after' model)."""
     _, meta = read_model_config(ckpt)
-    model = EmotionQwen(model_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(1))
+    model = EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(1))
     return save_model(model, str(tmp_path_factory.mktemp("ckpt_b") / "tiny"), meta=meta)
 
 

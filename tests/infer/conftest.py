@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from emoqwen_jax.cli.common import model_config
-from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
@@ -15,4 +14,4 @@ import emotion_qwen  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny():
-    return EmotionQwen(model_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))
+    return EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))

@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from emoqwen_jax.cli.common import model_config
-from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.sharding import axis_rules, logical_to_spec
 from emoqwen_jax.parallel import (DEFAULT_RULES, check_divisibility, make_mesh, mesh_shape, param_shardings,
                                   shard_batch, shard_model)
@@ -33,7 +32,7 @@ MODES = {
 def tiny_config(mode: str):
     config = emotion_qwen.get_config("tiny")
     config.model.compressor.update(**MODES[mode])
-    return model_config(config)
+    return ModelConfig.from_run_config(config)
 
 
 def make_batch(mc, batch_size: int = 8) -> dict:

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emoqwen_jax.cli.common import model_config
-from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.train import flops
 from emoqwen_jax.train.loss import loss_fn
 
@@ -39,7 +38,7 @@ def _config(routing: str, frame_block: int):
     if routing == "token":
         config.model.compressor.update(routing="token", num_experts=4, expert_names=(), top_k=2,
                                        capacity_factor=1.0)
-    return model_config(config)
+    return ModelConfig.from_run_config(config)
 
 
 def _batch(mc, grids):

@@ -12,11 +12,10 @@ import pytest
 from flax import nnx
 
 from train_configs import load_config, write_config
-from emoqwen_jax.cli.common import model_config
 from emoqwen_jax.cli.convert import main as convert_main
-from emoqwen_jax.convert.model_dir import load_model, read_model_config, save_model
+from emoqwen_jax.checkpoint import load_model, read_model_config, save_model
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad
-from emoqwen_jax.model import EmotionQwen, abstract_model
+from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, dropout_key, lora_modules, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh, shard_batch, shard_model
@@ -120,7 +119,7 @@ def test_optimizer_state_holds_only_adapters_and_7b_saving():
     def adam_bytes(preset, stage):
         config = emotion_qwen.get_config(preset)
         sc = config.stages[stage]
-        mc = model_config(config)
+        mc = ModelConfig.from_run_config(config)
         abstract = abstract_model(mc)
         patterns = tuple(sc.trainable)
         if sc.lora.enabled:
@@ -212,7 +211,7 @@ def test_trainer_lora_stage_freezes_base_and_merge_lora_cli(tmp_path, demo_dir):
     _, meta = read_model_config(stage_dir)
     assert meta["lora"]["rank"] == 4 and len(meta["lora"]["modules"]) == 8
     trained = load_model(stage_dir)
-    before = init_params(model_config(config), config.seed)  # the trainer's own start
+    before = init_params(ModelConfig.from_run_config(config), config.seed)  # the trainer's own start
     after = _pure(trained)
     changed = []
     for path, x in jax.tree_util.tree_leaves_with_path(after):

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from train_configs import ROOT, load_config, write_config
-from emoqwen_jax.convert.model_dir import load_model
+from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
 
@@ -59,10 +59,10 @@ def test_same_seed_gives_bit_identical_losses(reference_run, tmp_path, demo_dir)
 @pytest.mark.slow
 def test_freezing_per_stage(reference_run):
     root, config, _ = reference_run
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.train.trainer import init_params
 
-    init = jax.tree.map(np.asarray, init_params(model_config(config), config.seed))  # the trainer's own start
+    init = jax.tree.map(np.asarray, init_params(ModelConfig.from_run_config(config), config.seed))  # its own start
     s1, s2 = params_of(root / "run/stages/stage1_align"), params_of(root / "run/stages/stage2_emotion")
 
     def same(a, b):
@@ -122,7 +122,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, demo_dir):
 
 def _tiny_step(patterns, opt):
     """A tiny model's params, a text batch, and a jitted train step training ``patterns`` with ``opt``."""
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.model import EmotionQwen
     from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
     from emoqwen_jax.train.step import make_train_step
@@ -130,7 +130,7 @@ def _tiny_step(patterns, opt):
     sys.path.insert(0, str(ROOT / "configs"))
     import emotion_qwen
 
-    mc = model_config(emotion_qwen.get_config("tiny"))
+    mc = ModelConfig.from_run_config(emotion_qwen.get_config("tiny"))
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
@@ -197,13 +197,13 @@ def test_optimizer_state_is_sharded_like_its_parameters():
 
     params, _, tx, _, names = _tiny_step((r"^compressor/", r"^language_model/layers/0/"), {"learning_rate": 1e-3})
     mesh = make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-    from emoqwen_jax.cli.common import model_config
+    from emoqwen_jax.model import ModelConfig
 
     sys.path.insert(0, str(ROOT / "configs"))
     import emotion_qwen
     from emoqwen_jax.model import EmotionQwen
 
-    abstract = nnx.eval_shape(lambda: EmotionQwen(model_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0)))
     shardings = pure_param_shardings(abstract, mesh)
     init = lambda p: init_state(p, tx, names, 0)  # noqa: E731
     target = state_shardings(jax.eval_shape(init, params), shardings, names, mesh)

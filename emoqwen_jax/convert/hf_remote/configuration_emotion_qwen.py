@@ -3,16 +3,11 @@
 
 A Qwen2.5-VL config plus one ``compressor`` dict: the Hybrid Compressor's settings as ``emoqwen_jax``'s
 ``CompressorConfig`` writes them (``routing`` 'sample' | 'token', ``num_experts``, ``expert_names``,
-``gate_input``, ``gate_num_heads``, ``gate_hidden_size``, ``top_k``, ``capacity_factor``, ...).
+``gate_input``, ``gate_num_heads``, ``gate_hidden_size``, ``top_k``, ``capacity_factor``, ...). Every value
+comes from the exported config.json (the export writes all of them); none is repeated here.
 """
 
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
-
-COMPRESSOR_DEFAULTS = {
-    "routing": "sample", "num_experts": 2, "expert_names": ["general", "emotion"], "gate_input": "pooled",
-    "gate_num_heads": 8, "gate_hidden_size": 512, "top_k": 2, "capacity_factor": 1.25,
-}
-
 
 class EmotionQwenConfig(Qwen2_5_VLConfig):
     model_type = "emotion_qwen"
@@ -20,7 +15,7 @@ class EmotionQwenConfig(Qwen2_5_VLConfig):
     def __init__(self, compressor: dict | None = None, **kwargs):
         # Why not a dataclass field: Qwen2_5_VLConfig is a strict dataclass; an explicit attribute set
         # before its __init__ survives to_dict/from_dict without re-decorating the subclass.
-        self.compressor = {**COMPRESSOR_DEFAULTS, **(compressor or {})}
+        self.compressor = dict(compressor or {})
         super().__init__(**kwargs)
 
 

@@ -1,5 +1,8 @@
-"""Our model directory: ``config.json`` (architecture + provenance) and ``params/`` (an orbax checkpoint of
-the parameters). Every command that takes ``--ckpt`` accepts one; ``emoqwen-convert from-hf`` writes one.
+"""Model weights on disk: our model directory, and ``load_weights`` for it or a Hugging Face directory.
+
+Our model directory is ``config.json`` (architecture + provenance) and ``params/`` (an orbax checkpoint of
+the parameters). Every command that takes ``--ckpt`` accepts one; ``emoqwen-convert from-hf`` and the trainer
+write one. (Training-state checkpoints — optimiser, step, data iterators — are ``train/checkpoint.py``'s.)
 
     DIR/config.json   {"format": "emoqwen_jax.model", "version": 1, "model": {...ModelConfig...}, "meta": {...}}
     DIR/params/       orbax StandardCheckpointer of the nnx parameter state
@@ -15,7 +18,7 @@ targets, the adapted module paths); ``load_model`` re-creates them before restor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -93,5 +96,28 @@ def load_model(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh |
         return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
 
     target = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    restored = ocp.StandardCheckpointer().restore(storage.as_epath(storage.join(path, "params")), target)
-    return nnx.merge(graphdef, restored)
+    return nnx.merge(graphdef, _read_params(path, target))
+
+
+def _read_params(path: str, abstract_state: Any) -> Any:
+    """Reads the parameters of a model directory into ``abstract_state``'s shapes and shardings (each host
+    reads only the pieces its devices hold)."""
+    return ocp.StandardCheckpointer().restore(storage.as_epath(storage.join(path, "params")), abstract_state)
+
+
+def load_weights(source: str, *, dtype: str | None = None, param_dtype: str | None = None,
+                 compressor: Mapping[str, Any] | None = None, seed: int = 0,
+                 mesh: jax.sharding.Mesh | None = None) -> EmotionQwen:
+    """The model stored at ``source`` (a local path or a URI): our model directory, or a Hugging Face
+    Qwen2.5-VL (or our export) directory, converted (``emoqwen_jax.convert.from_hf``; ``param_dtype``,
+    ``compressor`` overrides and ``seed`` for the gate apply there only). ``dtype`` overrides the compute dtype.
+    ``mesh``: every parameter goes straight into its sharding on this mesh (None: one device)."""
+    if is_model_dir(source):
+        return load_model(source, dtype=dtype, mesh=mesh)
+    if storage.isfile(storage.join(source, "config.json")):
+        from emoqwen_jax.convert.hf_import import from_hf  # noqa: PLC0415 — conversion only when needed
+
+        return from_hf(source, dtype=dtype or "float32", param_dtype=param_dtype, compressor=compressor, seed=seed,
+                       mesh=mesh)
+    raise ValueError(f"{source!r} is neither an emoqwen_jax model directory nor a Hugging Face directory "
+                     f"(no config.json)")

@@ -1,0 +1,153 @@
+"""Ahead-of-time plan of a stage's train step: compile it for N devices on abstract arrays, without weights,
+and report its per-device memory and FLOPs (``emoqwen-plan`` is the command line over ``plan``).
+
+The step is the trainer's (``make_train_step``: loss, gradients, AdamW with the stage's frozen leaves,
+non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the trainer's shardings) over a
+mesh of ``num_devices`` devices, then compiled by XLA's SPMD partitioner. Nothing is allocated: the figures
+come from ``compiled.memory_analysis()`` (one device's partition) and ``compiled.cost_analysis()``. The CPU
+compiler's buffer assignment stands in for the accelerator's; treat the result as an estimate to keep ≥ 40 %
+headroom against.
+
+The batch: ``batch_per_device`` × (batch-sharding devices) samples, each one video of ``frames`` frames of
+``frame_size``² pixels (grid frames/2 × side/14 × side/14) in a conversation padded to ``length`` tokens; its
+abstract shapes and shardings come from the ``ModelInputs`` field declarations.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from emoqwen_jax.inputs import ModelInputs, abstract_inputs
+from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
+from emoqwen_jax.parallel.rules import BATCH_AXES, input_sharding
+from emoqwen_jax.train import flops
+from emoqwen_jax.train import step as step_lib
+from emoqwen_jax.train.optim import make_optimizer, to_opt_view, trainable_labels
+from emoqwen_jax.train.step import init_state, make_train_step
+
+
+def build_train_step(config, stage: str, trainable: Sequence[str] | None = None):
+    """(model config, pure ``train_step(state, batch)``, optax transform, ``init(params) -> state``) for a stage,
+    exactly as the trainer builds them (``trainable`` overrides the stage's regexes)."""
+    mcfg = ModelConfig.from_run_config(config)
+    sc = config.stages[stage]
+    abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    names = mcfg.expert_names
+    view = jax.eval_shape(lambda p: to_opt_view(p, names), params)
+    labels = trainable_labels(view, tuple(trainable) if trainable is not None else tuple(sc.trainable))
+    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, labels)
+    step = make_train_step(nnx.graphdef(abstract), tx, labels, names, schedule, int(sc.optimizer.get("grad_accum", 1)))
+    return mcfg, step, tx, lambda p: init_state(p, tx, names, config.seed)
+
+
+def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, length: int = 0) -> ModelInputs:
+    """``ModelInputs`` of ShapeDtypeStructs (no sharding), labels included, for ``batch`` one-video samples of
+    ``frames`` frames of ``size``² pixels in a conversation of ``length`` tokens (0: the video's + 256, rounded
+    up to a multiple of 256). Shapes come from the fields' declarations (``inputs.abstract_inputs``)."""
+    v = mcfg.vision
+    if frames % v.temporal_patch_size or size % (v.patch_size * v.spatial_merge_size):
+        raise ValueError(f"frames={frames} must be a multiple of {v.temporal_patch_size} and frame_size={size} of "
+                         f"{v.patch_size * v.spatial_merge_size}")
+    side = size // v.patch_size
+    patches = frames // v.temporal_patch_size * side * side
+    tokens = patches // v.merge_unit
+    length = length or -(-(tokens + 256) // 256) * 256
+    if length < tokens + 2:
+        raise ValueError(f"length={length} cannot hold the video's {tokens} tokens")
+    p = batch * patches
+    return abstract_inputs({"B": batch, "L": length, "P": p, "U": p // v.merge_unit, "G": batch,
+                            "patch_dim": v.patch_dim})
+
+
+def sharded_shapes(shapes: ModelInputs, mesh) -> ModelInputs:
+    """``shapes`` with each field's batch sharding attached (``parallel.rules.input_sharding``)."""
+    return shapes.map_fields(lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                  sharding=input_sharding(spec, len(x.shape), mesh)))
+
+
+def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict | None = None,
+         batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0) -> dict[str, Any]:
+    """Lowers and compiles the stage's train step for a mesh over the first ``num_devices`` devices; returns
+    the report (also the JSON line of the CLI). ``batch``: host ``ModelInputs`` (or its flat dict, labels
+    included) to take shapes from instead of a video."""
+    devices = jax.devices()
+    if len(devices) < num_devices:
+        raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist; set "
+                         f"jax_num_cpu_devices before JAX starts (the CLI does)")
+    mesh_cfg = dict(config.mesh)
+    mesh_cfg["num_devices"] = num_devices
+    mesh = make_mesh(mesh_cfg, devices[:num_devices])
+    mcfg, step, tx, init = build_train_step(config, stage)
+    batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if batch is None:
+        shapes = video_batch_shapes(mcfg, batch_per_device * batch_shards, frames, frame_size, length)
+    else:
+        shapes = ModelInputs.coerce(batch).map_fields(
+            lambda _, v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype))
+    check_divisibility(mcfg, mesh, shapes.text.input_ids.shape[0])
+    abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
+    pshard = pure_param_shardings(abstract, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), pshard)
+    timings = {}
+    t0 = time.perf_counter()
+    with axis_rules(mesh, DEFAULT_RULES):
+        state_shapes = jax.eval_shape(init, params)
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
+                             step_lib.state_shardings(state_shapes, pshard, mcfg.expert_names, mesh))
+        batch_abs = sharded_shapes(shapes, mesh)
+        lowered = jax.jit(step, donate_argnums=0).lower(state, batch_abs)
+        timings["lower_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        timings["compile_s"] = time.perf_counter() - t1
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args_b, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    temp_b, alias_b = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    b, length_ = shapes.text.input_ids.shape
+    patches = 0 if shapes.vision is None else shapes.vision.pixel_values.shape[0]
+    items = 0 if shapes.vision is None else shapes.vision.item_valid.shape[0]
+    analytic = flops.train_flops(mcfg, tokens=b * length_, patches=patches,
+                                 frame_tokens=(frame_size // mcfg.vision.patch_size) ** 2 if batch is None else None,
+                                 sequences=b, items=items)
+    return {
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "stage": stage,
+        "remat": mcfg.remat, "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
+        "patches": int(patches),
+        "argument_bytes": args_b, "output_bytes": out_b, "temp_bytes": temp_b, "alias_bytes": alias_b,
+        "per_device_bytes": args_b + out_b + temp_b - alias_b,
+        "xla_flops_per_device": float(cost.get("flops", 0.0)),
+        "flops_per_step": analytic,
+        **{k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
+    gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+    rows = [("mesh", " × ".join(f"{k}={v}" for k, v in report["mesh"].items())),
+            ("stage / remat / dtype", f"{report['stage']} / {report['remat']} / {report['dtype']}"),
+            ("parameters", f"{report['params'] / 1e6:,.1f} M"),
+            ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']})"),
+            ("arguments (params + opt state + batch)", gib(report["argument_bytes"])),
+            ("outputs", gib(report["output_bytes"])), ("temporaries", gib(report["temp_bytes"])),
+            ("donated (aliased)", gib(report["alias_bytes"])),
+            ("per device", gib(report["per_device_bytes"])),
+            ("analytic train FLOPs per step", f"{report['flops_per_step']:.3e}"),
+            ("XLA FLOPs per device", f"{report['xla_flops_per_device']:.3e}"),
+            ("lower / compile", f"{report['lower_s']} s / {report['compile_s']} s")]
+    if device_memory_gb:
+        used = report["per_device_bytes"] / 1e9
+        rows.append((f"headroom of {device_memory_gb:g} GB", f"{100 * (1 - used / device_memory_gb):.1f} %"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,103 @@
+"""The import direction between packages (issue 17, item 6), read from the source with ``ast`` (nothing runs).
+
+  * ``model`` imports nothing from data, train, eval, convert, infer or cli;
+  * ``data`` imports nothing from model, train, eval, convert, infer or cli;
+  * nothing outside ``cli`` (bench and configs included) imports ``cli``;
+  * ``train`` does not import ``eval``;
+  * no two modules import each other.
+Every import counts, function-level ones included: a lazy import is still a dependency.
+"""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "emoqwen_jax"
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _sources(*tops: str) -> dict[str, str]:
+    out = {}
+    for top in tops:
+        base = os.path.join(ROOT, top)
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    out[_module_name(path)] = path
+    return out
+
+
+MODULES = _sources(PACKAGE)
+OTHERS = _sources("bench", "configs")
+
+
+def _imports(name: str, path: str) -> set[str]:
+    """The project modules ``path`` imports (a name imported from a package resolves to its submodule)."""
+    is_pkg = path.endswith("__init__.py")
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                parts = name.split(".")
+                parts = parts if is_pkg else parts[:-1]
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:  # ``import a.b.c`` of a non-module attribute
+                target = target.rpartition(".")[0]
+            if target.startswith(PACKAGE):
+                out.add(target)
+    return out
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _part(module: str) -> str:
+    """The package a module belongs to: ``emoqwen_jax.model.text`` -> ``model``; top-level modules keep their name."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _violations(part: str, forbidden: set[str]) -> list[str]:
+    return sorted(f"{m} imports {t}" for m, targets in GRAPH.items() if _part(m) == part
+                  for t in targets if _part(t) in forbidden)
+
+
+def test_the_graph_is_read():
+    assert "emoqwen_jax.model.emotion_qwen" in GRAPH and "emoqwen_jax.inputs" in GRAPH["emoqwen_jax.layout"]
+    assert "emoqwen_jax.model.config" in GRAPH["emoqwen_jax.model"]
+
+
+def test_model_imports_no_pipeline_or_application_code():
+    assert _violations("model", {"data", "train", "eval", "convert", "infer", "cli"}) == []
+
+
+def test_data_imports_no_model_or_application_code():
+    assert _violations("data", {"model", "train", "eval", "convert", "infer", "cli"}) == []
+
+
+def test_only_cli_imports_cli():
+    inside = [f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) != "cli" for t in ts if _part(t) == "cli"]
+    outside = [f"{m} imports {t}" for m, p in OTHERS.items() for t in _imports(m, p) if _part(t) == "cli"]
+    assert sorted(inside + outside) == []
+
+
+def test_train_does_not_import_eval():
+    assert _violations("train", {"eval"}) == []
+
+
+def test_no_two_modules_import_each_other():
+    pairs = sorted({tuple(sorted((a, b))) for a, ts in GRAPH.items() for b in ts if a != b and a in GRAPH.get(b, ())})
+    assert pairs == []
