@@ -161,3 +161,21 @@ def test_export_to_a_uri_and_import_back(scratch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError, match="not empty"):
         to_hf(model, target, tokenizer=False)
+
+
+def test_emotion_eval_labels_and_clips_from_a_uri_root(scratch, demo_dir):
+    """emoqwen-eval / emoqwen-score inputs (label CSV, predictions, video root) on scratch://."""
+    from emoqwen_jax.eval.benchmarks import get_benchmark, read_labels, read_predictions
+    from emoqwen_jax.eval.runner import locate
+
+    root = storage.join(scratch, "dfew")
+    for local in demo_dir.rglob("*"):
+        if local.is_file() and local.suffix in (".csv", ".mp4"):
+            with storage.open(storage.join(root, *local.relative_to(demo_dir).parts), "wb") as f:
+                f.write(local.read_bytes())
+    labels = read_labels(storage.join(root, "eval_dfew.csv"), get_benchmark("dfew"))
+    assert labels == read_labels(str(demo_dir / "eval_dfew.csv"), get_benchmark("dfew"))
+    paths = locate(list(labels), root)
+    assert all(p and p.startswith(root + "/videos/") and storage.isfile(p) for p in paths.values())
+    storage.write_text(storage.join(root, "pred.jsonl"), '{"id": "videos/clip_000", "response": "happy"}\n')
+    assert read_predictions(storage.join(root, "pred.jsonl")) == {"videos/clip_000": "happy"}

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from emoqwen_jax import storage
 from emoqwen_jax.data import data_config, load_tokenizer
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.text import num_vision_tokens, prompt_ids
@@ -85,7 +85,7 @@ class Session:
         """Loads one of our model directories (``emoqwen-convert from-hf`` or the trainer writes them)."""
         from emoqwen_jax.checkpoint import load_model, read_model_config
 
-        if not os.path.isdir(ckpt):
+        if not storage.isdir(ckpt):
             raise FileNotFoundError(f"--ckpt {ckpt} is not a directory")
         _, meta = read_model_config(ckpt)
         return cls(load_model(ckpt, dtype=dtype), meta.get("data"), overrides)
@@ -100,7 +100,7 @@ class Session:
         """One file -> its vision arrays and its placeholder's blocks [(pad id, tokens)] (clip, then canvas)."""
         if kind not in MEDIA_KINDS:
             raise ValueError(f"media kind {kind!r}; valid: {MEDIA_KINDS}")
-        record = {"id": os.path.basename(path), "media": [{"kind": kind, "path": path}],
+        record = {"id": storage.basename(path), "media": [{"kind": kind, "path": path}],
                   "conversations": [{"role": "user", "content": f"<{kind}>"}, {"role": "assistant", "content": "."}]}
         sample = self.processor.process(record)  # raises data.reasons.Rejected for unreadable media
         grids = sample["video_grid_thw" if kind == "video" else "image_grid_thw"]
@@ -116,7 +116,7 @@ class Session:
         ``<video>``/``<image>`` placeholders; a subtitle is appended as training does ("\\nSubtitle: …").
         """
         for kind, path in media:
-            if not os.path.isfile(path):
+            if not storage.isfile(path):
                 raise FileNotFoundError(f"{kind} file {path} does not exist")
         parts = [self._medium(kind, path) for kind, path in media]
         if "<video>" not in text and "<image>" not in text:
