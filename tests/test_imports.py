@@ -4,6 +4,7 @@
   * ``data`` imports nothing from model, train, eval, convert, infer or cli;
   * nothing outside ``cli`` (bench and configs included) imports ``cli``;
   * ``train`` does not import ``eval``;
+  * inside ``eval``: suites -> general -> emotion -> the shared parsers, never back;
   * no two modules import each other.
 Every import counts, function-level ones included: a lazy import is still a dependency.
 """
@@ -96,6 +97,20 @@ def test_only_cli_imports_cli():
 
 def test_train_does_not_import_eval():
     assert _violations("train", {"eval"}) == []
+
+
+def test_eval_parts_import_one_way():
+    order = ["suites", "general", "emotion"]  # each may import the parts after it (and eval.parse/choice)
+
+    def eval_part(module: str) -> str:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 3 and parts[1] == "eval" else ""
+
+    backwards = sorted(f"{m} imports {t}" for m, ts in GRAPH.items() for t in ts
+                       if eval_part(m) in order and eval_part(t) in order
+                       and order.index(eval_part(t)) < order.index(eval_part(m)))
+    assert {eval_part(m) for m in GRAPH} >= set(order)
+    assert backwards == []
 
 
 def test_no_two_modules_import_each_other():

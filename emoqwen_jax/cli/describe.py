@@ -5,7 +5,7 @@ r"""emoqwen-describe: ask a checkpoint about one clip (and/or image) and print i
   emoqwen-describe --ckpt ckpt/emoqwen-7b --image face.jpg --prompt "What emotion does this face show?"
   emoqwen-describe --ckpt C --video clip.mp4 --temperature 0.7 --top_p 0.9 --seed 1 --set fps=1.0
 
-Defaults: the emotion-reasoning prompt (``emoqwen_jax.eval.emer.REASONING_PROMPT``), greedy decoding, and
+Defaults: the emotion-reasoning prompt (``emoqwen_jax.eval.emotion.emer.REASONING_PROMPT``), greedy decoding, and
 the tokenizer/processor settings stored with the checkpoint (``config.json`` ``meta.data``; the data
 defaults otherwise). ``--set key=value`` overrides a data setting (e.g. ``fps``, ``video_max_pixels``).
 With ``--json`` the last line is ``{"response", "num_tokens", "prompt_tokens"}`` instead of the bare text.
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from emoqwen_jax.eval.emer import REASONING_PROMPT
+    from emoqwen_jax.eval.emotion.emer import REASONING_PROMPT
     from emoqwen_jax.infer.session import Session
 
     media = [(kind, path) for kind, path in (("video", args.video), ("image", args.image)) if path]

@@ -7,8 +7,8 @@ r"""emoqwen-eval: answer a benchmark's questions with a checkpoint, write the pr
   emoqwen-eval --ckpt C --benchmark mmbench --root MMBench --circular
   emoqwen-eval --ckpt C --suite general|emotion|all --suite_config suite.json
 
-Every model gets the same standard settings (``emoqwen_jax.eval.benchmarks`` for videos,
-``emoqwen_jax.eval.general`` for images): the benchmark's prompt, greedy decoding, frames at 3 fps and the
+Every model gets the same standard settings (``emoqwen_jax.eval.emotion.benchmarks`` for videos,
+``emoqwen_jax.eval.general.benchmarks`` for images): the benchmark's prompt, greedy decoding, frames at 3 fps and the
 default pixel budgets; ``--set`` changes them (the run then says so, and the report records it). ``--folds``
 finds the five fold files from the one given (set_1 → set_1…5, or ``{fold}`` in the path) and reports the
 mean over folds. Outputs under ``--out`` (default ``eval_out/<benchmark>`` or ``eval_out/suite_<suite>``):
@@ -25,9 +25,9 @@ import os
 import sys
 
 from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
-from emoqwen_jax.eval.evaluate import evaluate as run_evaluation
-from emoqwen_jax.eval.general import GENERAL_BENCHMARKS
-from emoqwen_jax.eval.suites import EMOTION_BENCHMARKS, SUITES
+from emoqwen_jax.eval.suites.evaluate import evaluate as run_evaluation
+from emoqwen_jax.eval.general.benchmarks import GENERAL_BENCHMARKS
+from emoqwen_jax.eval.suites.registry import EMOTION_BENCHMARKS, SUITES
 
 BENCHMARK_CHOICES = (*EMOTION_BENCHMARKS, *GENERAL_BENCHMARKS)
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--benchmark", choices=BENCHMARK_CHOICES, help="one benchmark")
     what.add_argument("--suite", choices=SUITES, help="the benchmarks of --suite_config's lists")
-    parser.add_argument("--suite_config", default="", help="suite JSON (see emoqwen_jax/eval/suites.py)")
+    parser.add_argument("--suite_config", default="", help="suite JSON (see emoqwen_jax/eval/suites/registry.py)")
     parser.add_argument("--labels", default="", help="emotion: label CSV (EMER: reference descriptions)")
     parser.add_argument("--video_root", default="", help="emotion: directory the clip names are relative to")
     parser.add_argument("--folds", action="store_true", help="emotion: run all five folds and report the mean")
@@ -71,7 +71,7 @@ def spec_from_args(args: argparse.Namespace) -> dict:
 
 def evaluate(ckpt: str, specs: list[dict], out_dir: str, *, overrides: dict, args: argparse.Namespace,
              suite: str = "") -> dict:
-    """``emoqwen_jax.eval.evaluate.evaluate`` with the generation flags of ``args`` (notes departures from
+    """``emoqwen_jax.eval.suites.evaluate.evaluate`` with the generation flags of ``args`` (notes departures from
     the standard settings on stderr)."""
     if overrides:
         print(f"note: --set {overrides} departs from the standard settings; scores are not comparable with "
@@ -88,7 +88,7 @@ def summary_of(report: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from emoqwen_jax.eval.suites import load_suite
+    from emoqwen_jax.eval.suites.registry import load_suite
 
     overrides = parse_sets(args.set)
     if args.suite:

@@ -18,7 +18,7 @@ import os
 import sys
 
 from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
-from emoqwen_jax.eval.suites import SUITES
+from emoqwen_jax.eval.suites.registry import SUITES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from emoqwen_jax.eval import forgetting
-    from emoqwen_jax.eval.suite_report import read_report
+    from emoqwen_jax.eval.suites import forgetting
+    from emoqwen_jax.eval.suites.report import read_report
 
     ckpts, reports = (args.before, args.after), (args.before_report, args.after_report)
     if all(ckpts) == all(reports) or any(ckpts) != all(ckpts) or any(reports) != all(reports):
         raise ValueError("give --before and --after (checkpoints), or --before_report and --after_report")
     if all(ckpts):
         from emoqwen_jax.cli.eval import evaluate
-        from emoqwen_jax.eval.suites import load_suite
+        from emoqwen_jax.eval.suites.registry import load_suite
 
         if not args.suite_config:
             raise ValueError("--before/--after need --suite_config (a JSON file listing the benchmarks)")

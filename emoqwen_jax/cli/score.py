@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     if args.benchmark == "emer":
-        from emoqwen_jax.eval.emer import score_emer_files
+        from emoqwen_jax.eval.emotion.emer import score_emer_files
 
         return score_emer_files(args.predictions, args.labels, text_column=args.text_column or None)
-    from emoqwen_jax.eval.benchmarks import get_benchmark
-    from emoqwen_jax.eval.report import score_files
+    from emoqwen_jax.eval.emotion.benchmarks import get_benchmark
+    from emoqwen_jax.eval.emotion.report import score_files
 
     classes = [c for c in args.classes.split(",") if c.strip()] or None
     scores, paths = score_files(get_benchmark(args.benchmark), args.predictions, args.labels, classes)

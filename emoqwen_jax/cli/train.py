@@ -22,7 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Overrides config.workdir.")
 
 def main_(argv) -> None:
     del argv
-    from emoqwen_jax.eval.stage_eval import run_stage_eval
+    from emoqwen_jax.eval.suites.stage_eval import run_stage_eval
     from emoqwen_jax.train.trainer import Preempted, train_and_evaluate
 
     config = _CONFIG.value

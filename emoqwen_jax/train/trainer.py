@@ -128,7 +128,7 @@ def load_stage_params(stage_dir: str, mcfg: ModelConfig, mesh) -> dict:
 
 
 # The per-stage evaluation hook: (config, stage name, stage model dir, workdir, metrics writer) -> report dict.
-# ``emoqwen-train`` passes ``emoqwen_jax.eval.stage_eval.run_stage_eval``; train never imports eval.
+# ``emoqwen-train`` passes ``emoqwen_jax.eval.suites.stage_eval.run_stage_eval``; train never imports eval.
 StageEval = Callable[[ml_collections.ConfigDict, str, str, str, MetricsWriter], dict]
 
 
@@ -140,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     wanted = [n for n in config.run_stages if config.stages[n].get("eval_suite")]
     if wanted and stage_eval is None:
         raise ValueError(f"stages {wanted} set eval_suite but no stage_eval hook was given; pass "
-                         f"stage_eval=emoqwen_jax.eval.stage_eval.run_stage_eval (emoqwen-train does)")
+                         f"stage_eval=emoqwen_jax.eval.suites.stage_eval.run_stage_eval (emoqwen-train does)")
     workdir = workdir or config.get("workdir", "")
     if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")

@@ -3,7 +3,7 @@
 import pytest
 
 from emoqwen_jax.eval import LabelParser, answer_span, get_benchmark
-from emoqwen_jax.eval.emer import emotion_concepts
+from emoqwen_jax.eval.emotion.emer import emotion_concepts
 
 DFEW = LabelParser(get_benchmark("dfew").classes)
 MAFW = LabelParser(get_benchmark("mafw").classes)

@@ -8,7 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from emoqwen_jax.eval import general, vl_data, vl_scores
+from emoqwen_jax.eval.general import benchmarks as general
+from emoqwen_jax.eval.general import data as vl_data
+from emoqwen_jax.eval.general import scores as vl_scores
 
 
 def png(color=(200, 30, 30), fmt="PNG"):

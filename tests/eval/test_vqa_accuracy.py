@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from emoqwen_jax.eval.vqa_accuracy import (CONTRACTIONS, normalize_answer, process_digit_article, process_punctuation,
+from emoqwen_jax.eval.general.vqa_accuracy import (CONTRACTIONS, normalize_answer, process_digit_article, process_punctuation,
                                            vqa_accuracy)
 
 

@@ -23,12 +23,12 @@ import json
 import os
 from typing import Any
 
-from emoqwen_jax.eval.suite_report import flatten_metrics
+from emoqwen_jax.eval.suites.report import flatten_metrics
 
 
 def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
     """``eval_suite`` (a path[:suite] string or a sequence of specs) -> (specs, data overrides)."""
-    from emoqwen_jax.eval import suites
+    from emoqwen_jax.eval.suites import registry as suites
 
     if not eval_suite:
         return [], {}
@@ -61,8 +61,8 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
     ``writer`` (a ``train.metrics.MetricsWriter``; only process 0 writes) and returns the report ({} when no
     suite is configured)."""
     from emoqwen_jax.checkpoint import read_model_config
-    from emoqwen_jax.eval.benchmarks import EVAL_MAX_NEW_TOKENS
-    from emoqwen_jax.eval.evaluate import evaluate
+    from emoqwen_jax.eval.emotion.benchmarks import EVAL_MAX_NEW_TOKENS
+    from emoqwen_jax.eval.suites.evaluate import evaluate
 
     stage = config.stages[stage_name]
     specs, suite_sets = resolve_eval_suite(stage.get("eval_suite", ()))

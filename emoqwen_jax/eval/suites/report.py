@@ -3,7 +3,7 @@ table, plus the reader ``emoqwen-forgetting`` uses.
 
 report.json::
 
-    {"format": "emoqwen_jax.eval.report", "version": 1,
+    {"format": "emoqwen_jax.eval.emotion.report", "version": 1,
      "settings": {"ckpt", "suite", "data": {fps, pixel budgets, …}, "sampling": {…}, "prompts": {bench: …},
                   "overrides": {…}},
      "benchmarks": {name: {"kind": "general"|"emotion", "benchmark", "headline", "n", "invalid_rate",
@@ -19,9 +19,9 @@ import json
 import os
 from typing import Any
 
-from emoqwen_jax.eval.vl_data import load_json
+from emoqwen_jax.eval.general.data import load_json
 
-REPORT_FORMAT = "emoqwen_jax.eval.report"
+REPORT_FORMAT = "emoqwen_jax.eval.emotion.report"
 # Keys of a benchmark result that are bookkeeping, not metrics.
 _NOT_METRICS = frozenset({"n", "num_answers", "answered", "failed", "missing", "images", "tp", "fp", "tn", "fn",
                           "perception_max", "cognition_max", "no_reference_emotion"})

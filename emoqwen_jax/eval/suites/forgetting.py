@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from emoqwen_jax.eval.suite_report import flatten_metrics, headline_value
+from emoqwen_jax.eval.suites.report import flatten_metrics, headline_value
 
 _COMPARED_SETTINGS = ("data", "sampling", "prompts", "overrides")
 

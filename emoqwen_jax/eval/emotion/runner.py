@@ -18,10 +18,10 @@ from tqdm import tqdm
 from emoqwen_jax import storage
 from emoqwen_jax.data.manifests import VIDEO_EXTENSIONS, resolve_path
 from emoqwen_jax.data.reasons import Rejected
-from emoqwen_jax.eval import emer
-from emoqwen_jax.eval.benchmarks import Benchmark, read_labels, read_predictions
-from emoqwen_jax.eval.report import score_files
-from emoqwen_jax.eval.scores import Scores
+from emoqwen_jax.eval.emotion import emer
+from emoqwen_jax.eval.emotion.benchmarks import Benchmark, read_labels, read_predictions
+from emoqwen_jax.eval.emotion.report import score_files
+from emoqwen_jax.eval.emotion.scores import Scores
 from emoqwen_jax.infer.generate import SamplingConfig
 from emoqwen_jax.infer.session import Session
 

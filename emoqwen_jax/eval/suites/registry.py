@@ -10,7 +10,7 @@ A suite config is a JSON file (paths relative to the file's folder)::
                  {"benchmark": "emer", "labels": "EMER/descriptions.csv", "video_root": "MER2023/test3"}]}
 
 ``--suite general|emotion|all`` picks the lists (all = both). Every spec may set ``name`` (its report key and
-output folder, default the benchmark) and ``limit`` (the first N questions). ``emoqwen_jax.eval.general``
+output folder, default the benchmark) and ``limit`` (the first N questions). ``emoqwen_jax.eval.general.benchmarks``
 documents the general specs; emotion specs take ``labels``, ``video_root``, ``folds``, ``classes``,
 ``text_column`` (the emoqwen-eval flags).
 """
@@ -24,9 +24,10 @@ import os
 import sys
 from typing import Any, Sequence
 
-from emoqwen_jax.eval import benchmarks, general
-from emoqwen_jax.eval.emer import REASONING_PROMPT
-from emoqwen_jax.eval.vl_data import MC_INSTRUCTION, SHORT_ANSWER, load_json
+from emoqwen_jax.eval.emotion import benchmarks
+from emoqwen_jax.eval.general import benchmarks as general
+from emoqwen_jax.eval.emotion.emer import REASONING_PROMPT
+from emoqwen_jax.eval.general.data import MC_INSTRUCTION, SHORT_ANSWER, load_json
 
 SUITES = ("general", "emotion", "all")
 EMOTION_BENCHMARKS = (*benchmarks.BENCHMARKS, "emer")
@@ -110,8 +111,8 @@ def prompt_of(spec: dict) -> str:
 def run_emotion(session: Any, spec: dict, out_dir: str, *, sampling: Any, batch_size: int, seed: int = 0,
                 verbose: bool = True) -> dict:
     """One emotion benchmark (one label file, all folds, or EMER) -> its result with a headline."""
-    from emoqwen_jax.eval import runner
-    from emoqwen_jax.eval.scores import mean_scores
+    from emoqwen_jax.eval.emotion import runner
+    from emoqwen_jax.eval.emotion.scores import mean_scores
 
     name = spec["benchmark"]
     folds = bool(spec.get("folds"))

@@ -26,8 +26,8 @@ from typing import Iterable, Sequence
 
 from emoqwen_jax.eval.choice import parse_choice, parse_yes_no
 from emoqwen_jax.eval.parse import answer_span
-from emoqwen_jax.eval.vl_data import MME_COGNITION, MME_PERCEPTION, VLItem  # noqa: F401 (re-exported)
-from emoqwen_jax.eval.vqa_accuracy import vqa_accuracy
+from emoqwen_jax.eval.general.data import MME_COGNITION, MME_PERCEPTION, VLItem  # noqa: F401 (re-exported)
+from emoqwen_jax.eval.general.vqa_accuracy import vqa_accuracy
 
 
 

@@ -13,9 +13,10 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
-from emoqwen_jax.eval import vl_data, vl_scores
-from emoqwen_jax.eval.benchmarks import read_predictions
-from emoqwen_jax.eval.vl_data import VLItem
+from emoqwen_jax.eval.general import data as vl_data
+from emoqwen_jax.eval.general import scores as vl_scores
+from emoqwen_jax.eval.emotion.benchmarks import read_predictions
+from emoqwen_jax.eval.general.data import VLItem
 
 # Image settings of the general benchmarks, the same for every model: qwen-vl-utils' image pixel range (the
 # Qwen2.5-VL processor defaults), no prompt-length cap. Videos keep the emotion benchmarks' settings.
@@ -105,7 +106,7 @@ def score_predictions(spec: dict, items: Sequence[VLItem], predictions_path: str
 
 def run_general(session: Any, spec: dict, out_dir: str, *, sampling: Any, batch_size: int, seed: int = 0) -> dict:
     """Answers every question of one general benchmark (``out_dir/<name>.jsonl``) and scores it."""
-    from emoqwen_jax.eval.runner import answer_requests
+    from emoqwen_jax.eval.emotion.runner import answer_requests
 
     name = spec.get("name") or spec["benchmark"]
     items = load_items(spec, out_dir)

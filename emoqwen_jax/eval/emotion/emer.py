@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from emoqwen_jax.eval.benchmarks import read_predictions
+from emoqwen_jax.eval.emotion.benchmarks import read_predictions
 from emoqwen_jax.eval.parse import WORDS, LabelParser
 
 # The default question of emoqwen-describe and of EMER runs.

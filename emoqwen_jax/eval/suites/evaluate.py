@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from emoqwen_jax.eval import suites
-from emoqwen_jax.eval.benchmarks import EMER_MAX_NEW_TOKENS, EVAL_MAX_NEW_TOKENS
-from emoqwen_jax.eval.general import GENERAL_MAX_NEW_TOKENS
-from emoqwen_jax.eval.suite_report import write_report
+from emoqwen_jax.eval.suites import registry as suites
+from emoqwen_jax.eval.emotion.benchmarks import EMER_MAX_NEW_TOKENS, EVAL_MAX_NEW_TOKENS
+from emoqwen_jax.eval.general.benchmarks import GENERAL_MAX_NEW_TOKENS
+from emoqwen_jax.eval.suites.report import write_report
 
 
 def default_max_new_tokens(specs: list[dict]) -> int:
