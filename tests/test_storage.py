@@ -165,8 +165,8 @@ def test_export_to_a_uri_and_import_back(scratch):
 
 def test_emotion_eval_labels_and_clips_from_a_uri_root(scratch, demo_dir):
     """emoqwen-eval / emoqwen-score inputs (label CSV, predictions, video root) on scratch://."""
-    from emoqwen_jax.eval.benchmarks import get_benchmark, read_labels, read_predictions
-    from emoqwen_jax.eval.runner import locate
+    from emoqwen_jax.eval.emotion.benchmarks import get_benchmark, read_labels, read_predictions
+    from emoqwen_jax.eval.emotion.runner import locate
 
     root = storage.join(scratch, "dfew")
     for local in demo_dir.rglob("*"):
