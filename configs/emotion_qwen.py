@@ -115,6 +115,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.data = data_config()
     config.data.tokenizer_vocab_size = config.model.text.vocab_size
     config.data.num_shards = 0  # data shards per global batch (0 = one per process); fixes the data order
+    # Sequence packing (--config.data.packing=True): several samples per row up to the length bucket, attention
+    # only within a sample (segment ids), M-RoPE positions restarting per sample, labels unchanged; off by default.
+    config.data.packing = False
     config.mesh = mesh_config()
     config.run_stages = STAGES  # stage names, run in order; each starts from the previous one's weights
     config.stages = ml_collections.ConfigDict({name: stage_config(name, preset) for name in STAGES + EXTRA_STAGES})

@@ -9,8 +9,8 @@ Every field declares, in its metadata, the few facts the rest of the code base d
     a plain value); ``permutation=True``: every entry moves (not only the non-negative ones);
   * ``key``: its flat name in the Hugging Face-style dict view (``inputs["vision_pos_hw"]``).
 
-Groups are optional (None = absent), and so are fields marked ``optional`` (labels; a text ``segment_ids``
-for packing would be another): ``jit``, sharding, batching and the shapes all skip a None. Adding a modality
+Groups are optional (None = absent), and so are fields marked ``optional`` (labels, rope_deltas, and the text
+``segment_ids`` of packed rows): ``jit``, sharding, batching and the shapes all skip a None. Adding a modality
 means one group here (with its ``KEY_PREFIX``), its producer in ``data``/``layout`` and its consumer in
 ``model``. ``inputs["name"]``, ``.get``, ``.keys``/``.items`` and ``inputs["labels"] = ...`` keep code written
 against the former dict working (HF ``ModelOutput`` style); new code uses attributes
@@ -63,6 +63,9 @@ class TextInputs:
     rope_deltas: Array = array_field(("B",), optional=True)  # HF's max position + 1 - L, for decoding
     visual_token_index: Array = array_field(("B", "L"), offset="units")  # merged-token row per placeholder, -1
     labels: Array = array_field(("B", "L"), optional=True)  # tokens.IGNORE (-100) where nothing is learned
+    # Packed rows (``config.data.packing``): 1, 2, ... per sample of the row, 0 on padding; attention never
+    # crosses samples and M-RoPE positions restart per sample. None = one sample per row (the attention mask).
+    segment_ids: Array = array_field(("B", "L"), optional=True)
 
 
 @jax.tree_util.register_dataclass

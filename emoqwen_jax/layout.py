@@ -118,7 +118,7 @@ def vision_layout(grids: np.ndarray, spec: LayoutSpec, *, pad_patches_to: int | 
 
 
 def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
-                   spec: LayoutSpec) -> tuple[np.ndarray, np.ndarray]:
+                   spec: LayoutSpec, segment_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE position ids by the rule Qwen2.5-VL was released and trained with (transformers 4.50).
 
     Text tokens share one position on all three axes; vision tokens get
@@ -126,8 +126,12 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, se
     all offset by the running position; text after a vision block resumes at the block's maximum + 1.
     (transformers >= 5.3 resumes at start + max(h, w) / merge instead; see REFERENCE §2.)
 
+    ``segment_ids`` int[B, L] (packed rows: 1, 2, ... per sample, 0 padding): each sample's positions are
+    computed as if it were alone in its row (they restart at 0), then laid side by side. The grids are in row
+    order, within a row in token order (the packed samples' items one after another).
+
     Returns position_ids int32[3, B, L] (padding positions hold 1, as in HF) and rope_deltas int32[B]
-    (max position + 1 - L, HF's definition, carried into decoding).
+    (max position + 1 - L, HF's definition, carried into decoding; of a packed row's largest position).
     """
     input_ids = np.asarray(input_ids)
     b, length = input_ids.shape
@@ -135,43 +139,64 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, se
     images, videos = _grids(image_grid_thw), _grids(video_grid_thw)
     spt = (np.ones(len(videos), np.float32) if second_per_grid_ts is None
            else np.asarray(second_per_grid_ts, np.float32).reshape(-1))
-    m = spec.spatial_merge_size
     position_ids = np.ones((3, b, length), np.int64)
     deltas = np.zeros((b,), np.int64)
-    image_i = video_i = 0
+    counters = {"image": 0, "video": 0}  # items used so far (rows and samples in order)
     for row in range(b):
-        tokens = input_ids[row][mask[row] == 1]
-        starts = np.flatnonzero(tokens[:-1] == spec.vision_start_token_id)
-        kinds = tokens[starts + 1]
-        remaining = {"image": int((kinds == spec.image_token_id).sum()), "video": int((kinds == spec.video_token_id).sum())}
-        parts, st = [], 0
-        next_start = lambda: parts[-1].max() + 1 if parts else 0  # noqa: E731
-        for _ in range(remaining["image"] + remaining["video"]):
-            ed_image = _find(tokens, spec.image_token_id, st) if remaining["image"] > 0 else len(tokens) + 1
-            ed_video = _find(tokens, spec.video_token_id, st) if remaining["video"] > 0 else len(tokens) + 1
-            if ed_image < ed_video:
-                (t, h, w), interval, ed = images[image_i], np.float32(0.0), ed_image
-                image_i, remaining["image"] = image_i + 1, remaining["image"] - 1
-            else:
-                (t, h, w), interval, ed = videos[video_i], spt[video_i], ed_video
-                video_i, remaining["video"] = video_i + 1, remaining["video"] - 1
-            lh, lw = h // m, w // m
-            st_idx = next_start()
-            text_len = ed - st
-            parts.append(np.broadcast_to(np.arange(text_len) + st_idx, (3, text_len)))
-            # float32 product, then truncation, as torch does: (index * interval) * tokens_per_second.
-            t_ids = (np.arange(t, dtype=np.float32) * interval * np.float32(spec.tokens_per_second)).astype(np.int64)
-            grid = np.stack([np.repeat(t_ids, lh * lw), np.tile(np.repeat(np.arange(lh), lw), t),
-                             np.tile(np.arange(lw), t * lh)])
-            parts.append(grid + text_len + st_idx)
-            st = ed + t * lh * lw
-        if st < len(tokens):
-            st_idx = next_start()
-            parts.append(np.broadcast_to(np.arange(len(tokens) - st) + st_idx, (3, len(tokens) - st)))
-        positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
-        position_ids[:, row, mask[row] == 1] = positions
-        deltas[row] = (positions.max() + 1 if positions.size else 0) - length
+        if segment_ids is None:
+            samples = [mask[row] == 1]
+        else:
+            seg = np.asarray(segment_ids)[row]
+            real = (seg > 0) & (mask[row] == 1)
+            samples = [real & (seg == s) for s in _in_order(seg[real])]
+        top = -1
+        for where in samples:
+            positions = _sample_positions(input_ids[row][where], images, videos, spt, counters, spec)
+            position_ids[:, row, where] = positions
+            top = max(top, int(positions.max()) if positions.size else -1)
+        deltas[row] = top + 1 - length
     return position_ids.astype(np.int32), deltas.astype(np.int32)
+
+
+def _in_order(ids: np.ndarray) -> list[int]:
+    """The distinct values of ``ids`` in order of first appearance."""
+    _, first = np.unique(ids, return_index=True)
+    return [int(ids[i]) for i in sorted(first)]
+
+
+def _sample_positions(tokens: np.ndarray, images: np.ndarray, videos: np.ndarray, spt: np.ndarray,
+                      counters: dict[str, int], spec: LayoutSpec) -> np.ndarray:
+    """int64[3, n]: the M-RoPE positions of one sample's n real tokens, starting at 0; advances ``counters``
+    past the sample's images and videos."""
+    m = spec.spatial_merge_size
+    starts = np.flatnonzero(tokens[:-1] == spec.vision_start_token_id)
+    kinds = tokens[starts + 1]
+    remaining = {"image": int((kinds == spec.image_token_id).sum()), "video": int((kinds == spec.video_token_id).sum())}
+    parts, st = [], 0
+    next_start = lambda: parts[-1].max() + 1 if parts else 0  # noqa: E731
+    for _ in range(remaining["image"] + remaining["video"]):
+        ed_image = _find(tokens, spec.image_token_id, st) if remaining["image"] > 0 else len(tokens) + 1
+        ed_video = _find(tokens, spec.video_token_id, st) if remaining["video"] > 0 else len(tokens) + 1
+        if ed_image < ed_video:
+            (t, h, w), interval, ed = images[counters["image"]], np.float32(0.0), ed_image
+            counters["image"], remaining["image"] = counters["image"] + 1, remaining["image"] - 1
+        else:
+            (t, h, w), interval, ed = videos[counters["video"]], spt[counters["video"]], ed_video
+            counters["video"], remaining["video"] = counters["video"] + 1, remaining["video"] - 1
+        lh, lw = h // m, w // m
+        st_idx = next_start()
+        text_len = ed - st
+        parts.append(np.broadcast_to(np.arange(text_len) + st_idx, (3, text_len)))
+        # float32 product, then truncation, as torch does: (index * interval) * tokens_per_second.
+        t_ids = (np.arange(t, dtype=np.float32) * interval * np.float32(spec.tokens_per_second)).astype(np.int64)
+        grid = np.stack([np.repeat(t_ids, lh * lw), np.tile(np.repeat(np.arange(lh), lw), t),
+                         np.tile(np.arange(lw), t * lh)])
+        parts.append(grid + text_len + st_idx)
+        st = ed + t * lh * lw
+    if st < len(tokens):
+        st_idx = next_start()
+        parts.append(np.broadcast_to(np.arange(len(tokens) - st) + st_idx, (3, len(tokens) - st)))
+    return np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
 
 
 def _find(tokens: np.ndarray, token_id: int, start: int) -> int:
@@ -199,15 +224,19 @@ def visual_token_index(input_ids, spec: LayoutSpec, image_grids: np.ndarray, vid
 def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
                        spec: LayoutSpec, position_ids=None, pad_patches_to: int | None = None,
-                       pad_items_to: int | None = None) -> ModelInputs:
+                       pad_items_to: int | None = None, segment_ids=None) -> ModelInputs:
     """Hugging Face-named inputs -> the fixed-shape ``ModelInputs`` ``EmotionQwen.forward`` takes (host numpy).
 
-    Images and videos share one ViT pass (attention never crosses a frame), images first.
+    Images and videos share one ViT pass (attention never crosses a frame), images first. ``segment_ids``
+    int[B, L] (packed rows, see ``get_rope_index``) restart the positions per sample and travel with the text
+    so the decoder never attends across samples.
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be int[B, L], got shape {input_ids.shape}")
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    if segment_ids is not None and np.shape(segment_ids) != input_ids.shape:
+        raise ValueError(f"segment_ids has shape {np.shape(segment_ids)}; it must match input_ids {input_ids.shape}")
     images, videos = _grids(image_grid_thw), _grids(video_grid_thw)
     pix = []
     for name, values, grids in (("pixel_values", pixel_values, images), ("pixel_values_videos",
@@ -233,7 +262,8 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
         joined = np.concatenate(pix)
         pixels[: len(joined)] = joined
     if position_ids is None:
-        position_ids, rope_deltas = get_rope_index(input_ids, mask, images, videos, second_per_grid_ts, spec)
+        position_ids, rope_deltas = get_rope_index(input_ids, mask, images, videos, second_per_grid_ts, spec,
+                                                   segment_ids)
     else:
         position_ids = np.asarray(position_ids, np.int32)
         rope_deltas = (position_ids.max(axis=(0, 2)) + 1 - input_ids.shape[1]).astype(np.int32)
@@ -245,4 +275,6 @@ def build_model_inputs(input_ids, attention_mask=None, pixel_values=None, image_
         visual_token_index=visual_token_index(input_ids, spec, images, videos),
         pixel_values=pixels,
     )
+    if segment_ids is not None:
+        out["segment_ids"] = np.where(mask == 1, segment_ids, 0).astype(np.int32)
     return ModelInputs.from_dict(out)

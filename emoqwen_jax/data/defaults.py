@@ -60,6 +60,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.worker_count = 0  # grain worker processes for decoding (0 = in the main process)
     c.worker_buffer_size = 2  # elements each worker prefetches
     c.batch_size = 2  # per-host batch size
+    # Sequence packing: several samples per row (first fit, up to the length bucket holding max_length) with
+    # per-sample segment ids (attention never crosses samples, positions restart); fewer padding tokens.
+    c.packing = False
     c.drop_remainder = True  # training drops the last partial batch; eval pads it with empty rows
     # Text lengths are padded up to the smallest bucket that fits (few compiled shapes); the last must be >= max_length.
     c.length_buckets = (256, 512, 1024, 2048)

@@ -29,6 +29,10 @@ the batch's patch rows, or 0 when the batch has none of that modality)::
     video_grid_thw       int32[n_vid, 3]
     video_sample_index   int32[n_vid]
     second_per_grid_ts   float32[n_vid]
+    segment_ids          int32[B, Lb]     only with ``packing``: 1, 2, ... per sample of the row, 0 padding
+
+With ``packing`` (``emoqwen_jax.data.packing``) a row holds several samples (up to the bucket of
+``max_length`` tokens), its ``id`` their ids joined by ``,``; ``*_sample_index`` still name the batch row.
 
 The grids stay unpadded on the host: ``emoqwen_jax.layout`` turns them into fixed-shape index arrays.
 """
@@ -41,6 +45,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from emoqwen_jax.data.packing import PackRows
 from emoqwen_jax.data.process import PATCH_DIM, SampleProcessor
 from emoqwen_jax.data.reasons import RejectCounter
 from emoqwen_jax.tokens import IGNORE
@@ -87,6 +92,10 @@ class Collate:
             batch["input_ids"][i, :n] = s["input_ids"]
             batch["attention_mask"][i, :n] = s["attention_mask"]
             batch["labels"][i, :n] = s["labels"]
+        if "segment_ids" in samples[0]:  # packed rows (data.packing.merge_row)
+            batch["segment_ids"] = np.zeros((b, length), np.int32)
+            for i, s in enumerate(samples):
+                batch["segment_ids"][i, : len(s["segment_ids"])] = s["segment_ids"]
         for pix, grid, index in (("pixel_values", "image_grid_thw", "image_sample_index"),
                                  ("pixel_values_videos", "video_grid_thw", "video_sample_index")):
             batch[pix] = self._pixels([s[pix] for s in samples])
@@ -173,7 +182,8 @@ def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_
 
     ``cfg`` is ``config.data``. ``counter`` receives the rejection counts (pass one to read them as metrics;
     it must then serve a single iterator). ``num_epochs`` overrides ``cfg.num_epochs`` (−1/None = forever).
-    With several sources each repeats forever and the mixture follows the weights.
+    With several sources each repeats forever and the mixture follows the weights. ``cfg.packing`` packs
+    several samples per row (``emoqwen_jax.data.packing``).
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if not (0 <= shard_index < shard_count):
@@ -202,6 +212,9 @@ def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_
     it = CountRejects(it, counter, cfg)
     info = tokenizer_info(int(cfg["tokenizer_vocab_size"]))
     collate = Collate(cfg["batch_size"], cfg["length_buckets"], cfg["patch_buckets"], info.pad_id)
+    if cfg.get("packing", False):  # rows of several samples, up to the bucket that holds max_length
+        capacity = bucket(int(cfg["max_length"]), cfg["length_buckets"])
+        return PackRows(it, int(cfg["batch_size"]), capacity, bool(cfg["drop_remainder"])).map(collate)
     return it.batch(int(cfg["batch_size"]), drop_remainder=bool(cfg["drop_remainder"]), batch_fn=collate)
 
 

@@ -84,7 +84,7 @@ class EmotionQwen(nnx.Module):
         """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
         inputs = ModelInputs.coerce(inputs)
         embeds, gate_weights, aux = self.embed(inputs)
-        mask = causal_padding_mask(inputs.text.attention_mask)
+        mask = causal_padding_mask(inputs.text.attention_mask, inputs.text.segment_ids)
         hidden, _ = self.language_model(embeds, inputs.text.position_ids, mask)
         return hidden, gate_weights, aux
 

@@ -125,8 +125,11 @@ class TextModel(nnx.Module):
         return self.norm(x), new_cache
 
 
-def causal_padding_mask(attention_mask: Array) -> Array:
-    """bool[B, 1, L, L]: query i sees key j iff j <= i and key j is a real token (right padding)."""
+def causal_padding_mask(attention_mask: Array, segment_ids: Array | None = None) -> Array:
+    """bool[B, 1, L, L]: query i sees key j iff j <= i, key j is a real token (right padding) and, with
+    ``segment_ids`` int[B, L] (packed rows), i and j belong to the same sample."""
     length = attention_mask.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return causal[None, None] & (attention_mask[:, None, None, :] > 0)
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & (attention_mask[:, None, None, :] > 0)
+    if segment_ids is not None:
+        mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return mask

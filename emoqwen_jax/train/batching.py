@@ -43,16 +43,18 @@ def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, int, int], *, 
     n_img = int(np.prod(batch["image_grid_thw"], axis=-1).sum()) if len(batch["image_grid_thw"]) else 0
     n_vid = int(np.prod(batch["video_grid_thw"], axis=-1).sum()) if len(batch["video_grid_thw"]) else 0
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    segments = batch.get("segment_ids")  # packed rows (data.packing)
     if ids.shape[1] < length:  # right-pad the text to the agreed length
         extra = length - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id)
         mask = np.pad(mask, ((0, 0), (0, extra)))
         labels = np.pad(labels, ((0, 0), (0, extra)), constant_values=IGNORE)
+        segments = None if segments is None else np.pad(segments, ((0, 0), (0, extra)))
     out = build_model_inputs(
         ids, mask, batch["pixel_values"][:n_img] if n_img else None,
         batch["image_grid_thw"] if n_img else None, batch["pixel_values_videos"][:n_vid] if n_vid else None,
         batch["video_grid_thw"] if n_vid else None, batch["second_per_grid_ts"] if n_vid else None,
-        spec=spec, pad_patches_to=patches, pad_items_to=items)
+        spec=spec, pad_patches_to=patches, pad_items_to=items, segment_ids=segments)
     out.text.labels = labels.astype(np.int32)
     scale = {"units": patches // spec.merge_unit, "patches": patches, "items": items}
     return model_inputs.offset_indices(out, shard_index, scale)

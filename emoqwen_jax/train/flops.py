@@ -124,5 +124,8 @@ def batch_train_flops(cfg: ModelConfig, inputs: ModelInputs | Mapping[str, np.nd
         tokens, pairs = b * length, b * length * length
     else:
         lengths = mask.sum(-1).astype(np.int64)
+        if inputs.text.segment_ids is not None:  # packed rows: causal pairs within each sample
+            seg = np.asarray(inputs.text.segment_ids)
+            lengths = np.concatenate([np.unique(row[row > 0], return_counts=True)[1] for row in seg]).astype(np.int64)
         tokens, pairs = int(lengths.sum()), int((lengths * (lengths + 1) // 2).sum())
     return 3.0 * (blocks + comp + text_flops(cfg, tokens, pairs)) + 2.0 * embed

@@ -27,11 +27,20 @@ def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
     return nll.sum(), valid.sum().astype(jnp.float32)
 
 
+def packed_targets(labels: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """int[B, L]: ``labels`` with each packed sample's first token made IGNORE (None: ``labels``), so no sample
+    learns to predict the next one's first token — alone in its row that token is never a target either."""
+    if segment_ids is None:
+        return labels
+    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    return jnp.where(starts, IGNORE, labels)
+
+
 def loss_fn(model: EmotionQwen, batch: ModelInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean token loss + the compressor's weighted aux loss; metrics for logging. ``batch`` carries labels."""
     batch = ModelInputs.coerce(batch)
     out = model.forward(batch)
-    total, count = cross_entropy_sums(out.logits, batch.text.labels)
+    total, count = cross_entropy_sums(out.logits, packed_targets(batch.text.labels, batch.text.segment_ids))
     lm_loss = total / jnp.maximum(count, 1.0)
     loss = lm_loss + out.aux_loss
     valid = (jnp.zeros((0,), jnp.float32) if batch.vision is None

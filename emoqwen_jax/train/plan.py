@@ -48,10 +48,12 @@ def build_train_step(config, stage: str, trainable: Sequence[str] | None = None)
     return mcfg, step, tx, lambda p: init_state(p, tx, names, config.seed)
 
 
-def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, length: int = 0) -> ModelInputs:
+def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, length: int = 0, *,
+                       packing: bool = False) -> ModelInputs:
     """``ModelInputs`` of ShapeDtypeStructs (no sharding), labels included, for ``batch`` one-video samples of
     ``frames`` frames of ``size``² pixels in a conversation of ``length`` tokens (0: the video's + 256, rounded
-    up to a multiple of 256). Shapes come from the fields' declarations (``inputs.abstract_inputs``)."""
+    up to a multiple of 256). Shapes come from the fields' declarations (``inputs.abstract_inputs``);
+    ``packing`` adds the packed rows' ``segment_ids`` (``config.data.packing``)."""
     v = mcfg.vision
     if frames % v.temporal_patch_size or size % (v.patch_size * v.spatial_merge_size):
         raise ValueError(f"frames={frames} must be a multiple of {v.temporal_patch_size} and frame_size={size} of "
@@ -63,8 +65,9 @@ def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, le
     if length < tokens + 2:
         raise ValueError(f"length={length} cannot hold the video's {tokens} tokens")
     p = batch * patches
+    optional = ("labels", "rope_deltas") + (("segment_ids",) if packing else ())
     return abstract_inputs({"B": batch, "L": length, "P": p, "U": p // v.merge_unit, "G": batch,
-                            "patch_dim": v.patch_dim})
+                            "patch_dim": v.patch_dim}, optional=optional)
 
 
 def sharded_shapes(shapes: ModelInputs, mesh) -> ModelInputs:
@@ -90,7 +93,8 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     mcfg, step, tx, init = build_train_step(config, stage)
     batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if batch is None:
-        shapes = video_batch_shapes(mcfg, batch_per_device * batch_shards, frames, frame_size, length)
+        shapes = video_batch_shapes(mcfg, batch_per_device * batch_shards, frames, frame_size, length,
+                                    packing=bool(config.data.get("packing", False)))
     else:
         shapes = ModelInputs.coerce(batch).map_fields(
             lambda _, v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype))

@@ -300,7 +300,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     peak = float(config.train.peak_flops_per_device) * jax.device_count()
     max_bad = int(config.train.max_nonfinite_in_a_row)
     last: dict[str, Any] = {"trained_leaves": len(trained)}
-    tokens_seen, flops_seen, t0 = 0.0, 0.0, time.perf_counter()
+    tokens_seen, slots_seen, flops_seen, t0 = 0.0, 0.0, 0.0, time.perf_counter()
     bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
     hosts.barrier(f"{name}_start")  # the first batch's all-gather must not wait on a host still compiling
     with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES):
@@ -310,6 +310,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
             global_step += 1
             tokens = float(local.text.attention_mask.sum()) * processes
             tokens_seen += tokens
+            slots_seen += float(local.text.attention_mask.size) * processes
             flops_seen += flops.batch_train_flops(mcfg, local) * processes  # model FLOPs of the real tokens
             bar.update(1)
             done = micro + 1 == total
@@ -321,11 +322,13 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
                           **{k: m[k] for k in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "gate_weights",
                                                "lb_loss", "z_loss", "dropped_tokens")},
                           "skipped": int(not m["finite"]), "tokens_per_s": tokens_seen / elapsed,
+                          # real (not padding) tokens per row slot since the last record: what packing raises
+                          "real_token_fraction": tokens_seen / max(slots_seen, 1.0),
                           "mfu": flops_seen / elapsed / peak, "data_rejected": rejected}
                 record = {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
                 writer.write(record)
                 bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-                tokens_seen, flops_seen, t0 = 0.0, 0.0, time.perf_counter()
+                tokens_seen, slots_seen, flops_seen, t0 = 0.0, 0.0, 0.0, time.perf_counter()
                 last = dict(record, trained_leaves=len(trained))
                 if int(m["nonfinite_in_a_row"]) >= max_bad:
                     raise RuntimeError(f"stage {name}: {int(m['nonfinite_in_a_row'])} non-finite updates in a row "

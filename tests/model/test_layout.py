@@ -134,3 +134,25 @@ def test_build_model_inputs_shapes_and_errors():
     with pytest.raises(ValueError, match=r"second_per_grid_ts has 2 entries for 1 videos"):
         layout.build_model_inputs(ids, mask, pixel_values_videos=pixels, video_grid_thw=[grid],
                                   second_per_grid_ts=[1.0, 2.0], spec=SPEC)
+
+
+def test_packed_segments_restart_positions_per_sample():
+    """A row of two samples (segment ids 1, 2; 0 padding) gets each sample's own positions, as alone in a row."""
+    image, video = (1, 4, 4), (2, 4, 2)
+    first = [7] + O.image_tokens(image) + [8, 11]
+    second = [9] + O.video_tokens(video) + [10]
+    ids, mask = O.pad_batch([first, second])
+    alone = layout.get_rope_index(ids, mask, [image], [video], [2.0], SPEC)[0]
+    row = np.array(first + second + [0, 0])[None]
+    seg = np.array([1] * len(first) + [2] * len(second) + [0, 0])[None]
+    packed, deltas = layout.get_rope_index(row, (seg > 0).astype(np.int32), [image], [video], [2.0], SPEC, seg)
+    np.testing.assert_array_equal(packed[:, 0, : len(first)], alone[:, 0, : len(first)])
+    np.testing.assert_array_equal(packed[:, 0, len(first): -2], alone[:, 1, : len(second)])
+    assert (packed[:, 0, -2:] == 1).all()  # padding, as HF
+    assert deltas[0] == packed.max() + 1 - row.shape[1]
+    out = layout.build_model_inputs(row, (seg > 0).astype(np.int32), O.pixels(image, 0), [image], O.pixels(video, 1),
+                                    [video], [2.0], spec=SPEC, segment_ids=seg)
+    np.testing.assert_array_equal(out.text.segment_ids, seg)
+    np.testing.assert_array_equal(out.text.position_ids, packed)
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 3\)"):
+        layout.build_model_inputs(row, spec=SPEC, segment_ids=seg[:, :3])
