@@ -40,6 +40,11 @@ EXTRAS = {
         "peft==0.21.2",
     ],
     "hf": ["transformers==5.24.0"],
+    # Accelerators (the base install is the CPU jaxlib): Cloud TPU VMs, and NVIDIA GPUs with CUDA 12.
+    "tpu": ["jax[tpu]==0.10.2"],
+    "cuda": ["jax[cuda12]==0.10.2"],
+    # gs:// workdirs, init_from, manifests and data roots (fsspec's GCS filesystem; TensorBoard's GCS writer).
+    "gcs": ["gcsfs", "google-cloud-storage"],
 }
 
 setup(

@@ -130,6 +130,9 @@ def mesh_config() -> ml_collections.ConfigDict:
     mesh.expert = 1  # expert parallelism of the compressor (extra data parallelism elsewhere)
     mesh.tensor = 1  # attention heads / MLP width
     mesh.num_devices = 0  # use only the first N devices (0 = every global device)
+    # Multislice: data / fsdp factors across slices (DCN); the sizes above then describe one slice.
+    mesh.dcn_data = 1
+    mesh.dcn_fsdp = 1
     return mesh
 
 
@@ -174,6 +177,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Peak FLOP/s of one device for MFU (bf16 dense: 989e12 H100 SXM, 459e12 TPU v5p; CPU: a nominal 1e11).
     config.train.peak_flops_per_device = 989e12 if preset == "7b" else 1e11
     config.train.max_nonfinite_in_a_row = 5  # consecutive skipped (NaN/Inf) updates before the run stops
+    # Poll the GCE metadata server's maintenance-event; a notice saves like SIGTERM (launch/tpu_pod.sh sets it).
+    config.train.watch_maintenance_events = False
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ""  # host:port of process 0 ('' = single process / auto)
     config.distributed.num_processes = 0

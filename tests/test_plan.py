@@ -51,3 +51,18 @@ def test_audio_batch_shapes():
     assert shapes.audio.input_features.shape == (2, 128, 3000)  # one 30 s window per sample
     # 16 frames of 448^2: 2048 video tokens; 30 s: 750 audio tokens + bos/eos; + 256, to a multiple of 256
     assert shapes.text.input_ids.shape == (2, 3072) and shapes.audio.token_index.shape == (2, 3072)
+
+
+def test_plan_two_slices_multislice_mesh():
+    """--num_slices 2 with mesh.dcn_data=2: the mesh is built per slice (fsdp -1 fills one slice) and the step
+    compiles on it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "emoqwen_jax.cli.plan", f"--config={ROOT}/configs/emotion_qwen.py:tiny",
+           "--num_devices=4", "--num_slices=2", "--config.mesh.dcn_data=2", "--config.mesh.fsdp=-1",
+           "--config.mesh.data=1", "--frames=4", "--frame_size=112"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["num_slices"] == 2
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1}  # data across slices, fsdp within
+    assert report["per_device_bytes"] > 0

@@ -4,6 +4,8 @@ and print its per-device memory and FLOPs.
   emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices 64 --length 8192 --frames 16 --frame_size 448
   emoqwen-plan --config=configs/emotion_qwen.py:tiny --num_devices=4 --batch_per_device=1 --frames=4 --frame_size=112
   emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=8 --audio_seconds=30 --device_memory_gb=80
+  emoqwen-plan --config=configs/emotion_qwen.py:tiny --num_devices=8 --num_slices=2 --config.mesh.dcn_data=2 \
+      --config.mesh.fsdp=-1 --config.mesh.data=1 --frames=4 --frame_size=112
 
 The step is the trainer's (``make_train_step``: loss, gradients, AdamW with the stage's frozen leaves,
 non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the trainer's shardings) over a
@@ -38,6 +40,8 @@ _SIZE = flags.DEFINE_integer("frame_size", 448, "Frame side in pixels (multiple 
 _LENGTH = flags.DEFINE_integer("length", 0, "Text length per sample (0: the video's tokens + 256, to a multiple of 256).")
 _FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (the ViT full layers' block "
                                     "for blockwise attention; -1 = leave the config's value, 0 = attention_block).")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Simulated slices the devices form (multislice; set "
+                               "--config.mesh.dcn_data or --config.mesh.dcn_fsdp so their product matches).")
 _MEMORY = flags.DEFINE_float("device_memory_gb", 0.0, "If set, print the headroom against this per-device memory.")
 _AUDIO = flags.DEFINE_float("audio_seconds", 0.0, "Seconds of each sample's audio track (> 0 turns "
                             "model.audio on: encoder windows and 25 audio tokens per second join the batch).")
@@ -56,7 +60,8 @@ def main_(argv) -> None:
     if _AUDIO.value > 0:
         config.model.audio.enabled = True
     report = plan(config, num_devices=_DEVICES.value, stage=_STAGE.value, batch_per_device=_PER_DEVICE.value,
-                  frames=_FRAMES.value, frame_size=_SIZE.value, length=_LENGTH.value, audio_seconds=_AUDIO.value)
+                  frames=_FRAMES.value, frame_size=_SIZE.value, length=_LENGTH.value, audio_seconds=_AUDIO.value,
+                  num_slices=_SLICES.value)
     print(format_table(report, _MEMORY.value))
     print(json.dumps(report))
 

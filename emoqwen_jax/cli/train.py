@@ -44,7 +44,8 @@ def main_(argv) -> None:
     print(f"weights per stage: {summary['workdir']}/stages/<stage>   checkpoints: {summary['workdir']}/checkpoints")
     print(f"metrics: {summary['metrics']}   tensorboard: {summary['workdir']}/tensorboard")
     line = {"workdir": summary["workdir"], "final": summary["final"],
-            "final_loss": {k: v.get("loss") for k, v in summary["stages"].items()}}
+            "final_loss": {k: v.get("loss") for k, v in summary["stages"].items()},
+            **{k: summary[k] for k in ("process_index", "process_count", "device_count")}}
     final_stage = config.run_stages[-1]
     for name, last in summary["stages"].items():
         for bench, scores in eval_scores(last.get("eval") or {}).items():

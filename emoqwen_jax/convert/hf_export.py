@@ -28,6 +28,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from emoqwen_jax import storage
+
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.convert.hf_import import EXPORT_MODEL_TYPE
 from emoqwen_jax.model import EmotionQwen, ModelConfig
@@ -250,15 +252,14 @@ def write_processor_configs(config: ModelConfig, out_dir: str) -> None:
 
 
 def _prepare_dir(out_dir: str, overwrite: bool) -> str:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    out_dir = storage.normalize(out_dir)
+    if storage.isdir(out_dir) and storage.listdir(out_dir):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to "
                                   f"replace the export in it")
-        for name in os.listdir(out_dir):  # only what an export writes: stale shards must not survive
+        for name in storage.listdir(out_dir):  # only what an export writes: stale shards must not survive
             if name in _OWN_FILES or name.endswith(".safetensors"):
-                os.remove(os.path.join(out_dir, name))
-    os.makedirs(out_dir, exist_ok=True)
+                storage.remove(storage.join(out_dir, name))
     return out_dir
 
 
@@ -291,22 +292,25 @@ def to_hf(model: EmotionQwen, out_dir: str, *, format: str = EXPORT_MODEL_TYPE, 
     tensors = hf_tensors(model, format)
     dtypes = {str(t.dtype) for t in tensors.values()}
     out_dir = _prepare_dir(out_dir, overwrite)
-    files = write_safetensors(tensors, out_dir, max_shard_size)
-    if tokenizer:
-        info = write_tokenizer(config, out_dir, tokenizer_cache_dir)
-        files += ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-    eos = (info.im_end_id, info.endoftext_id) if info else None
-    cfg = hf_config(config, format, dtype="bfloat16" if dtypes == {"bfloat16"} else "float32", eos_ids=eos)
-    gen = {"do_sample": False, "eos_token_id": list(eos) if eos else None,
-           "pad_token_id": info.endoftext_id if info else None, "bos_token_id": info.endoftext_id if info else None}
-    for name, blob in (("config.json", cfg), ("generation_config.json", gen)):
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(blob, f, indent=2)
-    write_processor_configs(config, out_dir)
-    files += ["config.json", "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json"]
-    if format == EXPORT_MODEL_TYPE:
-        for name in REMOTE_FILES:
-            shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(out_dir, name))
-        files += list(REMOTE_FILES)
+    with storage.staged_dir(out_dir) as local:  # a URI target (gs://…) is written locally, then uploaded
+        files = write_safetensors(tensors, local, max_shard_size)
+        if tokenizer:
+            info = write_tokenizer(config, local, tokenizer_cache_dir)
+            files += ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+        eos = (info.im_end_id, info.endoftext_id) if info else None
+        cfg = hf_config(config, format, dtype="bfloat16" if dtypes == {"bfloat16"} else "float32", eos_ids=eos)
+        gen = {"do_sample": False, "eos_token_id": list(eos) if eos else None,
+               "pad_token_id": info.endoftext_id if info else None,
+               "bos_token_id": info.endoftext_id if info else None}
+        for name, blob in (("config.json", cfg), ("generation_config.json", gen)):
+            with open(os.path.join(local, name), "w") as f:
+                json.dump(blob, f, indent=2)
+        write_processor_configs(config, local)
+        files += ["config.json", "generation_config.json", "preprocessor_config.json",
+                  "video_preprocessor_config.json"]
+        if format == EXPORT_MODEL_TYPE:
+            for name in REMOTE_FILES:
+                shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(local, name))
+            files += list(REMOTE_FILES)
     return {"out_dir": out_dir, "format": format, "files": sorted(files), "num_tensors": len(tensors),
             "bytes": int(sum(t.nbytes for t in tensors.values()))}

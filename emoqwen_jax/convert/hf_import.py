@@ -7,22 +7,25 @@ initialised from ``seed``.
 Our own exports (``model_type`` 'emotion_qwen', ``emoqwen_jax.convert.to_hf``) carry the compressor's
 settings in config.json and its experts, gate and router in the weights; they are read back as they are, so
 JAX -> HF -> JAX is bit-identical.
+
+Memory: tensors are read one at a time (a safetensors header gives each tensor's byte range) and, with a
+``mesh``, placed straight into their sharding (``jax.make_array_from_callback``: each host keeps only the shards
+its devices hold), so host memory is bounded by the largest tensor, not the model. The directory may be a URI
+(``gs://…``, ``emoqwen_jax.storage``).
 """
 
 from __future__ import annotations
 
-
 import json
 import logging
-import os
+import struct
 from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-
+from emoqwen_jax import storage
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.compressor import GateNetwork
@@ -39,13 +42,12 @@ SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", EXPORT_MODEL_TYPE)
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise FileNotFoundError(f"Hugging Face directory {path!r} does not exist")
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
+    cfg_file = storage.join(path, "config.json")
+    if not storage.isfile(cfg_file):
         raise FileNotFoundError(f"{path!r} has no config.json (expected a Qwen2.5-VL save_pretrained directory)")
-    with open(cfg_file) as f:
-        return json.load(f)
+    return storage.read_json(cfg_file)
 
 
 def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | None = None,
@@ -94,28 +96,41 @@ def config_from_hf(hf: Mapping[str, Any], *, compressor: Mapping[str, Any] | Non
         dtype=dtype, param_dtype=param_dtype or dtype)
 
 
+# safetensors dtype names -> numpy (bfloat16 through ml_dtypes, which JAX ships).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 class TensorReader:
-    """Lazy reader over one or many safetensors files; names normalised to the file layout
-    (``model.layers.*``, ``visual.*``) whichever of HF's prefixes the files use."""
+    """Lazy reader over one or many safetensors files (local or a URI); names normalised to the file layout
+    (``model.layers.*``, ``visual.*``) whichever of HF's prefixes the files use. ``get`` reads one tensor's bytes
+    and nothing else."""
 
     def __init__(self, path: str):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
+        index = storage.join(path, "model.safetensors.index.json")
+        if storage.isfile(index):
+            files = sorted(set(storage.read_json(index)["weight_map"].values()))
         else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            files = [f for f in storage.listdir(path) if f.endswith(".safetensors")]
         if not files:
             raise FileNotFoundError(f"{path!r} has no *.safetensors weights")
-        self._where: dict[str, tuple[str, str]] = {}
+        # normalised name -> (file, dtype, shape, absolute byte offset, byte length)
+        self._where: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
         for name in files:
-            full = os.path.join(path, name)
-            if not os.path.isfile(full):
+            full = storage.join(path, name)
+            if not storage.isfile(full):
                 raise FileNotFoundError(f"weight shard {full!r} named in the index is missing")
-            with safe_open(full, framework="np") as f:
-                for key in f.keys():
-                    self._where[_normalise(key)] = (full, key)
+            with storage.open(full, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"{full}: tensor {key} has dtype {info['dtype']}; readable: {sorted(_ST_DTYPES)}")
+                start, end = info["data_offsets"]
+                self._where[_normalise(key)] = (full, info["dtype"], tuple(info["shape"]), 8 + size + start,
+                                                end - start)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -123,9 +138,11 @@ class TensorReader:
     def get(self, key: str) -> np.ndarray:
         if key not in self._where:
             raise KeyError(key)
-        full, raw = self._where[key]
-        with safe_open(full, framework="np") as f:
-            return f.get_tensor(raw)
+        full, dtype, shape, offset, length = self._where[key]
+        with storage.open(full, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        return np.frombuffer(raw, dtype=np.dtype(jnp.dtype(_ST_DTYPES[dtype]))).reshape(shape)
 
 
 def _normalise(key: str) -> str:
@@ -147,8 +164,18 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
-def load_entries(reader: TensorReader, entries: list[hf_names.Entry], pure: dict, dtype) -> set[str]:
-    """Fills ``pure`` (our pure-dict state of ShapeDtypeStructs) from ``reader``; returns the keys used."""
+def place(value: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """A host array as a JAX array: on the default device, or assembled from this host's shards of
+    ``sharding`` (every host holds the full ``value``; only the pieces its devices own are copied)."""
+    if sharding is None:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def load_entries(reader: TensorReader, entries: list[hf_names.Entry], pure: dict, dtype,
+                 shardings: dict | None = None) -> set[str]:
+    """Fills ``pure`` (our pure-dict state of ShapeDtypeStructs) from ``reader``, one tensor at a time, each
+    placed in its sharding from ``shardings`` (same tree; None: the default device); returns the keys used."""
     missing = sorted({k for e in entries for k in e.hf_keys if k not in reader._where})
     if missing:
         raise ValueError(f"{len(missing)} weight(s) missing from the checkpoint, e.g. {missing[:5]}")
@@ -161,7 +188,8 @@ def load_entries(reader: TensorReader, entries: list[hf_names.Entry], pure: dict
         if tuple(value.shape) != want:
             raise ValueError(f"shape of {entry.hf_keys[0]} does not fit: checkpoint gives {tuple(value.shape)} "
                              f"(after conversion), the config needs {want} for {'/'.join(map(str, entry.path))}")
-        _set(pure, entry.path, jnp.asarray(value.astype(dtype)))
+        _set(pure, entry.path, place(value.astype(dtype), _get(shardings, entry.path) if shardings else None))
+        del arrays, value  # only one tensor (and its converted copy) lives on the host at a time
     return used
 
 
@@ -173,7 +201,7 @@ def _iter_paths(tree, prefix=()) -> Iterator[tuple]:
         yield prefix
 
 
-def _init_routing(pure: dict, config: ModelConfig, seed: int) -> None:
+def _init_routing(pure: dict, config: ModelConfig, seed: int, shardings: dict | None = None) -> None:
     """The gate (paper mode) or router (scale mode) do not exist in Qwen2.5-VL: initialise them fresh."""
     cdt = dict(dtype=as_dtype(config.dtype), param_dtype=as_dtype(config.param_dtype))
     comp = pure["compressor"]
@@ -185,21 +213,32 @@ def _init_routing(pure: dict, config: ModelConfig, seed: int) -> None:
         router = Linear(v.hidden_size * v.merge_unit, config.compressor.num_experts, use_bias=False,
                         axes=("merge", None), rngs=nnx.Rngs(seed), **cdt)
         comp["router"] = nnx.to_pure_dict(nnx.state(router))
+    if shardings is not None:  # small modules: built on one device, then placed
+        for key in ("gate", "router"):
+            if comp.get(key) is not None:
+                comp[key] = jax.tree.map(lambda v, sh: place(np.asarray(v), sh), comp[key],
+                                         shardings["compressor"][key])
 
 
-def _perturb_experts(experts: dict, std: float, seed: int) -> None:
+def _perturb_experts(experts: dict, std: float, seed: int, shardings: dict | None = None) -> dict:
     """Experts 1.. get N(0, (std * tensor std)^2) noise so token routing can tell them apart; expert 0 stays
-    an exact copy of the merger."""
-    key = jax.random.key(seed + 1)
-    for name in sorted(experts):
-        key, sub = jax.random.split(key)
-        w = experts[name]
-        noise = jax.random.normal(sub, w.shape, jnp.float32) * std * jnp.std(w.astype(jnp.float32))
-        experts[name] = (w.astype(jnp.float32) + noise.at[0].set(0.0)).astype(w.dtype)
+    an exact copy of the merger. Jitted, so sharded experts stay in their shardings."""
+
+    def perturb(experts):
+        key, out = jax.random.key(seed + 1), {}
+        for name in sorted(experts):
+            key, sub = jax.random.split(key)
+            w = experts[name]
+            noise = jax.random.normal(sub, w.shape, jnp.float32) * std * jnp.std(w.astype(jnp.float32))
+            out[name] = (w.astype(jnp.float32) + noise.at[0].set(0.0)).astype(w.dtype)
+        return out
+
+    return jax.jit(perturb, out_shardings=shardings)(experts)
 
 
 def from_hf(path: str, dtype: Any = "float32", param_dtype: Any = None, *,
-            compressor: Mapping[str, Any] | None = None, seed: int = 0, **runtime: Any) -> EmotionQwen:
+            compressor: Mapping[str, Any] | None = None, seed: int = 0,
+            mesh: jax.sharding.Mesh | None = None, **runtime: Any) -> EmotionQwen:
     """Builds ``EmotionQwen`` from a Qwen2.5-VL directory (every expert a copy of HF's merger) or from one of
     our exports (experts, gate and router as exported; ``seed`` unused).
 
@@ -211,6 +250,7 @@ def from_hf(path: str, dtype: Any = "float32", param_dtype: Any = None, *,
       seed: initialises the gating network (absent from Qwen2.5-VL).
       runtime: how the model runs, not what it is: ``attention`` ('auto' | 'xla' | 'blockwise' | 'splash' |
         'cudnn'), ``attention_block``, ``scan_layers``, ``remat`` (``ModelConfig`` fields).
+      mesh: read each tensor straight into its sharding on this mesh (logical-axis rules); None: one device.
     """
     hf = read_hf_config(path)
     config = config_from_hf(hf, compressor=compressor, dtype=dtype, param_dtype=param_dtype).with_runtime(**runtime)
@@ -218,16 +258,23 @@ def from_hf(path: str, dtype: Any = "float32", param_dtype: Any = None, *,
     abstract = nnx.eval_shape(lambda: EmotionQwen(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
+    shardings = None
+    if mesh is not None:
+        from emoqwen_jax.parallel import pure_param_shardings
+
+        shardings = pure_param_shardings(abstract, mesh)
     np_dtype = np.dtype(as_dtype(config.param_dtype))
     if hf["model_type"] == EXPORT_MODEL_TYPE:
-        used = load_entries(reader, hf_names.export_entries(config), pure, np_dtype)
+        used = load_entries(reader, hf_names.export_entries(config), pure, np_dtype, shardings)
     else:
         entries = hf_names.backbone_entries(config)
         entries += hf_names.expert_entries(config, [hf_names.HF_MERGER_PREFIX] * config.compressor.num_experts)
-        used = load_entries(reader, entries, pure, np_dtype)
-        _init_routing(pure, config, seed)
+        used = load_entries(reader, entries, pure, np_dtype, shardings)
+        _init_routing(pure, config, seed, shardings)
         if config.compressor.num_experts > 2 and config.compressor.init_noise_std > 0:
-            _perturb_experts(pure["compressor"]["experts"], config.compressor.init_noise_std, seed)
+            pure["compressor"]["experts"] = _perturb_experts(
+                pure["compressor"]["experts"], config.compressor.init_noise_std, seed,
+                shardings["compressor"]["experts"] if shardings else None)
     unfilled = [p for p in _iter_paths(pure) if isinstance(_get(pure, p), jax.ShapeDtypeStruct)]
     if unfilled:
         raise ValueError(f"parameters not provided by the checkpoint: {unfilled[:5]}")

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from emoqwen_jax import storage
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.convert.hf_export import FORMATS, check_format, to_hf
 from emoqwen_jax.model import EmotionQwen
@@ -96,14 +97,14 @@ def write_peft_adapter(model: EmotionQwen, out_dir: str, *, format: str = FORMAT
     """Writes ``out_dir/adapter_config.json`` and ``out_dir/adapter_model.safetensors``."""
     cfg = peft_config(model, format, base_model_name_or_path)
     tensors = peft_tensors(model, format)
-    out_dir = os.path.abspath(out_dir)
-    existing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if os.path.exists(os.path.join(out_dir, f))]
+    out_dir = storage.normalize(out_dir)
+    existing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if storage.exists(storage.join(out_dir, f))]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds an adapter ({existing}); pass overwrite=True (--overwrite)")
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
-        json.dump(cfg, f, indent=2)
+    with storage.staged_dir(out_dir) as local:
+        save_file(tensors, os.path.join(local, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(local, ADAPTER_CONFIG), "w") as f:
+            json.dump(cfg, f, indent=2)
     return {"adapter_dir": out_dir, "num_modules": len(cfg["target_modules"]), "rank": cfg["r"],
             "bytes": int(sum(t.nbytes for t in tensors.values()))}
 
@@ -126,7 +127,7 @@ def export_hf(model: EmotionQwen, out_dir: str, *, lora_adapter: str | None = No
     peft_config(model, fmt, "")  # every adapter has an HF name: fail before writing anything
     peft_tensors(model, fmt)
     summary = to_hf(model, out_dir, base_only=True, **to_hf_kwargs)  # adapters go to the PEFT directory
-    adapter_dir = lora_adapter or os.path.abspath(out_dir).rstrip(os.sep) + "-lora"
+    adapter_dir = lora_adapter or storage.normalize(out_dir) + "-lora"
     summary["adapter"] = write_peft_adapter(model, adapter_dir, format=fmt, base_model_name_or_path=summary["out_dir"],
                                             overwrite=to_hf_kwargs.get("overwrite", False))
     return summary
@@ -142,7 +143,7 @@ def merge_model_dir(ckpt: str, out: str, *, overwrite: bool = False) -> dict[str
         raise ValueError(f"{ckpt} has no LoRA adapters (its config.json meta has no 'lora'); nothing to merge")
     model = merge_lora(load_model(ckpt))
     lora = meta.pop("lora")
-    out = save_model(model, out, meta={**meta, "merged_lora": lora, "merged_from": os.path.abspath(ckpt)},
+    out = save_model(model, out, meta={**meta, "merged_lora": lora, "merged_from": storage.normalize(ckpt)},
                      overwrite=overwrite)
     return {"out": out, "merged_modules": len(lora["modules"]), "rank": lora["rank"]}
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.demo_audio import write_demo_clip
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES, benchmark_prompt
 
@@ -128,7 +130,10 @@ DEMO_PLACEHOLDER = "{demo}"  # in a mixture's manifest or data_root, or an eval 
 
 
 def demo_root(workdir: str) -> str:
-    """Where a run builds the demo set: ``workdir/demo_data``."""
+    """Where a run builds the demo set: ``workdir/demo_data``; with a remote workdir (a URI), a local folder of
+    this process (every host builds its own copy: the set is small and deterministic)."""
+    if storage.is_uri(workdir):
+        return os.path.join(tempfile.gettempdir(), f"emoqwen_demo_data_{os.getpid()}")
     return os.path.join(workdir, "demo_data")
 
 

@@ -26,8 +26,10 @@ import csv
 import io
 import json
 import os
+import posixpath
 from typing import Any, Iterator
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.audio import AUDIO_EXTENSIONS
 from emoqwen_jax.data.reasons import Rejected, rejection
 
@@ -53,9 +55,15 @@ def resolve_path(data_root: str, rel: Any) -> str:
     """``data_root``/``rel`` as a real path; Rejected('path_escapes_root') if it lands outside the root."""
     if not isinstance(rel, str) or not rel:
         raise Rejected("missing_file", f"media path {rel!r}")
-    root = os.path.realpath(data_root)
-    path = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([root, path]) != root:
+    if storage.is_uri(data_root):  # no symlinks in object stores: a normalised prefix check
+        root = storage.normalize(data_root)
+        path = posixpath.normpath(posixpath.join(root, rel)).replace(":/", "://", 1)
+        inside = path == root or path.startswith(root + "/")
+    else:
+        root = os.path.realpath(storage.normalize(data_root))
+        path = os.path.realpath(os.path.join(root, rel))
+        inside = os.path.commonpath([root, path]) == root
+    if not inside:
         raise Rejected("path_escapes_root", f"{rel!r} → {path} is outside {root}")
     return path
 
@@ -110,7 +118,7 @@ def conversation_record(entry: Any, data_root: str, source: str, index: int) -> 
 
 
 def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         # surrogateescape keeps undecodable bytes visible, so the bad entry alone is rejected ('non_utf8').
         return f.read().decode("utf-8", errors="surrogateescape")
 
@@ -156,7 +164,7 @@ def _media_path(data_root: str, name: str) -> str:
         return resolve_path(data_root, name)
     for ext in VIDEO_EXTENSIONS:
         path = resolve_path(data_root, name + ext)
-        if os.path.exists(path):
+        if storage.exists(path):
             return path
     return resolve_path(data_root, name + VIDEO_EXTENSIONS[0])
 
@@ -189,7 +197,7 @@ def detect_format(path: str) -> str:
     if path.endswith((".json", ".jsonl")):
         return "conversation"
     if path.endswith(".csv"):
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             header = f.readline().decode("utf-8", errors="replace").strip().lower().split(",")
         if header[:2] == ["name", "discrete"]:
             return "mer"
@@ -200,12 +208,12 @@ def detect_format(path: str) -> str:
 
 def load_manifest(path: str, data_root: str, fmt: str = "auto") -> list[dict[str, Any]]:
     """All records of a manifest (rejection records included, in file order)."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"manifest {path} does not exist")
-    if not os.path.isdir(data_root):
+    if not storage.isdir(data_root):
         raise FileNotFoundError(f"data root {data_root} is not a directory")
     fmt = detect_format(path) if fmt == "auto" else fmt
-    source = os.path.basename(path)
+    source = storage.basename(path)
     if fmt == "conversation":
         return list(read_conversations(path, data_root, source))
     if fmt in BENCHMARK_CLASSES:

@@ -11,7 +11,6 @@ Layout: ``OUT/emoqwen_prepared/1.0.0/emoqwen_prepared-<split>.array_record-*``, 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable
 
 import grain
@@ -19,6 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.reasons import RejectCounter
 
 BUILDER_NAME = "emoqwen_prepared"
@@ -57,16 +57,16 @@ class EmoqwenPrepared(tfds.core.GeneratorBasedBuilder):
                 continue
             blobs, missing = [], None
             for m in rec["media"]:
-                if not os.path.isfile(m["path"]):
+                if not storage.isfile(m["path"]):
                     missing = m["path"]
                     break
-                with open(m["path"], "rb") as f:
+                with storage.open(m["path"], "rb") as f:
                     blobs.append(f.read())
             if missing:
                 counter.add_rejected("missing_file", rec["id"], missing)
                 continue
             annotation = {k2: v for k2, v in rec.items() if k2 != "media"}
-            annotation["media"] = [{"kind": m["kind"], "name": os.path.basename(m["path"])} for m in rec["media"]]
+            annotation["media"] = [{"kind": m["kind"], "name": storage.basename(m["path"])} for m in rec["media"]]
             counter.add_ok()
             yield k, {"annotation": json.dumps(annotation, ensure_ascii=False), "media": blobs}
 
@@ -91,11 +91,11 @@ def _decode(example: dict[str, Any]) -> dict[str, Any]:
 
 def load_prepared(out_dir: str, *, split: str = "train") -> grain.MapDataset:
     """Random-access records (``media[k]["bytes"]`` instead of paths) from a prepared dataset."""
-    path = os.path.join(out_dir, BUILDER_NAME)
-    if not os.path.isdir(path):
+    path = storage.join(out_dir, BUILDER_NAME)  # TFDS reads gs:// itself (etils.epath)
+    if not storage.isdir(path):
         raise FileNotFoundError(f"no prepared dataset under {out_dir} (expected {path}); run `emoqwen-data prepare`")
-    versions = sorted(v for v in os.listdir(path) if os.path.isfile(os.path.join(path, v, "dataset_info.json")))
+    versions = [v for v in storage.listdir(path) if storage.isfile(storage.join(path, v, "dataset_info.json"))]
     if not versions:
         raise FileNotFoundError(f"{path} has no finished version (an interrupted prepare?)")
-    builder = tfds.builder_from_directory(os.path.join(path, versions[-1]))
+    builder = tfds.builder_from_directory(storage.join(path, versions[-1]))
     return grain.MapDataset.source(builder.as_data_source(split=split)).map(_decode)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import av
 import numpy as np
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.reasons import Rejected
 
 # Decoding forward is cheaper than seeking when the next wanted frame is this close (in frames).
@@ -27,9 +28,12 @@ def _open(source: str | bytes | os.PathLike, reason: str = "corrupt_video") -> a
     if isinstance(source, (bytes, bytearray, memoryview)):
         stream = io.BytesIO(bytes(source))
     else:
-        if not os.path.isfile(source):
+        if not storage.isfile(source):
             raise Rejected("missing_file", str(source))
         stream = os.fspath(source)
+        if storage.is_uri(stream):  # remote clip (gs://…): its bytes in memory, PyAV seeks in them
+            with storage.open(stream, "rb") as f:
+                stream = io.BytesIO(f.read())
     try:
         return av.open(stream, mode="r")
     except (av.error.FFmpegError, ValueError, OSError) as e:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 
+from emoqwen_jax import storage
 from emoqwen_jax.data import video_io
 from emoqwen_jax.data.reasons import Rejected
 
@@ -116,9 +117,12 @@ def load_image(source: Any) -> PIL.Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         fp: Any = io.BytesIO(bytes(source))
     else:
-        if not os.path.isfile(source):
+        if not storage.isfile(source):
             raise Rejected("missing_file", str(source))
         fp = source
+        if storage.is_uri(source):  # remote image (gs://…): read its bytes
+            with storage.open(source, "rb") as f:
+                fp = io.BytesIO(f.read())
     try:
         with PIL.Image.open(fp) as im:
             im.load()

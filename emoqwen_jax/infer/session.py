@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from emoqwen_jax import storage
 from emoqwen_jax.data import data_config, load_tokenizer
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.text import prompt_ids
@@ -93,7 +93,7 @@ class Session:
         """Loads one of our model directories (``emoqwen-convert from-hf`` or the trainer writes them)."""
         from emoqwen_jax.checkpoint import load_model, read_model_config
 
-        if not os.path.isdir(ckpt):
+        if not storage.isdir(ckpt):
             raise FileNotFoundError(f"--ckpt {ckpt} is not a directory")
         _, meta = read_model_config(ckpt)
         return cls(load_model(ckpt, dtype=dtype), meta.get("data"), overrides)
@@ -126,7 +126,7 @@ class Session:
         follows the clip's vision block); a subtitle is appended as training does ("\\nSubtitle: …").
         """
         for kind, path in media:
-            if not os.path.isfile(path):
+            if not storage.isfile(path):
                 raise FileNotFoundError(f"{kind} file {path} does not exist")
         parts = [self._medium(kind, path) for kind, path in media]
         if not any(f"<{kind}>" in text for kind in MEDIA_KINDS):

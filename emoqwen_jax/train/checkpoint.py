@@ -3,6 +3,10 @@
     workdir/checkpoints/<global step>/{state, meta, data}   every ``config.checkpoint.every_steps`` (async)
     workdir/stages/<stage name>/                           each finished stage's weights (a model directory)
 
+Every stage also checkpoints its final step (meta ``stage_step`` == the stage's micro-step count), before its
+weights are written: a run stopped between the two finishes the stage from that checkpoint without training.
+``workdir`` may be a URI (``gs://…``, see ``emoqwen_jax.storage``); all hosts must see the same one.
+
 Resume order (read by the trainer): latest checkpoint -> its stage -> rebuild that stage's optimiser ->
 restore state into the stage's abstract shapes and shardings -> restore the data iterators -> continue at the
 next micro-step. Stages that finished before it are skipped; their final weights are on disk.
@@ -11,11 +15,12 @@ next micro-step. Stages that finished before it are skipped; their final weights
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 import grain
 import orbax.checkpoint as ocp
+
+from emoqwen_jax import storage
 
 
 class ShardIterators:
@@ -50,7 +55,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int, async_save: bool = True):
         self.every_steps = int(every_steps)
         self.manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            storage.as_epath(storage.join(workdir, "checkpoints")),
             item_names=("state", "meta", "data"),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler()},

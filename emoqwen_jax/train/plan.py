@@ -92,17 +92,18 @@ def sharded_shapes(shapes: ModelInputs, mesh) -> ModelInputs:
 
 def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict | None = None,
          batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0,
-         audio_seconds: float = 0.0) -> dict[str, Any]:
+         audio_seconds: float = 0.0, num_slices: int = 1) -> dict[str, Any]:
     """Lowers and compiles the stage's train step for a mesh over the first ``num_devices`` devices; returns
     the report (also the JSON line of the CLI). ``batch``: host ``ModelInputs`` (or its flat dict, labels
-    included) to take shapes from instead of a video."""
+    included) to take shapes from instead of a video. ``num_slices``: the devices stand for that many slices
+    (multislice: ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` split data / FSDP across them)."""
     devices = jax.devices()
     if len(devices) < num_devices:
         raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist; set "
                          f"jax_num_cpu_devices before JAX starts (the CLI does)")
     mesh_cfg = dict(config.mesh)
     mesh_cfg["num_devices"] = num_devices
-    mesh = make_mesh(mesh_cfg, devices[:num_devices])
+    mesh = make_mesh(mesh_cfg, devices[:num_devices], num_slices=num_slices)
     mcfg, step, tx, init = build_train_step(config, stage)
     batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if batch is None:
@@ -141,8 +142,9 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
                                  frame_tokens=(frame_size // mcfg.vision.patch_size) ** 2 if batch is None else None,
                                  sequences=b, items=items)
     return {
-        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "stage": stage,
-        "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention, "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "num_slices": num_slices,
+        "stage": stage, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention,
+        "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
         "patches": int(patches),
         "audio_windows": 0 if shapes.audio is None else int(shapes.audio.input_features.shape[0]),
         "argument_bytes": args_b, "output_bytes": out_b, "temp_bytes": temp_b, "alias_bytes": alias_b,

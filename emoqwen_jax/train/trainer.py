@@ -3,7 +3,15 @@
 Resume order (big_vision style): the latest checkpoint in ``workdir/checkpoints`` names its stage and step;
 finished stages are skipped (their weights are in ``workdir/stages/<name>``); the stage in progress rebuilds
 its optimiser, restores the state into its abstract shapes and shardings, restores the data iterators, and
-continues at the next micro-step, so a killed run reproduces an uninterrupted one step for step.
+continues at the next micro-step, so a killed run reproduces an uninterrupted one step for step. Every stage
+checkpoints its final step before writing its weights, so a restart after a stage's last step goes on with the
+next stage and retrains nothing.
+
+Parameters are never gathered on one host: the initial model is built by a jitted init whose outputs carry the
+mesh shardings (or restored / imported straight into them), and stage weights are written from the sharded
+arrays by orbax. Preemption (``train/preemption.py``): a SIGTERM to any host makes all hosts save one agreed
+step and stop. ``workdir`` and ``init_from`` may be URIs (``emoqwen_jax.storage``); before any compute every
+host checks that it sees the same workdir and ``init_from`` (``parallel/hosts.py``).
 
 LoRA stages (``stages.<name>.lora.enabled``): the stage swaps adapters into the incoming weights
 (``emoqwen_jax.model.lora``), trains the adapters plus the stage's ``trainable`` regexes, and saves its model
@@ -14,7 +22,6 @@ The next stage starts from the merged weights.
 from __future__ import annotations
 
 import os
-import signal
 import time
 import zlib
 from typing import Any, Callable
@@ -27,6 +34,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from emoqwen_jax import data as D
+from emoqwen_jax import storage
 from emoqwen_jax.checkpoint import is_model_dir, load_model, load_weights, save_model
 from emoqwen_jax.data.demo import build_demo, check_demo_data, demo_root, fill_demo
 from emoqwen_jax.data.pipeline import load_sources, make_iterator
@@ -34,12 +42,14 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
 from emoqwen_jax.model.emotion_qwen import audio_spec
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.parallel import hosts
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
 from emoqwen_jax.parallel.rules import input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
+from emoqwen_jax.train.preemption import PreemptionWatch, watch_maintenance_events
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 
@@ -67,51 +77,50 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def resolve_mixture(mixture, workdir: str) -> list[dict]:
-    """``{demo}`` in a manifest or data_root means the bundled demo set (built once into workdir)."""
+    """``{demo}`` in a manifest or data_root means the bundled demo set (built once into workdir; with a remote
+    workdir, into a local folder on every host)."""
     entries = [dict(e) for e in mixture]
     if any("{demo}" in str(v) for e in entries for v in e.values()):
-        demo_dir = demo_root(workdir)
-        if jax.process_index() == 0:
+        demo_dir = demo_root(workdir)  # a remote workdir: a local folder on every host
+        if storage.is_uri(workdir) or jax.process_index() == 0:
             build_demo(demo_dir)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("demo_data")
+        hosts.barrier("demo_data")  # the others wait for process 0's build
         entries = fill_demo(entries, demo_dir)
     return entries
 
 
-def initial_params(config, mcfg: ModelConfig) -> dict:
+def init_params(mcfg: ModelConfig, seed: int, shardings: dict | None = None) -> dict:
+    """A fresh model's parameters (pure dict), each created directly in its sharding: the init is jitted with
+    ``out_shardings``, so no device ever holds the whole model (None: on the default device). The trainer's
+    fresh start; the jitted init may differ from an eager ``EmotionQwen(...)`` in the last bit."""
+
+    def init():
+        return nnx.to_pure_dict(nnx.state(EmotionQwen(mcfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def initial_params(config, mcfg: ModelConfig, shardings: dict, mesh) -> dict:
+    """Stage 1's starting parameters, sharded: fresh, our model directory, or a Hugging Face import."""
     source = config.get("init_from", "")
     if not source:
-        model = EmotionQwen(mcfg, rngs=nnx.Rngs(config.seed))
-    else:
-        model = load_weights(source, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
-                             compressor=dict(config.model.compressor), seed=config.seed)
-        if model.config.text.vocab_size != mcfg.text.vocab_size:
-            raise ValueError(f"init_from has vocab {model.config.text.vocab_size}, the config "
-                             f"{mcfg.text.vocab_size}")
+        return init_params(mcfg, config.seed, shardings)
+    model = load_weights(source, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+                         compressor=dict(config.model.compressor), seed=config.seed, mesh=mesh)
+    if model.config.text.vocab_size != mcfg.text.vocab_size:
+        raise ValueError(f"init_from has vocab {model.config.text.vocab_size}, the config {mcfg.text.vocab_size}")
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-class _Sigterm:
-    def __init__(self):
-        self.received = False
-        self._old = None
+def stage_micro_steps(config, name: str) -> int:
+    sc = config.stages[name]
+    return int(sc.num_steps) * int(sc.optimizer.get("grad_accum", 1))
 
-    def __enter__(self):
-        def handler(signum, frame):  # noqa: ARG001
-            self.received = True
 
-        try:
-            self._old = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. in a test runner thread): no preemption handling
-            self._old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+def load_stage_params(stage_dir: str, mcfg: ModelConfig, mesh) -> dict:
+    """A finished stage's weights, restored into this run's shardings (a LoRA stage's adapters merged)."""
+    model = merge_lora(load_model(stage_dir, dtype=mcfg.dtype, mesh=mesh))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 # The per-stage evaluation hook: (config, stage name, stage model dir, workdir, metrics writer) -> report dict.
@@ -131,11 +140,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     workdir = workdir or config.get("workdir", "")
     if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")
-    workdir = os.path.abspath(workdir)
+    workdir = storage.normalize(workdir)
     check_demo_data(config)  # before any work: a larger preset must not train on the demo set by accident
     maybe_initialize_distributed(config)
     mcfg = ModelConfig.from_run_config(config)
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh)  # a mesh that does not divide the devices stops here, before any compute
+    hosts.check_shared_workdir(workdir)
+    if config.train.get("watch_maintenance_events", False):
+        watch_maintenance_events()  # TPU maintenance notice -> SIGTERM -> the agreed save below
+    if config.get("init_from", ""):
+        hosts.check_present(config.init_from, "init_from")
     spec = layout_spec(mcfg)
     abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract)
@@ -145,23 +159,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     latest = ckpt.latest_step()
     resume = ckpt.read_meta(latest) if latest is not None else None
-    summary: dict[str, Any] = {"workdir": workdir, "stages": {}}
-    params = None
+    summary: dict[str, Any] = {"workdir": workdir, "stages": {}, "process_index": jax.process_index(),
+                               "process_count": jax.process_count(), "device_count": jax.device_count()}
+    params, previous = None, None  # previous: the last skipped (finished) stage's directory
     global_step = int(resume["global_step"]) if resume else 0
     try:
         for name in config.run_stages:
-            stage_dir = os.path.join(workdir, "stages", name)
-            if is_model_dir(stage_dir) and not (resume and resume["stage"] == name):
-                model = merge_lora(load_model(stage_dir, dtype=mcfg.dtype))  # a LoRA stage's dir holds adapters
-                params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            stage_dir = storage.join(workdir, "stages", name)
+            resumed = resume if resume and resume["stage"] == name else None
+            finished = resumed is not None and int(resumed["stage_step"]) >= stage_micro_steps(config, name)
+            if is_model_dir(stage_dir) and (resumed is None or finished):
+                params, previous = None, stage_dir  # loaded only if a later stage runs
                 continue
             if params is None:
-                params = initial_params(config, mcfg)
+                params = load_stage_params(previous, mcfg, mesh) if previous else \
+                    initial_params(config, mcfg, shardings, mesh)
             stage_graphdef, params, stage_shardings, extra = stage_model(config, name, params, graphdef, mesh)
             params, global_step, last = _run_stage(
                 config, name, params, stage_graphdef, stage_shardings or shardings, mcfg, mesh, spec, ckpt, writer,
-                workdir, global_step, resume if resume and resume["stage"] == name else None, extra)
-            model = nnx.merge(stage_graphdef, jax.device_get(params))
+                workdir, global_step, resumed, extra)
+            model = nnx.merge(stage_graphdef, params)  # sharded arrays: each host writes its own shards
             # The data settings travel with the weights: describe/eval process inputs exactly as training did.
             save_model(model, stage_dir, meta={"stage": name, "global_step": global_step,
                                                "data": config.data.to_dict()}, overwrite=True)
@@ -176,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     finally:
         ckpt.close()
         writer.close()
-    summary["final"] = os.path.join(workdir, "stages", config.run_stages[-1])
+    summary["final"] = storage.join(workdir, "stages", config.run_stages[-1])
     summary["metrics"] = writer.path
     return summary
 
@@ -263,18 +280,31 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
         start = int(resume["stage_step"])
     step_fn = jax.jit(make_train_step(graphdef, tx, trainable, schedule, accum), donate_argnums=0,
                       out_shardings=(state_sharding, None))
-    total = sc.num_steps * accum
+    compiled: dict = {}  # one executable per batch shape (bucket)
+
+    def train_step(state, batch):
+        """Compiles ahead of time, then waits for every host before the first run: hosts compile at different
+        speeds (a persistent-cache hit on one, a miss on another) and the step's first collective must not wait
+        on a host that is still compiling."""
+        key = (jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
+        if key not in compiled:
+            compiled[key] = step_fn.lower(state, batch).compile()
+            hosts.barrier(f"{name}_compiled")
+        return compiled[key](state, batch)
+
+    total = stage_micro_steps(config, name)
     log_every = int(config.train.log_every)
     peak = float(config.train.peak_flops_per_device) * jax.device_count()
     max_bad = int(config.train.max_nonfinite_in_a_row)
     last: dict[str, Any] = {"trained_leaves": len(trained)}
     tokens_seen, slots_seen, flops_seen, t0 = 0.0, 0.0, 0.0, time.perf_counter()
     bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
-    with _Sigterm() as sigterm, axis_rules(mesh, DEFAULT_RULES):
+    hosts.barrier(f"{name}_start")  # the first batch's all-gather must not wait on a host still compiling
+    with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES):
         for micro in range(start, total):
             batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
                                          aspec, config.data.patch_buckets)
-            state, metrics = step_fn(state, batch)
+            state, metrics = train_step(state, batch)
             global_step += 1
             tokens = float(local.text.attention_mask.sum()) * processes
             tokens_seen += tokens
@@ -301,11 +331,12 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
                 if int(m["nonfinite_in_a_row"]) >= max_bad:
                     raise RuntimeError(f"stage {name}: {int(m['nonfinite_in_a_row'])} non-finite updates in a row "
                                        f"at step {micro + 1}; stopping (train.max_nonfinite_in_a_row={max_bad})")
-            due = (micro + 1) % ckpt.every_steps == 0 and not done
-            if (due or sigterm.received) and int(jax.device_get(state.nonfinite)) == 0:
+            preempted = preemption.reached(global_step)  # every host, every step: they agree on the step
+            due = (micro + 1) % ckpt.every_steps == 0 and int(jax.device_get(state.nonfinite)) == 0
+            if due or done or preempted:  # the stage's final step is always checkpointed
                 meta = {"stage": name, "stage_step": micro + 1, "global_step": global_step}
-                ckpt.save(global_step, state, meta, iterators, force=sigterm.received)
-            if sigterm.received:
+                ckpt.save(global_step, state, meta, iterators, force=done or preempted)
+            if preempted:
                 ckpt.wait()
                 bar.close()
                 raise Preempted(f"SIGTERM: saved step {global_step} of stage {name}; start again to resume")

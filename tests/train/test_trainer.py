@@ -58,10 +58,9 @@ def test_same_seed_gives_bit_identical_losses(reference_run, tmp_path, demo_dir)
 def test_freezing_per_stage(reference_run):
     root, config, _ = reference_run
     from emoqwen_jax.model import ModelConfig
-    from emoqwen_jax.model import EmotionQwen
+    from emoqwen_jax.train.trainer import init_params
 
-    init = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(EmotionQwen(ModelConfig.from_run_config(config),
-                                                                           rngs=nnx.Rngs(config.seed)), nnx.Param)))
+    init = jax.tree.map(np.asarray, init_params(ModelConfig.from_run_config(config), config.seed))  # its own start
     s1, s2 = params_of(root / "run/stages/stage1_align"), params_of(root / "run/stages/stage2_emotion")
 
     def same(a, b):

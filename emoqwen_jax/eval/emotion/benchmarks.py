@@ -17,10 +17,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import re
 from typing import Sequence
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES, BENCHMARK_COLUMNS, benchmark_prompt
 
 NUM_FOLDS = 5
@@ -96,10 +96,10 @@ def _label_index(raw: str, classes: Sequence[str], where: str) -> int:
 def read_labels(path: str, benchmark: Benchmark, classes: Sequence[str] | None = None) -> dict[str, int]:
     """A benchmark label CSV -> {clip id: class index} in file order (ids as written, stripped)."""
     classes = resolve_classes(benchmark, classes)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"label file {path} does not exist")
     id_col, label_col = benchmark.columns
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with storage.open(path, "r", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or id_col not in reader.fieldnames or label_col not in reader.fieldnames:
             raise ValueError(f"{path}: a {benchmark.name} label file needs columns {id_col},{label_col}; "
@@ -119,10 +119,10 @@ def read_labels(path: str, benchmark: Benchmark, classes: Sequence[str] | None =
 
 def read_predictions(path: str) -> dict[str, str | None]:
     """A predictions JSONL (``{"id": …, "response": "…"}`` per line) -> {id: response or None}."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"predictions file {path} does not exist")
     out: dict[str, str | None] = {}
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, "r", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -157,7 +157,7 @@ def fold_paths(labels: str, num_folds: int = NUM_FOLDS) -> list[str]:
         m = hits[-1]
         paths = [labels[:m.start()] + f"{m.group(1)}{m.group(2)}{k}" + labels[m.end():]
                  for k in range(1, num_folds + 1)]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not storage.isfile(p)]
     if missing:
         raise FileNotFoundError(f"--folds: missing label files {missing}")
     return paths

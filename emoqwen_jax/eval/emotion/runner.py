@@ -15,6 +15,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.manifests import VIDEO_EXTENSIONS, resolve_path
 from emoqwen_jax.data.reasons import Rejected
 from emoqwen_jax.eval.emotion import emer
@@ -30,10 +31,10 @@ def find_video(video_root: str, clip: str) -> str | None:
     try:
         if os.path.splitext(clip)[1].lower() in VIDEO_EXTENSIONS:
             path = resolve_path(video_root, clip)
-            return path if os.path.isfile(path) else None
+            return path if storage.isfile(path) else None
         for ext in VIDEO_EXTENSIONS:
             path = resolve_path(video_root, clip + ext)
-            if os.path.isfile(path):
+            if storage.isfile(path):
                 return path
     except Rejected:  # a name that escapes the root
         return None
@@ -42,11 +43,11 @@ def find_video(video_root: str, clip: str) -> str | None:
 
 def locate(clips: Sequence[str], video_root: str) -> dict[str, str | None]:
     """{clip: path or None}; ValueError when the root has none of them."""
-    if not os.path.isdir(video_root):
+    if not storage.isdir(video_root):
         raise FileNotFoundError(f"--video_root {video_root} is not a directory")
     paths = {clip: find_video(video_root, clip) for clip in clips}
     if clips and not any(paths.values()):
-        tried = os.path.join(video_root, clips[0])
+        tried = storage.join(video_root, clips[0])
         raise ValueError(f"none of the {len(clips)} clips was found under {video_root} (e.g. {tried}"
                          f"{{{','.join(VIDEO_EXTENSIONS)}}}); is --video_root right?")
     return paths
@@ -62,9 +63,8 @@ def answer_requests(session: Session, requests: Sequence[Request], sampling: Sam
     {'answered', 'failed'} counts."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     counts = {"answered": 0, "failed": 0}
-    with open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(requests), desc=desc, unit="item") as bar:
+    with storage.open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(requests), desc=desc, unit="item") as bar:
         for start in range(0, len(requests), batch_size):
             rows, ready = [], []  # ready: (row index, prompt) of the requests that processed
             for key, media, text in requests[start:start + batch_size]:
