@@ -107,6 +107,7 @@ RUNS = {
                         "--config.run_stages='(\"stage3_lora\",)' --config.stages.stage3_lora.num_steps=2"),
                        ("/ckpt/", "root/ckpt/"), ("/hf/", "root/hf/")],  # absolute paths, under the scratch dir
                  needs=["quickstart"]),
+    "plan-multislice": dict(subs=[]),
     "data": dict(subs=[("python bench/data_throughput.py", "python bench/data_throughput.py --clips 2 --workers 0")]),
 }
 
@@ -249,10 +250,15 @@ def check_outputs(key: str, outputs: list[str], ws: Path) -> None:
         assert (ws / "hf/emoqwen-7b/config.json").exists()
         assert list((ws / "hf/emoqwen-7b").glob("*.safetensors"))
     elif key == "inference-demo":
-        assert outputs[0].strip()  # describe printed an answer
+        # describe exited 0 having printed its answer line (a 2-step demo model may answer with nothing but its
+        # end token, so the text itself is not checked here; tests/infer checks describe's answers)
+        assert outputs[0].endswith("\n")
         assert (ws / "eval_out/dfew/eval_dfew.jsonl").exists()
         score = _last_json(outputs[-1])
         assert score["n"] > 0 and 0.0 <= score["uar"] <= 1.0
+    elif key == "plan-multislice":
+        report = _last_json(outputs[-1])
+        assert report["num_slices"] == 2 and report["mesh"]["data"] == 2 and report["per_device_bytes"] > 0
     elif key == "general-eval":
         assert (ws / "forgetting_out/forgetting.md").exists()
         assert (ws / "forgetting_out/before/report.json").exists()

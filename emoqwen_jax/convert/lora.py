@@ -32,7 +32,9 @@ from emoqwen_jax.model.lora import LoRALinear, lora_meta, merge_lora, module_pat
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # safetensors file-name prefixes -> transformers 5 in-memory module prefixes (Qwen2.5-VL and our export).
-_MEMORY_PREFIXES = (("model.", "model.language_model."), ("visual.", "model.visual."), ("lm_head", "lm_head"))
+_MEMORY_PREFIXES = (("model.", "model.language_model."), ("visual.", "model.visual."), ("lm_head", "lm_head"),
+                    # our exports' audio modules, saved at the top level, live under ``model`` in memory
+                    ("audio_tower.", "model.audio_tower."), ("audio_projector.", "model.audio_projector."))
 
 
 def memory_name(file_key: str) -> str:

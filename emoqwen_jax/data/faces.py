@@ -16,6 +16,7 @@ Shapes: frames uint8[T, H, W, 3] RGB; boxes int32[N, 4] as (x, y, w, h) in pixel
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -39,6 +40,7 @@ class HaarDetector:
         if self._cascade.empty():
             raise RuntimeError(f"cannot load the Haar cascade {path}; opencv-python-headless must be 4.x")
         self._cv2 = cv2
+        self._lock = threading.Lock()
         self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
         self.max_side = max_side
 
@@ -51,7 +53,9 @@ class HaarDetector:
             gray = cv2.resize(gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)),
                               interpolation=cv2.INTER_AREA)
         min_size = max(1, round(self.min_size * scale))
-        boxes = self._cascade.detectMultiScale(gray, self.scale_factor, self.min_neighbors, minSize=(min_size, min_size))
+        with self._lock:  # a CascadeClassifier is not thread-safe (emoqwen-data check maps samples on threads)
+            boxes = self._cascade.detectMultiScale(gray, self.scale_factor, self.min_neighbors,
+                                                   minSize=(min_size, min_size))
         return np.round(np.asarray(boxes, np.float64).reshape(-1, 4) / scale).astype(np.int32)
 
 

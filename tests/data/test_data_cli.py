@@ -79,7 +79,8 @@ def test_prepared_dataset_round_trips_through_the_pipeline(demo_dir, tmp_path, c
     assert cli.main(["prepare", "--manifest", bad, "--data_root", str(demo_dir), "--out", str(tmp_path / "p")]) == 0
     assert last_json(capsys)["rejected"] == {"missing_file": 1}
     assert cli.main(["check", "--prepared", str(tmp_path / "p")] + tiny_args(tok_cache)) == 0
-    assert last_json(capsys)["ok"] == 18
+    n = sum(1 for _ in open(demo_dir / "train.jsonl"))  # every demo sample
+    assert last_json(capsys)["ok"] == n
 
     prepared = prepare.load_prepared(str(tmp_path / "p"))
     from_files = {r["id"]: r for r in manifests.load_manifest(str(demo_dir / "train.jsonl"), str(demo_dir))}
@@ -92,11 +93,11 @@ def test_prepared_dataset_round_trips_through_the_pipeline(demo_dir, tmp_path, c
     cfg.num_epochs, cfg.batch_size, cfg.drop_remainder = 1, 4, False
     it, counter = pipeline.make_iterator(prepared, cfg)
     batches = list(it)
-    assert counter.summary()["ok"] == 18 and sum(int(b["sample_mask"].sum()) for b in batches) == 18
+    assert counter.summary()["ok"] == n and sum(int(b["sample_mask"].sum()) for b in batches) == n
     # The same data as a config mixture: the prepared set and the manifest, weighted 1:1.
     sources = pipeline.load_sources([{"prepared": str(tmp_path / "p")},
                                      {"manifest": str(demo_dir / "train.jsonl"), "data_root": str(demo_dir)}])
-    assert [len(r) for r, _ in sources] == [18, 18] and [w for _, w in sources] == [1.0, 1.0]
+    assert [len(r) for r, _ in sources] == [n, n] and [w for _, w in sources] == [1.0, 1.0]
     with pytest.raises(ValueError, match="needs"):
         pipeline.load_sources([{"weight": 2.0}])
     with pytest.raises(FileNotFoundError, match="emoqwen-data prepare"):

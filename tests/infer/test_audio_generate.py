@@ -85,7 +85,7 @@ def test_describe_uses_the_clip_audio(audio_model, tmp_path, capsys):
 
     ckpt = save_model(audio_model, str(tmp_path / "ckpt"))
     clip = str(tmp_path / "clip.mp4")
-    write_demo_clip(clip, demo_clip(0, "happy"), 8.0, "happy", 0)
+    write_demo_clip(clip, demo_clip(0, "happy", frames=16), 8.0, "happy", 0)  # 16 frames at 8 fps: 2 s
     voice = str(tmp_path / "voice.wav")
     write_audio(voice, demo_audio(1, "sad", 1.5))
     session = Session.from_checkpoint(ckpt)

@@ -17,9 +17,10 @@ def fake_batch(image_grids, video_grids, *, image_rows, video_rows, length=192):
 def test_a_batch_with_stills_gets_the_same_patch_rows_as_one_without():
     videos_only = fake_batch([], [[2, 8, 8]] * 8, image_rows=0, video_rows=1024)
     mixed = fake_batch([[1, 6, 8]] * 2, [[2, 8, 8]] * 6, image_rows=1024, video_rows=1024)  # 96 + 768 real rows
-    assert batching.needs(videos_only) == (192, 1024, 8) and batching.needs(mixed) == (192, 864, 8)
+    # (length, real patch rows, items, audio windows): no audio in these batches
+    assert batching.needs(videos_only) == (192, 1024, 8, 0) and batching.needs(mixed) == (192, 864, 8, 0)
     sizes = {batching.agreed_sizes([batching.needs(b)], 8, (1024,)) for b in (videos_only, mixed)}
-    assert sizes == {(192, 1024, 8)}
-    assert batching.agreed_sizes([(100, 864, 3), (120, 500, 8)], 4, (512, 1024, 4096)) == (120, 1024, 8)
-    assert batching.agreed_sizes([(100, 5000, 3)], 4, (512, 1024, 4096)) == (100, 5000, 4)  # past the last bucket
-    assert batching.agreed_sizes([(100, 864, 3)], 4) == (100, 864, 4)  # no buckets: the maximum itself
+    assert sizes == {(192, 1024, 8, 0)}
+    assert batching.agreed_sizes([(100, 864, 3), (120, 500, 8)], 4, (512, 1024, 4096))[:3] == (120, 1024, 8)
+    assert batching.agreed_sizes([(100, 5000, 3)], 4, (512, 1024, 4096))[:3] == (100, 5000, 4)  # past the last bucket
+    assert batching.agreed_sizes([(100, 864, 3)], 4)[:3] == (100, 864, 4)  # no buckets: the maximum itself
