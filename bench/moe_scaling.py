@@ -1,21 +1,30 @@
 r"""Scale-mode compressor cost against the number of experts and the number of tokens (one device).
 
-  python bench/moe_scaling.py --experts 2 64 --units 2304 9216 [--dispatch einsum|shard_map|ragged] [--runs N]
+  python bench/moe_scaling.py --experts 2 64 --units 2304 9216 [--dispatch einsum|shard_map|ragged] [--runs N] [--capacity_factor F]
 
 The Hybrid Compressor in scale mode (routing='token', top_k 2, the config's capacity factor and routing group
 size) on the ``small`` preset's widths (ViT 256 -> token input 1024, LLM 512): forward + backward (gradients of
 the expert and router weights and of the input features) on ``units`` merged tokens. Dispatch is the config's
 default unless ``--dispatch`` is given. Rounds interleave every (E, T) pair; medians after one warm-up round.
 
-With routing groups of S tokens and capacity C = ceil(S * k / E * factor) per group, the routed work
-(T / S) * E * C ≈ T * k * factor expert rows is independent of E, and the sort-based dispatch costs ~ T * k:
-the step should grow linearly in T and only slowly in E (expert weights, E * (I² + I * O) parameters, are read
-and written as gradients once; the router's [T, E] logits grow with E). ``ragged`` is dropless and runs
-``jax.lax.ragged_dot``, which XLA:CPU lowers to a dense masked matmul (E x the FLOPs): on CPU it is the
-correctness reference, on accelerators the grouped-matmul path.
+With routing groups of S tokens and capacity C = min(S, ceil(S * k / E * factor)) per group, the expert MLPs
+run on (T / S) * E * C buffer rows ("buffer_rows"), of which at most T * k hold a kept assignment ("kept"; the
+rest is padding, zeros that the dense matmuls compute anyway). For E >= k * factor that is T * k * factor rows,
+independent of E; for small E the clip at S removes the padding (E = 2, k = 2: every token goes to both experts,
+E * C = S * k, nothing to pad). So at the default factor 1.25, E = 64 computes 1.25x the expert rows of E = 2:
+compare E's at equal ``buffer_rows`` (``--capacity_factor 1.0``) to see the cost of E alone (expert weights,
+E * (I² + I * O) parameters, read and written as gradients once; the router's [T, E] logits). The sort-based
+dispatch costs ~ T * k, so the step grows linearly in T. ``ragged`` is dropless and runs ``jax.lax.ragged_dot``,
+which XLA:CPU lowers to a dense masked matmul (E x the FLOPs): on CPU it is the correctness reference, on
+accelerators the grouped-matmul path.
+
+The process runs with the training CLI's malloc settings (``emoqwen_jax.malloc.tune_malloc``): with glibc's
+defaults every step maps and page-faults its scratch buffers afresh, a cost that grows with the step's bytes
+(E = 64 at 9,216 tokens: ~400k faults per step against ~180k at E = 2) and is absent from training.
 
 Prints a table and, last, a JSON line ``{"rows": [{"experts", "units", "ms", "min_ms", "capacity",
-"group_size", "dispatch", "params", "xla_gflop", "analytic_gflop"}, …], "machine": machine_info()}``.
+"group_size", "dispatch", "buffer_rows", "kept", "params", "xla_gflop", "analytic_gflop"}, …],
+"machine": machine_info(), "malloc_tuned": bool}``.
 """
 
 from __future__ import annotations
@@ -36,18 +45,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def bench_config(num_experts: int, dispatch: str | None, top_k: int):
+def bench_config(num_experts: int, dispatch: str | None, top_k: int, capacity_factor: float | None = None):
     import emotion_qwen
 
     config = emotion_qwen.get_config("small")
     config.model.compressor.update(routing="token", num_experts=num_experts, top_k=top_k)
     if dispatch:
         config.model.compressor.dispatch = dispatch
+    if capacity_factor is not None:
+        config.model.compressor.capacity_factor = capacity_factor
     return config
 
 
-def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int):
-    """A compiled forward + backward of the compressor on ``units`` tokens; (run, XLA FLOPs, params, config)."""
+def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int, capacity_factor: float | None = None):
+    """A compiled forward + backward of the compressor on ``units`` tokens; (run, XLA FLOPs, params, config,
+    kept assignments)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -55,7 +67,7 @@ def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int):
     from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.model.compressor import HybridCompressor
 
-    mc = ModelConfig.from_run_config(bench_config(num_experts, dispatch, top_k))
+    mc = ModelConfig.from_run_config(bench_config(num_experts, dispatch, top_k, capacity_factor))
     comp = HybridCompressor(mc.compressor, mc.vision, mc.text.hidden_size, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(comp, nnx.Param)
     rng = np.random.default_rng(0)
@@ -65,17 +77,20 @@ def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int):
 
     def loss(p, x):
         tokens, _, aux = nnx.merge(graphdef, p)(x, patch_item, 1)
-        return jnp.mean((tokens - target) ** 2) + aux["aux_loss"]
+        return jnp.mean((tokens - target) ** 2) + aux["aux_loss"], aux["dropped_assignments"]
 
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, features).compile()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(params, features).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
+    (_, dropped), _ = compiled(params, features)
+    kept = units * mc.compressor.top_k - int(dropped)
+
     def run():
         jax.block_until_ready(compiled(params, features))
 
-    return run, float(cost.get("flops", 0.0)), n_params, mc
+    return run, float(cost.get("flops", 0.0)), n_params, mc, kept
 
 
 def main(argv=None) -> dict:
@@ -85,9 +100,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--dispatch", default=None, choices=("einsum", "shard_map", "ragged"),
                     help="default: the config's compressor.dispatch")
     ap.add_argument("--top_k", type=int, default=2)
+    ap.add_argument("--capacity_factor", type=float, default=None,
+                    help="default: the config's compressor.capacity_factor (1.0: E=64 computes E=2's buffer rows)")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from emoqwen_jax.malloc import tune_malloc
+
+    tuned = tune_malloc()  # before JAX allocates, as the training CLI does
     import jax
     from machine import describe, machine_info
 
@@ -95,7 +115,7 @@ def main(argv=None) -> dict:
     from emoqwen_jax.train import flops
 
     pairs = [(e, t) for e in args.experts for t in args.units]
-    steps = {p: make_step(*p, args.dispatch, args.top_k) for p in pairs}
+    steps = {p: make_step(*p, args.dispatch, args.top_k, args.capacity_factor) for p in pairs}
     before = machine_info()
     times = {p: [] for p in pairs}
     for i in range(args.runs + 1):  # round 0 warms up
@@ -106,23 +126,26 @@ def main(argv=None) -> dict:
                 times[p].append((time.perf_counter() - t0) * 1e3)
     info = machine_info(before)
     rows = []
-    for (e, t), (_, xla, n_params, mc) in steps.items():
+    for (e, t), (_, xla, n_params, mc, kept) in steps.items():
         c = mc.compressor
         cap = t if c.dispatch == "ragged" else capacity(c.group_size, e, c.top_k, c.capacity_factor)
+        buffer_rows = t * c.top_k if c.dispatch == "ragged" else -(-t // c.group_size) * e * cap
         rows.append({"experts": e, "units": t, "ms": round(statistics.median(times[(e, t)]), 2),
                      "min_ms": round(min(times[(e, t)]), 2), "dispatch": c.dispatch, "group_size": c.group_size,
-                     "capacity": cap, "capacity_factor": c.capacity_factor, "params": n_params,
+                     "capacity": cap, "capacity_factor": c.capacity_factor, "buffer_rows": buffer_rows, "kept": kept,
+                     "params": n_params,
                      "xla_gflop": round(xla / 1e9, 3),
                      "analytic_gflop": round(3 * flops.compressor_flops(mc, t) / 1e9, 3)})
     print(f"compressor fwd+bwd, routing='token', top_k {args.top_k}, 1 device (jax {jax.__version__}, "
           f"{jax.default_backend()}); {describe(info)}")
-    print("\n| E | tokens | dispatch | group S | capacity C | expert params | analytic GFLOP | XLA GFLOP | median ms |"
-          " min ms |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| E | tokens | dispatch | group S | capacity C | buffer rows | kept | expert params | analytic GFLOP |"
+          " XLA GFLOP | median ms | min ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['experts']} | {r['units']} | {r['dispatch']} | {r['group_size']} | {r['capacity']} | "
+              f"{r['buffer_rows']} | {r['kept']} | "
               f"{r['params'] / 1e6:.1f} M | {r['analytic_gflop']:.2f} | {r['xla_gflop']:.2f} | {r['ms']:.1f} | "
               f"{r['min_ms']:.1f} |")
-    out = {"rows": rows, "runs": args.runs, "machine": info}
+    out = {"rows": rows, "runs": args.runs, "machine": info, "malloc_tuned": tuned}
     print(json.dumps(out))
     return out
 
