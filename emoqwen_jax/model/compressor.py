@@ -52,18 +52,20 @@ class ExpertMergers(nnx.Module):
         return (self.ln_q_weight[...], self.mlp_0_kernel[...], self.mlp_0_bias[...], self.mlp_2_kernel[...],
                 self.mlp_2_bias[...])
 
-    def apply(self, units: Array, params: tuple[Array, ...]) -> Array:
+    def apply(self, units: Array, params: tuple[Array, ...], rows: tuple | None = None) -> Array:
         """Expert e on its rows: units float[E', C, 4Dv] with ``params`` sliced to the same E' experts
-        -> float[E', C, Dout]. Pure in ``params`` so shard_map can hand each device its local experts."""
+        -> float[E', C, Dout]. Pure in ``params`` so shard_map can hand each device its local experts.
+        ``rows``: only each expert's first rows are real (``moe.run_compact``); the matmuls skip the rest,
+        whose outputs are then not the MLP's (the caller never reads them)."""
         ln_w, w0, b0, w2, b2 = params
         e, c, _ = units.shape
         x32 = units.reshape(e, c, self.merge_unit, -1).astype(jnp.float32)  # RMSNorm is per patch (Dv)
         normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(units.dtype)
         h = ln_w.astype(jnp.float32)[:, None, None, :] * normed.astype(jnp.float32)
         h = h.astype(self.dtype).reshape(e, c, -1)
-        h = jnp.einsum("eci,eij->ecj", h, w0.astype(self.dtype)) + b0.astype(self.dtype)[:, None]
+        h = moe.expert_matmul(h, w0.astype(self.dtype), rows) + b0.astype(self.dtype)[:, None]
         h = jax.nn.gelu(h, approximate=False)
-        return jnp.einsum("eci,eij->ecj", h, w2.astype(self.dtype)) + b2.astype(self.dtype)[:, None]
+        return moe.expert_matmul(h, w2.astype(self.dtype), rows) + b2.astype(self.dtype)[:, None]
 
     def apply_ragged(self, rows: Array, group_sizes: Array, params: tuple[Array, ...]) -> Array:
         """Dropless form of ``apply``: rows float[M, 4Dv] sorted by expert, ``group_sizes`` int32[E'] rows per

@@ -13,6 +13,14 @@ before any second choice, then token order — and a stable sort by expert gives
 in its expert's buffer; positions >= C are dropped. Tokens are then gathered into float[E, C, I] buffers and
 the expert outputs gathered back (no one-hot [T, E, C] tensors: cost ~ T * k, not T^2).
 
+Padding. Of the E * C rows a group gives each expert only the kept ones are real: with capacity factor 1.25 the
+dense expert matmuls on [E, G * C, I] buffers do >= 25 % more work than the assignments need (E = 2, k = 2 is
+the exception: C is clipped at S and every token fills both buffers). On one device (``run_compact``) the kept
+rows of all groups are packed to the front of each expert's [G * C] rows, and the expert matmuls
+(``expert_matmul``) multiply only the first R rows, R the smallest of a few static sizes (``compact_sizes``:
+5/8 ... 8/8 of G * C) that holds the fullest expert, picked at run time by ``lax.switch``. The drops are those of
+the groups, so the result is the same; only the padding's matmuls are skipped.
+
 Dispatch modes:
 * ``einsum``: GSPMD. Buffers [G, E, C, I] sharded by group over the batch axes are transposed to
   [E, G, C, I] sharded by expert, so XLA inserts an all-to-all there and on the way back.
@@ -28,6 +36,7 @@ nothing); kept weights are not renormalised (Switch).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
@@ -43,8 +52,9 @@ DISPATCH_MODES = ("einsum", "shard_map", "ragged")
 class Experts(Protocol):
     """The expert computation, pure in its stacked parameters (so shard_map can hand each device its own)."""
 
-    def apply(self, buffers: Array, params: tuple) -> Array:
-        """float[E', C, I] with params sliced to the same E' experts -> float[E', C, O]."""
+    def apply(self, buffers: Array, params: tuple, rows: tuple | None = None) -> Array:
+        """float[E', C, I] with params sliced to the same E' experts -> float[E', C, O]. ``rows`` (from
+        ``run_compact``: only the first rows of each expert are real) is passed on to ``expert_matmul``."""
 
     def apply_ragged(self, rows: Array, group_sizes: Array, params: tuple) -> Array:
         """float[M, I] rows sorted by expert, int32[E'] rows per expert -> float[M, O] (rows past the sum of
@@ -174,6 +184,89 @@ def ragged_experts(x: Array, expert_ids: Array, weights: Array, valid: Array, pa
     out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
     w = jnp.where(flat.reshape(t, k) < num_experts, weights, 0.0).astype(out.dtype)
     return jnp.einsum("tk,tko->to", w, out)
+
+
+COMPACT_EIGHTHS = (5, 6, 7, 8)  # the compact buffer sizes, in eighths of the per-group layout's G * C rows
+
+
+def compact_sizes(full: int) -> tuple[int, ...]:
+    """The static per-expert row counts ``run_compact`` can choose from, ascending, the last = ``full``."""
+    return tuple(sorted({max(1, -(-full * q // 8)) for q in COMPACT_EIGHTHS}))
+
+
+def compact_rows(slot: Array, keep: Array, num_experts: int, cap: int) -> tuple[Array, Array, Array]:
+    """Group slots int32[G, S, k] (``group_slots``) -> (expert int32[G, S, k] (E where dropped), row of the
+    assignment in its expert's packed buffer int32[G, S, k], kept rows per expert int32[E]). Within a group an
+    expert's kept positions are 0 .. n - 1, so packing the groups one after another is a prefix sum."""
+    g = slot.shape[0]
+    expert = jnp.where(keep, slot // cap, num_experts)
+    per_group = jax.vmap(lambda e: jnp.bincount(e.reshape(-1), length=num_experts + 1))(expert)[:, :num_experts]
+    offset = jnp.cumsum(per_group, axis=0) - per_group  # [G, E]: rows of the groups before
+    start = jnp.take_along_axis(offset, jnp.minimum(expert, num_experts - 1).reshape(g, -1), axis=1)
+    return expert, start.reshape(slot.shape) + slot % cap, per_group.sum(0).astype(jnp.int32)
+
+
+def _first_rows_matmul(x: Array, w: Array, r: int) -> Array:
+    """float[E, N, I] @ float[E, I, J] on rows [0, r) only, zeros below -> float[E, N, J]."""
+    y = jnp.einsum("eci,eij->ecj", x[:, :r], w)
+    return jnp.pad(y, ((0, 0), (0, x.shape[1] - r), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _packed_matmul(x: Array, w: Array, index: Array, sizes: tuple[int, ...]) -> Array:
+    return jax.lax.switch(index, [functools.partial(_first_rows_matmul, r=r) for r in sizes], x, w)
+
+
+def _packed_fwd(x, w, index, sizes):
+    # The residuals are the inputs whatever the branch: differentiating lax.switch itself would keep every
+    # branch's intermediates (zeros for the branches not taken), several times the full buffers.
+    return _packed_matmul(x, w, index, sizes), (x, w, index)
+
+
+def _packed_bwd(sizes, res, g):
+    x, w, index = res
+
+    def branch(r):
+        def grads(x, w, g):
+            gx = jnp.einsum("ecj,eij->eci", g[:, :r], w)
+            return jnp.pad(gx, ((0, 0), (0, x.shape[1] - r), (0, 0))), jnp.einsum("eci,ecj->eij", x[:, :r], g[:, :r])
+        return grads
+
+    gx, gw = jax.lax.switch(index, [branch(r) for r in sizes], x, w, g)
+    return gx, gw, None
+
+
+_packed_matmul.defvjp(_packed_fwd, _packed_bwd)
+
+
+def expert_matmul(x: Array, w: Array, rows: tuple | None = None) -> Array:
+    """Per-expert matmul float[E, N, I] @ float[E, I, J] -> float[E, N, J]. ``rows`` = (index int32 scalar,
+    sizes): only rows [0, sizes[index]) of each expert are nonzero (``run_compact``), the rest of the result
+    is 0 and their matmuls (forward and backward) are skipped."""
+    if rows is None:
+        return jnp.einsum("eci,eij->ecj", x, w)
+    index, sizes = rows
+    return _packed_matmul(x, w, index, tuple(sizes))
+
+
+def run_compact(x, expert_ids, weights, valid, params, experts: Experts, *, num_experts, cap, group_size):
+    """``run_grouped`` on one device without the padding's matmuls: tokens float[T, I] (T a multiple of S)
+    -> (float[T, O], drop counts). The same drops (per group, capacity C); the kept rows of expert e fill rows
+    [0, n_e) of its G * C rows, and ``experts.apply`` gets ``rows`` so that its matmuls stop at the smallest
+    of ``compact_sizes(G * C)`` that holds max n_e."""
+    t, k = expert_ids.shape
+    slot, keep = jax.vmap(lambda e, v: group_slots(e, v, num_experts, cap))(to_groups(expert_ids, group_size),
+                                                                            to_groups(valid, group_size))
+    counts = drop_counts(keep, to_groups(valid, group_size))
+    expert, row, used = compact_rows(slot, keep, num_experts, cap)
+    full = (t // group_size) * cap
+    keep = keep.reshape(t, k)
+    packed = jnp.where(keep, expert.reshape(t, k) * full + row.reshape(t, k), num_experts * full)
+    buffers = gather_buffers(x, packed, num_experts * full).reshape(num_experts, full, x.shape[-1])
+    sizes = compact_sizes(full)
+    index = jnp.sum(jnp.asarray(sizes[:-1]) < jnp.max(used))  # the first size >= the fullest expert's rows
+    out = experts.apply(buffers, params, rows=(index, sizes))
+    return combine(out.reshape(num_experts * full, -1), packed, weights, keep), counts
 
 
 def to_groups(x: Array, group_size: int) -> Array:

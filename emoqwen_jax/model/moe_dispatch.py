@@ -197,6 +197,10 @@ def token_moe(x: Array, logits: Array, valid: Array, params: tuple, experts: moe
         return y, sums, {"dropped_assignments": zero, "dropped_tokens": zero}
     t, (xp, ids, w, v) = _pad_to_groups(group_size, x, expert_ids, weights, valid)
     cap = moe.capacity(group_size, num_experts, top_k, capacity_factor)
-    y, counts = moe.run_grouped(xp, ids, w, v, params, experts, num_experts=num_experts, cap=cap,
-                                group_size=group_size, annotate=ctx is not None)
+    if ctx is None and cap < group_size:  # one device: skip the padding (C = S: every row may be real)
+        y, counts = moe.run_compact(xp, ids, w, v, params, experts, num_experts=num_experts, cap=cap,
+                                    group_size=group_size)
+    else:
+        y, counts = moe.run_grouped(xp, ids, w, v, params, experts, num_experts=num_experts, cap=cap,
+                                    group_size=group_size, annotate=ctx is not None)
     return y[:t], sums, counts
