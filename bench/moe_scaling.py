@@ -7,23 +7,25 @@ size) on the ``small`` preset's widths (ViT 256 -> token input 1024, LLM 512): f
 the expert and router weights and of the input features) on ``units`` merged tokens. Dispatch is the config's
 default unless ``--dispatch`` is given. Rounds interleave every (E, T) pair; medians after one warm-up round.
 
-With routing groups of S tokens and capacity C = min(S, ceil(S * k / E * factor)) per group, the expert MLPs
-run on (T / S) * E * C buffer rows ("buffer_rows"), of which at most T * k hold a kept assignment ("kept"; the
-rest is padding, zeros that the dense matmuls compute anyway). For E >= k * factor that is T * k * factor rows,
-independent of E; for small E the clip at S removes the padding (E = 2, k = 2: every token goes to both experts,
-E * C = S * k, nothing to pad). So at the default factor 1.25, E = 64 computes 1.25x the expert rows of E = 2:
-compare E's at equal ``buffer_rows`` (``--capacity_factor 1.0``) to see the cost of E alone (expert weights,
-E * (I² + I * O) parameters, read and written as gradients once; the router's [T, E] logits). The sort-based
-dispatch costs ~ T * k, so the step grows linearly in T. ``ragged`` is dropless and runs ``jax.lax.ragged_dot``,
-which XLA:CPU lowers to a dense masked matmul (E x the FLOPs): on CPU it is the correctness reference, on
-accelerators the grouped-matmul path.
+With routing groups of S tokens and capacity C = min(S, ceil(S * k / E * factor)) per group, the per-group
+layout has (T / S) * E * C buffer rows ("buffer_rows"), of which at most T * k hold a kept assignment ("kept";
+the rest is padding). For E >= k * factor that is T * k * factor rows, independent of E; for small E the clip at
+S removes the padding (E = 2, k = 2: every token goes to both experts, E * C = S * k, nothing to pad), so at the
+default factor 1.25 the padded layout gives E = 64 1.25x the rows of E = 2. On one device the dispatch packs
+each expert's kept rows first and its matmuls stop at the smallest of a few sizes that holds the fullest expert
+(``emoqwen_jax.model.moe.run_compact``): "matmul_rows" = E x that size, what the expert matmuls really multiply
+(the fullest expert's excess over the mean is what remains). ``--capacity_factor 1.0`` compares E's at equal
+buffer rows. Beyond the rows, E costs its expert weights (E * (I² + I * O) parameters, read and written as
+gradients once) and the router's [T, E] logits. The sort-based dispatch costs ~ T * k, so the step grows
+linearly in T. ``ragged`` is dropless and runs ``jax.lax.ragged_dot``, which XLA:CPU lowers to a dense masked
+matmul (E x the FLOPs): on CPU it is the correctness reference, on accelerators the grouped-matmul path.
 
 The process runs with the training CLI's malloc settings (``emoqwen_jax.malloc.tune_malloc``): with glibc's
 defaults every step maps and page-faults its scratch buffers afresh, a cost that grows with the step's bytes
 (E = 64 at 9,216 tokens: ~400k faults per step against ~180k at E = 2) and is absent from training.
 
 Prints a table and, last, a JSON line ``{"rows": [{"experts", "units", "ms", "min_ms", "capacity",
-"group_size", "dispatch", "buffer_rows", "kept", "params", "xla_gflop", "analytic_gflop"}, …],
+"group_size", "dispatch", "buffer_rows", "kept", "matmul_rows", "params", "xla_gflop", "analytic_gflop"}, …],
 "machine": machine_info(), "malloc_tuned": bool}``.
 """
 
@@ -57,6 +59,32 @@ def bench_config(num_experts: int, dispatch: str | None, top_k: int, capacity_fa
     return config
 
 
+def packed_rows(comp, features, c, num_experts: int, units: int) -> int:
+    """E x the rows per expert that the one-device capacity path multiplies (``moe.run_compact``), or the
+    buffer rows where it does not apply (``ragged``: T * k; C = S: the padded layout)."""
+    import jax
+    import jax.numpy as jnp
+
+    from emoqwen_jax.model import moe
+
+    if c.dispatch == "ragged":
+        return units * c.top_k
+    cap = moe.capacity(c.group_size, num_experts, c.top_k, c.capacity_factor)
+    groups = -(-units // c.group_size)
+    if cap >= c.group_size:
+        return groups * num_experts * cap
+    x = features.reshape(units, -1)
+    ids, _, _ = moe.route(comp.router(x.astype(jnp.float32)), c.top_k)
+    pad = groups * c.group_size - units
+    ids = jnp.pad(ids, ((0, pad), (0, 0)))
+    valid = jnp.arange(groups * c.group_size) < units
+    slot, keep = jax.vmap(lambda e, v: moe.group_slots(e, v, num_experts, cap))(
+        moe.to_groups(ids, c.group_size), moe.to_groups(valid, c.group_size))
+    _, _, used = moe.compact_rows(slot, keep, num_experts, cap)
+    size = next(r for r in moe.compact_sizes(groups * cap) if r >= int(used.max()))
+    return num_experts * size
+
+
 def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int, capacity_factor: float | None = None):
     """A compiled forward + backward of the compressor on ``units`` tokens; (run, XLA FLOPs, params, config,
     kept assignments)."""
@@ -86,11 +114,12 @@ def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int, ca
 
     (_, dropped), _ = compiled(params, features)
     kept = units * mc.compressor.top_k - int(dropped)
+    matmul_rows = packed_rows(comp, features, mc.compressor, num_experts, units)
 
     def run():
         jax.block_until_ready(compiled(params, features))
 
-    return run, float(cost.get("flops", 0.0)), n_params, mc, kept
+    return run, float(cost.get("flops", 0.0)), n_params, mc, kept, matmul_rows
 
 
 def main(argv=None) -> dict:
@@ -126,23 +155,24 @@ def main(argv=None) -> dict:
                 times[p].append((time.perf_counter() - t0) * 1e3)
     info = machine_info(before)
     rows = []
-    for (e, t), (_, xla, n_params, mc, kept) in steps.items():
+    for (e, t), (_, xla, n_params, mc, kept, matmul_rows) in steps.items():
         c = mc.compressor
         cap = t if c.dispatch == "ragged" else capacity(c.group_size, e, c.top_k, c.capacity_factor)
         buffer_rows = t * c.top_k if c.dispatch == "ragged" else -(-t // c.group_size) * e * cap
         rows.append({"experts": e, "units": t, "ms": round(statistics.median(times[(e, t)]), 2),
                      "min_ms": round(min(times[(e, t)]), 2), "dispatch": c.dispatch, "group_size": c.group_size,
                      "capacity": cap, "capacity_factor": c.capacity_factor, "buffer_rows": buffer_rows, "kept": kept,
+                     "matmul_rows": matmul_rows,
                      "params": n_params,
                      "xla_gflop": round(xla / 1e9, 3),
                      "analytic_gflop": round(3 * flops.compressor_flops(mc, t) / 1e9, 3)})
     print(f"compressor fwd+bwd, routing='token', top_k {args.top_k}, 1 device (jax {jax.__version__}, "
           f"{jax.default_backend()}); {describe(info)}")
-    print("\n| E | tokens | dispatch | group S | capacity C | buffer rows | kept | expert params | analytic GFLOP |"
-          " XLA GFLOP | median ms | min ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| E | tokens | dispatch | group S | capacity C | buffer rows | kept | matmul rows | expert params |"
+          " analytic GFLOP | XLA GFLOP | median ms | min ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['experts']} | {r['units']} | {r['dispatch']} | {r['group_size']} | {r['capacity']} | "
-              f"{r['buffer_rows']} | {r['kept']} | "
+              f"{r['buffer_rows']} | {r['kept']} | {r['matmul_rows']} | "
               f"{r['params'] / 1e6:.1f} M | {r['analytic_gflop']:.2f} | {r['xla_gflop']:.2f} | {r['ms']:.1f} | "
               f"{r['min_ms']:.1f} |")
     out = {"rows": rows, "runs": args.runs, "machine": info, "malloc_tuned": tuned}
