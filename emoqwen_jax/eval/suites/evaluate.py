@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import os
-
+from emoqwen_jax import storage
 from emoqwen_jax.eval.suites import registry as suites
 from emoqwen_jax.eval.emotion.benchmarks import EMER_MAX_NEW_TOKENS, EVAL_MAX_NEW_TOKENS
 from emoqwen_jax.eval.general.benchmarks import GENERAL_MAX_NEW_TOKENS
@@ -32,7 +31,7 @@ def evaluate(ckpt: str, specs: list[dict], out_dir: str, *, overrides: dict | No
     overrides = dict(overrides or {})
     session = Session.from_checkpoint(ckpt, {**suites.standard_data(), **overrides}, dtype=dtype)
     sampling = session.sampling(max_new_tokens or default_max_new_tokens(specs), temperature, top_p, top_k)
-    settings = {"ckpt": os.path.abspath(ckpt), "suite": suite, "overrides": overrides, "specs": specs}
+    settings = {"ckpt": storage.normalize(ckpt), "suite": suite, "overrides": overrides, "specs": specs}
     report = suites.run_suite(session, specs, out_dir, sampling=sampling, batch_size=batch_size, seed=seed,
                               settings=settings, subdirs=bool(suite) if subdirs is None else subdirs)
     write_report(report, out_dir)

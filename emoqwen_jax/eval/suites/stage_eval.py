@@ -22,9 +22,9 @@ The stage's saved weights are answered with emoqwen-eval's standard settings; th
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.demo import DEMO_PLACEHOLDER, build_demo, demo_root, fill_demo
 from emoqwen_jax.eval.suites.report import flatten_metrics
 
@@ -42,11 +42,19 @@ def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
             raise ValueError(f"eval_suite is not valid JSON ({e}): {eval_suite[:80]}") from None
         eval_suite = [eval_suite] if isinstance(eval_suite, dict) else eval_suite
     if isinstance(eval_suite, str):
-        path, _, suite = eval_suite.partition(":") if not os.path.isfile(eval_suite) else (eval_suite, "", "")
+        path, suite = _suite_and_list(eval_suite)
         return suites.load_suite(path, suite or "all")
     specs = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in eval_suite]
     suites.check_specs(specs)
     return specs, {}
+
+
+def _suite_and_list(eval_suite: str) -> tuple[str, str]:
+    """``"path[:list]"`` -> (path, list); the path may be a URI (``gs://b/suite.json:general``)."""
+    if storage.isfile(eval_suite):
+        return eval_suite, ""
+    path, sep, suite = eval_suite.rpartition(":")
+    return (path, suite) if sep and "/" not in suite else (eval_suite, "")
 
 
 def stage_row(stage_name: str, global_step: int, report: dict) -> dict:
@@ -73,13 +81,13 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
         return {}
     if DEMO_PLACEHOLDER in json.dumps(specs):  # the demo set's held-out clips (the demo preset's final eval)
         root = demo_root(workdir)
-        if not os.path.isfile(os.path.join(root, "eval_dfew.csv")):
+        if not storage.isfile(storage.join(root, "eval_dfew.csv")):
             build_demo(root)
         specs = fill_demo(specs, root)
     eval_set = stage.get("eval_set", None)
     overrides = {**suite_sets, **(eval_set.to_dict() if hasattr(eval_set, "to_dict") else dict(eval_set or {}))}
     _, meta = read_model_config(model_dir)
-    report = evaluate(model_dir, specs, os.path.join(workdir, "eval", stage_name), overrides=overrides,
+    report = evaluate(model_dir, specs, storage.join(workdir, "eval", stage_name), overrides=overrides,
                       suite=f"stage {stage_name}", max_new_tokens=EVAL_MAX_NEW_TOKENS,
                       batch_size=int(stage.get("eval_batch_size", 4)))
     global_step = int(meta.get("global_step", 0))
