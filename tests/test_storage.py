@@ -44,6 +44,22 @@ def test_file_ops_on_a_registered_filesystem(scratch):
     assert not storage.exists(path)
 
 
+def test_glob_dirname_and_resolve(scratch, tmp_path):
+    """The helpers the benchmark readers and suite configs use, on a URI and on a local folder alike."""
+    for root in (storage.join(scratch, "bench"), str(tmp_path / "bench")):
+        for name in ("b.txt", "a.txt", "c.jpg"):
+            storage.write_text(storage.join(root, "q", name), name)
+        txt = storage.glob(storage.join(root, "q"), "*.txt")
+        assert txt == [storage.join(root, "q", n) for n in ("a.txt", "b.txt")]
+        assert storage.glob(storage.join(root, "missing"), "*") == []
+        assert storage.dirname(storage.join(root, "q", "a.txt")) == storage.join(root, "q")
+    assert storage.resolve("scratch://bucket/cfg", "../data/POPE") == "scratch://bucket/data/POPE"
+    assert storage.resolve("scratch://bucket/cfg", "gs://other/x") == "gs://other/x"
+    assert storage.resolve("scratch://bucket/cfg", "/abs/x") == "/abs/x"
+    assert storage.resolve(str(tmp_path / "cfg"), "../data") == str(tmp_path / "data")
+    assert storage.resolve(str(tmp_path), f"file://{tmp_path}/d") == str(tmp_path / "d")
+
+
 def test_manifest_and_media_from_a_uri_data_root(scratch, upload, demo_dir):
     """The demo set copied to scratch:// reads as the local one (paths are URIs, clips decode from bytes)."""
     from emoqwen_jax.data.manifests import load_manifest

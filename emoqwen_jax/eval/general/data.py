@@ -1,5 +1,6 @@
 """Readers for the general vision-language benchmarks, each from its PUBLISHED annotation layout in a folder
-(a local path or a URI such as ``gs://bucket/MME``, read through ``emoqwen_jax.storage``; nothing is downloaded), into one item list the runner answers and the scorers score.
+(a local path or a URI such as ``gs://bucket/MME``, read through ``emoqwen_jax.storage``; nothing is
+downloaded), into one item list the runner answers and the scorers score.
 
 Layouts (``root`` is the folder a user points ``--root`` / the suite config at; file names can be overridden):
   MMBench     ``root/mmbench_dev_*.tsv`` (or ``MMBench_DEV_EN*.tsv``): columns index, question, hint, A, B, C,

@@ -6,8 +6,9 @@ SMOKE-TEST set for the README commands and the trainer's stage eval, not a bench
 Images are coloured shapes drawn here (PIL); questions ask about them, so the answers are checkable, but a
 few questions per benchmark say nothing about a model. Written under ``out`` (a folder or a URI such as
 ``gs://bucket/demo_general``): ``MMBench/``, ``MME_Benchmark_release_version/``, ``POPE/``, ``ScienceQA/``,
-``SEED-Bench/``, ``TextVQA/``, ``VQAv2/`` (the layouts of ``vl_data``) and ``suite.json`` (all seven; with ``--emotion_demo``, also DFEW over the emotion
-demo's ``eval_dfew.csv``), whose ``set`` keeps the images small (56×56 to 112×112) for the CPU.
+``SEED-Bench/``, ``TextVQA/``, ``VQAv2/`` (the layouts of ``vl_data``) and ``suite.json`` (all seven; with
+``--emotion_demo``, also DFEW over the emotion demo's ``eval_dfew.csv``), whose ``set`` keeps the images small
+(56×56 to 112×112) for the CPU.
 """
 
 from __future__ import annotations

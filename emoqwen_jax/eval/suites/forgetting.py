@@ -12,8 +12,6 @@ decoding) are flagged: their deltas mix the model change with the settings chang
 
 from __future__ import annotations
 
-import json
-
 from emoqwen_jax import storage
 from emoqwen_jax.eval.suites.report import flatten_metrics, headline_value
 
