@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fnmatch
 import json
 import os
 import posixpath
@@ -58,6 +59,25 @@ def basename(path: str | os.PathLike) -> str:
     return posixpath.basename(normalize(path))
 
 
+def dirname(path: str | os.PathLike) -> str:
+    """The folder holding ``path`` (``gs://b/x/f.json`` -> ``gs://b/x``)."""
+    path = normalize(path)
+    return posixpath.dirname(path) if is_uri(path) else os.path.dirname(path)
+
+
+def resolve(base: str | os.PathLike, rel: str | os.PathLike) -> str:
+    """``rel`` (a URI, an absolute or ``~`` path: kept) else ``base``/``rel`` with ``..`` folded (config files
+    naming paths relative to themselves)."""
+    rel = os.fspath(rel)
+    if is_uri(rel) or rel.startswith("file://") or os.path.isabs(os.path.expanduser(rel)):
+        return normalize(rel)
+    base = normalize(base)
+    if not is_uri(base):
+        return os.path.normpath(os.path.join(base, rel))
+    head, _, inner = base.partition("://")
+    return f"{head}://" + posixpath.normpath(posixpath.join(inner, rel)).lstrip("/")
+
+
 def _fs(path: str):
     """(fsspec filesystem, path inside it) of a URI, with a clear message when its package is missing."""
     import fsspec
@@ -97,6 +117,14 @@ def listdir(path: str | os.PathLike) -> list[str]:
         return sorted(os.listdir(path))
     fs, inner = _fs(path)
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False))
+
+
+def glob(folder: str | os.PathLike, pattern: str) -> list[str]:
+    """Paths of ``folder``'s entries whose names match the shell ``pattern`` (one level), sorted; [] when
+    ``folder`` does not exist."""
+    if not isdir(folder):
+        return []
+    return [join(folder, name) for name in listdir(folder) if fnmatch.fnmatch(name, pattern)]
 
 
 def makedirs(path: str | os.PathLike) -> str:

@@ -1,22 +1,14 @@
 """User paths as URIs (emoqwen_jax.storage): file:// URIs and an fsspec filesystem registered for the test (no
-network), through manifests, media decoding, metrics and the safetensors reader."""
+network), through manifests, media decoding, metrics and the safetensors reader. The ``scratch`` fixture (a
+``scratch://`` filesystem) lives in tests/conftest.py."""
 
 import json
 
 import numpy as np
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from emoqwen_jax import storage
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
-
-
-class ScratchFS(MemoryFileSystem):
-    """A filesystem of our own under ``scratch://`` (stands in for gs:// and friends)."""
-
-    protocol = "scratch"
-    store: dict = {}
-    pseudo_dirs = [""]
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +18,6 @@ def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_data")
     demo.build_demo(str(out))
     return out
-
-
-@pytest.fixture
-def scratch():
-    import fsspec
-
-    fsspec.register_implementation("scratch", ScratchFS, clobber=True)
-    ScratchFS.store.clear()
-    ScratchFS.pseudo_dirs[:] = [""]
-    yield "scratch://bucket"
-    ScratchFS.store.clear()
 
 
 def test_normalize_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch):
@@ -63,17 +44,30 @@ def test_file_ops_on_a_registered_filesystem(scratch):
     assert not storage.exists(path)
 
 
-def test_manifest_and_media_from_a_uri_data_root(scratch, demo_dir):
+def test_glob_dirname_and_resolve(scratch, tmp_path):
+    """The helpers the benchmark readers and suite configs use, on a URI and on a local folder alike."""
+    for root in (storage.join(scratch, "bench"), str(tmp_path / "bench")):
+        for name in ("b.txt", "a.txt", "c.jpg"):
+            storage.write_text(storage.join(root, "q", name), name)
+        txt = storage.glob(storage.join(root, "q"), "*.txt")
+        assert txt == [storage.join(root, "q", n) for n in ("a.txt", "b.txt")]
+        assert storage.glob(storage.join(root, "missing"), "*") == []
+        assert storage.dirname(storage.join(root, "q", "a.txt")) == storage.join(root, "q")
+    assert storage.resolve("scratch://bucket/cfg", "../data/POPE") == "scratch://bucket/data/POPE"
+    assert storage.resolve("scratch://bucket/cfg", "gs://other/x") == "gs://other/x"
+    assert storage.resolve("scratch://bucket/cfg", "/abs/x") == "/abs/x"
+    assert storage.resolve(str(tmp_path / "cfg"), "../data") == str(tmp_path / "data")
+    assert storage.resolve(str(tmp_path), f"file://{tmp_path}/d") == str(tmp_path / "d")
+
+
+def test_manifest_and_media_from_a_uri_data_root(scratch, upload, demo_dir):
     """The demo set copied to scratch:// reads as the local one (paths are URIs, clips decode from bytes)."""
     from emoqwen_jax.data.manifests import load_manifest
     from emoqwen_jax.data.vision import load_image
     from emoqwen_jax.data.video_io import read_video
 
     root = storage.join(scratch, "demo")
-    for local in demo_dir.rglob("*"):
-        if local.is_file():
-            with storage.open(storage.join(root, *local.relative_to(demo_dir).parts), "wb") as f:
-                f.write(local.read_bytes())
+    upload(demo_dir, root)
     remote = load_manifest(storage.join(root, "train.jsonl"), root)
     local = load_manifest(str(demo_dir / "train.jsonl"), str(demo_dir))
     assert len(remote) == len(local) > 0
@@ -163,16 +157,13 @@ def test_export_to_a_uri_and_import_back(scratch):
         to_hf(model, target, tokenizer=False)
 
 
-def test_emotion_eval_labels_and_clips_from_a_uri_root(scratch, demo_dir):
+def test_emotion_eval_labels_and_clips_from_a_uri_root(scratch, upload, demo_dir):
     """emoqwen-eval / emoqwen-score inputs (label CSV, predictions, video root) on scratch://."""
     from emoqwen_jax.eval.emotion.benchmarks import get_benchmark, read_labels, read_predictions
     from emoqwen_jax.eval.emotion.runner import locate
 
     root = storage.join(scratch, "dfew")
-    for local in demo_dir.rglob("*"):
-        if local.is_file() and local.suffix in (".csv", ".mp4"):
-            with storage.open(storage.join(root, *local.relative_to(demo_dir).parts), "wb") as f:
-                f.write(local.read_bytes())
+    upload(demo_dir, root, (".csv", ".mp4"))
     labels = read_labels(storage.join(root, "eval_dfew.csv"), get_benchmark("dfew"))
     assert labels == read_labels(str(demo_dir / "eval_dfew.csv"), get_benchmark("dfew"))
     paths = locate(list(labels), root)

@@ -20,10 +20,10 @@ benchmark, ``run.json``. The last line printed is the JSON summary.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from emoqwen_jax import storage
 from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
 from emoqwen_jax.eval.suites.evaluate import evaluate as run_evaluation
 from emoqwen_jax.eval.general.benchmarks import GENERAL_BENCHMARKS
@@ -106,14 +106,14 @@ def run(args: argparse.Namespace) -> dict:
         out_dir = args.out or os.path.join("eval_out", f"suite_{args.suite}")
         report = evaluate(args.ckpt, specs, out_dir, overrides={**suite_sets, **overrides}, args=args,
                           suite=args.suite)
-        print(f"report: {os.path.join(out_dir, 'report.json')} and report.md", file=sys.stderr)
+        print(f"report: {storage.join(out_dir, 'report.json')} and report.md", file=sys.stderr)
         return summary_of(report)
     spec = spec_from_args(args)
     out_dir = args.out or os.path.join("eval_out", args.benchmark)
     report = evaluate(args.ckpt, [spec], out_dir, overrides=overrides, args=args)
     result = report["benchmarks"][args.benchmark]
-    with open(os.path.join(out_dir, "run.json"), "w") as f:
-        json.dump({"settings": report["settings"], "result": result}, f, indent=2)
+    storage.write_json(storage.join(out_dir, "run.json"), {"settings": report["settings"], "result": result},
+                       indent=2)
     return {k: v for k, v in result.items() if k not in ("files", "kind", "benchmark")}
 
 

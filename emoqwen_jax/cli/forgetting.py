@@ -14,9 +14,9 @@ their maximum, before and after). The last line printed is the JSON list of head
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from emoqwen_jax import storage
 from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
 from emoqwen_jax.eval.suites.registry import SUITES
 
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> dict:
         specs, suite_sets = load_suite(args.suite_config, args.suite)
         overrides = {**suite_sets, **parse_sets(args.set)}
         for which, ckpt in zip(("before", "after"), ckpts):
-            evaluate(ckpt, specs, os.path.join(args.out, which), overrides=overrides, args=args, suite=args.suite)
-        reports = (os.path.join(args.out, "before"), os.path.join(args.out, "after"))
+            evaluate(ckpt, specs, storage.join(args.out, which), overrides=overrides, args=args, suite=args.suite)
+        reports = (storage.join(args.out, "before"), storage.join(args.out, "after"))
     result = forgetting.compare(read_report(reports[0]), read_report(reports[1]), all_metrics=args.all_metrics)
     paths = forgetting.write(result, args.out)
     print(forgetting.table(result))

@@ -236,7 +236,17 @@ def generate(model: EmotionQwen, input_ids, attention_mask=None, *, sampling: Sa
         jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p),
         jnp.asarray(sampling.stop_ids or (-1,), jnp.int32), jnp.int32(sampling.pad_id),
         max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k)
-    return GenerationOutput(tokens=np.asarray(tokens), num_tokens=np.asarray(num), stopped=np.asarray(stopped))
+    return GenerationOutput(tokens=_host(tokens), num_tokens=_host(num), stopped=_host(stopped))
+
+
+def _host(x: Array) -> np.ndarray:
+    """A result as numpy on every process, also when it is split over other hosts' devices (parameters sharded
+    across processes: each host holds only its rows)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def batch_vision(samples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray | None]:

@@ -89,14 +89,18 @@ class Session:
         self.processor = SampleProcessor(cfg)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str, overrides: dict[str, Any] | None = None, dtype: Any = None) -> "Session":
-        """Loads one of our model directories (``emoqwen-convert from-hf`` or the trainer writes them)."""
+    def from_checkpoint(cls, ckpt: str, overrides: dict[str, Any] | None = None, dtype: Any = None,
+                        mesh: Any = None) -> "Session":
+        """Loads one of our model directories (``emoqwen-convert from-hf`` or the trainer writes them).
+
+        ``mesh``: shard the parameters over this mesh (a multi-host run's; then every process must make the
+        same calls with the same inputs); None puts them on one local device."""
         from emoqwen_jax.checkpoint import load_model, read_model_config
 
         if not storage.isdir(ckpt):
             raise FileNotFoundError(f"--ckpt {ckpt} is not a directory")
         _, meta = read_model_config(ckpt)
-        return cls(load_model(ckpt, dtype=dtype), meta.get("data"), overrides)
+        return cls(load_model(ckpt, dtype=dtype, mesh=mesh), meta.get("data"), overrides)
 
     def sampling(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0) -> SamplingConfig:

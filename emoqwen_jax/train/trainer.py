@@ -132,7 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                        stage_eval: StageEval | None = None) -> dict[str, Any]:
     """Runs every stage of ``config.run_stages``; returns {stage: final metrics} and the output paths.
 
-    ``stage_eval`` runs after each stage that sets ``stages.<name>.eval_suite`` (process 0 only)."""
+    ``stage_eval`` runs after each stage that sets ``stages.<name>.eval_suite``, on every process (with
+    parameters sharded across hosts the evaluation is a collective computation; process 0 writes)."""
     wanted = [n for n in config.run_stages if config.stages[n].get("eval_suite")]
     if wanted and stage_eval is None:
         raise ValueError(f"stages {wanted} set eval_suite but no stage_eval hook was given; pass "
@@ -187,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             summary["stages"][name] = last
             if writer.enabled:
                 summary["stages"][name]["plot"] = plot_stage(workdir, name)
-            if config.stages[name].get("eval_suite") and jax.process_index() == 0:
+            if config.stages[name].get("eval_suite"):
                 summary["stages"][name]["eval"] = stage_eval(config, name, stage_dir, workdir, writer)
             resume = None
     finally:

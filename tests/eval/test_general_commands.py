@@ -207,3 +207,51 @@ def test_stage_eval_logs_to_metrics(ckpt, general_demo, tmp_path):
     assert [r["stage"] for r in rows] == ["s1/eval", "s3/eval"] and rows[0]["global_step"] == 0
     assert "pope/f1" in rows[0] and "pope/splits.random.accuracy" in rows[0] and rows[0]["pope/n"] == 2
     assert (tmp_path / "eval" / "s1" / "report.md").exists() and any((tmp_path / "tensorboard").iterdir())
+
+
+def test_general_eval_suite_report_and_forgetting_on_uris(ckpt, demo, scratch, capsys):
+    """Benchmark roots, suite config, outputs and reports all on scratch:// (the test filesystem standing in for
+    gs://): the demo writer, one general benchmark, a suite report (relative roots resolved against the
+    config's URI; MMBench's image cache written there), the stage-eval suite form and a forgetting report."""
+    from emoqwen_jax import storage
+
+    suite_path = build_demo_general(storage.join(scratch, "general"), emotion_demo=str(demo))
+    assert suite_path == "scratch://bucket/general/suite.json"
+    blob = storage.read_json(suite_path)
+    assert blob["emotion"][0]["video_root"] == str(demo)  # a local emotion demo is named by its absolute path
+    code = eval_cli.main(["--ckpt", ckpt, "--benchmark", "pope", "--root", storage.join(scratch, "general", "POPE"),
+                          "--limit", "2", "--out", storage.join(scratch, "one"), "--max_new_tokens", "2",
+                          "--set", "image_max_pixels=3136"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert last_json(stdout)["n"] == 2
+    assert storage.read_json(storage.join(scratch, "one", "run.json"))["result"]["n"] == 2
+    assert len(storage.read_text(storage.join(scratch, "one", "pope.jsonl")).splitlines()) == 2
+    assert storage.isfile(storage.join(scratch, "one", "pope.score.json"))
+
+    small = {"set": blob["set"], "general": [{"benchmark": "mmbench", "root": "../general/MMBench", "limit": 1},
+                                             {"benchmark": "mme", "root": "../general/MME_Benchmark_release_version",
+                                              "limit": 1}]}
+    small_path = storage.join(scratch, "configs", "small.json")
+    storage.write_json(small_path, small)
+    specs, _ = resolve_eval_suite(small_path + ":general")  # the trainer's eval_suite string form
+    assert [s["root"] for s in specs] == ["scratch://bucket/general/MMBench",
+                                          "scratch://bucket/general/MME_Benchmark_release_version"]
+    out = storage.join(scratch, "suite_out")
+    code = eval_cli.main(["--ckpt", ckpt, "--suite", "general", "--suite_config", small_path, "--out", out,
+                          "--max_new_tokens", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    report = read_report(out)
+    assert {k: v["n"] for k, v in report["benchmarks"].items()} == {"mmbench": 1, "mme": 2}
+    # the TSV's base64 images (all three rows; the limit applies after reading), cached beside the answers
+    assert storage.listdir(storage.join(out, "mmbench", "images")) == ["0.png", "1.png", "2.png"]
+    assert "| mme | **" in storage.read_text(storage.join(out, "report.md"))
+
+    code = forgetting_cli.main(["--before_report", storage.join(out, "report.json"), "--after_report", out,
+                                "--out", storage.join(scratch, "forgetting")])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert [r["delta"] for r in last_json(stdout)["rows"]] == [0.0, 0.0]  # a report against itself
+    assert {"forgetting.json", "forgetting.md", "forgetting.png"} <= set(storage.listdir(
+        storage.join(scratch, "forgetting")))

@@ -201,3 +201,37 @@ def test_sigterm_to_process_1_saves_on_both_and_restart_matches(pod, tmp_path):
     again = launch(cfg, workdir, logs, env)
     assert again.wait(timeout=1800) == 0, (logs / "process_1.log").read_text()[-3000:]
     assert_same_run(workdir, root / "ref", params_ref)
+
+
+@pytest.mark.slow
+def test_stage_eval_with_parameters_sharded_across_processes(demo_dir, tmp_path):
+    """A stage with ``eval_suite`` in the 2-process fsdp=8 setting: both processes answer the held-out clips
+    together with the stage's weights sharded over all 8 devices (none gathers the model), process 0 alone
+    writes the report and the metrics row, and the answers are the ones the same weights give on one device."""
+    from emoqwen_jax.eval.emotion.benchmarks import EVAL_MAX_NEW_TOKENS
+    from emoqwen_jax.eval.suites.evaluate import evaluate
+
+    labels = tmp_path / "heldout.csv"  # three clips: one generation batch
+    labels.write_text("\n".join((demo_dir / "eval_dfew.csv").read_text().splitlines()[:4]) + "\n")
+    specs = [{"benchmark": "dfew", "labels": str(labels), "video_root": str(demo_dir)}]
+    eval_set = {"video_min_pixels": 56 * 56, "video_max_pixels": 112 * 112, "video_total_pixels": 0}
+    extra = EXTRA + (f"c.stages['stage1_align'].eval_suite = {json.dumps(specs)!r}\n"
+                     f"c.stages['stage1_align'].eval_set = {eval_set!r}\n"
+                     f"c.stages['stage1_align'].eval_batch_size = 4\n")
+    cfg = write_config(tmp_path / "cfg.py", demo_dir, stages=("stage1_align",), steps=2, every=2, extra=extra)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTHON=sys.executable)
+    workdir, logs = tmp_path / "run", tmp_path / "logs"
+    proc = launch(cfg, workdir, logs, env)
+    assert proc.wait(timeout=1800) == 0, (logs / "process_1.log").read_text()[-3000:]
+    assert [s.get("process_index") for s in summary_lines(logs)] == [0, 1]
+    report = json.loads((workdir / "eval" / "stage1_align" / "report.json").read_text())
+    assert report["benchmarks"]["dfew"]["n"] == 3
+    assert report["settings"]["mesh"]["fsdp"] == 8  # answered with the weights sharded as in training
+    rows = [r for r in read_metrics(str(workdir)) if r["stage"] == "stage1_align/eval"]
+    assert len(rows) == 1 and rows[0]["dfew/n"] == 3 and rows[0]["global_step"] == 2  # one writer
+    answers = (workdir / "eval" / "stage1_align" / "dfew" / "heldout.jsonl").read_text().splitlines()
+    single = evaluate(str(workdir / "stages" / "stage1_align"), specs, str(tmp_path / "single"), overrides=eval_set,
+                      suite="stage stage1_align", max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=4)
+    assert single["benchmarks"]["dfew"]["n"] == 3
+    assert (tmp_path / "single" / "dfew" / "heldout.jsonl").read_text().splitlines() == answers

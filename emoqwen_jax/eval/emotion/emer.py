@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 
+from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion.benchmarks import read_predictions
 from emoqwen_jax.eval.parse import WORDS, LabelParser
 
@@ -92,9 +92,9 @@ def score_emer(predictions: dict[str, str | None], references: dict[str, str]) -
 
 def read_references(path: str, text_column: str | None = None, id_column: str = "name") -> dict[str, str]:
     """An EMER CSV -> {clip id: reference description}."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"reference file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with storage.open(path, "r", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         column = text_column or next((c for c in TEXT_COLUMNS if c in fields), None)
@@ -127,7 +127,7 @@ JUDGE_TEMPLATE = (
 def judge_requests(predictions: dict[str, str | None], references: dict[str, str], path: str,
                    ids: Sequence[str] | None = None) -> str:
     """Writes ``{"id", "prompt"}`` JSON lines for an LLM judge (clips without a prediction are skipped)."""
-    with open(path, "w", encoding="utf-8") as f:
+    with storage.open(path, "w", encoding="utf-8") as f:
         for clip in ids or references:
             if predictions.get(clip):
                 f.write(json.dumps({"id": clip, "prompt": JUDGE_TEMPLATE.format(

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion.benchmarks import Benchmark, read_labels, read_predictions, resolve_classes
 from emoqwen_jax.eval.parse import LabelParser
 from emoqwen_jax.eval.emotion.scores import INVALID, Scores, score
@@ -59,7 +60,7 @@ def output_paths(predictions_path: str) -> tuple[str, str]:
 
 
 def write_invalid_csv(rows: Sequence[InvalidAnswer], path: str) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with storage.open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "label", "reason", "response"])
         for r in rows:
@@ -91,7 +92,8 @@ def plot_confusion(scores: Scores, path: str, title: str) -> None:
     ax.set_title(f"{title}\nUAR {scores.uar:.4f} · WAR {scores.war:.4f} · invalid {scores.invalid_rate:.4f}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with storage.open(path, "wb") as f:  # a local path or a URI
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 

@@ -2,6 +2,7 @@
 with a checkpoint (image questions -> predictions JSONL -> scores).
 
 A benchmark SPEC (from the command line or a suite config) is a dict: ``{"benchmark": "pope", "root": DIR}``
+(DIR and the output folder: local paths or URIs such as ``gs://bucket/POPE``)
 plus the reader's optional keys (``image_root``, ``splits``, ``circular``, ``file``, ``split``, ...; see
 ``vl_data``), ``limit`` (score only the first N questions — a quick check, reported as such) and, for POPE,
 ``yes_no_rule``: 'strict' (default; unclear answers are invalid) or 'official' (POPE's own script: an answer
@@ -11,10 +12,9 @@ is "yes" unless its first sentence has the word no/No/not; see ``choice.parse_ye
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable, Sequence
 
+from emoqwen_jax import storage
 from emoqwen_jax.eval.choice import parse_yes_no_by
 from emoqwen_jax.eval.emotion.benchmarks import read_predictions
 from emoqwen_jax.eval.general import data as vl_data
@@ -50,7 +50,7 @@ def _kw(spec: dict, *keys: str) -> dict:
 
 GENERAL_BENCHMARKS: dict[str, GeneralBenchmark] = {b.name: b for b in (
     GeneralBenchmark("mmbench", lambda s, out: vl_data.read_mmbench(
-        _root(s), os.path.join(out, "images"), **_kw(s, "circular", "file")),
+        _root(s), storage.join(out, "images"), **_kw(s, "circular", "file")),
         lambda items, p: vl_scores.score_choice(items, p, by="category"), ("circular", "file"), "option letter"),
     GeneralBenchmark("mme", lambda s, out: vl_data.read_mme(_root(s)), vl_scores.score_mme, (), "yes/no"),
     GeneralBenchmark("pope", lambda s, out: vl_data.read_pope(_root(s), **_kw(s, "image_root", "splits")),
@@ -120,13 +120,12 @@ def run_general(session: Any, spec: dict, out_dir: str, *, sampling: Any, batch_
 
     name = spec.get("name") or spec["benchmark"]
     items = load_items(spec, out_dir)
-    out_path = os.path.join(out_dir, f"{name}.jsonl")
+    out_path = storage.join(out_dir, f"{name}.jsonl")
     requests = [(it.id, [("image", it.image or None)], it.question) for it in items]
     counts = answer_requests(session, requests, sampling, out_path, batch_size=batch_size, seed=seed, desc=name)
     result = score_predictions(spec, items, out_path)
     bench = get_general(spec["benchmark"])
     result.update(predictions=out_path, answer_format=bench.answer_format, example_prompt=items[0].question,
                   **counts)
-    with open(os.path.join(out_dir, f"{name}.score.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    storage.write_json(storage.join(out_dir, f"{name}.score.json"), result, indent=2)
     return result

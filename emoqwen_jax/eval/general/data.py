@@ -1,5 +1,6 @@
-"""Readers for the general vision-language benchmarks, each from its PUBLISHED annotation layout in a local
-folder (nothing is downloaded), into one item list the runner answers and the scorers score.
+"""Readers for the general vision-language benchmarks, each from its PUBLISHED annotation layout in a folder
+(a local path or a URI such as ``gs://bucket/MME``, read through ``emoqwen_jax.storage``; nothing is
+downloaded), into one item list the runner answers and the scorers score.
 
 Layouts (``root`` is the folder a user points ``--root`` / the suite config at; file names can be overridden):
   MMBench     ``root/mmbench_dev_*.tsv`` (or ``MMBench_DEV_EN*.tsv``): columns index, question, hint, A, B, C,
@@ -30,12 +31,12 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
-import glob
 import json
 import os
 import sys
 from typing import Any
 
+from emoqwen_jax import storage
 from emoqwen_jax.eval.choice import LETTERS
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -59,14 +60,14 @@ class VLItem:
 
 
 def _need(path: str, what: str) -> str:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{what}: {path} does not exist")
     return path
 
 
 def load_json(path: str, what: str) -> Any:
     """A JSON file, with errors that name ``what`` and the path."""
-    with open(_need(path, what), encoding="utf-8") as f:
+    with storage.open(_need(path, what), "r", encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -75,7 +76,7 @@ def load_json(path: str, what: str) -> Any:
 
 def _find_one(root: str, patterns: tuple[str, ...], what: str) -> str:
     for pattern in patterns:
-        hits = sorted(glob.glob(os.path.join(_need(root, what), pattern)))
+        hits = storage.glob(_need(root, what), pattern)
         if hits:
             return hits[0]
     raise FileNotFoundError(f"{what}: no {' or '.join(patterns)} under {root}")
@@ -107,16 +108,16 @@ def _rotations(item: VLItem, index: int) -> list[VLItem]:
 def read_mmbench(root: str, image_cache: str, *, circular: bool = False, file: str = "") -> list[VLItem]:
     """MMBench dev TSV -> items; base64 images are written once to ``image_cache``. With ``circular`` and a
     file of single rows, the rotated variants are made here (a file that has them is used as given)."""
-    path = _need(os.path.join(root, file), "mmbench") if file else _find_one(
+    path = _need(storage.join(root, file), "mmbench") if file else _find_one(
         root, ("mmbench_dev*.tsv", "MMBench_DEV*.tsv", "*.tsv"), "mmbench")
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    with open(path, newline="", encoding="utf-8") as f:
+    with storage.open(path, "r", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     need = {"index", "question", "answer", "A", "B"}
     if not rows or not need <= set(rows[0]):
         raise ValueError(f"{path}: an MMBench TSV needs columns {sorted(need)} (+ image, hint, C, D…); "
                          f"got {list(rows[0]) if rows else 'no rows'}")
-    os.makedirs(image_cache, exist_ok=True)
+    storage.makedirs(image_cache)
     images = {r["index"].strip(): r.get("image", "") for r in rows}
     items, groups = [], {}
     for line, r in enumerate(rows, start=2):
@@ -128,9 +129,9 @@ def read_mmbench(root: str, image_cache: str, *, circular: bool = False, file: s
         image = (r.get("image") or "").strip()
         if image and len(image) <= 64 and image in images:  # a reference to another row's image
             image = images[image].strip()
-        image_path = os.path.join(image_cache, f"{index}.png")
-        if image and not os.path.exists(image_path):
-            with open(image_path, "wb") as out:
+        image_path = storage.join(image_cache, f"{index}.png")
+        if image and not storage.exists(image_path):
+            with storage.open(image_path, "wb") as out:
                 out.write(base64.b64decode(image))
         hint = r["hint"].strip() if _present(r.get("hint")) else ""
         group = str(index % CIRCULAR_OFFSET)
@@ -156,17 +157,17 @@ def read_mme(root: str) -> list[VLItem]:
     """The MME release folder -> two yes/no items per image, grouped by image."""
     items = []
     for task in MME_PERCEPTION + MME_COGNITION:
-        task_dir = os.path.join(_need(root, "mme"), task)
-        if not os.path.isdir(task_dir):
+        task_dir = storage.join(_need(root, "mme"), task)
+        if not storage.isdir(task_dir):
             continue
         img_dir, qa_dir = task_dir, task_dir
-        if os.path.isdir(os.path.join(task_dir, MME_SPLIT_LAYOUT[1])):
-            img_dir, qa_dir = (os.path.join(task_dir, d) for d in MME_SPLIT_LAYOUT)
-        for txt in sorted(glob.glob(os.path.join(qa_dir, "*.txt"))):
+        if storage.isdir(storage.join(task_dir, MME_SPLIT_LAYOUT[1])):
+            img_dir, qa_dir = (storage.join(task_dir, d) for d in MME_SPLIT_LAYOUT)
+        names = set(storage.listdir(img_dir)) if storage.isdir(img_dir) else set()  # one listing, not a lookup each
+        for txt in storage.glob(qa_dir, "*.txt"):
             stem = os.path.splitext(os.path.basename(txt))[0]
-            image = next((p for p in (os.path.join(img_dir, stem + e) for e in (".jpg", ".png", ".jpeg"))
-                          if os.path.exists(p)), "")
-            with open(txt, encoding="utf-8") as f:
+            image = next((storage.join(img_dir, stem + e) for e in (".jpg", ".png", ".jpeg") if stem + e in names), "")
+            with storage.open(txt, "r", encoding="utf-8") as f:
                 lines = [ln.rstrip("\n") for ln in f if ln.strip()]
             for k, ln in enumerate(lines):
                 question, sep, answer = ln.rpartition("\t")
@@ -176,19 +177,19 @@ def read_mme(root: str) -> list[VLItem]:
                                     answer.strip().lower(), group=f"{task}/{stem}", meta={"subtask": task}))
     if not items:
         raise FileNotFoundError(f"mme: no subtask folder with question files under {root} (expected e.g. "
-                                f"{os.path.join(root, 'existence')})")
+                                f"{storage.join(root, 'existence')})")
     return items
 
 
 def read_pope(root: str, image_root: str = "", splits: tuple[str, ...] = POPE_SPLITS) -> list[VLItem]:
     """POPE JSON-lines files (one per split) -> yes/no items."""
-    image_root = image_root or os.path.join(root, "val2014")
+    image_root = image_root or storage.join(root, "val2014")
     items = []
     for split in splits:
         if split not in POPE_SPLITS:
             raise ValueError(f"pope split {split!r}; valid: {POPE_SPLITS}")
         path = _find_one(root, (f"coco_pope_{split}.json", f"*pope_{split}.json*"), f"pope {split}")
-        with open(path, encoding="utf-8") as f:
+        with storage.open(path, "r", encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -196,16 +197,16 @@ def read_pope(root: str, image_root: str = "", splits: tuple[str, ...] = POPE_SP
                 label = str(row.get("label", "")).strip().lower()
                 if label not in ("yes", "no"):
                     raise ValueError(f"{path}:{line_no}: label must be yes or no, got {row.get('label')!r}")
-                image = os.path.join(image_root, row["image"])
-                items.append(VLItem(f"{split}/{row['question_id']}", image if os.path.exists(image) else "",
+                image = storage.join(image_root, row["image"])
+                items.append(VLItem(f"{split}/{row['question_id']}", image if storage.exists(image) else "",
                                     f"{row['text'].strip()}\n{SHORT_ANSWER}", label, meta={"split": split}))
     return items
 
 
 def read_scienceqa(root: str, split: str = "test") -> list[VLItem]:
     """ScienceQA problems of ``split`` that have an image -> multiple-choice items."""
-    problems = load_json(os.path.join(root, "problems.json"), "scienceqa")
-    splits = load_json(os.path.join(root, "pid_splits.json"), "scienceqa")
+    problems = load_json(storage.join(root, "problems.json"), "scienceqa")
+    splits = load_json(storage.join(root, "pid_splits.json"), "scienceqa")
     if split not in splits:
         raise ValueError(f"scienceqa: split {split!r} not in pid_splits.json ({sorted(splits)})")
     items = []
@@ -214,8 +215,8 @@ def read_scienceqa(root: str, split: str = "test") -> list[VLItem]:
         if not p.get("image"):
             continue  # the image subset only
         options = {LETTERS[i]: str(c) for i, c in enumerate(p["choices"])}
-        image = next((c for c in (os.path.join(root, "images", split, str(pid), p["image"]),
-                                  os.path.join(root, split, str(pid), p["image"])) if os.path.exists(c)), "")
+        image = next((c for c in (storage.join(root, "images", split, str(pid), p["image"]),
+                                  storage.join(root, split, str(pid), p["image"])) if storage.exists(c)), "")
         hint = (p.get("hint") or "").strip()
         items.append(VLItem(str(pid), image, mc_question(p["question"], options, f"Context: {hint}" if hint else ""),
                             LETTERS[int(p["answer"])], options=options, group=str(pid),
@@ -225,15 +226,15 @@ def read_scienceqa(root: str, split: str = "test") -> list[VLItem]:
 
 def read_seedbench(root: str, file: str = "SEED-Bench.json", image_dir: str = "SEED-Bench-image") -> list[VLItem]:
     """SEED-Bench (v1) image questions -> multiple-choice items."""
-    blob = load_json(os.path.join(root, file), "seedbench")
+    blob = load_json(storage.join(root, file), "seedbench")
     type_names = {v: k for k, v in blob.get("question_type", {}).items()}
     items = []
     for q in blob["questions"]:
         if q.get("data_type", "image") != "image":
             continue
         options = {L: str(q[f"choice_{L.lower()}"]) for L in "ABCD" if f"choice_{L.lower()}" in q}
-        image = os.path.join(root, image_dir, q["data_id"])
-        items.append(VLItem(str(q["question_id"]), image if os.path.exists(image) else "",
+        image = storage.join(root, image_dir, q["data_id"])
+        items.append(VLItem(str(q["question_id"]), image if storage.exists(image) else "",
                             mc_question(q["question"], options), q["answer"].strip(), options=options,
                             group=str(q["question_id"]),
                             meta={"question_type": type_names.get(q.get("question_type_id"),
@@ -242,11 +243,11 @@ def read_seedbench(root: str, file: str = "SEED-Bench.json", image_dir: str = "S
 
 
 def read_textvqa(root: str, file: str = "TextVQA_0.5.1_val.json", image_dir: str = "train_images") -> list[VLItem]:
-    blob = load_json(os.path.join(root, file), "textvqa")
+    blob = load_json(storage.join(root, file), "textvqa")
     items = []
     for q in blob["data"]:
-        image = os.path.join(root, image_dir, f"{q['image_id']}.jpg")
-        items.append(VLItem(str(q["question_id"]), image if os.path.exists(image) else "",
+        image = storage.join(root, image_dir, f"{q['image_id']}.jpg")
+        items.append(VLItem(str(q["question_id"]), image if storage.exists(image) else "",
                             f"{q['question'].strip()}\n{SHORT_ANSWER}", "", answers=tuple(q["answers"]),
                             group=str(q["question_id"])))
     return items
@@ -254,16 +255,16 @@ def read_textvqa(root: str, file: str = "TextVQA_0.5.1_val.json", image_dir: str
 
 def read_vqav2(root: str, questions: str = "v2_OpenEnded_mscoco_val2014_questions.json",
                annotations: str = "v2_mscoco_val2014_annotations.json", image_dir: str = "val2014") -> list[VLItem]:
-    qs = load_json(os.path.join(root, questions), "vqav2 questions")
-    anns = {a["question_id"]: a for a in load_json(os.path.join(root, annotations), "vqav2 annotations")["annotations"]}
+    qs = load_json(storage.join(root, questions), "vqav2 questions")
+    anns = {a["question_id"]: a for a in load_json(storage.join(root, annotations), "vqav2 annotations")["annotations"]}
     subtype = qs.get("data_subtype", "val2014")
     items = []
     for q in qs["questions"]:
         a = anns.get(q["question_id"])
         if a is None:
             raise ValueError(f"vqav2: question {q['question_id']} has no annotation in {annotations}")
-        image = os.path.join(root, image_dir, f"COCO_{subtype}_{int(q['image_id']):012d}.jpg")
-        items.append(VLItem(str(q["question_id"]), image if os.path.exists(image) else "",
+        image = storage.join(root, image_dir, f"COCO_{subtype}_{int(q['image_id']):012d}.jpg")
+        items.append(VLItem(str(q["question_id"]), image if storage.exists(image) else "",
                             f"{q['question'].strip()}\n{SHORT_ANSWER}", "",
                             answers=tuple(x["answer"] for x in a["answers"]), group=str(q["question_id"]),
                             meta={"answer_type": a.get("answer_type", "")}))

@@ -4,10 +4,11 @@ SMOKE-TEST set for the README commands and the trainer's stage eval, not a bench
   python -m emoqwen_jax.eval.general.demo --out demo_general [--emotion_demo demo_data]
 
 Images are coloured shapes drawn here (PIL); questions ask about them, so the answers are checkable, but a
-few questions per benchmark say nothing about a model. Written under ``out``: ``MMBench/``,
-``MME_Benchmark_release_version/``, ``POPE/``, ``ScienceQA/``, ``SEED-Bench/``, ``TextVQA/``, ``VQAv2/`` (the
-layouts of ``vl_data``) and ``suite.json`` (all seven; with ``--emotion_demo``, also DFEW over the emotion
-demo's ``eval_dfew.csv``), whose ``set`` keeps the images small (56×56 to 112×112) for the CPU.
+few questions per benchmark say nothing about a model. Written under ``out`` (a folder or a URI such as
+``gs://bucket/demo_general``): ``MMBench/``, ``MME_Benchmark_release_version/``, ``POPE/``, ``ScienceQA/``,
+``SEED-Bench/``, ``TextVQA/``, ``VQAv2/`` (the layouts of ``vl_data``) and ``suite.json`` (all seven; with
+``--emotion_demo``, also DFEW over the emotion demo's ``eval_dfew.csv``), whose ``set`` keeps the images small
+(56×56 to 112×112) for the CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import base64
 import io
 import json
 import os
+
+from emoqwen_jax import storage
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
@@ -164,7 +167,25 @@ def write_vqav2(root: str) -> None:
 
 
 def build_demo_general(out: str, emotion_demo: str = "") -> str:
-    """Writes every demo benchmark and ``out/suite.json``; returns the suite config's path."""
+    """Writes every demo benchmark and ``out/suite.json`` (``out`` may be a URI: written locally, then uploaded);
+    returns the suite config's path."""
+    with storage.staged_dir(out) as local:
+        _write_all(local, _emotion_specs(out, emotion_demo))
+    return storage.join(out, "suite.json")
+
+
+def _emotion_specs(out: str, emotion_demo: str) -> list[dict]:
+    """DFEW over the emotion demo, by a path relative to ``out`` when both are local (the set can move)."""
+    if not emotion_demo:
+        return []
+    if storage.is_uri(out) or storage.is_uri(emotion_demo):
+        demo = storage.normalize(emotion_demo)
+        return [{"benchmark": "dfew", "labels": storage.join(demo, "eval_dfew.csv"), "video_root": demo}]
+    demo = os.path.relpath(storage.normalize(emotion_demo), storage.normalize(out))
+    return [{"benchmark": "dfew", "labels": os.path.join(demo, "eval_dfew.csv"), "video_root": demo}]
+
+
+def _write_all(out: str, emotion: list[dict]) -> None:
     write_mmbench(os.path.join(out, "MMBench"))
     write_mme(os.path.join(out, "MME_Benchmark_release_version"))
     write_pope(os.path.join(out, "POPE"))
@@ -181,13 +202,8 @@ def build_demo_general(out: str, emotion_demo: str = "") -> str:
                          {"benchmark": "seedbench", "root": "SEED-Bench"},
                          {"benchmark": "textvqa", "root": "TextVQA"},
                          {"benchmark": "vqav2", "root": "VQAv2"}],
-             "emotion": []}
-    if emotion_demo:
-        demo = os.path.relpath(os.path.abspath(emotion_demo), os.path.abspath(out))
-        suite["emotion"] = [{"benchmark": "dfew", "labels": os.path.join(demo, "eval_dfew.csv"), "video_root": demo}]
-    path = os.path.join(out, "suite.json")
-    _json(suite, path)
-    return path
+             "emotion": emotion}
+    _json(suite, os.path.join(out, "suite.json"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,7 @@ decoding) are flagged: their deltas mix the model change with the settings chang
 
 from __future__ import annotations
 
-import json
-import os
-
+from emoqwen_jax import storage
 from emoqwen_jax.eval.suites.report import flatten_metrics, headline_value
 
 _COMPARED_SETTINGS = ("data", "sampling", "prompts", "overrides")
@@ -86,20 +84,18 @@ def plot(result: dict, path: str) -> str:
     ax.set_title("Forgetting: headline metrics before and after (labels: delta in points)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with storage.open(path, "wb") as f:  # a local path or a URI (makes the folder)
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return path
 
 
 def write(result: dict, out_dir: str) -> dict[str, str]:
     """``forgetting.json``, ``forgetting.md`` and ``forgetting.png`` in ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "forgetting.json"), "markdown": os.path.join(out_dir, "forgetting.md"),
-             "chart": os.path.join(out_dir, "forgetting.png")}
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    with open(paths["markdown"], "w") as f:
-        f.write(table(result))
+    storage.makedirs(out_dir)
+    paths = {"json": storage.join(out_dir, "forgetting.json"), "markdown": storage.join(out_dir, "forgetting.md"),
+             "chart": storage.join(out_dir, "forgetting.png")}
+    storage.write_json(paths["json"], result, indent=2)
+    storage.write_text(paths["markdown"], table(result))
     plot(result, paths["chart"])
     return paths

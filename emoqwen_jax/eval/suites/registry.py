@@ -24,6 +24,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion import benchmarks
 from emoqwen_jax.eval.general import benchmarks as general
 from emoqwen_jax.eval.emotion.emer import REASONING_PROMPT
@@ -75,7 +76,7 @@ def load_suite(path: str, suite: str) -> tuple[list[dict], dict]:
     unknown = set(blob) - {"set", "general", "emotion"}
     if unknown:
         raise ValueError(f"suite config {path}: unknown keys {sorted(unknown)}; valid: set, general, emotion")
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.dirname(path)
     lists = ("general", "emotion") if suite == "all" else (suite,)
     specs = []
     for key in lists:
@@ -83,7 +84,7 @@ def load_suite(path: str, suite: str) -> tuple[list[dict], dict]:
             spec = dict(spec)
             for k in _PATH_KEYS:
                 if spec.get(k):
-                    spec[k] = os.path.join(base, os.path.expanduser(spec[k]))
+                    spec[k] = storage.resolve(base, spec[k])
             specs.append(spec)
     if not specs:
         raise ValueError(f"suite config {path} lists no {' or '.join(lists)} benchmarks")
@@ -119,7 +120,7 @@ def run_emotion(session: Any, spec: dict, out_dir: str, *, sampling: Any, batch_
     if name == "emer":
         if folds:
             raise ValueError("--folds: emer has no folds")
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(spec["labels"]))[0] + ".jsonl")
+        out = storage.join(out_dir, os.path.splitext(storage.basename(spec["labels"]))[0] + ".jsonl")
         summary = runner.run_emer(session, spec["labels"], spec["video_root"], out, sampling=sampling,
                                   batch_size=batch_size, seed=seed, text_column=spec.get("text_column") or None)
         result = {k: summary[k] for k in ("n", "precision", "recall", "f1", "missing", "no_reference_emotion")}
@@ -131,16 +132,16 @@ def run_emotion(session: Any, spec: dict, out_dir: str, *, sampling: Any, batch_
         raise ValueError(f"--folds: {name} has no folds")
     label_files = benchmarks.fold_paths(spec["labels"]) if folds else [spec["labels"]]
     for path in label_files:
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"--labels {path} does not exist")
     classes = spec.get("classes") or None
     if isinstance(classes, str):
         classes = [c for c in classes.split(",") if c.strip()] or None
     scores, files = [], []
     for k, labels in enumerate(label_files, start=1):
-        stem = f"fold{k}" if folds else os.path.splitext(os.path.basename(labels))[0]
+        stem = f"fold{k}" if folds else os.path.splitext(storage.basename(labels))[0]
         s, written = runner.run_benchmark(session, bench, labels, spec["video_root"],
-                                          os.path.join(out_dir, stem + ".jsonl"), sampling=sampling,
+                                          storage.join(out_dir, stem + ".jsonl"), sampling=sampling,
                                           batch_size=batch_size, classes=classes, seed=seed)
         if verbose:
             print(f"{stem}: {json.dumps(s.summary())}", file=sys.stderr)
@@ -172,7 +173,7 @@ def run_suite(session: Any, specs: Sequence[dict], out_dir: str, *, sampling: An
         spec = copy.deepcopy(spec)
         if kind_of(spec) == "emotion" and spec.get("limit"):
             raise ValueError(f"{name}: 'limit' applies to general benchmarks; shorten the label file instead")
-        where = os.path.join(out_dir, name) if subdirs else out_dir
+        where = storage.join(out_dir, name) if subdirs else out_dir
         results[name] = run_spec(session, spec, where, sampling=sampling, batch_size=batch_size, seed=seed)
     report_settings = {
         **(settings or {}), "data": {k: session.data[k] for k in REPORTED_DATA if k in session.data},

@@ -16,9 +16,9 @@ max 800 with every subtask present).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from emoqwen_jax import storage
 from emoqwen_jax.eval.general.data import load_json
 
 REPORT_FORMAT = "emoqwen_jax.eval.emotion.report"
@@ -79,20 +79,18 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, out_dir: str, stem: str = "report") -> tuple[str, str]:
     """Writes ``out_dir/report.json`` and ``out_dir/report.md``; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     report = {"format": REPORT_FORMAT, "version": 1, **report}
-    json_path, md_path = os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
-    with open(md_path, "w") as f:
-        f.write(markdown(report))
+    json_path, md_path = storage.join(out_dir, f"{stem}.json"), storage.join(out_dir, f"{stem}.md")
+    storage.write_json(json_path, report, indent=2)
+    storage.write_text(md_path, markdown(report))
     return json_path, md_path
 
 
 def read_report(path: str) -> dict[str, Any]:
     """A report.json (or the folder holding one)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "report.json")
+    if storage.isdir(path):
+        path = storage.join(path, "report.json")
     report = load_json(path, "report")
     if report.get("format") != REPORT_FORMAT or "benchmarks" not in report:
         raise ValueError(f"{path} is not an emoqwen-eval report (format {report.get('format')!r})")

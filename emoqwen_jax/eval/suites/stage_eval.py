@@ -16,15 +16,18 @@ The stage's saved weights are answered with emoqwen-eval's standard settings; th
 ``workdir/eval/<stage>/report.json`` and ``report.md``, and one row goes to ``metrics.jsonl`` with
 ``stage = "<stage>/eval"`` (kept apart from the stage's loss rows, which the loss plots read),
 ``global_step``, and ``<benchmark>/<metric>`` for every metric — TensorBoard shows them as
-``<stage>/eval/<benchmark>/<metric>``.
+``<stage>/eval/<benchmark>/<metric>``. In a multi-host run every process evaluates (the weights sharded over
+the run's mesh, as in training) and process 0 writes; see ``run_stage_eval``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
+from emoqwen_jax import storage
 from emoqwen_jax.data.demo import DEMO_PLACEHOLDER, build_demo, demo_root, fill_demo
 from emoqwen_jax.eval.suites.report import flatten_metrics
 
@@ -42,11 +45,32 @@ def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
             raise ValueError(f"eval_suite is not valid JSON ({e}): {eval_suite[:80]}") from None
         eval_suite = [eval_suite] if isinstance(eval_suite, dict) else eval_suite
     if isinstance(eval_suite, str):
-        path, _, suite = eval_suite.partition(":") if not os.path.isfile(eval_suite) else (eval_suite, "", "")
+        path, suite = _suite_and_list(eval_suite)
         return suites.load_suite(path, suite or "all")
     specs = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in eval_suite]
     suites.check_specs(specs)
     return specs, {}
+
+
+def _suite_and_list(eval_suite: str) -> tuple[str, str]:
+    """``"path[:list]"`` -> (path, list); the path may be a URI (``gs://b/suite.json:general``)."""
+    if storage.isfile(eval_suite):
+        return eval_suite, ""
+    path, sep, suite = eval_suite.rpartition(":")
+    return (path, suite) if sep and "/" not in suite else (eval_suite, "")
+
+
+@contextlib.contextmanager
+def _report_dir(out_dir: str) -> Iterator[str]:
+    """``out_dir`` on process 0; a temporary folder, deleted afterwards, on the others (same answers: one
+    writer)."""
+    import jax
+
+    if jax.process_index() == 0:
+        yield out_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="stage_eval_") as tmp:
+        yield tmp
 
 
 def stage_row(stage_name: str, global_step: int, report: dict) -> dict:
@@ -62,7 +86,14 @@ def stage_row(stage_name: str, global_step: int, report: dict) -> dict:
 def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, writer: Any) -> dict:
     """Runs ``config.stages[stage_name].eval_suite`` on the weights in ``model_dir``; logs one row to
     ``writer`` (a ``train.metrics.MetricsWriter``; only process 0 writes) and returns the report ({} when no
-    suite is configured)."""
+    suite is configured).
+
+    With several processes every one of them calls this (the trainer does) and answers the same questions:
+    the weights are restored onto the run's mesh (``config.mesh``), sharded across the hosts as in training,
+    so no host ever holds the whole model; process 0 writes the report, the others answer into a temporary
+    folder that is then deleted."""
+    import jax
+
     from emoqwen_jax.checkpoint import read_model_config
     from emoqwen_jax.eval.emotion.benchmarks import EVAL_MAX_NEW_TOKENS
     from emoqwen_jax.eval.suites.evaluate import evaluate
@@ -72,16 +103,26 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
     if not specs:
         return {}
     if DEMO_PLACEHOLDER in json.dumps(specs):  # the demo set's held-out clips (the demo preset's final eval)
-        root = demo_root(workdir)
-        if not os.path.isfile(os.path.join(root, "eval_dfew.csv")):
+        from emoqwen_jax.parallel import hosts
+
+        root = demo_root(workdir)  # a remote workdir: a local folder on every host
+        if (storage.is_uri(workdir) or jax.process_index() == 0) and not storage.isfile(
+                storage.join(root, "eval_dfew.csv")):
             build_demo(root)
+        hosts.barrier("stage_eval_demo")  # the others read it only once it is there
         specs = fill_demo(specs, root)
+    mesh = None
+    if jax.process_count() > 1:  # parameters span the hosts' devices: restore them sharded, as training held them
+        from emoqwen_jax.parallel.mesh import make_mesh
+
+        mesh = make_mesh(config.mesh)
     eval_set = stage.get("eval_set", None)
     overrides = {**suite_sets, **(eval_set.to_dict() if hasattr(eval_set, "to_dict") else dict(eval_set or {}))}
     _, meta = read_model_config(model_dir)
-    report = evaluate(model_dir, specs, os.path.join(workdir, "eval", stage_name), overrides=overrides,
-                      suite=f"stage {stage_name}", max_new_tokens=EVAL_MAX_NEW_TOKENS,
-                      batch_size=int(stage.get("eval_batch_size", 4)))
+    with _report_dir(storage.join(workdir, "eval", stage_name)) as out_dir:
+        report = evaluate(model_dir, specs, out_dir, overrides=overrides, suite=f"stage {stage_name}",
+                          max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=int(stage.get("eval_batch_size", 4)),
+                          mesh=mesh)
     global_step = int(meta.get("global_step", 0))
     writer.write(stage_row(stage_name, global_step, report))
     return report
