@@ -1,6 +1,7 @@
 r"""Scale-mode compressor cost against the number of experts and the number of tokens (one device).
 
-  python bench/moe_scaling.py --experts 2 64 --units 2304 9216 [--dispatch einsum|shard_map|ragged] [--runs N] [--capacity_factor F]
+  python bench/moe_scaling.py --experts 2 64 --units 2304 9216 [--dispatch einsum|shard_map|ragged] [--runs N] \
+      [--capacity_factor F]
 
 The Hybrid Compressor in scale mode (routing='token', top_k 2, the config's capacity factor and routing group
 size) on the ``small`` preset's widths (ViT 256 -> token input 1024, LLM 512): forward + backward (gradients of
