@@ -18,8 +18,11 @@ Implementations (``config.model.attention``):
              ``SegmentIds``; TPU only.
   cudnn      ``jax.nn.dot_product_attention(implementation="cudnn")``; GPU only (segment ids become a mask).
   auto       for causal attention (the decoder) splash on TPU and cudnn on GPU (bf16/fp16); otherwise
-             blockwise from ``AUTO_BLOCKWISE_MIN`` keys and xla below; one log line per distinct choice says
-             what was chosen and why.
+             blockwise from ``AUTO_BLOCKWISE_MIN`` keys and xla below — except the ViT's window layers (a
+             ``band``) when the flat patch axis is split over devices (``sharding.shard_count('units')``):
+             they take xla's banded blocks, which GSPMD shards with halo exchanges (collective permutes),
+             where blockwise's scan over query blocks makes it all-gather q, k, v and repeat every block on
+             every device. One log line per distinct choice says what was chosen and why.
 
 Shapes: q float[B, T, N, H]; k, v float[B, S, K, H] with N a multiple of K (G = N / K query heads per KV head);
 segment ids int[B, T] / int[B, S]. Logits and softmax in float32; the output has q's dtype.
@@ -32,6 +35,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
+
+from emoqwen_jax.model import sharding
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -50,6 +55,12 @@ def validate_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}; choose one of {IMPLEMENTATIONS}")
     return name
+
+
+def _log_choice(choice: str, why: str) -> None:
+    if (choice, why) not in _logged:
+        _logged.add((choice, why))
+        log.info("attention='auto' chose %r: %s", choice, why)
 
 
 def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bool = False,
@@ -71,9 +82,7 @@ def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bo
             choice, why = "blockwise", f"{kv_length} keys >= {AUTO_BLOCKWISE_MIN} on {backend}"
         else:
             choice, why = "xla", f"{kv_length} keys < {AUTO_BLOCKWISE_MIN} on {backend}"
-        if (choice, why) not in _logged:
-            _logged.add((choice, why))
-            log.info("attention='auto' chose %r: %s", choice, why)
+        _log_choice(choice, why)
         return choice
     if implementation == "splash" and backend != "tpu":
         raise ValueError(f"model.attention='splash' needs a TPU, but the backend is {backend!r}; "
@@ -111,6 +120,12 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     cache = not (isinstance(q_offset, int) and q_offset == 0)
+    if implementation == "auto" and band is not None and not causal and t == s and not cache and b == 1:
+        devices = sharding.shard_count("units", t)
+        if devices > 1:  # the ViT's window layers on a patch axis split over devices (see below)
+            _log_choice("xla", f"window layers (band {band}) on a patch axis split over {devices} devices: "
+                               f"banded blocks shard, blockwise's scan over query blocks would gather it")
+            return _banded(q, k, v, q_segment_ids, kv_segment_ids, band, scale)
     impl = resolve(implementation, s, dtype=q.dtype, cache=cache, causal=causal)
     if impl == "xla":
         if band is not None and not causal and t == s and not cache:
