@@ -65,14 +65,17 @@ def bench_config(preset: str, experts: int, routing: str = "sample"):
     return config
 
 
-def make_batch(mcfg, seed: int = 0) -> dict:
-    """Host arrays for B=2: an image conversation and a video conversation, right-padded; labels on text."""
+def make_batch(mcfg, seed: int = 0, packed: bool = False) -> dict:
+    """Host arrays for B=2: an image conversation and a video conversation, right-padded; labels on text.
+    ``packed``: the same two conversations side by side in one row (``data.packing``'s layout: segment ids 1
+    and 2, positions restarting, no padding); only ``"jax"`` then (HF's eager model has no packed rows)."""
     from emoqwen_jax.layout import build_model_inputs
     from emoqwen_jax.model import layout_spec
     from emoqwen_jax.tokens import IGNORE
 
     rng = np.random.default_rng(seed)
-    vocab = min(mcfg.text.vocab_size, 4000) - 10
+    specials = (mcfg.image_token_id, mcfg.video_token_id, mcfg.vision_start_token_id, mcfg.vision_end_token_id)
+    vocab = min(mcfg.text.vocab_size - 10, 4000, *specials)  # ordinary text ids only
 
     def row(pad_id, grid, prompt, answer):
         n = int(np.prod(grid)) // 4
@@ -80,15 +83,19 @@ def make_batch(mcfg, seed: int = 0) -> dict:
                 mcfg.vision_end_token_id, *rng.integers(0, vocab, answer)]
 
     rows = [row(mcfg.image_token_id, IMAGE_GRID, 24, 40), row(mcfg.video_token_id, VIDEO_GRID, 24, 40)]
+    segment_ids = None
+    if packed:
+        segment_ids = np.concatenate([np.full(len(r), i + 1, np.int32) for i, r in enumerate(rows)])[None]
+        rows = [[t for r in rows for t in r]]
     length = max(map(len, rows))
-    ids = np.zeros((2, length), np.int32)
+    ids = np.zeros((len(rows), length), np.int32)
     mask = np.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, : len(r)], mask[i, : len(r)] = r, 1
     pix = lambda g: rng.standard_normal((int(np.prod(g)), mcfg.vision.patch_dim)).astype(np.float32)  # noqa: E731
     image, video = pix(IMAGE_GRID), pix(VIDEO_GRID)
     inputs = build_model_inputs(ids, mask, image, np.array([IMAGE_GRID]), video, np.array([VIDEO_GRID]), [1.0],
-                                spec=layout_spec(mcfg))
+                                spec=layout_spec(mcfg), segment_ids=segment_ids)
     vision_ids = (ids == mcfg.image_token_id) | (ids == mcfg.video_token_id)
     inputs.text.labels = np.where((mask > 0) & ~vision_ids, ids, IGNORE).astype(np.int32)
     raw = dict(input_ids=ids, attention_mask=mask, pixel_values=image, pixel_values_videos=video,
@@ -247,12 +254,20 @@ def run_side(args) -> dict:
             run, state, compile_s, _ = jax_step(configs[e], batch["jax"])
             runners[f"jax E={e}"], states[f"jax E={e}"] = run, state
             extra["compile_s"][f"jax E={e}"] = round(compile_s, 1)
+        if args.packed:  # the same conversations packed into one row (data.packing): no padding tokens
+            e = args.experts[0]
+            packed = make_batch(ModelConfig.from_run_config(configs[e]), packed=True)["jax"]
+            run, state, compile_s, _ = jax_step(configs[e], packed)
+            runners[f"jax E={e} packed"], states[f"jax E={e} packed"] = run, state
+            extra["packed_flops"] = flops_per_step(ModelConfig.from_run_config(configs[e]), packed)
         if args.dense_vit:
             e = args.experts[0]
             run, state, compile_s, _ = jax_step(configs[e], batch["jax"], dense_vit=True)
             runners[f"jax E={e} dense ViT"], states[f"jax E={e} dense ViT"] = run, state
         extra["train_flops"] = {f"jax E={e}": flops_per_step(ModelConfig.from_run_config(configs[e]), batch["jax"])
                                 for e in args.experts}
+        if args.packed:
+            extra["train_flops"][f"jax E={args.experts[0]} packed"] = extra.pop("packed_flops")
         if jax.default_backend() == "gpu":
             extra["peak_flops"] = peak_flops(configs[args.experts[0]])
             extra["device"] = jax.devices()[0].device_kind
@@ -274,6 +289,8 @@ def _child(args, side: str) -> dict:
            "--routing", args.routing]
     if args.dense_vit:
         cmd.append("--dense-vit")
+    if args.packed:
+        cmd.append("--packed")
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_ENV, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
     print(out, end="")
@@ -290,6 +307,8 @@ def main(argv=None) -> dict:
                     help="compressor routing: the paper's per-item gate or scale mode (token top-k)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--no-torch", action="store_true", help="time only our step (profiling)")
+    ap.add_argument("--packed", action="store_true",
+                    help="add a row: the same two conversations packed into one row (data.packing), unpadded")
     ap.add_argument("--dense-vit", action="store_true", help="add a row: E=1 with the dense-mask ViT (before)")
     ap.add_argument("--side", choices=("both", "jax", "torch"), default="both",
                     help="internal: time one framework in this process ('both' spawns one process per side)")
@@ -326,11 +345,13 @@ def main(argv=None) -> dict:
     print("\n| step | median ms | min ms | max ms | analytic GFLOP/s |\n|---|---|---|---|---|")
     flops = ours["train_flops"]
     for name, v in times.items():
-        f = flops.get(name.replace(" dense ViT", ""), flops.get("jax E=1", next(iter(flops.values()))))
+        f = flops.get(name) or flops.get(name.replace(" dense ViT", "")) or flops.get("jax E=1") or next(iter(flops.values()))
         print(f"| {name} | {med[name]:.0f} | {min(v):.0f} | {max(v):.0f} | {f / med[name] / 1e6:.1f} |")
     jax_ms = med.get("jax E=1", med[f"jax E={args.experts[0]}"])
     out = {"jax_ms": round(jax_ms, 1), "torch_ms": round(med["torch"], 1) if "torch" in med else None,
            "ratio": round(med["torch"] / jax_ms, 2) if "torch" in med else None,
+           "ratio_packed": (round(med["torch"] / med[f"jax E={args.experts[0]} packed"], 2)
+                            if "torch" in med and args.packed else None),
            "jax_ms_by_experts": {k: round(v, 1) for k, v in med.items() if k != "torch"},
            "compile_s": ours.get("compile_s"), "routing": args.routing, "runs": args.runs, "train_flops": flops, "machine": machine}
     if "peak_flops" in ours:

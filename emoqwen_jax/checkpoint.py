@@ -126,3 +126,15 @@ def load_weights(source: str, *, dtype: Any = None, param_dtype: Any = None,
                        mesh=mesh, **runtime)
     raise ValueError(f"{source!r} is neither an emoqwen_jax model directory nor a Hugging Face directory "
                      f"(no config.json)")
+
+
+def build_model(config: Any, ckpt: str = "") -> EmotionQwen:
+    """The model of a run config (``configs/emotion_qwen.py``): the weights in ``ckpt`` if given (or in the model
+    directory / HF checkpoint ``config.init_from`` names), with the config's dtypes, compressor and runtime
+    settings; else a random init from ``config.seed``."""
+    source = ckpt or config.get("init_from", "")
+    if not source:
+        return EmotionQwen(ModelConfig.from_run_config(config), rngs=nnx.Rngs(config.seed))
+    runtime = {k: config.model.get(k) for k in ("attention", "attention_block", "scan_layers", "remat")}
+    return load_weights(source, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                        compressor=config.model.compressor.to_dict(), seed=config.seed, **runtime)

@@ -70,7 +70,7 @@ def sample_batch(config, model_config) -> dict:
 
 def main_(argv) -> None:
     del argv
-    from emoqwen_jax.cli.common import build_model
+    from emoqwen_jax.checkpoint import build_model
     from emoqwen_jax.model import ModelConfig, count_params
 
     config = _CONFIG.value

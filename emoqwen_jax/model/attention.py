@@ -18,8 +18,11 @@ Implementations (``config.model.attention``):
              ``SegmentIds``; TPU only.
   cudnn      ``jax.nn.dot_product_attention(implementation="cudnn")``; GPU only (segment ids become a mask).
   auto       for causal attention (the decoder) splash on TPU and cudnn on GPU (bf16/fp16); otherwise
-             blockwise from ``AUTO_BLOCKWISE_MIN`` keys and xla below; one log line per distinct choice says
-             what was chosen and why.
+             blockwise from ``AUTO_BLOCKWISE_MIN`` keys and xla below — except the ViT's window layers (a
+             ``band``) when the flat patch axis is split over devices (``sharding.shard_count('units')``):
+             they take xla's banded blocks, which GSPMD shards with halo exchanges (collective permutes),
+             where blockwise's scan over query blocks makes it all-gather q, k, v and repeat every block on
+             every device. One log line per distinct choice says what was chosen and why.
 
 Shapes: q float[B, T, N, H]; k, v float[B, S, K, H] with N a multiple of K (G = N / K query heads per KV head);
 segment ids int[B, T] / int[B, S]. Logits and softmax in float32; the output has q's dtype.
@@ -32,6 +35,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
+
+from emoqwen_jax.model import sharding
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -50,6 +55,12 @@ def validate_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}; choose one of {IMPLEMENTATIONS}")
     return name
+
+
+def _log_choice(choice: str, why: str) -> None:
+    if (choice, why) not in _logged:
+        _logged.add((choice, why))
+        log.info("attention='auto' chose %r: %s", choice, why)
 
 
 def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bool = False,
@@ -71,9 +82,7 @@ def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bo
             choice, why = "blockwise", f"{kv_length} keys >= {AUTO_BLOCKWISE_MIN} on {backend}"
         else:
             choice, why = "xla", f"{kv_length} keys < {AUTO_BLOCKWISE_MIN} on {backend}"
-        if (choice, why) not in _logged:
-            _logged.add((choice, why))
-            log.info("attention='auto' chose %r: %s", choice, why)
+        _log_choice(choice, why)
         return choice
     if implementation == "splash" and backend != "tpu":
         raise ValueError(f"model.attention='splash' needs a TPU, but the backend is {backend!r}; "
@@ -111,6 +120,12 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     cache = not (isinstance(q_offset, int) and q_offset == 0)
+    if implementation == "auto" and band is not None and not causal and t == s and not cache and b == 1:
+        devices = sharding.shard_count("units", t)
+        if devices > 1:  # the ViT's window layers on a patch axis split over devices (see below)
+            _log_choice("xla", f"window layers (band {band}) on a patch axis split over {devices} devices: "
+                               f"banded blocks shard, blockwise's scan over query blocks would gather it")
+            return _banded(q, k, v, q_segment_ids, kv_segment_ids, band, scale)
     impl = resolve(implementation, s, dtype=q.dtype, cache=cache, causal=causal)
     if impl == "xla":
         if band is not None and not causal and t == s and not cache:
@@ -266,6 +281,19 @@ def _key_block(qb, kt, vt, qs, kseg, qpos, j, bk, scale, causal):
     return (kb, vb, *_scores(qb, kb, qs, ks, qpos, kpos, scale, causal))
 
 
+def _visit_key_blocks(update, carry, first, visible, nk, inner):
+    """Folds ``update(carry, j)`` over the key blocks j = first, ..., first + inner - 1 of one query block that
+    exist and are ``visible`` (bool[nk]); the others leave the carry as it is."""
+
+    def per_key_block(carry, o):
+        j = first + o
+        jc = jnp.clip(j, 0, nk - 1)
+        ok = (j >= 0) & (j < nk) & visible[jc]
+        return jax.lax.cond(ok, lambda c: update(c, jc), lambda c: c, carry), None
+
+    return jax.lax.scan(per_key_block, carry, jnp.arange(inner))[0]
+
+
 def _flash_forward(qg, kt, vt, qseg, kseg, q_offset, scale, causal, bq, bk, band_blocks):
     b, kh, g, tp, h = qg.shape
     nq, nk = tp // bq, kt.shape[2] // bk
@@ -277,27 +305,20 @@ def _flash_forward(qg, kt, vt, qseg, kseg, q_offset, scale, causal, bq, bk, band
         c, qb, qs = xs
         qpos = c * bq + jnp.arange(bq, dtype=jnp.int32) + q_offset
 
-        def per_key_block(carry, o):
-            j = first[c] + o
-            ok = (j >= 0) & (j < nk)
-            jc = jnp.clip(j, 0, nk - 1)
-
-            def update(carry):
-                m, l, acc = carry
-                kb, vb, s, mask = _key_block(qb, kt, vt, qs, kseg, qpos, jc, bk, scale, causal)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                p = jnp.exp(s - m_new[..., None]) * mask
-                corr = jnp.exp(m - m_new)
-                l = l * corr + jnp.sum(p, axis=-1)
-                acc = acc * corr[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vt.dtype), vb,
-                                                         preferred_element_type=jnp.float32)
-                return m_new, l, acc
-
-            return jax.lax.cond(ok & visible[c, jc], update, lambda x: x, carry), None
+        def update(carry, j):
+            m, l, acc = carry
+            kb, vb, s, mask = _key_block(qb, kt, vt, qs, kseg, qpos, j, bk, scale, causal)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None]) * mask
+            corr = jnp.exp(m - m_new)
+            l = l * corr + jnp.sum(p, axis=-1)
+            acc = acc * corr[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vt.dtype), vb,
+                                                     preferred_element_type=jnp.float32)
+            return m_new, l, acc
 
         init = (jnp.full((b, kh, g, bq), _NEG, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
                 jnp.zeros((b, kh, g, bq, h), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(per_key_block, init, jnp.arange(inner))
+        m, l, acc = _visit_key_blocks(update, init, first[c], visible[c], nk, inner)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -335,31 +356,23 @@ def _flash_bwd(scale, causal, bq, bk, band_blocks, res, dout):
         c, qb, dob, qs, lse_c, delta_c = xs
         qpos = c * bq + jnp.arange(bq, dtype=jnp.int32) + q_offset
 
-        def per_key_block(inner_carry, o):
-            j = first[c] + o
-            ok = (j >= 0) & (j < nk)
-            jc = jnp.clip(j, 0, nk - 1)
-
-            def update(inner_carry):
-                dq, dk, dv = inner_carry
-                kb, vb, s, mask = _key_block(qb, kt, vt, qs, kseg, qpos, jc, bk, scale, causal)
-                p = jnp.exp(s - lse_c[..., None]) * mask  # float32[B, K, G, bq, bk]
-                dp = jnp.einsum("bkgqh,bksh->bkgqs", dob, vb, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_c[..., None]) * scale
-                dq = dq + jnp.einsum("bkgqs,bksh->bkgqh", ds.astype(kb.dtype), kb,
-                                     preferred_element_type=jnp.float32)
-                dk_j = jnp.einsum("bkgqs,bkgqh->bksh", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
-                dv_j = jnp.einsum("bkgqs,bkgqh->bksh", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
-                dk = jax.lax.dynamic_update_slice_in_dim(
-                    dk, jax.lax.dynamic_slice_in_dim(dk, jc * bk, bk, axis=2) + dk_j, jc * bk, axis=2)
-                dv = jax.lax.dynamic_update_slice_in_dim(
-                    dv, jax.lax.dynamic_slice_in_dim(dv, jc * bk, bk, axis=2) + dv_j, jc * bk, axis=2)
-                return dq, dk, dv
-
-            return jax.lax.cond(ok & visible[c, jc], update, lambda x: x, inner_carry), None
+        def update(inner_carry, j):
+            dq, dk, dv = inner_carry
+            kb, vb, s, mask = _key_block(qb, kt, vt, qs, kseg, qpos, j, bk, scale, causal)
+            p = jnp.exp(s - lse_c[..., None]) * mask  # float32[B, K, G, bq, bk]
+            dp = jnp.einsum("bkgqh,bksh->bkgqs", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_c[..., None]) * scale
+            dq = dq + jnp.einsum("bkgqs,bksh->bkgqh", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+            dk_j = jnp.einsum("bkgqs,bkgqh->bksh", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+            dv_j = jnp.einsum("bkgqs,bkgqh->bksh", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, j * bk, bk, axis=2) + dk_j, j * bk, axis=2)
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, j * bk, bk, axis=2) + dv_j, j * bk, axis=2)
+            return dq, dk, dv
 
         dq0 = jnp.zeros((b, kh, g, bq, h), jnp.float32)
-        (dq, dk, dv), _ = jax.lax.scan(per_key_block, (dq0, dk, dv), jnp.arange(inner))
+        dq, dk, dv = _visit_key_blocks(update, (dq0, dk, dv), first[c], visible[c], nk, inner)
         return (dk, dv), dq
 
     zeros = jnp.zeros((b, kh, sp, h), jnp.float32)

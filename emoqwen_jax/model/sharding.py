@@ -40,6 +40,21 @@ def current() -> tuple[Mesh, dict] | None:
     return _CONTEXT.get()
 
 
+def shard_count(name: str, size: int | None = None) -> int:
+    """How many devices split an axis with logical ``name`` (of ``size``, if given) under the active rules;
+    1 outside a rules context."""
+    ctx = current()
+    if ctx is None:
+        return 1
+    mesh = ctx[0]
+    spec = logical_to_spec([name], None if size is None else [size])
+    axes = () if not spec else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0] or ())
+    count = 1
+    for axis in axes:
+        count *= mesh.shape[axis]
+    return count
+
+
 def _as_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
     out = {}
     for name, axes in rules:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import EmotionQwen
 from emoqwen_jax.tokens import IGNORE
-LOSS_CHUNK = 512  # positions per cross-entropy chunk: float32 [B, 512, V] logits at a time (311 MB at V=152k)
+LOSS_CHUNK = 256  # labelled positions per cross-entropy chunk: float32 [B, 256, V] logits at a time (156 MB at V=152k)
 
 
 def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -30,37 +30,73 @@ def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
     return nll.sum(), valid.sum().astype(jnp.float32)
 
 
+@jax.custom_vjp
+def _permute_rows(x: jax.Array, order: jax.Array) -> jax.Array:
+    """``x[b, order[b]]`` for x float[B, N, D] and a permutation order int[B, N] of each row."""
+    return jnp.take_along_axis(x, order[..., None], axis=1)
+
+
+def _permute_fwd(x, order):
+    return _permute_rows(x, order), order
+
+
+def _permute_bwd(order, g):
+    # The cotangent of a permutation is the inverse permutation: a gather, not XLA's scatter-add.
+    inverse = jnp.argsort(order, axis=1)
+    return jnp.take_along_axis(g, inverse[..., None], axis=1), None
+
+
+_permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
 def chunked_cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], labels: jax.Array,
                                chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
-    """``cross_entropy_sums(head(hidden), labels)`` without ever holding float32 [B, L, V] logits.
+    """``cross_entropy_sums(head(hidden), labels)`` without ever holding float32 [B, L, V] logits, and with
+    the LM head run only where there are labels.
 
-    The shifted sequence is cut into ``chunk`` positions; a ``lax.scan`` computes each chunk's logits, their
-    log-sum-exp and the target logit, and ``jax.checkpoint`` makes the backward pass recompute the chunk's
-    logits instead of keeping them: memory O(B · chunk · V) instead of O(B · L · V).
+    Each row's labelled positions are moved to its front (a stable permutation; its gradient is the inverse
+    permutation), the rows are cut into ``chunk`` positions, and a ``lax.scan`` computes each chunk's logits,
+    their log-sum-exp and the target logit; a chunk past the longest row's label count is skipped
+    (``lax.cond``): prompts, vision tokens and padding never reach the [D, V] head. ``jax.checkpoint`` makes
+    the backward pass recompute a chunk's logits instead of keeping them: memory O(B · chunk · V).
 
     hidden float[B, L, D] (final-normed decoder states), head: float[B, c, D] -> float32[B, c, V],
     labels int[B, L]."""
     b, length, d = hidden.shape
     n = length - 1
     chunk = max(1, min(chunk, n))
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    count = valid.sum(1)
+    order = jnp.argsort(jnp.logical_not(valid).astype(jnp.int32), axis=1, stable=True)  # labelled first
+    x = _permute_rows(hidden[:, :-1], order)
+    targets = jnp.take_along_axis(targets, order, axis=1)
     pad = -n % chunk
-    x = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE)
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
     x = x.reshape(b, -1, chunk, d).swapaxes(0, 1)  # [C, B, chunk, D]
     targets = targets.reshape(b, -1, chunk).swapaxes(0, 1)
+    needed = count.max()  # chunks at or past it hold no label in any row
 
-    @jax.checkpoint
-    def chunk_nll(x, t):
+    def logits_nll(x, t):
         logits = head(x).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
         return jnp.where(t != IGNORE, logz - picked, 0.0).sum()
 
-    def body(total, xs):
-        return total + chunk_nll(*xs), None
+    # The cond sits inside the checkpoint: the scan then saves only each chunk's inputs, and the head's weights
+    # stay loop constants (a cond outside would hand them back as per-chunk residuals: [C, D, V]).
+    @jax.checkpoint
+    def chunk_nll(x, t, live):
+        return jax.lax.cond(live, logits_nll, lambda *_: jnp.zeros((), jnp.float32), x, t)
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x, targets))
-    return total, (labels[:, 1:] != IGNORE).sum().astype(jnp.float32)
+    def body(total, xs):
+        i, xc, tc = xs
+        return total + chunk_nll(xc, tc, i * chunk < needed), None
+
+    steps = jnp.arange(x.shape[0], dtype=jnp.int32)
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (steps, x, targets))
+    return total, count.sum().astype(jnp.float32)
 
 
 def packed_targets(labels: jax.Array, segment_ids: jax.Array | None) -> jax.Array:

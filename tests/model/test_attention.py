@@ -154,3 +154,33 @@ def test_vit_period_groups_window_and_full_layers():
     assert _period(8, {3, 7}) == 4
     assert _period(2, {1}) == 2
     assert _period(5, {1}) == 5  # no repeating pattern: one group (the loop)
+
+
+def test_auto_window_layers_shard_the_patch_axis_without_gathering_it():
+    """On a patch axis split over 8 devices, 'auto' gives the window layers (a band) the banded blocks: the
+    compiled gradient has halo exchanges but no all-gather, and equals one device's result. (Blockwise's scan
+    over query blocks all-gathers q, k and v and repeats every block on every device.)"""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from emoqwen_jax.model.sharding import axis_rules
+
+    t, n, h, band = 8 * 64, 2, 8, 16
+    q, k, v = _qkv(1, t, t, n, n, h, seed=3)
+    seg = jnp.asarray(np.repeat(np.arange(t // 12 + 1), 12)[:t][None], jnp.int32)  # windows of 12 (< band)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+
+    def loss(q, k, v):
+        out = attention(q, k, v, scale=h**-0.5, q_segment_ids=seg, kv_segment_ids=seg, implementation="auto",
+                        band=band)
+        return (out * out).sum()
+
+    want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    split = NamedSharding(mesh, PartitionSpec(None, "data"))
+    with axis_rules(mesh, [("units", "data")]):
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        args = [jax.device_put(x, split) for x in (q, k, v)]
+        hlo = fn.lower(*args).compile().as_text()
+        got = fn(*args)
+    assert "all-gather" not in hlo and "collective-permute" in hlo
+    for g, r in zip(got, want):
+        assert _rel(g, r) <= 1e-5

@@ -127,6 +127,15 @@ def reference(tmp_path_factory, demo_dir):
     return root / "run"
 
 
+def rerun_and_check_resumed(cfg, workdir, stage: str, saved_step: int, steps: int) -> None:
+    """Runs the same command again; it must log exactly ``stage``'s steps after ``saved_step`` up to ``steps``."""
+    logged_before = len(metric_rows(workdir))
+    res = subprocess.run(train_cmd(cfg, workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = metric_rows(workdir)[logged_before:]
+    assert [(r["stage"], r["step"]) for r in resumed] == [(stage, s) for s in range(saved_step + 1, steps + 1)]
+
+
 @pytest.mark.slow
 def test_sigkill_mid_stage2_then_resume_matches_uninterrupted(reference, tmp_path, demo_dir):
     cfg = write_config(tmp_path / "cfg.py", demo_dir, steps=STEPS)
@@ -141,14 +150,8 @@ def test_sigkill_mid_stage2_then_resume_matches_uninterrupted(reference, tmp_pat
     latest = max(checkpoint_steps(workdir))
     meta = checkpoint_meta(workdir, latest)
     assert meta["stage"] == "stage2_emotion" and 2 <= meta["stage_step"] <= killed_after, meta
-    logged_before = len(metric_rows(workdir))
-
-    res = subprocess.run(train_cmd(cfg, workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    resumed = metric_rows(workdir)[logged_before:]
-    # The restart resumed from that checkpoint: stage 1 is not re-run, stage 2 continues at the next step.
-    assert [(r["stage"], r["step"]) for r in resumed] == [
-        ("stage2_emotion", s) for s in range(meta["stage_step"] + 1, STEPS + 1)]
+    # The restart resumes from that checkpoint: stage 1 is not re-run, stage 2 continues at the next step.
+    rerun_and_check_resumed(cfg, workdir, "stage2_emotion", meta["stage_step"], STEPS)
 
     assert_same_metrics(metric_rows(workdir), metric_rows(reference))
     for name in ("stage1_align", "stage2_emotion"):
@@ -174,13 +177,7 @@ def test_sigterm_checkpoint_is_resumed_and_matches_uninterrupted(tmp_path, demo_
     assert meta["stage"] == "stage1_align" and stopped_after <= meta["stage_step"] < steps, (meta, stopped_after)
     assert f"SIGTERM: saved step {saved} " in out
     assert not (workdir / "stages" / "stage1_align").exists()
-    logged_before = len(metric_rows(workdir))
-
-    res = subprocess.run(train_cmd(cfg, workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    resumed = metric_rows(workdir)[logged_before:]
-    assert [(r["stage"], r["step"]) for r in resumed] == [
-        ("stage1_align", s) for s in range(meta["stage_step"] + 1, steps + 1)]
+    rerun_and_check_resumed(cfg, workdir, "stage1_align", meta["stage_step"], steps)
 
     config = load_config(cfg)
     config.workdir = str(tmp_path / "uninterrupted")
