@@ -1,7 +1,7 @@
 r"""Train-step benchmark: our jitted step (ViT + compressor + LLM, forward, backward, AdamW) against the same
 step in Hugging Face's torch Qwen2.5-VL (eager mode, same sizes, same batch, AdamW).
 
-  python bench/train_step.py --preset small [--runs 7] [--experts 1 2] [--threads 0]
+  python bench/train_step.py --preset small [--runs 7] [--experts 1 2] [--threads 0] [--packed]
   python bench/train_step.py --preset small --routing token --experts 2 64 --no-torch   # scale mode vs E
   python bench/train_step.py --preset gpu            # ~1.5B LLM + the 7B's ViT, bfloat16, cudnn attention, MFU
 
@@ -345,7 +345,8 @@ def main(argv=None) -> dict:
     print("\n| step | median ms | min ms | max ms | analytic GFLOP/s |\n|---|---|---|---|---|")
     flops = ours["train_flops"]
     for name, v in times.items():
-        f = flops.get(name) or flops.get(name.replace(" dense ViT", "")) or flops.get("jax E=1") or next(iter(flops.values()))
+        f = (flops.get(name) or flops.get(name.replace(" dense ViT", "")) or flops.get("jax E=1")
+             or next(iter(flops.values())))
         print(f"| {name} | {med[name]:.0f} | {min(v):.0f} | {max(v):.0f} | {f / med[name] / 1e6:.1f} |")
     jax_ms = med.get("jax E=1", med[f"jax E={args.experts[0]}"])
     out = {"jax_ms": round(jax_ms, 1), "torch_ms": round(med["torch"], 1) if "torch" in med else None,
