@@ -14,7 +14,8 @@ M-RoPE position ids (computed once on the host, outside the timing), and its def
 Timing: JAX and torch each run in their OWN process, one after the other (torch's OpenMP threads keep spinning
 after a step and slow a JAX step in the same process; REFERENCE §6), each with the malloc settings of
 ``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``; ``--warmup`` steps, then ``--runs``
-timed steps, medians. Prints a table and, last, a JSON line {"jax_ms", "torch_ms", "ratio", "machine", ...}
+timed steps, medians; within a process the rows (expert counts, --packed) take turns step by step.
+Prints a table and, last, a JSON line {"jax_ms", "torch_ms", "ratio", "machine", ...}
 where ``machine`` is ``bench/machine.py``'s ``machine_info()`` (cores, load, and ``reliable``: false when the
 load exceeded the core count before or after). On a GPU, ``--preset gpu`` uses ``model.attention='cudnn'`` and
 reports MFU against the card's bf16 peak; without a GPU it only compiles ahead of time and prints the step's
@@ -272,8 +273,10 @@ def run_side(args) -> dict:
             extra["peak_flops"] = peak_flops(configs[args.experts[0]])
             extra["device"] = jax.devices()[0].device_kind
     times = {k: [] for k in runners}
-    for name, run in runners.items():  # one row at a time: rows never share the machine with each other
-        for i in range(args.warmup + args.runs):
+    # Interleaved rounds (one step of every row, then the next round): a slow drift of the machine lands on
+    # every row alike, so the ratios between rows hold. Steps still run one at a time.
+    for i in range(args.warmup + args.runs):
+        for name, run in runners.items():
             states[name], ms = timed(run, states[name])
             if i >= args.warmup:
                 times[name].append(ms)
