@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import EmotionQwen
 from emoqwen_jax.tokens import IGNORE
+
 LOSS_CHUNK = 256  # labelled positions per cross-entropy chunk: float32 [B, 256, V] logits at a time (156 MB at V=152k)
 
 
