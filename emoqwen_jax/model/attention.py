@@ -120,15 +120,16 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     cache = not (isinstance(q_offset, int) and q_offset == 0)
-    if implementation == "auto" and band is not None and not causal and t == s and not cache and b == 1:
-        devices = sharding.shard_count("units", t)
-        if devices > 1:  # the ViT's window layers on a patch axis split over devices (see below)
-            _log_choice("xla", f"window layers (band {band}) on a patch axis split over {devices} devices: "
-                               f"banded blocks shard, blockwise's scan over query blocks would gather it")
-            return _banded(q, k, v, q_segment_ids, kv_segment_ids, band, scale)
-    impl = resolve(implementation, s, dtype=q.dtype, cache=cache, causal=causal)
+    banded = band is not None and not causal and t == s and not cache  # the ViT's window layers
+    devices = sharding.shard_count("units", t) if implementation == "auto" and banded and b == 1 else 1
+    if devices > 1:  # a patch axis split over devices (see the module docstring)
+        impl = "xla"
+        _log_choice(impl, f"window layers (band {band}) on a patch axis split over {devices} devices: banded "
+                          f"blocks shard, blockwise's scan over query blocks would gather it")
+    else:
+        impl = resolve(implementation, s, dtype=q.dtype, cache=cache, causal=causal)
     if impl == "xla":
-        if band is not None and not causal and t == s and not cache:
+        if banded:
             return _banded(q, k, v, q_segment_ids, kv_segment_ids, band, scale)
         return _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset, scale)
     if impl == "blockwise":
