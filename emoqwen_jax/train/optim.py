@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,10 +161,77 @@ def schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
         end_value=peak * end)
 
 
+class AdamWState(NamedTuple):
+    count: jax.Array  # int32: updates applied (bias correction; the schedule's step)
+    mu: Any  # first moments, shaped like the trained params
+    nu: Any  # second moments
+
+
+def adamw(learning_rate: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.0, clip_norm: float = 1.0) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping + AdamW in one transform: the arithmetic of optax's ``chain(clip_by_global_norm,
+    adamw(mask=ndim >= 2))`` (decay on matrices only), laid out for memory traffic.
+
+    ``update(grads, state, params, *, finite=True, grad_norm=None)``. ``finite`` False (the step's non-finite
+    skip) leaves the state as it was and returns zero updates; ``grad_norm`` is the gradients' global norm when
+    the caller already has it (computed here otherwise).
+
+    Why not optax's: XLA:CPU fuses the new moments into each of their consumers, so the parameter update
+    recomputes them from the old moments — which, with a donated state, the moments' own in-place update has
+    already overwritten, so XLA copies both moments first; an outer ``where(finite, new, old)`` forces the
+    same copies. Here the skip is applied inside the moment update and the new moments are materialised
+    (``optimization_barrier``) before the parameter update reads them: one pass per moment, one per parameter
+    — about half the traffic (64 M-element leaf, 2-core CPU: 183 → 76-92 ms)."""
+
+    def init(params):
+        zeros = lambda p: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
+        return AdamWState(count=jnp.zeros([], jnp.int32), mu=zeros(params), nu=zeros(params))
+
+    def update(grads, state, params=None, *, finite=True, grad_norm=None, **unused):
+        del unused
+        norm = optax.global_norm(grads) if grad_norm is None else grad_norm
+        # One scalar factor: a multiply is cheap enough for XLA to recompute in each moment's loop, where
+        # optax's (g / norm) * clip_norm made it write the clipped gradients out and read them back twice.
+        scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+        clip = lambda g: g * scale.astype(g.dtype)  # noqa: E731
+        finite = jnp.asarray(finite)
+        mu = jax.tree.map(lambda g, m: jnp.where(finite, (1 - b1) * clip(g) + b1 * m, m), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: jnp.where(finite, (1 - b2) * clip(g) ** 2 + b2 * v, v), grads, state.nu)
+        mu, nu = jax.lax.optimization_barrier((mu, nu))
+        count = optax.safe_increment(state.count)
+        step_size = -learning_rate(state.count)
+
+        def param_update(m, v, p):
+            u = (m / (1 - b1 ** count).astype(m.dtype)) / (jnp.sqrt(v / (1 - b2 ** count).astype(v.dtype)) + eps)
+            if weight_decay and p.ndim >= 2:
+                u = u + weight_decay * p
+            return jnp.where(finite, jnp.asarray(step_size, u.dtype) * u, jnp.zeros_like(u))
+
+        updates = jax.tree.map(param_update, mu, nu, params)
+        return updates, AdamWState(count=jnp.where(finite, count, state.count), mu=mu, nu=nu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``inner`` (gradient accumulation: ``optax.MultiSteps``) with the whole state kept and zero updates on a
+    non-finite step; the micro-step's ``grad_norm`` is not passed on (the inner transform clips the accumulated
+    gradient by its own norm)."""
+
+    def update(grads, state, params=None, *, finite=True, grad_norm=None, **unused):
+        del grad_norm, unused
+        updates, new = inner.update(grads, state, params, finite=finite)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates), new
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def make_optimizer(opt: Mapping[str, Any], num_steps: int, trainable: Trainable
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """AdamW (+ global-norm clipping over the trainable leaves) for 'trainable', ``set_to_zero`` for 'frozen';
-    frozen experts of a trainable stacked leaf get zero updates.
+    frozen experts of a trainable stacked leaf get zero updates. The transform's ``update`` takes the step's
+    ``finite`` flag and ``grad_norm`` (see ``adamw``): on a non-finite step its state stays as it was.
 
     ``opt``: learning_rate, b1, b2, eps, weight_decay, clip_norm, warmup_fraction, end_lr_fraction,
     grad_accum (micro-batches per update: ``optax.MultiSteps`` inside the trainable branch, so its gradient
@@ -172,13 +239,11 @@ def make_optimizer(opt: Mapping[str, Any], num_steps: int, trainable: Trainable
     applies to matrices only (not biases or norm scales), as HF's Trainer does.
     """
     lr = schedule(opt, num_steps)
-    adamw = optax.chain(
-        optax.clip_by_global_norm(float(opt.get("clip_norm", 1.0))),
-        optax.adamw(lr, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.95)), eps=float(opt.get("eps", 1e-8)),
-                    weight_decay=float(opt.get("weight_decay", 0.1)),
-                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+    trained = optax.chain(
+        adamw(lr, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.95)), eps=float(opt.get("eps", 1e-8)),
+              weight_decay=float(opt.get("weight_decay", 0.1)), clip_norm=float(opt.get("clip_norm", 1.0))),
         mask_expert_updates(trainable.expert_masks))
     accum = int(opt.get("grad_accum", 1))
     if accum > 1:
-        adamw = optax.MultiSteps(adamw, every_k_schedule=accum)
-    return optax.multi_transform({"trainable": adamw, "frozen": optax.set_to_zero()}, trainable.labels), lr
+        trained = skip_nonfinite(optax.MultiSteps(trained, every_k_schedule=accum))
+    return optax.multi_transform({"trainable": trained, "frozen": optax.set_to_zero()}, trainable.labels), lr

@@ -37,9 +37,10 @@ def _frozen_stop_gradient(params: dict, trainable: Trainable) -> dict:
     return freeze_experts(stopped, trainable.expert_masks)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, trainable: Trainable,
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs, trainable: Trainable,
                     schedule: Callable, grad_accum: int = 1):
-    """Returns ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donated state)."""
+    """Returns ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donated state). ``tx`` is
+    ``make_optimizer``'s: its update takes ``finite`` and ``grad_norm`` and keeps its state on a skipped step."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_of(params):
@@ -52,11 +53,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tr
         masked = jax.tree.map(lambda g, lab: g if lab == "trainable" else jnp.zeros((), g.dtype), grads,
                               trainable.labels)
         grad_norm = optax.global_norm(masked)  # frozen experts of a stacked leaf already have zero gradient
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+        # The optimiser applies the non-finite skip to its own state (make_optimizer: in place, one pass per
+        # moment); the parameters' select fuses into their update.
+        updates, new_opt = tx.update(grads, state.opt_state, state.params, finite=finite, grad_norm=grad_norm)
+        new_params = jax.tree.map(lambda p, u: jnp.where(finite, jnp.asarray(p + u).astype(p.dtype), p),
+                                  state.params, updates)
+        state = TrainState(params=new_params, opt_state=new_opt,
                            step=state.step + 1, nonfinite=jnp.where(finite, 0, state.nonfinite + 1), rng=state.rng)
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite, nonfinite_in_a_row=state.nonfinite,
                        lr=schedule(state.step // grad_accum))

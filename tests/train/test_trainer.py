@@ -116,7 +116,8 @@ def test_nonfinite_update_is_skipped():
     state0 = init_state(params, tx, 0)
     state1, metrics = step(state0, batch)
     assert not bool(metrics["finite"]) and int(state1.nonfinite) == 1
-    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state0.params)):
+    for a, b in zip(jax.tree.leaves((state1.params, state1.opt_state)), jax.tree.leaves((state0.params,
+                                                                                         state0.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
