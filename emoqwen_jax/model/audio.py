@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emoqwen_jax.model.config import PROJECTORS, AudioConfig
-from emoqwen_jax.model.layers import LayerNorm, Linear, as_dtype, dot_product_attention, param
+from emoqwen_jax.model.layers import LayerNorm, Linear, as_dtype, dot_product_attention, matmul, param
 
 Array = jax.Array
 
@@ -60,7 +60,7 @@ class Conv1d(nnx.Module):
         padded = jnp.pad(x.astype(self.dtype), ((0, 0), (k // 2, k // 2), (0, 0)))
         taps = [padded[:, j:j + s * (f_out - 1) + 1:s] for j in range(k)]  # each [B, F', C]
         windows = jnp.stack(taps, axis=-1).reshape(x.shape[0], f_out, -1)  # [B, F', C·k] in (C, tap) order
-        return jnp.dot(windows, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+        return matmul(windows, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
 
 
 class AudioAttention(nnx.Module):

@@ -34,6 +34,15 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Sequen
     return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
 
 
+def matmul(x: Array, w: Array) -> Array:
+    """float[..., I] @ float[I, O] -> float[..., O] as one 2-D dot over the flattened leading dims.
+
+    Why not ``jnp.dot`` on [B, L, I]: its weight gradient then contracts two dims (B and L), and XLA:CPU lays
+    the backward out with a strided transpose of the [B·L, O] activation gradient before an Eigen dot; the 2-D
+    form is a plain XNNPACK matmul (decoder MLP forward + backward at [2, 578, 512] x 1408: 130 -> 104 ms)."""
+    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Linear(nnx.Module):
     """y = x @ kernel + bias with kernel float[in, out] (HF stores the transpose, [out, in])."""
 
@@ -45,7 +54,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emoqwen_jax.model.layers import Linear
+from emoqwen_jax.model.layers import Linear, matmul
 
 Array = jax.Array
 
@@ -128,8 +128,8 @@ class LoRALinear(Linear):
         if key is not None and self.dropout > 0.0:
             keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.dropout), jnp.zeros((), h.dtype))
-        low = jnp.dot(h, self.lora_a[...].astype(self.dtype))  # [..., R]
-        return y + self.scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
+        low = matmul(h, self.lora_a[...].astype(self.dtype))  # [..., R]
+        return y + self.scale * matmul(low, self.lora_b[...].astype(self.dtype))
 
 
 def module_path(path: Sequence[Any]) -> str:
