@@ -240,3 +240,21 @@ def test_compact_path_skips_padding_with_the_same_result_and_gradients():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     for g, r in zip(got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+def test_ragged_all_to_all_branch_traces_differentiates_and_lowers(monkeypatch):
+    """The GPU/TPU branch of the dropless shard_map path (``ragged_all_to_all``; XLA:CPU cannot run it, so
+    ``test_sharded_equals_single_device`` covers the padded all-to-all instead): forward and backward lower
+    with two ragged all-to-alls each way on (data=2, expert=4)."""
+    from emoqwen_jax.model import moe_dispatch
+
+    monkeypatch.setattr(moe_dispatch, "_has_ragged_all_to_all", lambda: True)
+    mesh = make_mesh(dict(data=2, expert=4))
+    x, logits, valid, w = make_inputs(128, seed=3)
+    tok = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
+    args = (jax.device_put(x, tok), jax.device_put(logits, tok),
+            jax.device_put(w, NamedSharding(mesh, PartitionSpec("expert"))), jax.device_put(valid, tok))
+    with axis_rules(mesh, DEFAULT_RULES):
+        text = _loss_and_grads("ragged", 1.0, 16).lower(*args).as_text()
+    assert text.count("ragged_all_to_all") == 4, text.count("ragged_all_to_all")
+    assert "all_to_all" in text.replace("ragged_all_to_all", "")  # the per-expert counts still use a plain one
