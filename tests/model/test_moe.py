@@ -152,6 +152,14 @@ def _loss_and_grads(dispatch, capacity_factor, group_size):
 MESHES = (dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2))
 
 
+def _on_mesh(mesh, x, logits, w, valid):
+    """``_loss_and_grads``' arguments placed on ``mesh``: tokens over the batch and expert axes, experts over
+    ``expert``."""
+    tok = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
+    return (jax.device_put(x, tok), jax.device_put(logits, tok),
+            jax.device_put(w, NamedSharding(mesh, PartitionSpec("expert"))), jax.device_put(valid, tok))
+
+
 @pytest.mark.parametrize("dispatch,capacity_factor", [("einsum", 1.0), ("einsum", 0.0), ("shard_map", 1.0),
                                                       ("shard_map", 0.0), ("ragged", 1.0)])
 def test_sharded_equals_single_device(dispatch, capacity_factor):
@@ -163,10 +171,7 @@ def test_sharded_equals_single_device(dispatch, capacity_factor):
         assert float(ref_counts["dropped_assignments"]) > 0
     for mesh_cfg in MESHES:
         mesh = make_mesh(mesh_cfg)
-        tok = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
-        par = NamedSharding(mesh, PartitionSpec("expert"))
-        args = (jax.device_put(x, tok), jax.device_put(logits, tok), jax.device_put(w, par),
-                jax.device_put(valid, tok))
+        args = _on_mesh(mesh, x, logits, w, valid)
         with axis_rules(mesh, DEFAULT_RULES):
             (loss, counts), grads = fn(*args)
         np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5, err_msg=str(mesh_cfg))
@@ -189,9 +194,7 @@ def _collectives(hlo: str) -> dict[str, list[str]]:
 def test_gspmd_dispatch_compiles_to_all_to_all_without_gathering_tokens():
     mesh = make_mesh(dict(data=2, expert=4))
     x, logits, valid, w = make_inputs(128, seed=3)
-    tok = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
-    args = (jax.device_put(x, tok), jax.device_put(logits, tok),
-            jax.device_put(w, NamedSharding(mesh, PartitionSpec("expert"))), jax.device_put(valid, tok))
+    args = _on_mesh(mesh, x, logits, w, valid)
     with axis_rules(mesh, DEFAULT_RULES):
         hlo = _loss_and_grads("einsum", 1.0, 16).lower(*args).compile().as_text()
     ops = _collectives(hlo)
@@ -251,9 +254,7 @@ def test_ragged_all_to_all_branch_traces_differentiates_and_lowers(monkeypatch):
     monkeypatch.setattr(moe_dispatch, "_has_ragged_all_to_all", lambda: True)
     mesh = make_mesh(dict(data=2, expert=4))
     x, logits, valid, w = make_inputs(128, seed=3)
-    tok = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
-    args = (jax.device_put(x, tok), jax.device_put(logits, tok),
-            jax.device_put(w, NamedSharding(mesh, PartitionSpec("expert"))), jax.device_put(valid, tok))
+    args = _on_mesh(mesh, x, logits, w, valid)
     with axis_rules(mesh, DEFAULT_RULES):
         text = _loss_and_grads("ragged", 1.0, 16).lower(*args).as_text()
     assert text.count("ragged_all_to_all") == 4, text.count("ragged_all_to_all")
