@@ -1,7 +1,7 @@
 r"""Train-step benchmark: our jitted step (ViT + compressor + LLM, forward, backward, AdamW) against the same
 step in Hugging Face's torch Qwen2.5-VL (eager mode, same sizes, same batch, AdamW).
 
-  python bench/train_step.py --preset small [--runs 7] [--experts 1 2] [--threads 0] [--packed]
+  python bench/train_step.py --preset small [--runs 7] [--rounds 3] [--experts 1 2] [--threads 0] [--packed]
   python bench/train_step.py --preset small --routing token --experts 2 64 --no-torch   # scale mode vs E
   python bench/train_step.py --preset gpu            # ~1.5B LLM + the 7B's ViT, bfloat16, cudnn attention, MFU
 
@@ -15,6 +15,9 @@ Timing: JAX and torch each run in their OWN process, one after the other (torch'
 after a step and slow a JAX step in the same process; REFERENCE §6), each with the malloc settings of
 ``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``; ``--warmup`` steps, then ``--runs``
 timed steps, medians; within a process the rows (expert counts, --packed) take turns step by step.
+``--rounds N`` repeats the pair of processes N times (JAX, torch, JAX, torch, ...): each round's ratio compares
+two neighbouring processes, so a slow drift of the machine moves both sides of it; ``ratio`` is then the median
+of the rounds' ratios (``ratios_by_round``), and the table's medians pool every round's steps.
 Prints a table and, last, a JSON line {"jax_ms", "torch_ms", "ratio", "machine", ...}
 where ``machine`` is ``bench/machine.py``'s ``machine_info()`` (cores, load, and ``reliable``: false when the
 load exceeded the core count before or after). On a GPU, ``--preset gpu`` uses ``model.attention='cudnn'`` and
@@ -284,9 +287,7 @@ def run_side(args) -> dict:
 
 
 def _child(args, side: str) -> dict:
-    """Runs ``--side side`` in a fresh process with the malloc and OpenMP settings; returns its JSON line."""
-    from emoqwen_jax.malloc import GLIBC_ENV
-
+    """Runs ``--side side`` in a fresh process (``run_json``); returns its JSON line."""
     cmd = [sys.executable, __file__, "--side", side, "--preset", args.preset, "--runs", str(args.runs),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--experts", *map(str, args.experts),
            "--routing", args.routing]
@@ -294,9 +295,18 @@ def _child(args, side: str) -> dict:
         cmd.append("--dense-vit")
     if args.packed:
         cmd.append("--packed")
+    return run_json(cmd)
+
+
+def run_json(cmd: list[str], echo: bool = True) -> dict:
+    """Runs ``cmd`` in a fresh process with the malloc settings of ``emoqwen_jax/malloc.py`` and a passive
+    OpenMP wait; returns the JSON object on its last stdout line (``echo``: print its output too)."""
+    from emoqwen_jax.malloc import GLIBC_ENV
+
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_ENV, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
-    print(out, end="")
+    if echo:
+        print(out, end="")
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -305,6 +315,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="small", choices=("small", "gpu"))
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the JAX and torch processes this many times; ratio = median of the rounds'")
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 2], help="our compressor's expert counts")
     ap.add_argument("--routing", default="sample", choices=("sample", "token"),
                     help="compressor routing: the paper's per-item gate or scale mode (token top-k)")
@@ -340,10 +352,19 @@ def main(argv=None) -> dict:
           f"{mcfg.vision.depth}; batch 2 (image {IMAGE_GRID} + 16-frame video {VIDEO_GRID}), {n_patch} patches, "
           f"text length {batch['raw']['input_ids'].shape[1]}; {platform.processor() or platform.machine()}; "
           f"{describe(before)}")
-    ours = _child(args, "jax")
-    theirs = None if args.no_torch else _child(args, "torch")
+    times, round_ratios = {}, {"ratio": [], "ratio_packed": []}
+    for _ in range(args.rounds):
+        ours = _child(args, "jax")
+        theirs = None if args.no_torch else _child(args, "torch")
+        for name, v in dict(ours["times_ms"], **(theirs["times_ms"] if theirs else {})).items():
+            times.setdefault(name, []).extend(v)
+        if theirs:
+            torch_r = statistics.median(theirs["times_ms"]["torch"])
+            mine = {k: statistics.median(v) for k, v in ours["times_ms"].items()}
+            round_ratios["ratio"].append(torch_r / mine.get("jax E=1", mine[f"jax E={args.experts[0]}"]))
+            if args.packed:
+                round_ratios["ratio_packed"].append(torch_r / mine[f"jax E={args.experts[0]} packed"])
     machine = machine_info(before)
-    times = dict(ours["times_ms"], **(theirs["times_ms"] if theirs else {}))
     med = {k: statistics.median(v) for k, v in times.items()}
     print("\n| step | median ms | min ms | max ms | analytic GFLOP/s |\n|---|---|---|---|---|")
     flops = ours["train_flops"]
@@ -352,10 +373,10 @@ def main(argv=None) -> dict:
              or next(iter(flops.values())))
         print(f"| {name} | {med[name]:.0f} | {min(v):.0f} | {max(v):.0f} | {f / med[name] / 1e6:.1f} |")
     jax_ms = med.get("jax E=1", med[f"jax E={args.experts[0]}"])
+    ratio = {k: round(statistics.median(v), 2) if v else None for k, v in round_ratios.items()}
     out = {"jax_ms": round(jax_ms, 1), "torch_ms": round(med["torch"], 1) if "torch" in med else None,
-           "ratio": round(med["torch"] / jax_ms, 2) if "torch" in med else None,
-           "ratio_packed": (round(med["torch"] / med[f"jax E={args.experts[0]} packed"], 2)
-                            if "torch" in med and args.packed else None),
+           "ratio": ratio["ratio"], "ratio_packed": ratio["ratio_packed"], "rounds": args.rounds,
+           "ratios_by_round": {k: [round(r, 2) for r in v] for k, v in round_ratios.items() if v},
            "jax_ms_by_experts": {k: round(v, 1) for k, v in med.items() if k != "torch"},
            "compile_s": ours.get("compile_s"), "routing": args.routing, "runs": args.runs, "train_flops": flops, "machine": machine}
     if "peak_flops" in ours:
