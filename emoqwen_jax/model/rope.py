@@ -39,6 +39,21 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+def cos_sin(emb: Array) -> tuple[Array, Array]:
+    """cos and sin of the angles float32[..., H], computed once.
+
+    On CPU, XLA would otherwise fuse the sin and cos into every consumer (each layer's rotation of q and k,
+    their gradients, every attention block's slice) and evaluate them per element and head again; the
+    outputs of a conditional are materialised buffers. The predicate (an angle equals itself) cannot be
+    folded, and both branches compute the same tables, so the result does not depend on it. Other backends
+    compute the tables directly (their transcendentals are cheap, and a conditional can cost a host sync)."""
+    tables = lambda e: (jnp.cos(e), jnp.sin(e))  # noqa: E731
+    if jax.default_backend() != "cpu" or emb.size == 0:
+        return tables(emb)
+    first = emb[(0,) * emb.ndim]
+    return jax.lax.cond(first == first, tables, tables, emb)
+
+
 def vision_rotary(pos_hw: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """2-D rotary tables for the ViT.
 
@@ -52,7 +67,7 @@ def vision_rotary(pos_hw: Array, head_dim: int, theta: float) -> tuple[Array, Ar
     freqs = pos_hw.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, H/4]
     freqs = freqs.reshape(freqs.shape[0], -1)  # [P, H/2] = [f_h | f_w]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    return cos_sin(emb)
 
 
 def mrope(position_ids: Array, head_dim: int, theta: float, mrope_section: Sequence[int]) -> tuple[Array, Array]:
@@ -71,4 +86,4 @@ def mrope(position_ids: Array, head_dim: int, theta: float, mrope_section: Seque
     # Pick, for every frequency j, the position axis that owns it: result [H/2, B, L] -> [B, L, H/2].
     freqs = jnp.moveaxis(freqs[axis_of_freq, ..., np.arange(axis_of_freq.size)], 0, -1)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    return cos_sin(emb)
