@@ -10,13 +10,17 @@ Forward + backward (gradients to every weight) of, on ``bench/train_step.py``'s 
   attention  one decoder layer's attention core: q [2, 578, 8, 64], k/v [2, 578, 2, 64], causal, the image
              row's padding masked. Ours: ``emoqwen_jax.model.attention`` as the decoder calls it ('auto':
              'xla' at 578 keys); torch: what HF's sdpa path runs (``repeat_kv``, then
-             ``scaled_dot_product_attention`` with the boolean causal+padding mask).
+             ``scaled_dot_product_attention`` with the boolean causal+padding mask);
+and, forward only, the machine's float32 matmul rate for each framework:
+  matmul     one [1156, 512] x [512, 1408] product (the decoder MLP's up projection on the batch's 1,156
+             token rows), reported in GFLOP/s too.
 What the parts leave out of ``bench/train_step.py``'s step: the merger, the embedding, the LM head and loss,
 the optimizer.
 
 Each framework runs in its own process with the malloc settings of ``emoqwen_jax/malloc.py`` and
 ``OMP_WAIT_POLICY=PASSIVE`` (as ``bench/train_step.py``); within a process the parts take turns step by step;
-medians. Prints a table and, last, a JSON line {"parts": {part: {"jax_ms", "torch_ms", "ratio"}}, "machine"}.
+medians. Prints a table and, last, a JSON line {"parts": {part: {"jax_ms", "torch_ms", "ratio"}}, "machine"}
+(the matmul part adds "jax_gflops" and "torch_gflops").
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train_step  # noqa: E402  (puts configs/ and the repository on sys.path)
 
-PARTS = ("vit", "decoder", "attention")
+PARTS = ("vit", "decoder", "attention", "matmul")
+MATMUL = (1156, 512, 1408)  # M, K, N
 ATTN = dict(b=2, t=578, heads=8, kv_heads=2, head_dim=64, real=(130, 578))  # the bench batch's rows
 
 
@@ -85,7 +90,9 @@ def jax_parts(mcfg, batch) -> dict:
                         causal=True, implementation=mcfg.attention)
         return jnp.sum(out * dout)
 
+    a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (MATMUL[:2], MATMUL[1:]))
     compiled = {"vit": (jax.jit(jax.grad(vit)), (params,)),
+                "matmul": (jax.jit(jnp.matmul), (a, b)),
                 "decoder": (jax.jit(jax.grad(decoder, argnums=(0, 1))), (params, embeds)),
                 "attention": (jax.jit(jax.grad(attn, argnums=(0, 1, 2))), (q, k, v))}
     return {name: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for name, (f, a) in compiled.items()}
@@ -137,7 +144,13 @@ def torch_parts(mcfg, batch) -> dict:
         (out * do).sum().backward()
         qt.grad = kt.grad = vt.grad = None
 
-    return {"vit": vit, "decoder": decoder, "attention": attn}
+    a, b = (torch.tensor(rng.standard_normal(s), dtype=torch.float32) for s in (MATMUL[:2], MATMUL[1:]))
+
+    def matmul():
+        with torch.no_grad():
+            torch.matmul(a, b)
+
+    return {"vit": vit, "decoder": decoder, "attention": attn, "matmul": matmul}
 
 
 def run_side(args) -> dict:
@@ -182,11 +195,16 @@ def compare(args) -> dict:
     ours, theirs = _child(args, "jax"), _child(args, "torch")
     machine = machine_info(before)
     parts = {}
-    print("\n| part (forward + backward) | ours ms | HF torch ms | torch / ours |\n|---|---|---|---|")
+    print("\n| part | ours ms | HF torch ms | torch / ours |\n|---|---|---|---|")
     for name in PARTS:
         j, t = statistics.median(ours["times_ms"][name]), statistics.median(theirs["times_ms"][name])
-        parts[name] = {"jax_ms": round(j, 1), "torch_ms": round(t, 1), "ratio": round(t / j, 2)}
-        print(f"| {name} | {j:.1f} | {t:.1f} | {t / j:.2f}x |")
+        parts[name] = {"jax_ms": round(j, 2), "torch_ms": round(t, 2), "ratio": round(t / j, 2)}
+        print(f"| {name} | {j:.2f} | {t:.2f} | {t / j:.2f}x |")
+    gflop = 2 * np.prod(MATMUL) / 1e9
+    parts["matmul"].update(jax_gflops=round(gflop / parts["matmul"]["jax_ms"] * 1e3, 1),
+                           torch_gflops=round(gflop / parts["matmul"]["torch_ms"] * 1e3, 1))
+    print(f"matmul {MATMUL[0]}x{MATMUL[1]} @ {MATMUL[1]}x{MATMUL[2]}: ours {parts['matmul']['jax_gflops']} "
+          f"GFLOP/s, torch {parts['matmul']['torch_gflops']} GFLOP/s")
     print(f"({describe(machine)})")
     out = {"parts": parts, "runs": args.runs, "machine": machine}
     print(json.dumps(out))
