@@ -310,6 +310,17 @@ def run_json(cmd: list[str], echo: bool = True) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def round_ratio(ours: dict, theirs: dict, first_experts: int) -> dict:
+    """One round's torch / ours median ratios from the two processes' ``times_ms``: ``ratio`` against E = 1
+    (HF's architecture) when timed, else the first expert count; ``ratio_packed`` when a packed row ran."""
+    torch_ms = statistics.median(theirs["torch"])
+    mine = {name: statistics.median(v) for name, v in ours.items()}
+    out = {"ratio": torch_ms / mine.get("jax E=1", mine[f"jax E={first_experts}"])}
+    if f"jax E={first_experts} packed" in mine:
+        out["ratio_packed"] = torch_ms / mine[f"jax E={first_experts} packed"]
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=("small", "gpu"))
@@ -359,11 +370,8 @@ def main(argv=None) -> dict:
         for name, v in dict(ours["times_ms"], **(theirs["times_ms"] if theirs else {})).items():
             times.setdefault(name, []).extend(v)
         if theirs:
-            torch_r = statistics.median(theirs["times_ms"]["torch"])
-            mine = {k: statistics.median(v) for k, v in ours["times_ms"].items()}
-            round_ratios["ratio"].append(torch_r / mine.get("jax E=1", mine[f"jax E={args.experts[0]}"]))
-            if args.packed:
-                round_ratios["ratio_packed"].append(torch_r / mine[f"jax E={args.experts[0]} packed"])
+            for key, r in round_ratio(ours["times_ms"], theirs["times_ms"], args.experts[0]).items():
+                round_ratios[key].append(r)
     machine = machine_info(before)
     med = {k: statistics.median(v) for k, v in times.items()}
     print("\n| step | median ms | min ms | max ms | analytic GFLOP/s |\n|---|---|---|---|---|")

@@ -1,5 +1,6 @@
 """``bench/train_step.py --packed`` times the same work as its padded row: the two conversations packed into one
-row (segment ids, positions restarting) give the padded batch's loss and gradients (float32, 1e-5)."""
+row (segment ids, positions restarting) give the padded batch's loss and gradients (float32, 1e-5). And
+``--rounds``: each round's ratio pairs the round's own torch and JAX medians."""
 
 import sys
 from pathlib import Path
@@ -36,3 +37,11 @@ def test_packed_bench_batch_equals_the_padded_one():
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         scale = max(float(np.abs(a).max()), 1e-12)
         assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale <= 1e-5
+
+
+def test_round_ratio_pairs_each_round_with_its_own_torch_median():
+    ours = {"jax E=1": [100.0, 90.0, 110.0], "jax E=2": [130.0], "jax E=1 packed": [80.0, 70.0, 75.0]}
+    ratios = train_step.round_ratio(ours, {"torch": [300.0, 150.0, 200.0]}, first_experts=1)
+    assert ratios == {"ratio": 2.0, "ratio_packed": 200.0 / 75.0}  # medians: torch 200, ours 100 and 75
+    # without an E = 1 row the first expert count gives the ratio; no packed row, no packed ratio
+    assert train_step.round_ratio({"jax E=2": [50.0]}, {"torch": [100.0]}, first_experts=2) == {"ratio": 2.0}
