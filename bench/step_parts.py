@@ -29,7 +29,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -159,14 +158,16 @@ def run_side(args) -> dict:
     mcfg = ModelConfig.from_run_config(train_step.bench_config("small", 1))
     batch = train_step.make_batch(mcfg)
     parts = jax_parts(mcfg, batch["jax"]) if args.side == "jax" else torch_parts(mcfg, batch)
-    times = {name: [] for name in parts}
-    for i in range(args.warmup + args.runs):
-        for name, fn in parts.items():
-            t0 = time.perf_counter()
+
+    def stateless(fn):  # a part keeps no state between steps
+        def run(state):
             fn()
-            if i >= args.warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {"side": args.side, "times_ms": times}
+            return state
+        return run
+
+    runners = {name: stateless(fn) for name, fn in parts.items()}
+    return {"side": args.side,
+            "times_ms": train_step.interleaved_times(runners, dict.fromkeys(parts), args.warmup, args.runs)}
 
 
 def _child(args, side: str) -> dict:

@@ -275,15 +275,21 @@ def run_side(args) -> dict:
         if jax.default_backend() == "gpu":
             extra["peak_flops"] = peak_flops(configs[args.experts[0]])
             extra["device"] = jax.devices()[0].device_kind
+    return {"side": args.side, "times_ms": interleaved_times(runners, states, args.warmup, args.runs), **extra}
+
+
+def interleaved_times(runners: dict, states: dict, warmup: int, runs: int) -> dict:
+    """{row: [ms, ...]} of ``runs`` timed steps per row after ``warmup`` untimed ones; ``runners[row](state)``
+    returns the row's next state (kept in ``states``). Interleaved rounds (one step of every row, then the next
+    round): a slow drift of the machine lands on every row alike, so the ratios between rows hold. Steps still
+    run one at a time."""
     times = {k: [] for k in runners}
-    # Interleaved rounds (one step of every row, then the next round): a slow drift of the machine lands on
-    # every row alike, so the ratios between rows hold. Steps still run one at a time.
-    for i in range(args.warmup + args.runs):
+    for i in range(warmup + runs):
         for name, run in runners.items():
             states[name], ms = timed(run, states[name])
-            if i >= args.warmup:
+            if i >= warmup:
                 times[name].append(ms)
-    return {"side": args.side, "times_ms": times, **extra}
+    return times
 
 
 def _child(args, side: str) -> dict:

@@ -227,10 +227,10 @@ def _banded(q, k, v, qseg, kseg, band, scale):
 # The block products as 3-D batched matmuls over one flattened (B·K) batch axis with the G query heads folded into
 # the rows: XLA:CPU runs a dot with two batch dims ([B, K]) on small blocks several times slower (a [4, 256, 64]
 # score block: ~1.7 ms as an einsum over (b, k), ~0.4 ms flattened). The reshapes are free (contiguous).
-def _bdot(a: Array, b: Array, contract: tuple[int, int], out_dtype=jnp.float32) -> Array:
-    """float[Z, M, X] · float[Z, ·, ·] over ``contract`` = (a's dim, b's dim), batch dim 0 -> float[Z, ·, ·]."""
+def _bdot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+    """float[Z, ·, ·] · float[Z, ·, ·] over ``contract`` = (a's dim, b's dim), batch dim 0 -> float32[Z, ·, ·]."""
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))),
-                               preferred_element_type=out_dtype)
+                               preferred_element_type=jnp.float32)
 
 
 def _qk(qb: Array, kb: Array) -> Array:
