@@ -161,7 +161,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.data.audio.window_frames = audio.get_ref("max_source_positions") * 2
     config.data.audio.position_rule = audio.get_ref("position_rule")
     config.data.audio.interleave_seconds = audio.get_ref("interleave_seconds")
-    config.data.num_shards = 0  # data shards per global batch (0 = one per process); fixes the data order
+    # Data shards per global batch: 0 = one per process, -1 = one per batch device (data x fsdp x expert), N.
+    # Fixes the data order. With a multiple of the batch devices the ViT's attention and window permutation run on
+    # each device's own patches (no all-gather of the patch axis; README, Long context).
+    config.data.num_shards = 0
     # Sequence packing (--config.data.packing=True): several samples per row up to the length bucket, attention
     # only within a sample (segment ids), M-RoPE positions restarting per sample, labels unchanged; off by default.
     config.data.packing = False
@@ -197,6 +200,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # rest; attention 'auto' is blockwise/splash/cudnn at these lengths, so frames keep Qwen2.5-VL's own
         # budget (768*28*28 px) and the loss is chunked.
         config.mesh.update(data=1, fsdp=-1, tensor=4)
+        config.data.num_shards = -1  # one data shard per batch device: the ViT stays on each device's patches
     return config
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -24,16 +24,61 @@ Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 _CONTEXT: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("emoqwen_axis_rules",
                                                                                         default=None)
+_UNITS_LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("emoqwen_units_local", default=False)
 
 
 @contextlib.contextmanager
-def axis_rules(mesh: Mesh, rules: Rules):
-    """Activates ``rules`` on ``mesh`` for ``constrain`` and ``logical_to_spec`` calls inside the block."""
+def axis_rules(mesh: Mesh, rules: Rules, *, units_local: bool = False):
+    """Activates ``rules`` on ``mesh`` for ``constrain`` and ``logical_to_spec`` calls inside the block.
+
+    ``units_local``: the caller promises that the flat vision arrays (patches, merge units; logical name
+    'units') are laid out device by device: every device's contiguous slice of them holds whole items and
+    their index arrays point inside that slice (``emoqwen_jax.train.batching``: one or more whole data shards
+    per batch device). ``map_units`` then runs per-item work on each device's slice alone."""
     token = _CONTEXT.set((mesh, _as_dict(rules)))
+    local = _UNITS_LOCAL.set(bool(units_local))
     try:
         yield
     finally:
+        _UNITS_LOCAL.reset(local)
         _CONTEXT.reset(token)
+
+
+@contextlib.contextmanager
+def _no_rules():
+    """Inside a ``shard_map`` body: arrays are per-device, so no annotation may refer to the global mesh."""
+    token = _CONTEXT.set(None)
+    local = _UNITS_LOCAL.set(False)
+    try:
+        yield
+    finally:
+        _UNITS_LOCAL.reset(local)
+        _CONTEXT.reset(token)
+
+
+def map_units(fn: Callable, *args: jax.Array, in_names: Sequence[Sequence[str | None]],
+              out_names: Sequence[str | None]) -> jax.Array:
+    """``fn(*args)`` for work that stays within an item of the flat vision arrays (a frame's attention, the
+    window permutation), run on each device's slice of the 'units' axis alone (``jax.shard_map``) when
+    ``units_local`` holds: no all-gather of the patch axis, and each device computes only its own items.
+    Otherwise (one device, no promise, an axis that is not split) plain ``fn(*args)``.
+
+    ``in_names``: logical names of each argument's dimensions (e.g. ('units', 'act_heads', None)); the output's
+    are ``out_names``. ``fn`` sees per-device arrays and runs without sharding annotations."""
+    counts = {shard_count("units", a.shape[n.index("units")]) for a, n in zip(args, in_names) if "units" in n}
+    if not _UNITS_LOCAL.get() or counts != {max(counts)} or max(counts) == 1:  # every argument split alike
+        return fn(*args)
+    mesh, rules = current()
+    in_specs = tuple(logical_to_spec(n, a.shape, mesh=mesh, rules=rules) for a, n in zip(args, in_names))
+
+    def body(*local_args):
+        with _no_rules():
+            return fn(*local_args)
+
+    with _no_rules():
+        out_shape = jax.eval_shape(fn, *args).shape
+    out_spec = logical_to_spec(out_names, out_shape, mesh=mesh, rules=rules)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
 def current() -> tuple[Mesh, dict] | None:

@@ -16,6 +16,10 @@ meets its neighbouring key blocks (``xla``: 3 blocks of one window; ``blockwise`
 touch). Full-attention layers attend over the whole frame; ``vision.frame_block`` is their block size for
 ``blockwise`` (0 = the model's ``attention_block``). Frames may be as large as the data allows (Qwen2.5-VL's
 video budget is 768·28·28 pixels, 3072 patches per frame).
+
+On a mesh whose batch devices split the flat patch axis, the trainer may promise a device-by-device layout
+(``sharding.axis_rules(units_local=True)``: whole data shards per device); the window permutation and the
+attention then run on each device's own patches (``sharding.map_units``), with no all-gather of the patch axis.
 """
 
 from __future__ import annotations
@@ -35,9 +39,16 @@ Array = jax.Array
 
 
 def to_window_order(x: Array, window_index: Array, merge_unit: int) -> Array:
-    """Reorders float[P, ...] patches by merge unit into window order (HF ``permute_input_for_window_attn``)."""
-    units = x.reshape(x.shape[0] // merge_unit, merge_unit, *x.shape[1:])
-    return units[window_index].reshape(x.shape)
+    """Reorders float[P, ...] patches by merge unit into window order (HF ``permute_input_for_window_attn``).
+
+    Under ``sharding.map_units`` (a device-by-device layout) each device permutes its own slice: there its
+    ``window_index`` is a permutation of the slice's own units, so their smallest index is the slice's first."""
+    def permute(x, window_index):
+        units = x.reshape(x.shape[0] // merge_unit, merge_unit, *x.shape[1:])
+        return units[window_index - window_index.min()].reshape(x.shape)
+
+    names = ("units",) + (None,) * (x.ndim - 1)
+    return sharding.map_units(permute, x, window_index, in_names=(names, ("units",)), out_names=names)
 
 
 def from_window_order(units: Array, window_index: Array) -> Array:
@@ -74,9 +85,16 @@ class VisionAttention(nnx.Module):
         p = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, self.head_dim), 1, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        seg = segment_ids[None]
-        out = attention(q[None], k[None], v[None], scale=self.head_dim**-0.5, q_segment_ids=seg, kv_segment_ids=seg,
-                        implementation=self.attention, block_size=self.block, band=self.band)[0]
+
+        def core(q, k, v, segment_ids):  # within frames (windows): on each device's own patches when laid out so
+            seg = segment_ids[None]
+            return attention(q[None], k[None], v[None], scale=self.head_dim**-0.5, q_segment_ids=seg,
+                             kv_segment_ids=seg, implementation=self.attention, block_size=self.block,
+                             band=self.band)[0]
+
+        heads = ("units", "act_heads", None)
+        out = sharding.map_units(core, q, k, v, segment_ids, in_names=(heads, heads, heads, ("units",)),
+                                 out_names=heads)
         return self.proj(out.reshape(p, -1))
 
 

@@ -91,3 +91,22 @@ def _audio(batch: dict, windows: int, audio_spec: AudioSpec | None) -> dict:
 def concat_shards(shards: Sequence[ModelInputs]) -> ModelInputs:
     """Concatenates equally-sized, already offset shards into the global (or this host's) arrays."""
     return model_inputs.concat(list(shards))
+
+
+def resolve_num_shards(setting: int, processes: int, batch_devices: int) -> int:
+    """``config.data.num_shards``: 0 = one per process, -1 = one per batch device (the mesh's data × fsdp ×
+    expert devices), N = N. It must be a multiple of ``processes``."""
+    if setting == -1:
+        return batch_devices
+    if setting < -1:
+        raise ValueError(f"data.num_shards={setting}; use -1 (one per batch device), 0 (one per process) or N > 0")
+    return setting or processes
+
+
+def units_local(num_shards: int, batch_devices: int) -> bool:
+    """Whether the global vision arrays are laid out device by device (``sharding.axis_rules(units_local=...)``).
+
+    The global flat vision arrays are the shards' equally-sized arrays in shard order, and the mesh splits them
+    into ``batch_devices`` equal contiguous slices; with ``num_shards`` a multiple of ``batch_devices`` every
+    slice is one or more whole shards, whose items and index arrays stay inside it."""
+    return num_shards % batch_devices == 0

@@ -28,7 +28,7 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
 from emoqwen_jax.parallel.rules import BATCH_AXES, input_sharding
-from emoqwen_jax.train import flops
+from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train import step as step_lib
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.step import init_state, make_train_step
@@ -117,9 +117,12 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     pshard = pure_param_shardings(abstract, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), pshard)
+    # The trainer's layout: data.num_shards (0: one per process; a plan runs in one) shards in device order.
+    num_shards = batching.resolve_num_shards(int(config.data.get("num_shards", 0)), 1, batch_shards)
+    local_vision = batching.units_local(num_shards, batch_shards)
     timings = {}
     t0 = time.perf_counter()
-    with axis_rules(mesh, DEFAULT_RULES):
+    with axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
         state_shapes = jax.eval_shape(init, params)
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
                              step_lib.state_shardings(state_shapes, pshard, mesh))
@@ -144,6 +147,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     return {
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "num_slices": num_slices,
         "stage": stage, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention,
+        "data_shards": num_shards, "vision_local": local_vision,
         "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
         "patches": int(patches),
         "audio_windows": 0 if shapes.audio is None else int(shapes.audio.input_features.shape[0]),
@@ -168,6 +172,7 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
     rows = [("mesh", " × ".join(f"{k}={v}" for k, v in report["mesh"].items())),
             ("stage / remat / dtype", f"{report['stage']} / {report['remat']} / {report['dtype']}"),
             ("attention / scan_layers", f"{report.get('attention')} / {report.get('scan_layers')}"),
+            ("data shards / ViT per device", f"{report.get('data_shards')} / {report.get('vision_local')}"),
             ("parameters", f"{report['params'] / 1e6:,.1f} M"),
             ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']}, "
                                       f"audio windows {report.get('audio_windows', 0)})"),

@@ -21,6 +21,7 @@ The next stage starts from the merged weights.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import zlib
@@ -44,13 +45,15 @@ from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merg
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import hosts
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
-from emoqwen_jax.parallel.rules import input_sharding, shard_batch
+from emoqwen_jax.parallel.rules import BATCH_AXES, input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.preemption import PreemptionWatch, watch_maintenance_events
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
+
+log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
@@ -246,7 +249,8 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
                extra_trainable=()):
     sc = config.stages[name]
     processes, pid = jax.process_count(), jax.process_index()
-    num_shards = int(config.data.get("num_shards", 0) or processes)
+    batch_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    num_shards = batching.resolve_num_shards(int(config.data.get("num_shards", 0)), processes, batch_devices)
     if num_shards % processes or sc.batch_size % num_shards:
         raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {processes} processes and divide "
                          f"stages.{name}.batch_size={sc.batch_size}")
@@ -301,7 +305,16 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     tokens_seen, slots_seen, flops_seen, t0 = 0.0, 0.0, 0.0, time.perf_counter()
     bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
     hosts.barrier(f"{name}_start")  # the first batch's all-gather must not wait on a host still compiling
-    with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES):
+    local_vision = batching.units_local(num_shards, batch_devices)
+    if batch_devices > 1 and pid == 0:
+        if local_vision:
+            log.info("%s: %d data shards over %d batch devices: the ViT's attention and window permutation run on "
+                     "each device's own patches", name, num_shards, batch_devices)
+        else:
+            log.warning("%s: %d data shards over %d batch devices: every device gathers the patch axis and repeats "
+                        "the ViT's full-attention layers for the whole batch; data.num_shards=-1 (one shard per "
+                        "batch device) keeps the ViT on each device's own patches", name, num_shards, batch_devices)
+    with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
         for micro in range(start, total):
             batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
                                          aspec, config.data.patch_buckets)

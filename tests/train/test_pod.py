@@ -34,7 +34,8 @@ for name in c.run_stages:
     c.stages[name].batch_size = 8  # divisible by the 8-way FSDP batch split
 c.mesh.num_devices = 0
 c.mesh.update(data=1, fsdp=8)  # every parameter sharded over both processes' devices
-c.data.num_shards = 2  # the same global batches in one process or two
+c.data.num_shards = -1  # one shard per batch device (8): the same global batches in one process or two, and
+# the ViT on each device's own patches (units_local)
 """
 COMPARED = ("loss", "lm_loss", "aux_loss", "grad_norm", "gate_weights", "lr")
 LAUNCH = str(ROOT / "launch" / "local_multiprocess.sh")
