@@ -45,7 +45,8 @@ def to_window_order(x: Array, window_index: Array, merge_unit: int) -> Array:
     ``window_index`` is a permutation of the slice's own units, so their smallest index is the slice's first."""
     def permute(x, window_index):
         units = x.reshape(x.shape[0] // merge_unit, merge_unit, *x.shape[1:])
-        return units[window_index - window_index.min()].reshape(x.shape)
+        first = window_index.min() if window_index.size else 0  # 0 for a whole batch's permutation
+        return units[window_index - first].reshape(x.shape)
 
     names = ("units",) + (None,) * (x.ndim - 1)
     return sharding.map_units(permute, x, window_index, in_names=(names, ("units",)), out_names=names)
