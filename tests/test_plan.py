@@ -66,3 +66,19 @@ def test_plan_two_slices_multislice_mesh():
     assert report["num_slices"] == 2
     assert report["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1}  # data across slices, fsdp within
     assert report["per_device_bytes"] > 0
+
+
+def test_plan_counts_patch_gathers_and_keeps_the_vit_local():
+    """One data shard per batch device (data.num_shards=-1): the ViT runs on each device's own patches and the
+    compiled step gathers no vision activations; one shard for 4 batch devices: blockwise full layers gather."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    reports = {}
+    for shards in (-1, 0):
+        cmd = [sys.executable, "-m", "emoqwen_jax.cli.plan", f"--config={ROOT}/configs/emotion_qwen.py:tiny",
+               "--num_devices=4", "--frames=4", "--frame_size=112", "--config.model.attention=blockwise",
+               f"--config.data.num_shards={shards}"]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        reports[shards] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reports[-1]["data_shards"] == 4 and reports[-1]["vision_local"] and reports[-1]["patch_all_gathers"] == 0
+    assert reports[0]["data_shards"] == 1 and not reports[0]["vision_local"] and reports[0]["patch_all_gathers"] > 0

@@ -16,6 +16,7 @@ shardings come from the ``ModelInputs`` field declarations. The analytic FLOPs l
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Sequence
 
@@ -132,6 +133,8 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
         t1 = time.perf_counter()
         compiled = lowered.compile()
         timings["compile_s"] = time.perf_counter() - t1
+    patches_global = 0 if shapes.vision is None else int(shapes.vision.pixel_values.shape[0])
+    gathers = patch_all_gathers(compiled.as_text(), patches_global, patches_global // mcfg.vision.merge_unit)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -147,7 +150,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     return {
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "num_slices": num_slices,
         "stage": stage, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention,
-        "data_shards": num_shards, "vision_local": local_vision,
+        "data_shards": num_shards, "vision_local": local_vision, "patch_all_gathers": gathers,
         "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
         "patches": int(patches),
         "audio_windows": 0 if shapes.audio is None else int(shapes.audio.input_features.shape[0]),
@@ -162,6 +165,23 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     }
 
 
+def patch_all_gathers(hlo: str, patches: int, units: int) -> int:
+    """All-gathers in compiled HLO text that gather vision activations: float results with a dimension of the
+    global patch count or merge-unit count (0 when the ViT stays on each device's own patches; the inverse
+    window permutation's small int32 index gathers are not counted)."""
+    if patches <= 0:
+        return 0
+    sizes = {str(patches), str(units)}
+    count = 0
+    for line in hlo.splitlines():
+        if " all-gather(" not in line and " all-gather-start(" not in line:
+            continue
+        result = line.split("=", 1)[1].split(" all-gather", 1)[0] if "=" in line else ""
+        float_shapes = re.findall(r"(?:f|bf)\d+\[([\d,]*)\]", result)
+        count += any(set(dims.split(",")) & sizes for dims in float_shapes)
+    return count
+
+
 def shard_bytes(tree) -> int:
     """Bytes of one device's shard of every leaf of ``tree`` (ShapeDtypeStructs with shardings)."""
     return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -172,7 +192,8 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
     rows = [("mesh", " × ".join(f"{k}={v}" for k, v in report["mesh"].items())),
             ("stage / remat / dtype", f"{report['stage']} / {report['remat']} / {report['dtype']}"),
             ("attention / scan_layers", f"{report.get('attention')} / {report.get('scan_layers')}"),
-            ("data shards / ViT per device", f"{report.get('data_shards')} / {report.get('vision_local')}"),
+            ("data shards / ViT per device", f"{report.get('data_shards')} / {report.get('vision_local')} "
+                                             f"({report.get('patch_all_gathers')} all-gathers of patch activations)"),
             ("parameters", f"{report['params'] / 1e6:,.1f} M"),
             ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']}, "
                                       f"audio windows {report.get('audio_windows', 0)})"),
