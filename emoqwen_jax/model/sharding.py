@@ -35,20 +35,18 @@ def axis_rules(mesh: Mesh, rules: Rules, *, units_local: bool = False):
     'units') are laid out device by device: every device's contiguous slice of them holds whole items and
     their index arrays point inside that slice (``emoqwen_jax.train.batching``: one or more whole data shards
     per batch device). ``map_units`` then runs per-item work on each device's slice alone."""
-    token = _CONTEXT.set((mesh, _as_dict(rules)))
-    local = _UNITS_LOCAL.set(bool(units_local))
-    try:
+    with _active((mesh, _as_dict(rules)), bool(units_local)):
         yield
-    finally:
-        _UNITS_LOCAL.reset(local)
-        _CONTEXT.reset(token)
+
+
+def _no_rules():
+    """Inside a ``shard_map`` body: arrays are per-device, so no annotation may refer to the global mesh."""
+    return _active(None, False)
 
 
 @contextlib.contextmanager
-def _no_rules():
-    """Inside a ``shard_map`` body: arrays are per-device, so no annotation may refer to the global mesh."""
-    token = _CONTEXT.set(None)
-    local = _UNITS_LOCAL.set(False)
+def _active(context: tuple[Mesh, dict] | None, units_local: bool):
+    token, local = _CONTEXT.set(context), _UNITS_LOCAL.set(units_local)
     try:
         yield
     finally:

@@ -81,6 +81,11 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
     return model
 
 
+def batch_devices(mesh: Mesh) -> int:
+    """How many devices split the batch: the product of the batch-like mesh axes (data × fsdp × expert)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     """Shards dimension ``batch_dim`` of an ``ndim`` array over every batch-like mesh axis."""
     spec = [None] * ndim
@@ -112,7 +117,7 @@ def shard_batch(batch: ModelInputs | Mapping[str, Any], mesh: Mesh) -> ModelInpu
 def check_divisibility(config: ModelConfig, mesh: Mesh, batch_size: int | None = None) -> None:
     """Errors, with the numbers, for splits that would silently replicate or mis-shard."""
     tensor, expert = mesh.shape["tensor"], mesh.shape["expert"]
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    batch_shards = batch_devices(mesh)
     problems = []
     for what, n in (("text.num_heads", config.text.num_heads), ("text.num_kv_heads", config.text.num_kv_heads),
                     ("vision.num_heads", config.vision.num_heads)):

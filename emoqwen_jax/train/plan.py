@@ -28,7 +28,7 @@ from emoqwen_jax.inputs import ModelInputs, abstract_inputs
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
-from emoqwen_jax.parallel.rules import BATCH_AXES, input_sharding
+from emoqwen_jax.parallel.rules import batch_devices, input_sharding
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train import step as step_lib
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
@@ -106,7 +106,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     mesh_cfg["num_devices"] = num_devices
     mesh = make_mesh(mesh_cfg, devices[:num_devices], num_slices=num_slices)
     mcfg, step, tx, init = build_train_step(config, stage)
-    batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    batch_shards = batch_devices(mesh)
     if batch is None:
         shapes = video_batch_shapes(mcfg, batch_per_device * batch_shards, frames, frame_size, length,
                                     audio_seconds, packing=bool(config.data.get("packing", False)))

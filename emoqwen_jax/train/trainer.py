@@ -45,7 +45,7 @@ from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merg
 from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import hosts
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
-from emoqwen_jax.parallel.rules import BATCH_AXES, input_sharding, shard_batch
+from emoqwen_jax.parallel.rules import batch_devices as count_batch_devices, input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
@@ -249,7 +249,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
                extra_trainable=()):
     sc = config.stages[name]
     processes, pid = jax.process_count(), jax.process_index()
-    batch_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    batch_devices = count_batch_devices(mesh)
     num_shards = batching.resolve_num_shards(int(config.data.get("num_shards", 0)), processes, batch_devices)
     if num_shards % processes or sc.batch_size % num_shards:
         raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {processes} processes and divide "
