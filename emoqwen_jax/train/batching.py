@@ -10,6 +10,7 @@ global arrays are the plain concatenation of the shards in shard order (each fie
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -32,18 +33,34 @@ def needs(batch: dict) -> tuple[int, int, int, int]:
 
 
 def agreed_sizes(all_needs: Sequence[tuple[int, ...]], batch_size: int,
-                 patch_buckets: Sequence[int] = ()) -> tuple[int, int, int, int]:
+                 patch_buckets: Sequence[int] = (), patch_multiple: int = 1) -> tuple[int, int, int, int]:
     """Common (L, P, G, W) for a step: the maxima; P rounded up to the smallest of ``patch_buckets`` that holds
-    it (the data config's; none: the maximum itself), G and (when any shard has audio) W to a multiple of the
-    shard batch, so the joined items and windows split evenly over the batch devices (few shapes)."""
+    it (past the largest bucket: to a multiple of the largest, so long batches still compile few shapes; no
+    buckets: the maximum itself) and then to a multiple of ``patch_multiple`` (``patch_multiple(...)``: what
+    makes the joined patch and unit axes split evenly over the batch devices); G and (when any shard has audio)
+    W to a multiple of the shard batch, so the joined items and windows split evenly too (few shapes)."""
     length = max(n[0] for n in all_needs)
     patches = max(n[1] for n in all_needs)
-    patches = min([int(b) for b in patch_buckets if int(b) >= patches] or [patches])
+    buckets = sorted(int(b) for b in patch_buckets)
+    if buckets:
+        patches = next((b for b in buckets if b >= patches), _round_up(patches, buckets[-1]))
+    patches = _round_up(patches, patch_multiple)
     items = max(n[2] for n in all_needs)
-    items = max(batch_size, -(-items // batch_size) * batch_size)
+    items = max(batch_size, _round_up(items, batch_size))
     windows = max((n[3] if len(n) > 3 else 0) for n in all_needs)
-    windows = -(-windows // batch_size) * batch_size
+    windows = _round_up(windows, batch_size)
     return length, patches, items, windows
+
+
+def patch_multiple(merge_unit: int, num_shards: int, batch_devices: int) -> int:
+    """What one shard's patch count P must be a multiple of: the joined arrays hold ``num_shards`` · P patches
+    and ``num_shards`` · P / ``merge_unit`` units, and the mesh splits both into ``batch_devices`` equal
+    slices. P = ``merge_unit`` · k with ``num_shards`` · k a multiple of ``batch_devices``."""
+    return merge_unit * (batch_devices // math.gcd(batch_devices, num_shards))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, ...], *, shard_index: int = 0,

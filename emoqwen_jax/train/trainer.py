@@ -225,13 +225,14 @@ def stage_model(config, name: str, params: dict, graphdef, mesh):
 
 
 def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh,
-                  aspec=None, patch_buckets=()):
+                  aspec=None, patch_buckets=(), num_shards: int = 1):
     from jax.experimental import multihost_utils
 
     needs = np.array([batching.needs(b) for b in batches])
     if jax.process_count() > 1:
         needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, needs.shape[-1])
-    sizes = batching.agreed_sizes(needs.tolist(), batch_size, patch_buckets)
+    multiple = batching.patch_multiple(spec.merge_unit, num_shards, count_batch_devices(mesh))
+    sizes = batching.agreed_sizes(needs.tolist(), batch_size, patch_buckets, multiple)
     local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id,
                                                           audio_spec=aspec) for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
@@ -317,7 +318,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
         for micro in range(start, total):
             batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
-                                         aspec, config.data.patch_buckets)
+                                         aspec, config.data.patch_buckets, num_shards)
             state, metrics = train_step(state, batch)
             global_step += 1
             tokens = float(local.text.attention_mask.sum()) * processes

@@ -22,5 +22,17 @@ def test_a_batch_with_stills_gets_the_same_patch_rows_as_one_without():
     sizes = {batching.agreed_sizes([batching.needs(b)], 8, (1024,)) for b in (videos_only, mixed)}
     assert sizes == {(192, 1024, 8, 0)}
     assert batching.agreed_sizes([(100, 864, 3), (120, 500, 8)], 4, (512, 1024, 4096))[:3] == (120, 1024, 8)
-    assert batching.agreed_sizes([(100, 5000, 3)], 4, (512, 1024, 4096))[:3] == (100, 5000, 4)  # past the last bucket
+    assert batching.agreed_sizes([(100, 5000, 3)], 4, (512, 1024, 4096))[:3] == (100, 8192, 4)  # past the last bucket
     assert batching.agreed_sizes([(100, 864, 3)], 4)[:3] == (100, 864, 4)  # no buckets: the maximum itself
+
+
+def test_patch_rows_split_evenly_over_the_batch_devices():
+    # one shard (one process) over 8 data devices: P and P / 4 units must both divide by 8 -> P a multiple of 32
+    assert batching.patch_multiple(4, 1, 8) == 32
+    assert batching.patch_multiple(4, 8, 8) == 4  # one shard per device: whole shards per device already
+    assert batching.patch_multiple(4, 2, 8) == 16
+    p = batching.agreed_sizes([(100, 888, 8)], 8, (512,), batching.patch_multiple(4, 1, 8))[1]
+    assert p == 1024 and p % 8 == 0 and (p // 4) % 8 == 0
+    for shards, devices, real in ((1, 8, 888), (2, 8, 36), (3, 4, 100), (1, 6, 52)):
+        p = batching.agreed_sizes([(10, real, 1)], 1, (), batching.patch_multiple(4, shards, devices))[1]
+        assert p >= real and (shards * p) % devices == 0 and (shards * p // 4) % devices == 0, (shards, devices, p)
