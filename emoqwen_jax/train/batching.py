@@ -33,12 +33,14 @@ def needs(batch: dict) -> tuple[int, int, int, int]:
 
 
 def agreed_sizes(all_needs: Sequence[tuple[int, ...]], batch_size: int,
-                 patch_buckets: Sequence[int] = (), patch_multiple: int = 1) -> tuple[int, int, int, int]:
+                 patch_buckets: Sequence[int] = (), patch_multiple: int = 1,
+                 row_multiple: int = 1) -> tuple[int, int, int, int]:
     """Common (L, P, G, W) for a step: the maxima; P rounded up to the smallest of ``patch_buckets`` that holds
     it (past the largest bucket: to a multiple of the largest, so long batches still compile few shapes; no
-    buckets: the maximum itself) and then to a multiple of ``patch_multiple`` (``patch_multiple(...)``: what
-    makes the joined patch and unit axes split evenly over the batch devices); G and (when any shard has audio)
-    W to a multiple of the shard batch, so the joined items and windows split evenly too (few shapes)."""
+    buckets: the maximum itself) and then to a multiple of ``patch_multiple``; G and (when any shard has audio)
+    W to a multiple of the shard's rows (``batch_size`` rounded up to ``row_multiple``), so the joined items and
+    windows split evenly over the batch devices (few shapes). ``layout_multiples`` gives the two multiples."""
+    rows = _round_up(batch_size, row_multiple)
     length = max(n[0] for n in all_needs)
     patches = max(n[1] for n in all_needs)
     buckets = sorted(int(b) for b in patch_buckets)
@@ -46,17 +48,21 @@ def agreed_sizes(all_needs: Sequence[tuple[int, ...]], batch_size: int,
         patches = next((b for b in buckets if b >= patches), _round_up(patches, buckets[-1]))
     patches = _round_up(patches, patch_multiple)
     items = max(n[2] for n in all_needs)
-    items = max(batch_size, _round_up(items, batch_size))
+    items = max(rows, _round_up(items, rows))
     windows = max((n[3] if len(n) > 3 else 0) for n in all_needs)
-    windows = _round_up(windows, batch_size)
+    windows = _round_up(windows, rows)
     return length, patches, items, windows
 
 
-def patch_multiple(merge_unit: int, num_shards: int, batch_devices: int) -> int:
-    """What one shard's patch count P must be a multiple of: the joined arrays hold ``num_shards`` · P patches
-    and ``num_shards`` · P / ``merge_unit`` units, and the mesh splits both into ``batch_devices`` equal
-    slices. P = ``merge_unit`` · k with ``num_shards`` · k a multiple of ``batch_devices``."""
-    return merge_unit * (batch_devices // math.gcd(batch_devices, num_shards))
+def layout_multiples(merge_unit: int, num_shards: int, batch_devices: int) -> tuple[int, int]:
+    """(patch multiple, row multiple) of one shard, so that the joined arrays split evenly over the batch
+    devices. The global arrays hold ``num_shards`` shards of P patches, P / ``merge_unit`` units and R rows
+    (text rows, audio windows); the mesh cuts each axis into ``batch_devices`` equal slices, so ``num_shards``
+    · k must be a multiple of ``batch_devices`` for k = R and k = P / ``merge_unit``: both are multiples of
+    ``batch_devices`` / gcd(``batch_devices``, ``num_shards``). A shard with fewer rows than that is padded with
+    empty rows (attention mask 0, no labels: they change no loss or gradient)."""
+    rows = batch_devices // math.gcd(batch_devices, num_shards)
+    return merge_unit * rows, rows
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -64,10 +70,10 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, ...], *, shard_index: int = 0,
-                 pad_id: int = 0, audio_spec: AudioSpec | None = None) -> ModelInputs:
+                 pad_id: int = 0, audio_spec: AudioSpec | None = None, rows: int | None = None) -> ModelInputs:
     """One data shard's batch -> model inputs padded to ``sizes`` and offset for position ``shard_index``.
     With ``audio_spec`` and W = ``sizes[3]`` > 0 the audio group holds W encoder windows (zeros after the
-    shard's own)."""
+    shard's own). ``rows``: text rows of the shard (empty rows appended; see ``layout_multiples``)."""
     length, patches, items = sizes[:3]
     windows = sizes[3] if len(sizes) > 3 and audio_spec is not None else 0
     n_img = int(np.prod(batch["image_grid_thw"], axis=-1).sum()) if len(batch["image_grid_thw"]) else 0
@@ -80,6 +86,12 @@ def shard_inputs(batch: dict, spec: LayoutSpec, sizes: tuple[int, ...], *, shard
         mask = np.pad(mask, ((0, 0), (0, extra)))
         labels = np.pad(labels, ((0, 0), (0, extra)), constant_values=IGNORE)
         segments = None if segments is None else np.pad(segments, ((0, 0), (0, extra)))
+    if rows is not None and ids.shape[0] < rows:  # empty rows: no attention, no labels
+        extra = rows - ids.shape[0]
+        ids = np.pad(ids, ((0, extra), (0, 0)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, extra), (0, 0)))
+        labels = np.pad(labels, ((0, extra), (0, 0)), constant_values=IGNORE)
+        segments = None if segments is None else np.pad(segments, ((0, extra), (0, 0)))
     out = build_model_inputs(
         ids, mask, batch["pixel_values"][:n_img] if n_img else None,
         batch["image_grid_thw"] if n_img else None, batch["pixel_values_videos"][:n_vid] if n_vid else None,

@@ -149,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     maybe_initialize_distributed(config)
     mcfg = ModelConfig.from_run_config(config)
     mesh = make_mesh(config.mesh)  # a mesh that does not divide the devices stops here, before any compute
+    check_layouts(config, mcfg, mesh)
     hosts.check_shared_workdir(workdir)
     if config.train.get("watch_maintenance_events", False):
         watch_maintenance_events()  # TPU maintenance notice -> SIGTERM -> the agreed save below
@@ -224,6 +225,32 @@ def stage_model(config, name: str, params: dict, graphdef, mesh):
         (ADAPTER_PATTERN,)
 
 
+def stage_num_shards(config, name: str, mesh) -> int:
+    """The data shards of stage ``name`` on ``mesh`` (``data.num_shards`` resolved), or a ValueError naming the
+    setting when they cannot split the stage's batch. A global batch that does not divide the batch devices is
+    fine: each step is padded with empty rows (``batching.layout_multiples``)."""
+    processes, setting = jax.process_count(), int(config.data.get("num_shards", 0))
+    num_shards = batching.resolve_num_shards(setting, processes, count_batch_devices(mesh))
+    batch_size = int(config.stages[name].batch_size)
+    if num_shards % processes:
+        raise ValueError(f"data.num_shards={setting} gives {num_shards} data shards, not a multiple of the {processes} "
+                         f"processes; set --config.data.num_shards to a multiple of {processes} (or 0: one per "
+                         f"process)")
+    if batch_size % num_shards:
+        what = f"data.num_shards={setting}" + (f" ({num_shards} shards: one per batch device)" if setting == -1 else "")
+        raise ValueError(f"{what} does not divide stages.{name}.batch_size={batch_size} into equal shards; set "
+                         f"--config.data.num_shards=0 (one shard per process) or "
+                         f"--config.stages.{name}.batch_size to a multiple of {num_shards}")
+    return num_shards
+
+
+def check_layouts(config, mcfg: ModelConfig, mesh) -> None:
+    """Every stage to run fits the mesh (heads, experts, data shards): errors before any compute."""
+    check_divisibility(mcfg, mesh)
+    for name in config.run_stages:
+        stage_num_shards(config, name, mesh)
+
+
 def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh,
                   aspec=None, patch_buckets=(), num_shards: int = 1):
     from jax.experimental import multihost_utils
@@ -231,10 +258,12 @@ def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: i
     needs = np.array([batching.needs(b) for b in batches])
     if jax.process_count() > 1:
         needs = np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, needs.shape[-1])
-    multiple = batching.patch_multiple(spec.merge_unit, num_shards, count_batch_devices(mesh))
-    sizes = batching.agreed_sizes(needs.tolist(), batch_size, patch_buckets, multiple)
+    patch_multiple, row_multiple = batching.layout_multiples(spec.merge_unit, num_shards, count_batch_devices(mesh))
+    sizes = batching.agreed_sizes(needs.tolist(), batch_size, patch_buckets, patch_multiple, row_multiple)
+    rows = -(-batch_size // row_multiple) * row_multiple
     local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id,
-                                                          audio_spec=aspec) for b, s in zip(batches, shard_ids)])
+                                                          audio_spec=aspec, rows=rows)
+                                    for b, s in zip(batches, shard_ids)])
     if jax.process_count() == 1:
         return shard_batch(local, mesh), local
 
@@ -251,11 +280,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     sc = config.stages[name]
     processes, pid = jax.process_count(), jax.process_index()
     batch_devices = count_batch_devices(mesh)
-    num_shards = batching.resolve_num_shards(int(config.data.get("num_shards", 0)), processes, batch_devices)
-    if num_shards % processes or sc.batch_size % num_shards:
-        raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {processes} processes and divide "
-                         f"stages.{name}.batch_size={sc.batch_size}")
-    check_divisibility(mcfg, mesh, sc.batch_size)
+    num_shards = stage_num_shards(config, name, mesh)
     shard_batch_size = sc.batch_size // num_shards
     per_process = num_shards // processes
     shard_ids = list(range(pid * per_process, (pid + 1) * per_process))

@@ -26,13 +26,15 @@ def test_a_batch_with_stills_gets_the_same_patch_rows_as_one_without():
     assert batching.agreed_sizes([(100, 864, 3)], 4)[:3] == (100, 864, 4)  # no buckets: the maximum itself
 
 
-def test_patch_rows_split_evenly_over_the_batch_devices():
+def test_patch_rows_and_text_rows_split_evenly_over_the_batch_devices():
     # one shard (one process) over 8 data devices: P and P / 4 units must both divide by 8 -> P a multiple of 32
-    assert batching.patch_multiple(4, 1, 8) == 32
-    assert batching.patch_multiple(4, 8, 8) == 4  # one shard per device: whole shards per device already
-    assert batching.patch_multiple(4, 2, 8) == 16
-    p = batching.agreed_sizes([(100, 888, 8)], 8, (512,), batching.patch_multiple(4, 1, 8))[1]
-    assert p == 1024 and p % 8 == 0 and (p // 4) % 8 == 0
+    assert batching.layout_multiples(4, 1, 8) == (32, 8)
+    assert batching.layout_multiples(4, 8, 8) == (4, 1)  # one shard per device: whole shards per device already
+    assert batching.layout_multiples(4, 2, 8) == (16, 4)
+    sizes = batching.agreed_sizes([(100, 888, 2, 3)], 2, (512,), *batching.layout_multiples(4, 1, 8))
+    assert sizes == (100, 1024, 8, 8)  # past the bucket: 2 x 512; items and audio windows: the 8 padded rows
     for shards, devices, real in ((1, 8, 888), (2, 8, 36), (3, 4, 100), (1, 6, 52)):
-        p = batching.agreed_sizes([(10, real, 1)], 1, (), batching.patch_multiple(4, shards, devices))[1]
+        patch_multiple, row_multiple = batching.layout_multiples(4, shards, devices)
+        p = batching.agreed_sizes([(10, real, 1)], 1, (), patch_multiple, row_multiple)[1]
         assert p >= real and (shards * p) % devices == 0 and (shards * p // 4) % devices == 0, (shards, devices, p)
+        assert (shards * row_multiple) % devices == 0
