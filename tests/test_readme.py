@@ -1,13 +1,14 @@
-"""README commands run in CI (issue 18): every ```bash block of README.md is either run here or marked
-illustrative with a reason. The convention (CONTRIBUTING.md, "README commands"):
+"""The documentation's commands run in CI: every ```bash block of README.md and docs/*.md is either run here or
+marked illustrative with a reason. The convention (CONTRIBUTING.md, "Testing the docs"):
 
     <!-- readme-test: KEY -->            the block is run by ``test_readme_blocks_run`` below (``RUNS[KEY]``)
-    <!-- readme-test: tests/x/test_y.py -->  the block is run by that test module, which reads it from README.md
+    <!-- readme-test: tests/x/test_y.py -->  the block is run by that test module, which reads it from the docs
     <!-- illustrative: REASON -->        the block is not run, for REASON (e.g. it needs the 7B weights)
 
-on the line right above the block. The runner executes the README's own text, so an edit to a block changes
-what runs; the few substitutions (tiny step counts, a tiny checkpoint for a 7B path, the first alternative of
-``a|b``) are listed per block and each must still match the text, or the test fails and says so. Blocks run
+on the line right above the block. Keys are unique across all the files. The runner executes the block's own
+text, so an edit to a block changes what runs; the few substitutions (tiny step counts, a tiny checkpoint for a
+7B path, the first alternative of ``a|b``) are listed per block and each must still match the text, or the test
+fails and says so. Blocks run
 with bash (``set -e``) in one scratch directory shared by the module (with ``configs/`` and ``bench/`` linked
 in), so a checkpoint trained by one block is reused by the next, and a command already run there verbatim
 (the demo training appears in three blocks) runs once.
@@ -28,6 +29,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# Every file whose bash blocks are held to the convention: the README first, then docs/ in name order.
+DOC_FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MARK = re.compile(r"^<!--\s*(readme-test|illustrative):\s*(.*?)\s*-->\s*$")
 TIMEOUT = 900
 
@@ -44,10 +47,12 @@ class Block:
     text: str
     kind: str | None  # 'readme-test', 'illustrative' or None
     arg: str
+    path: Path = README  # the Markdown file that holds the block
 
     def __str__(self) -> str:
         first = next((ln for ln in self.text.splitlines() if ln.strip() and not ln.startswith("#")), "")
-        return f"README.md line {self.line} (`{first.strip()[:70]}`)"
+        name = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path.name
+        return f"{name} line {self.line} (`{first.strip()[:70]}`)"
 
 
 def readme_blocks(path: Path = README) -> list[Block]:
@@ -66,9 +71,14 @@ def readme_blocks(path: Path = README) -> list[Block]:
                 prev -= 1
             match = MARK.match(lines[prev].strip()) if prev >= 0 else None
             blocks.append(Block(start + 1, "\n".join(body) + "\n", match.group(1) if match else None,
-                                match.group(2) if match else ""))
+                                match.group(2) if match else "", path))
         i += 1
     return blocks
+
+
+def doc_blocks() -> list[Block]:
+    """The bash blocks of README.md and every docs/*.md page, in that order."""
+    return [b for path in DOC_FILES for b in readme_blocks(path)]
 
 
 def first_alternatives(text: str) -> str:
@@ -117,7 +127,7 @@ RUN_TEXT: dict[str, str] = {}  # key -> the text that ran (after substitutions)
 
 def test_every_bash_block_is_run_or_illustrative():
     problems, keys = [], []
-    for b in readme_blocks():
+    for b in doc_blocks():
         if b.kind is None:
             problems.append(f"{b}: no test runs it and it is not marked; put `<!-- readme-test: KEY -->` (and a "
                             f"runner in tests/test_readme.py) or `<!-- illustrative: REASON -->` right above it")
@@ -126,14 +136,14 @@ def test_every_bash_block_is_run_or_illustrative():
         elif b.kind == "readme-test" and b.arg.endswith(".py"):  # run by another test module
             other = ROOT / b.arg
             if not other.is_file() or "README" not in other.read_text():
-                problems.append(f"{b}: {b.arg} does not exist or does not read the README")
+                problems.append(f"{b}: {b.arg} does not exist or does not read the docs")
         elif b.kind == "readme-test":
             if b.arg not in RUNS:
                 problems.append(f"{b}: readme-test key {b.arg!r} has no runner; known: {sorted(RUNS)}")
             keys.append(b.arg)
     for key in RUNS:
         if keys.count(key) != 1:
-            problems.append(f"runner {key!r} is used by {keys.count(key)} README blocks (must be exactly 1)")
+            problems.append(f"runner {key!r} is used by {keys.count(key)} doc blocks (must be exactly 1)")
     assert not problems, "\n".join(problems)
 
 
@@ -159,7 +169,7 @@ class Workspace:
         res = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=self.path, env=self.env,
                              capture_output=True, text=True, timeout=TIMEOUT)
         if res.returncode != 0:
-            raise AssertionError(f"README command failed (exit {res.returncode}) in {self.path}:\n  {cmd}\n"
+            raise AssertionError(f"doc command failed (exit {res.returncode}) in {self.path}:\n  {cmd}\n"
                                  f"stdout tail:\n{res.stdout[-2000:]}\nstderr tail:\n{res.stderr[-4000:]}")
         self.done.add(cmd)
         self.outputs[cmd] = res.stdout
@@ -179,7 +189,7 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def block_runner(workspace, tmp_path_factory):
-    blocks = {b.arg: b for b in readme_blocks() if b.kind == "readme-test"}
+    blocks = {b.arg: b for b in doc_blocks() if b.kind == "readme-test"}
     ran: dict[str, list[str]] = {}
     values: dict[str, str] = {}
 
@@ -196,7 +206,7 @@ def block_runner(workspace, tmp_path_factory):
         if key in ran:
             return ran[key]
         if key in failed:
-            raise AssertionError(f"depends on the README block [readme-test: {key}], which failed")
+            raise AssertionError(f"depends on the doc block [readme-test: {key}], which failed")
         try:
             return _run(key)
         except BaseException:
@@ -205,7 +215,7 @@ def block_runner(workspace, tmp_path_factory):
 
     def _run(key: str) -> list[str]:
         if key not in blocks:
-            pytest.fail(f"no README block is marked `<!-- readme-test: {key} -->`")
+            pytest.fail(f"no block in README.md or docs/ is marked `<!-- readme-test: {key} -->`")
         spec = RUNS[key]
         for need in spec.get("needs", []):
             if need == "hf_dir":
@@ -216,7 +226,7 @@ def block_runner(workspace, tmp_path_factory):
         for old, new in spec["subs"]:
             if old not in text:
                 pytest.fail(f"{blocks[key]} [readme-test: {key}]: the substitution {old!r} no longer matches the "
-                            f"README text; update RUNS[{key!r}] in tests/test_readme.py")
+                            f"block's text; update RUNS[{key!r}] in tests/test_readme.py")
             text = text.replace(old, new.replace("{hf_dir}", values.get("hf_dir", "{hf_dir}")))
         if spec.get("synopsis"):
             text = first_alternatives(text)
@@ -272,10 +282,10 @@ def check_outputs(key: str, outputs: list[str], ws: Path) -> None:
 
 @pytest.mark.slow
 def test_readme_blocks_run(block_runner, workspace):
-    """Every `readme-test` block, in README order, in one test (so one xdist worker shares the scratch
+    """Every `readme-test` block, in README then docs/ order, in one test (so one xdist worker shares the scratch
     directory and the trained demo checkpoint). Every failing block is reported, by line and key."""
     failures = []
-    for block in readme_blocks():
+    for block in doc_blocks():
         if block.kind != "readme-test" or block.arg not in RUNS:
             continue  # reported by test_every_bash_block_is_run_or_illustrative
         try:
@@ -289,3 +299,41 @@ def test_commands_are_split_as_bash_would():
     block = "emoqwen-x --a 1 \\\n    --b '(\"s\",)'   # trailing comment\n"
     (cmd,) = commands(block)
     assert shlex.split(cmd, comments=True) == ["emoqwen-x", "--a", "1", "--b", '("s",)']
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for a Markdown file's headings: lower case, punctuation but '-' and '_' dropped, spaces
+    to '-'; fenced code is skipped."""
+    anchors, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_relative_links_in_the_docs_resolve():
+    """Every relative link of README.md, CONTRIBUTING.md, bench/RESULTS.md and docs/*.md names a file of the
+    repository, and its #anchor a heading of that file (pages in PLANNED may be linked before they exist)."""
+    problems = []
+    for page in [*DOC_FILES, ROOT / "CONTRIBUTING.md", ROOT / "bench" / "RESULTS.md"]:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            file_part, _, anchor = target.partition("#")
+            dest = (page.parent / file_part).resolve() if file_part else page
+            if not dest.exists():
+                if dest.relative_to(ROOT).as_posix() not in PLANNED:
+                    problems.append(f"{page.relative_to(ROOT)}: link to {target}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in heading_anchors(dest):
+                problems.append(f"{page.relative_to(ROOT)}: link to {target}: no heading with that anchor")
+    assert not problems, "\n".join(problems)
+
+
+# docs/ pages that are written alongside the code they describe, linked from the README's table already.
+PLANNED = {"docs/serving.md", "docs/engine.md", "docs/rl.md", "docs/training_math.md"}
