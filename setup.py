@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-# Pinned to the set that installs together on CPU/TPU/GPU hosts (see ../shared/REFERENCE.md §5).
+# Pinned to the set that installs together on CPU/TPU/GPU hosts (docs/design.md, Dependency pins that install together).
 # torch is NOT a runtime dependency: it is only the test oracle (installed by .ci/run with its own pin).
 INSTALL_REQUIRES = [
     "jax==0.10.2",

@@ -73,7 +73,7 @@ def main() -> None:
 
     from absl import flags
 
-    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (REFERENCE §5)
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (docs/design.md, grain workers and absl flags)
     from emoqwen_jax.data import defaults, load_tokenizer
 
     cfg = defaults.data_config()

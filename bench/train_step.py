@@ -12,7 +12,7 @@ the architecture HF has: that row gives the ratio) and with the paper's 2 expert
 M-RoPE position ids (computed once on the host, outside the timing), and its default attention (sdpa).
 
 Timing: JAX and torch each run in their OWN process, one after the other (torch's OpenMP threads keep spinning
-after a step and slow a JAX step in the same process; REFERENCE §6), each with the malloc settings of
+after a step and slow a JAX step in the same process; docs/design.md, Timing torch and JAX: one process each), each with the malloc settings of
 ``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``; ``--warmup`` steps, then ``--runs``
 timed steps, medians; within a process the rows (expert counts, --packed) take turns step by step.
 ``--rounds N`` repeats the pair of processes N times (JAX, torch, JAX, torch, ...): each round's ratio compares

@@ -15,7 +15,7 @@ Presets (the part after the colon):
 Override any field with ``--config.a.b=value``.
 
 LoRA: every stage has ``stages.<name>.lora`` (``enabled`` False by default). ``stages.stage3_lora`` is the
-released LoRA recipe (REFERENCE §1: rank 64, alpha 64, dropout 0.05 on the LLM's q/k/v/o projections, lr 1e-4,
+released LoRA recipe (docs/design.md: rank 64, alpha 64, dropout 0.05 on the LLM's q/k/v/o projections, lr 1e-4,
 AdamW b2 0.95, weight decay 0.1, cosine, 1% warmup) on stage 3's data. It is not in ``run_stages`` by default:
   emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=runs/lora \
       --config.init_from=/ckpt/emoqwen-7b --config.run_stages='("stage3_lora",)'
@@ -78,7 +78,7 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def audio_config(preset: str) -> ml_collections.ConfigDict:
-    """``config.model.audio``: Qwen2-Audio's encoder and its projector (README, Audio)."""
+    """``config.model.audio``: Qwen2-Audio's encoder and its projector (docs/audio.md)."""
     # Sizes from emoqwen_jax/sizes.py (HF Qwen2AudioEncoderConfig names): num_mel_bins (log-mel bins), d_model
     # (encoder width), encoder_layers, encoder_attention_heads, encoder_ffn_dim (GELU MLP width),
     # max_source_positions (positions after the stride-2 conv: 2 * 1500 = 3000 mel frames = 30 s windows).
@@ -163,7 +163,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.data.audio.interleave_seconds = audio.get_ref("interleave_seconds")
     # Data shards per global batch: 0 = one per process, -1 = one per batch device (data x fsdp x expert), N.
     # Fixes the data order. With a multiple of the batch devices the ViT's attention and window permutation run on
-    # each device's own patches (no all-gather of the patch axis; README, Long context).
+    # each device's own patches (no all-gather of the patch axis; docs/long_context.md).
     config.data.num_shards = 0
     # Sequence packing (--config.data.packing=True): several samples per row up to the length bucket, attention
     # only within a sample (segment ids), M-RoPE positions restarting per sample, labels unchanged; off by default.
@@ -196,7 +196,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if preset == "7b":
         config.data.length_buckets = (2048, 4096, 8192, 16384)
         config.data.patch_buckets = (4096, 16384, 65536)
-        # The layout `emoqwen-plan` fits (README, Long context): tensor parallelism over 4 devices, FSDP over the
+        # The layout `emoqwen-plan` fits (docs/long_context.md): tensor parallelism over 4 devices, FSDP over the
         # rest; attention 'auto' is blockwise/splash/cudnn at these lengths, so frames keep Qwen2.5-VL's own
         # budget (768*28*28 px) and the loss is chunked.
         config.mesh.update(data=1, fsdp=-1, tensor=4)
@@ -221,7 +221,7 @@ LLM_ATTENTION = (r"^language_model/layers/\d+/self_attn/(q_proj|k_proj|v_proj|o_
 
 
 def lora_config(enabled: bool = False) -> ml_collections.ConfigDict:
-    """Adapter settings of a stage; defaults are the released recipe's (REFERENCE §1)."""
+    """Adapter settings of a stage; defaults are the released recipe's (docs/design.md, The released fine-tuning recipe and its LoRA)."""
     lora = ml_collections.ConfigDict()
     lora.enabled = enabled  # swap LoRA adapters into the targets; base weights stay frozen unless `trainable`
     lora.rank = 64
@@ -234,7 +234,7 @@ def lora_config(enabled: bool = False) -> ml_collections.ConfigDict:
 def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     """One stage: data mixture, what trains (the rest is frozen), optimiser, schedule and length.
 
-    Following the paper as far as it is published (REFERENCE §1; the freeze sets are our inference):
+    Following the paper as far as it is published (docs/design.md, The three training stages; the freeze sets are our inference):
       stage1_align    general alignment on image-text data: compressor + gate train (ViT and LLM frozen)
       stage2_emotion  emotion pretraining: emotion expert(s) + gate train, general expert frozen (any E; in
                       scale mode every routed expert + the router)
@@ -266,7 +266,7 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     s.batch_size = {"stage1_align": 256, "stage2_emotion": 128, "stage3_video": 64}[name]  # global, per micro-step
     s.max_length = 16384 if name == "stage3_video" else 2048  # longer samples are rejected, never truncated
     # Benchmarks run on the stage's final weights ('' = none): "suite.json:general" or a JSON list of specs
-    # such as '[{"benchmark": "pope", "root": "/data/POPE", "limit": 200}]' (see README, General evaluation).
+    # such as '[{"benchmark": "pope", "root": "/data/POPE", "limit": 200}]' (see docs/evaluation.md).
     s.eval_suite = ""
     s.lora = lora_config(enabled=lora)
     # With config.model.audio.enabled, the audio projector trains too (stage 3, and the audio alignment stage).

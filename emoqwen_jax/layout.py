@@ -125,7 +125,7 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, se
     Text tokens share one position on all three axes; vision tokens get
     t = floor(frame_group * second_per_grid_t * tokens_per_second) (0 for images), h and w on the merged grid,
     all offset by the running position; text after a vision block resumes at the block's maximum + 1.
-    (transformers >= 5.3 resumes at start + max(h, w) / merge instead; see REFERENCE §2.)
+    (transformers >= 5.3 resumes at start + max(h, w) / merge instead; see docs/design.md, The M-RoPE position rule.)
 
     ``segment_ids`` int[B, L] (packed rows: 1, 2, ... per sample, 0 padding): each sample's positions are
     computed as if it were alone in its row (they restart at 0), then laid side by side. The grids are in row

@@ -2,7 +2,7 @@
 
 XLA:CPU allocates one large scratch buffer per executable run (1.77 GB for the ``small`` bench step). With
 glibc's defaults such a buffer is served by ``mmap`` and returned to the OS on ``free``, so every step maps and
-page-faults it in again (~460k faults, about 1 s per ``small`` step; REFERENCE §6). ``tune_malloc()`` turns that
+page-faults it in again (~460k faults, about 1 s per ``small`` step; docs/design.md, glibc malloc and XLA:CPU's per-step scratch buffer). ``tune_malloc()`` turns that
 off for this process with ``mallopt`` (one arena, no mmap-served blocks, no trimming), which has the same effect
 as starting Python with
 

@@ -11,7 +11,7 @@ IMAGE, VIDEO, VSTART, VEND = 500, 501, 502, 503
 
 # Several small configs with distinct (often prime-ish) sizes so a transposed axis cannot hide.
 CONFIGS = {
-    # The REFERENCE tiny config: window 56 px = 2 merged units, full attention in block 1.
+    # The tiny config of docs/design.md: window 56 px = 2 merged units, full attention in block 1.
     "base": dict(
         text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, mrope_section=[2, 3, 3]),

@@ -1,4 +1,4 @@
-"""Every public ``dtype`` argument takes the JAX/numpy spellings as well as the names (issue 18).
+"""Every public ``dtype`` argument takes the JAX/numpy spellings as well as the names.
 
 ``from_hf(path, dtype=jnp.float32)`` used to raise; configs keep the canonical name so they stay JSON.
 """

@@ -1,4 +1,4 @@
-"""The import direction between packages (issue 17, item 6), read from the source with ``ast`` (nothing runs).
+"""The import direction between packages , read from the source with ``ast`` (nothing runs).
 
   * ``model`` imports nothing from data, train, eval, convert, infer or cli;
   * ``data`` imports nothing from model, train, eval, convert, infer or cli;

@@ -7,7 +7,7 @@ r"""emoqwen-describe: ask a checkpoint about one clip (and/or image) and print i
   emoqwen-describe --ckpt C --audio voice.wav --prompt "How does the speaker feel?"
 
 With a checkpoint that has an audio encoder (``model.audio.enabled``), a video's own audio track goes into the
-prompt after its frames (README, Audio); ``--audio`` adds an audio-only file (wav, flac, mp3…).
+prompt after its frames (docs/audio.md); ``--audio`` adds an audio-only file (wav, flac, mp3…).
 
 Defaults: the emotion-reasoning prompt (``emoqwen_jax.eval.emotion.emer.REASONING_PROMPT``), greedy decoding, and
 the tokenizer/processor settings stored with the checkpoint (``config.json`` ``meta.data``; the data

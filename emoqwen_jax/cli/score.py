@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", required=True, help="the benchmark's label CSV")
     parser.add_argument("--classes", default="",
                         help="comma-separated class names in the label file's id order, when it differs from the "
-                             "benchmark's standard order (see README)")
+                             "benchmark's standard order (see docs/evaluation.md)")
     parser.add_argument("--text_column", default="",
                         help="EMER: the reference-description column (default: the first of english, "
                              "description, reason)")

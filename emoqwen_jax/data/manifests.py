@@ -33,7 +33,7 @@ from emoqwen_jax import storage
 from emoqwen_jax.data.audio import AUDIO_EXTENSIONS
 from emoqwen_jax.data.reasons import Rejected, rejection
 
-# Class lists in the benchmarks' id order (REFERENCE §4); label ids in the CSVs are 1-based.
+# Class lists in the benchmarks' id order (docs/design.md, Benchmark label sets); label ids in the CSVs are 1-based.
 BENCHMARK_CLASSES = {
     "dfew": ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear"),
     "mafw": ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",

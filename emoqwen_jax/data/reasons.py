@@ -13,7 +13,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Every reason the data code can give; the README lists them with their causes.
+# Every reason the data code can give; docs/data.md and docs/audio.md list them with their causes.
 REASONS = {
     "missing_file": "the media file does not exist under the data root",
     "path_escapes_root": "the media path resolves outside the data root (absolute path, '..', symlink)",

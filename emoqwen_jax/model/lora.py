@@ -33,7 +33,7 @@ from emoqwen_jax.model.layers import Linear, matmul
 
 Array = jax.Array
 
-# The LLM's attention projections, as the released LoRA recipe (REFERENCE §1).
+# The LLM's attention projections, as the released LoRA recipe (docs/design.md, The released fine-tuning recipe and its LoRA).
 DEFAULT_TARGETS = (r"^language_model/layers/\d+/self_attn/(q_proj|k_proj|v_proj|o_proj)$",)
 # Optimiser-view paths of the adapter leaves (what a LoRA stage adds to its trainable regexes).
 ADAPTER_PATTERN = r"/lora_[ab]$"

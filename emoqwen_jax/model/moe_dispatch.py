@@ -13,7 +13,7 @@ Mesh axis names come from the active sharding rules: the logical name ``expert``
 * ``ragged``: each device sorts its assignments by expert and sends each expert's rows to its device, which
   sorts the received rows by local expert, runs ``ragged_dot`` and sends the rows back. The receive buffer has
   one block of T' * k rows per source device, of which the first n are real. On CPU a padded ``all_to_all``
-  fills it (XLA:CPU has no ``ragged_all_to_all``, REFERENCE §6); on GPU/TPU ``ragged_all_to_all`` writes only
+  fills it (XLA:CPU has no ``ragged_all_to_all``; docs/design.md, XLA:CPU traps); on GPU/TPU ``ragged_all_to_all`` writes only
   the real rows into the same layout (less traffic; the same ep x rows of buffer memory). The CPU tests cover
   the padded exchange; the ragged one has not run on hardware here.
 """
@@ -41,7 +41,7 @@ def mesh_axes(logical: str) -> tuple[str, ...]:
 
 
 def _has_ragged_all_to_all() -> bool:
-    """XLA implements ragged_all_to_all on GPU and TPU, not on CPU (REFERENCE §6)."""
+    """XLA implements ragged_all_to_all on GPU and TPU, not on CPU (docs/design.md, XLA:CPU traps)."""
     return jax.default_backend() in ("gpu", "tpu")
 
 

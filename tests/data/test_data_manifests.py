@@ -83,7 +83,7 @@ def test_processor_turns_good_records_into_consistent_samples(clip_dir, tmp_path
     np.testing.assert_array_equal(v["attention_mask"], np.ones_like(v["input_ids"]))
 
 
-BAD_CASES = {  # sample id → (manifest entry or raw line, reason); every case of issue 4.
+BAD_CASES = {  # sample id → (manifest entry or raw line, reason); every case the manifest reader must reject.
     "truncated": (conv("video", "truncated.mp4"), "corrupt_video"),
     "truncated_fast": (conv("video", "truncated_faststart.mp4"), "corrupt_video"),
     "empty_file": (conv("video", "empty.mp4"), "corrupt_video"),

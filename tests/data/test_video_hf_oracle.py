@@ -1,4 +1,4 @@
-"""Distinct-frame video patches against Hugging Face itself (issue 18: the other video tests compare with a
+"""Distinct-frame video patches against Hugging Face itself (the other video tests compare with a
 patchify written in the test).
 
 HF's video processor needs torchvision, which cannot be installed beside our torch pin, so two HF oracles

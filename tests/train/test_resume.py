@@ -1,4 +1,4 @@
-"""Resume after SIGKILL and after SIGTERM, checked so that neither test can pass by accident (issue 18).
+"""Resume after SIGKILL and after SIGTERM, checked so that neither test can pass by accident.
 
 * The run is frozen (SIGSTOP) as soon as it logs a given step of a stage; the last step it logged is then read,
   so the test knows, rather than hopes, that the kill lands after that step and before the stage ends.

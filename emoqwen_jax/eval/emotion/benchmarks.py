@@ -56,7 +56,7 @@ BENCHMARKS = {
 }
 
 # Standard generation settings for every model on the classification benchmarks: greedy decoding, frames
-# at 3 fps (the qwen-vl-utils eval rate, REFERENCE §1) and the default per-frame pixel budget of
+# at 3 fps (the qwen-vl-utils eval rate, docs/design.md, Video sampling) and the default per-frame pixel budget of
 # ``emoqwen_jax.data.defaults`` — never the checkpoint's own training settings, so models compare fairly.
 # The prompt-length cap is lifted: a training cap (e.g. 2048) would reject long clips, which would then
 # count as invalid answers for reasons that have nothing to do with the model.
