@@ -6,7 +6,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from flax import nnx
+
+from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.train import flops
+from emoqwen_jax.train.plan import patch_all_gathers, video_batch_shapes
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import emotion_qwen  # noqa: E402
+
+TINY = ModelConfig.from_run_config(emotion_qwen.get_config("tiny"))
+
+
+def video_batch(mc: ModelConfig, *, rows: int, frames: int, size: int, length: int):
+    """Host ``ModelInputs`` of ``rows`` conversations of ``length`` real tokens (no padding), each with one video
+    of ``frames`` frames of ``size``² pixels (random pixels and words)."""
+    rng = np.random.default_rng(0)
+    grid = (frames // mc.vision.temporal_patch_size, size // mc.vision.patch_size, size // mc.vision.patch_size)
+    video = [mc.vision_start_token_id, *[mc.video_token_id] * (int(np.prod(grid)) // mc.vision.merge_unit),
+             mc.vision_end_token_id]
+    ids = np.array([[*rng.integers(0, 900, 5), *video, *rng.integers(0, 900, length - 5 - len(video))]
+                    for _ in range(rows)], np.int32)
+    pixels = rng.standard_normal((rows * int(np.prod(grid)), mc.vision.patch_dim)).astype(np.float32)
+    model = nnx.eval_shape(lambda: EmotionQwen(mc, rngs=nnx.Rngs(0)))
+    return model.prepare_inputs(ids, np.ones_like(ids), pixel_values_videos=pixels, video_grid_thw=np.array([grid] * rows),
+                                second_per_grid_ts=[1.0] * rows)
 
 
 def test_plan_tiny_four_devices():
@@ -21,8 +47,13 @@ def test_plan_tiny_four_devices():
     assert report["num_devices"] == 4 and report["global_batch"] == 4  # 1 per batch-sharding device (data 2 x fsdp 2)
     assert report["per_device_bytes"] == (report["argument_bytes"] + report["output_bytes"] + report["temp_bytes"]
                                           - report["alias_bytes"]) > 0
-    assert report["flops_per_step"] > 0 and report["xla_flops_per_device"] > 0
+    assert report["xla_flops_per_device"] > 0
     assert any(line.startswith("headroom of 1 GB") for line in lines)
+    # The plan's FLOPs from counts alone equal those of a real batch of that shape (4 rows of 512 real tokens,
+    # each with one 4-frame 112-px video), counted from its layout by flops.batch_train_flops (which
+    # tests/train/test_flops.py checks against XLA's count).
+    want = flops.batch_train_flops(TINY, video_batch(TINY, rows=4, frames=4, size=112, length=report["length"]))
+    assert abs(report["flops_per_step"] - want) <= 1e-9 * want, (report["flops_per_step"], want)
 
 
 def test_plan_with_an_audio_track():
@@ -39,12 +70,6 @@ def test_plan_with_an_audio_track():
 
 
 def test_audio_batch_shapes():
-    from emoqwen_jax.model import ModelConfig
-    from emoqwen_jax.train.plan import video_batch_shapes
-
-    sys.path.insert(0, str(ROOT / "configs"))
-    import emotion_qwen
-
     c = emotion_qwen.get_config("7b")
     c.model.audio.enabled = True
     shapes = video_batch_shapes(ModelConfig.from_run_config(c), 2, 16, 448, audio_seconds=30)
@@ -82,3 +107,21 @@ def test_plan_counts_patch_gathers_and_keeps_the_vit_local():
         reports[shards] = json.loads(out.stdout.strip().splitlines()[-1])
     assert reports[-1]["data_shards"] == 4 and reports[-1]["vision_local"] and reports[-1]["patch_all_gathers"] == 0
     assert reports[0]["data_shards"] == 1 and not reports[0]["vision_local"] and reports[0]["patch_all_gathers"] > 0
+
+
+def test_patch_all_gathers_counts_async_and_tuple_shaped_gathers():
+    """Gathers of vision activations (float, a dimension of the global patch or merge-unit count) however XLA
+    writes them: synchronous, asynchronous (``all-gather-start``, whose result tuple holds operand and result)
+    and tuple-shaped (several operands gathered at once); not int32 index gathers, other sizes, the ``-done``
+    half or an instruction that only reads a gather."""
+    hlo = "\n".join([
+        "  %all-gather.1 = f32[512,32]{1,0} all-gather(f32[128,32]{1,0} %p), channel_id=1, dimensions={0}",
+        "  %ags = (bf16[32,16]{1,0}, bf16[128,16]{1,0}) all-gather-start(bf16[32,16]{1,0} %u), dimensions={0}",
+        "  %agd = bf16[128,16]{1,0} all-gather-done((bf16[32,16]{1,0}, bf16[128,16]{1,0}) %ags)",
+        "  all-gather.3 = (f32[2,512]{1,0}, f32[512]{0}) all-gather(f32[2,128]{1,0} %a, f32[128]{0} %b), dimensions={1,0}",
+        "  %all-gather.4 = s32[512]{0} all-gather(s32[128]{0} %index), dimensions={0}",
+        "  %all-gather.5 = f32[64,32]{1,0} all-gather(f32[16,32]{1,0} %w), dimensions={0}",
+        "  %fusion = f32[512,32]{1,0} fusion(f32[512,32]{1,0} %all-gather.1), kind=kLoop",
+    ])
+    assert patch_all_gathers(hlo, 512, 128) == 3
+    assert patch_all_gathers(hlo, 0, 0) == 0  # no vision input

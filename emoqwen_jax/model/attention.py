@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 AUTO_BLOCKWISE_MIN = 2048  # keys; below it dense logits are small and XLA's fused dense path is faster on CPU
 DEFAULT_BLOCK = 512
-CAUSAL_QUERY_BLOCK = 128  # xla path: causal query blocks (skips ~half the logits of a row; docs/design.md, Causal query blocks in the `xla` attention path)
+SPLASH_BLOCK = 128  # splash's default tile (BlockSizes.get_default): sequence lengths are padded to it
+# xla path: causal query blocks (skips ~half the logits of a row; docs/design.md, Causal query blocks in the
+# `xla` attention path)
+CAUSAL_QUERY_BLOCK = 128
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked logit: finite, so exp(_NEG - m) is 0, never NaN
 _QPAD = int(jnp.iinfo(jnp.int32).min)  # ids of alignment padding: queries and keys differ, so they never meet
 _KPAD = _QPAD + 1
@@ -413,15 +416,25 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ---- accelerator kernels -----------------------------------------------------------------------------------------
-def _splash(q, k, v, qseg, kseg, causal, scale):
-    """TPU splash attention, one kernel per KV head over its G query heads (MQA form), vmapped over B and K."""
+def _splash(q, k, v, qseg, kseg, causal, scale, interpret=False):
+    """TPU splash attention, one kernel per KV head over its G query heads (MQA form), vmapped over B and K.
+
+    The kernel tiles both sequences in blocks of ``SPLASH_BLOCK`` and refuses other lengths, so queries and keys
+    are padded to a multiple of it; the padding shares one id no real token has (padding queries see padding
+    keys only, never an empty row) and is cut off the output. ``interpret``: run the kernel in Pallas'
+    interpreter (any backend; for tests)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # noqa: PLC0415
 
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
-    head_mask = sa.CausalMask((t, s)) if causal else sa.FullMask((t, s))
-    kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([head_mask] * g))
+    tp, sp = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK, -(-s // SPLASH_BLOCK) * SPLASH_BLOCK
+    widen = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1])) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    q, k, v = widen(q, tp), widen(k, sp), widen(v, sp)
+    qseg = jnp.pad(qseg, ((0, 0), (0, tp - t)), constant_values=_QPAD)
+    kseg = jnp.pad(kseg, ((0, 0), (0, sp - s)), constant_values=_QPAD)
+    head_mask = sa.CausalMask((tp, sp)) if causal else sa.FullMask((tp, sp))
+    kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([head_mask] * g), interpret=interpret)
     qg = _grouped(q * jnp.asarray(scale, q.dtype), kh)  # [B, K, G, T, H]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
 
@@ -430,7 +443,7 @@ def _splash(q, k, v, qseg, kseg, causal, scale):
 
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
     out = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0))(qg, kt, vt, qseg, kseg)
-    return _ungrouped(out).astype(q.dtype)
+    return _ungrouped(out)[:, :t].astype(q.dtype)
 
 
 def _cudnn(q, k, v, qseg, kseg, causal, scale):

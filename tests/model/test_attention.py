@@ -1,6 +1,8 @@
-"""``emoqwen_jax.model.attention``: every CPU implementation equals dense masked attention (values and
-gradients, float32, 1e-5) with segments, padding, causality, GQA and a KV-cache offset; the ViT attends within
-frames of any size; the choice is validated."""
+"""``emoqwen_jax.model.attention``: every implementation that runs on CPU (xla, blockwise, splash in Pallas'
+interpreter, and cudnn's mask translation) gives the values and the gradients of an independent float64 numpy
+reference written from the attention formula, with segments, padding, causality, GQA, a KV-cache offset and
+the ViT's bands; the ViT attends within frames of any size; splash lowers ahead of time for TPU; the choice is
+validated."""
 
 import jax
 import jax.numpy as jnp
@@ -10,28 +12,44 @@ from flax import nnx
 
 from emoqwen_jax import layout
 from emoqwen_jax.model import ModelConfig
+from emoqwen_jax.model import attention as attention_lib
 from emoqwen_jax.model.attention import attention, resolve
 from emoqwen_jax.model.config import VisionConfig
 from emoqwen_jax.model.vision import VisionTransformer, _period
 
-TOL = 1e-5
+TOL = 1e-5  # max|got - want| <= TOL * max|want| (float32 against float64)
 
 
-def _reference(q, k, v, qseg, kseg, causal, offset, scale):
-    """Plain float64 numpy attention (the definition in the module docstring)."""
+def _reference(q, k, v, qseg, kseg, causal, offset, scale, dout=None):
+    """Float64 numpy attention from its definition (the module docstring): softmax(scale · q kᵀ) over the keys
+    of the query's segment (and, when ``causal``, at positions <= the query's + ``offset``), times v; a query
+    with no visible key gives 0. With ``dout`` (the gradient of the output) also returns (dq, dk, dv), from
+    the softmax's derivative: dP = dO vᵀ, dS = P ⊙ (dP − Σ_s dP ⊙ P), dq = scale · dS k, dk = scale · dSᵀ q,
+    dv = Pᵀ dO, each KV head summing over its G query heads."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    k, v = np.repeat(k, n // kh, axis=2), np.repeat(v, n // kh, axis=2)
-    logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    g = n // kh
+    ke, ve = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)  # query head i reads KV head i // G
+    logits = np.einsum("btnh,bsnh->bnts", q, ke) * scale
     mask = np.asarray(qseg)[:, :, None] == np.asarray(kseg)[:, None, :]
     if causal:
         mask &= np.arange(s)[None, None, :] <= (np.arange(t) + offset)[None, :, None]
-    logits = np.where(mask[:, None], logits, -np.inf)
+    mask = mask[:, None]
+    logits = np.where(mask, logits, -np.inf)
     m = np.max(logits, axis=-1, keepdims=True)
-    p = np.where(mask[:, None], np.exp(logits - np.where(np.isfinite(m), m, 0)), 0.0)
+    p = np.where(mask, np.exp(logits - np.where(np.isfinite(m), m, 0)), 0.0)
     p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
-    return np.einsum("bnts,bsnh->btnh", p, v)
+    out = np.einsum("bnts,bsnh->btnh", p, ve)
+    if dout is None:
+        return out
+    do = np.asarray(dout, np.float64)
+    dp = np.einsum("btnh,bsnh->bnts", do, ve)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = np.einsum("bnts,bsnh->btnh", ds, ke) * scale
+    dk = (np.einsum("bnts,btnh->bsnh", ds, q) * scale).reshape(b, s, kh, g, h).sum(3)
+    dv = np.einsum("bnts,btnh->bsnh", p, do).reshape(b, s, kh, g, h).sum(3)
+    return out, (dq, dk, dv)
 
 
 def _rel(a, b):
@@ -43,52 +61,130 @@ def _qkv(b, t, s, n, kh, h, seed=0):
     return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h))]
 
 
+def _assert_values_and_gradients(run, q, k, v, qseg, kseg, causal, offset, scale, seed=1):
+    """``run(q, k, v)`` and the gradients of Σ run(q, k, v) · w (w random) equal the float64 reference."""
+    w = np.random.default_rng(seed).standard_normal(q.shape).astype(np.float32)
+    want, want_grads = _reference(q, k, v, qseg, kseg, causal, offset, scale, dout=w)
+    assert _rel(jax.jit(run)(q, k, v), want) <= TOL
+    grads = jax.jit(jax.grad(lambda *x: jnp.sum(run(*x).astype(jnp.float32) * w), argnums=(0, 1, 2)))(q, k, v)
+    for name, got, ref in zip("qkv", grads, want_grads):
+        assert np.isfinite(np.asarray(got)).all(), name
+        assert _rel(got, ref) <= TOL, (name, _rel(got, ref))
+
+
 # Row 0: two samples then padding (a packed decoder row); row 1: one sample and a long padding tail.
 SEGMENTS = np.array([[1] * 9 + [2] * 21 + [0] * 7, [5] * 25 + [0] * 12])
+# The same over 300 positions: the xla path's causal query blocks (128, 128, 44) cut through the segments.
+LONG_SEGMENTS = np.array([[1] * 100 + [2] * 150 + [0] * 50, [5] * 170 + [0] * 130])
 
 
-@pytest.mark.parametrize("impl,causal,block", [("xla", True, 0), ("xla", False, 0), ("blockwise", True, 8),
-                                               ("blockwise", False, 16), ("blockwise", True, 512)])
-def test_values_and_gradients_equal_reference(impl, causal, block):
-    q, k, v = _qkv(2, 37, 37, 6, 2, 8)  # GQA: 3 query heads per KV head; 37 positions: blocks do not divide
-    seg = jnp.asarray(SEGMENTS)
+@pytest.mark.parametrize("impl,causal,block,segments", [
+    ("xla", True, 0, SEGMENTS), ("xla", False, 0, SEGMENTS), ("blockwise", True, 8, SEGMENTS),
+    ("blockwise", False, 16, SEGMENTS), ("blockwise", True, 512, SEGMENTS),
+    ("xla", True, 0, LONG_SEGMENTS), ("xla", False, 0, LONG_SEGMENTS), ("blockwise", True, 64, LONG_SEGMENTS)])
+def test_values_and_gradients_equal_reference(impl, causal, block, segments):
+    t = segments.shape[1]  # 37 positions (no block divides it) or 300 (> CAUSAL_QUERY_BLOCK keys)
+    q, k, v = _qkv(2, t, t, 6, 2, 8)  # GQA: 3 query heads per KV head
+    seg = jnp.asarray(segments)
     run = lambda q, k, v: attention(q, k, v, scale=0.35, q_segment_ids=seg, kv_segment_ids=seg, causal=causal,  # noqa: E731
                                     implementation=impl, block_size=block)
-    ref = _reference(q, k, v, SEGMENTS, SEGMENTS, causal, 0, 0.35)
-    assert _rel(run(q, k, v), ref) <= TOL
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
-    dense = lambda q, k, v: attention(q, k, v, scale=0.35, q_segment_ids=seg, kv_segment_ids=seg,  # noqa: E731
-                                      causal=causal, implementation="xla", block_size=4096)
-    got = jax.grad(lambda *x: jnp.sum(run(*x) * w), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *x: jnp.sum(dense(*x) * w), argnums=(0, 1, 2))(q, k, v)
-    for g, r in zip(got, want):
-        assert _rel(g, r) <= TOL
+    _assert_values_and_gradients(run, q, k, v, segments, segments, causal, 0, 0.35)
+
+
+def test_xla_causal_query_blocks_are_taken_for_long_rows():
+    """The long rows above run the xla path's causal query blocks (3 blocks of at most 128 queries), so the
+    reference comparison covers them: the lowered program has each block's logits against the keys up to its end
+    (float32[B, K, G, queries, keys]), never the full 300 x 300."""
+    q, k, v = _qkv(1, 300, 300, 2, 2, 8)
+    fn = jax.jit(lambda q, k, v: attention(q, k, v, scale=0.35, causal=True, implementation="xla"))
+    text = fn.lower(q, k, v).as_text()
+    assert attention_lib.CAUSAL_QUERY_BLOCK == 128
+    assert all(f"tensor<1x2x1x{shape}xf32>" in text for shape in ("128x128", "128x256", "44x300"))
+    assert "x300x300x" not in text
 
 
 @pytest.mark.parametrize("impl", ["xla", "blockwise"])
 def test_kv_cache_offset(impl):
-    """T new queries written at slot `offset` of an S-slot cache (left padding 0, unwritten slots hidden)."""
+    """T new queries written at slot `offset` of an S-slot cache (left padding 0, unwritten slots hidden):
+    values and gradients (the blockwise custom VJP takes the offset too)."""
     q, k, v = _qkv(2, 3, 20, 4, 2, 8, seed=2)
     qseg = np.ones((2, 3), np.int32)
     kseg = np.ones((2, 20), np.int32)
     kseg[1, :4] = 0  # row 1: 4 left-padding slots
     kseg[:, 14:] = 0  # slots after the new tokens are not valid yet
-    got = attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(qseg), kv_segment_ids=jnp.asarray(kseg),
-                    causal=True, q_offset=jnp.int32(11), implementation=impl, block_size=8)
-    assert _rel(got, _reference(q, k, v, qseg, kseg, True, 11, 0.3)) <= TOL
+    run = lambda q, k, v: attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(qseg),  # noqa: E731
+                                    kv_segment_ids=jnp.asarray(kseg), causal=True, q_offset=jnp.int32(11),
+                                    implementation=impl, block_size=8)
+    _assert_values_and_gradients(run, q, k, v, qseg, kseg, True, 11, 0.3)
 
 
-def test_band_paths_equal_reference():
+@pytest.mark.parametrize("impl,block", [("xla", 16), ("blockwise", 16), ("blockwise", 8)])
+def test_band_paths_equal_reference(impl, block):
     """Segments of at most `band` contiguous positions (the ViT's windows): the 3-block xla path and the
-    banded blockwise path equal dense attention, padding (-1) included."""
+    banded blockwise path give dense attention's values and gradients, padding (-1) included."""
     seg = np.concatenate([np.repeat(np.arange(7), [5, 13, 3, 13, 9, 1, 12]), -np.ones(11, int)])[None]
     q, k, v = _qkv(1, seg.shape[1], seg.shape[1], 3, 3, 8, seed=3)
-    ref = _reference(q, k, v, seg, seg, False, 0, 0.3)
-    real = seg[0] >= 0
-    for impl, block in (("xla", 16), ("blockwise", 16), ("blockwise", 8)):
-        got = attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg),
-                        implementation=impl, block_size=block, band=13)
-        assert _rel(np.asarray(got)[0, real], ref[0, real]) <= TOL, impl
+    run = lambda q, k, v: attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(seg),  # noqa: E731
+                                    kv_segment_ids=jnp.asarray(seg), implementation=impl, block_size=block, band=13)
+    _assert_values_and_gradients(run, q, k, v, seg, seg, False, 0, 0.3)
+
+
+# ---- accelerator kernels on CPU ------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal,segments", [(False, SEGMENTS), (True, LONG_SEGMENTS)])
+def test_splash_in_the_pallas_interpreter_equals_reference(causal, segments):
+    """The TPU splash kernel, run by Pallas' interpreter on CPU: our wrapper (scaling, GQA grouping, segment
+    ids, padding the lengths to the kernel's 128-token tiles) gives the reference's values and gradients."""
+    t = segments.shape[1]
+    q, k, v = _qkv(2, t, t, 4, 2, 8, seed=5)
+    seg = jnp.asarray(segments, jnp.int32)
+    run = lambda q, k, v: attention_lib._splash(q, k, v, seg, seg, causal, 0.35, interpret=True)  # noqa: E731
+    _assert_values_and_gradients(run, q, k, v, segments, segments, causal, 0, 0.35)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_mask_translation_equals_reference(causal, monkeypatch):
+    """cuDNN has no CPU kernel; what our wrapper adds (segment ids -> a [B, 1, T, S] mask, causality, GQA
+    layout) is run through ``jax.nn.dot_product_attention``'s XLA implementation with the same arguments."""
+    dot_product_attention = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, implementation, **kw: dot_product_attention(*a, implementation="xla", **kw))
+    q, k, v = _qkv(2, 37, 37, 6, 2, 8, seed=6)
+    seg = jnp.asarray(SEGMENTS, jnp.int32)
+    run = lambda q, k, v: attention_lib._cudnn(q, k, v, seg, seg, causal, 0.35)  # noqa: E731
+    _assert_values_and_gradients(run, q, k, v, SEGMENTS, SEGMENTS, causal, 0, 0.35)
+
+
+def _decoder_shapes(t):
+    """Abstract bfloat16 decoder attention inputs of Qwen2.5-7B's heads (28 query, 4 KV, head dim 128)."""
+    q = jax.ShapeDtypeStruct((2, t, 28, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, t, 4, 128), jnp.bfloat16)
+    return q, kv, kv, jax.ShapeDtypeStruct((2, t), jnp.int32)
+
+
+@pytest.mark.parametrize("length", [1024, 200])
+def test_splash_lowers_ahead_of_time_for_tpu(length):
+    """Forward and backward lower to TPU kernels on a CPU-only machine (no TPU needed), also for a length
+    that is not a multiple of the kernel's tiles."""
+
+    def grads(q, k, v, seg):
+        loss = lambda q, k, v: attention_lib._splash(q, k, v, seg, seg, True, 0.1).astype(jnp.float32).sum()  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    text = jax.jit(grads).trace(*_decoder_shapes(length)).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 3  # forward, dq, dk/dv kernels
+
+
+def test_cudnn_lowers_ahead_of_time_for_cuda_where_jax_has_its_cuda_plugin():
+    """JAX builds cuDNN attention only with its CUDA plugin installed: it reads the cuDNN library's version
+    while tracing. Without the plugin (a CPU-only jax) it stops with "cuDNN is not detected." before any
+    lowering, so the check cannot run there; with the plugin the call lowers to cuDNN's fused attention."""
+    fn = jax.jit(lambda q, k, v, seg: attention_lib._cudnn(q, k, v, seg, seg, True, 0.1))
+    try:
+        traced = fn.trace(*_decoder_shapes(1024))
+    except RuntimeError as err:
+        assert str(err) == "cuDNN is not detected." and jax.default_backend() == "cpu", err
+        pytest.skip("a CPU-only jax cannot trace cuDNN attention: RuntimeError('cuDNN is not detected.')")
+    assert "__cudnn$fmha" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_blockwise_bfloat16_runs_and_is_close():

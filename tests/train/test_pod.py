@@ -4,7 +4,8 @@ stages, started through launch/local_multiprocess.sh as a user would.
 One uninterrupted run (module fixture) is the reference for: the same run in ONE process with 8 devices (the
 multi-host test: losses, gradient norms and final parameters agree), kill -9 of every process in the middle of
 stage 2 then the same command again (bit-identical losses, gradient norms, gate weights and final parameters),
-and SIGTERM to process 1 alone (both processes save the same step and exit 0; the restart matches too).
+and SIGTERM to process 1 alone (both processes save the same step and exit 0; the restart resumes right after
+that step and matches too).
 Every launch shares one persistent compilation cache, so only the first compiles.
 """
 
@@ -199,9 +200,27 @@ def test_sigterm_to_process_1_saves_on_both_and_restart_matches(pod, tmp_path):
     assert saved[0] == saved[1]  # both hosts saved the same agreed step
     assert took < 120, f"exit took {took:.0f} s after the signal"
     assert not (workdir / "stages" / STAGES[-1] / "config.json").exists()
+    # The newest checkpoint is the step both processes saved, inside stage 2 or later (the signal came after
+    # stage 2's first step), and the last row logged is that step.
+    meta = latest_checkpoint(workdir)
+    assert meta["global_step"] == int(saved[0]) and STAGES.index(meta["stage"]) >= 1, (meta, saved)
+    before = read_metrics(str(workdir))
+    assert (before[-1]["stage"], before[-1]["step"], before[-1]["global_step"]) == (
+        meta["stage"], meta["stage_step"], meta["global_step"]), (before[-1], meta)
     again = launch(cfg, workdir, logs, env)
     assert again.wait(timeout=1800) == 0, (logs / "process_1.log").read_text()[-3000:]
+    # The restart resumes from that checkpoint: its rows start right after it and run to the end, once each
+    # (a restart from an earlier checkpoint or from scratch would log steps again).
+    resumed = read_metrics(str(workdir))[len(before):]
+    assert [(r["stage"], r["step"]) for r in resumed] == steps_after(meta["stage"], meta["stage_step"])
+    assert resumed[0]["global_step"] == meta["global_step"] + 1, resumed[0]
     assert_same_run(workdir, root / "ref", params_ref)
+
+
+def steps_after(stage: str, stage_step: int) -> list[tuple[str, int]]:
+    """(stage, step) of every step after ``stage_step`` of ``stage``, to the last stage's end."""
+    later = STAGES[STAGES.index(stage) + 1:]
+    return [(stage, i) for i in range(stage_step + 1, STEPS + 1)] + [(s, i) for s in later for i in range(1, STEPS + 1)]
 
 
 @pytest.mark.slow
