@@ -101,8 +101,8 @@ def test_train_does_not_import_eval():
 
 
 def test_serve_imports_only_what_it_serves_and_only_cli_imports_it():
-    allowed = {"serve", "infer", "eval", "data", "model", ""}
-    assert _violations("serve", {_part(m) for m in GRAPH} - allowed) == []
+    packages = {_part(m) for m in GRAPH if m.count(".") >= 2}  # top-level modules (storage, tokens) are shared
+    assert _violations("serve", packages - {"serve", "infer", "eval", "data", "model"}) == []
     inside = [f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) not in ("cli", "serve") for t in ts
               if _part(t) == "serve"]
     outside = [f"{m} imports {t}" for m, p in OTHERS.items() for t in _imports(m, p) if _part(t) == "serve"]
