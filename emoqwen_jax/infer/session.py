@@ -56,6 +56,19 @@ def _bucket(n: int, buckets: Sequence[int], step: int) -> int:
     return min(fits) if fits else -(-n // step) * step
 
 
+def pad_audio_windows(vision: dict[str, Any], window_buckets: Sequence[int]) -> dict[str, Any]:
+    """Pads a batch's audio encoder windows (``input_features`` float[W, M, F] and their mask) with empty
+    windows to a bucket (``window_buckets``, else a multiple of 8), so batches share compiled shapes."""
+    if vision.get("input_features") is None:
+        return vision
+    feats, fmask = vision["input_features"], vision["feature_attention_mask"]
+    w = _bucket(len(feats), window_buckets, 8)
+    return {**vision,
+            "input_features": np.concatenate([feats, np.zeros((w - len(feats),) + feats.shape[1:], feats.dtype)]),
+            "feature_attention_mask": np.concatenate([fmask, np.zeros((w - len(fmask), fmask.shape[1]),
+                                                                      fmask.dtype)])}
+
+
 @dataclasses.dataclass
 class Prompt:
     """One generation prompt: token ids int32[L] and its vision arrays (``emoqwen_jax.data`` names)."""
@@ -156,13 +169,7 @@ class Session:
             padded = min(_bucket(patches, self.data["patch_buckets"], PATCH_STEP), _bucket(patches, (), PATCH_STEP))
             buckets = dict(pad_patches_to=padded,
                            pad_items_to=1 << (items - 1).bit_length())
-        if vision.get("input_features") is not None:  # pad the audio windows to a bucket (fewer compiles)
-            feats, fmask = vision["input_features"], vision["feature_attention_mask"]
-            w = _bucket(len(feats), self.data["audio"]["window_buckets"], 8)
-            vision["input_features"] = np.concatenate([feats, np.zeros((w - len(feats),) + feats.shape[1:],
-                                                                       feats.dtype)])
-            vision["feature_attention_mask"] = np.concatenate([fmask, np.zeros((w - len(fmask), fmask.shape[1]),
-                                                                               fmask.dtype)])
+        vision = pad_audio_windows(vision, self.data["audio"]["window_buckets"])
         out = generate(self.model, ids, mask, sampling=sampling, rng=seed, **vision, **buckets)
         return [out.row(b) for b in range(len(prompts))]
 

@@ -1,0 +1,163 @@
+"""The continuous-batching engine: greedy output equals ``generate`` for each prompt alone whatever else is in
+flight and in whatever order requests arrive; seeded sampling does not depend on other traffic; cancel,
+min_tokens, ignore_eos, stop strings/ids, streaming callbacks and the background loop."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import engine_helpers as H
+from emoqwen_jax.infer.engine import Engine, QueueFull, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    return H.sharp_model()
+
+
+@pytest.fixture(scope="module")
+def session(model, tmp_path_factory):
+    return H.session_of(model, str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def engine(session):
+    """One engine for most tests (every test leaves it idle): its shapes compile once."""
+    return Engine(session, max_batch=3, max_len=128, prefill_batch=2)
+
+
+@pytest.fixture(scope="module")
+def mixed(model):
+    """Seven prompts: text of three lengths, an image, a video, audio, and image + text (slots get reused)."""
+    rng = np.random.default_rng(0)
+    return [H.text_prompt(rng, 5), H.image_prompt(model, rng), H.text_prompt(rng, 40), H.video_prompt(model, rng),
+            H.audio_prompt(model, rng), H.text_prompt(rng, 12), H.image_prompt(model, rng, (1, 4, 4), 9, 2)]
+
+
+MAX_TOKENS = (6, 9, 5, 8, 7, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def expected(model, session, mixed):
+    return [H.reference(model, p, n, session.info.stop_ids) for p, n in zip(mixed, MAX_TOKENS)]
+
+
+def run_staggered(engine, prompts, params, order, arrivals):
+    """Submits prompts in ``order``; ``arrivals[k]`` engine steps run before the k-th submission."""
+    handles = {}
+    for k, i in enumerate(order):
+        for _ in range(arrivals[k]):
+            engine.step()
+        handles[i] = engine.submit(prompts[i], params[i])
+    while not all(h.done() for h in handles.values()):
+        engine.step()
+    return [handles[i].result() for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("order, arrivals", [
+    ((0, 1, 2, 3, 4, 5, 6), (0, 0, 0, 2, 1, 3, 0)),
+    ((6, 4, 2, 0, 5, 3, 1), (0, 1, 0, 0, 4, 0, 2)),
+])
+def test_greedy_equals_generate_alone(engine, session, mixed, expected, order, arrivals):
+    params = [SamplingParams(max_tokens=n) for n in MAX_TOKENS]
+    done = run_staggered(engine, mixed, params, order, arrivals)
+    for c, want, p, n in zip(done, expected, mixed, MAX_TOKENS):
+        assert c.token_ids == want
+        assert c.finish_reason == ("length" if len(want) == len(c.token_ids) == n else "stop")
+        assert c.prompt_tokens == len(p.input_ids)
+        assert c.text == session.decode(want)
+    stats = engine.stats()
+    assert stats["live_slots"] == 0 and stats["queue_depth"] == 0
+    assert len({tuple(c.token_ids) for c in done}) == len(done)  # the rows really differ
+
+
+def test_sampling_reproduces_from_the_seed_whatever_else_runs(engine, model, session, mixed):
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    prompt = mixed[3]
+    alone = engine.generate([prompt], sampled)[0]
+    busy = engine
+    others = [SamplingParams(max_tokens=6, temperature=1.0, seed=s) for s in (1, 2)] + [SamplingParams(max_tokens=5)]
+    done = busy.generate([mixed[0], mixed[2], prompt, mixed[5]], [others[0], others[1], sampled, others[2]])
+    assert done[2].token_ids == alone.token_ids
+    # the same draws as generate for that prompt alone with rng=seed
+    assert alone.token_ids == H.reference(model, prompt, 8, session.info.stop_ids, rng=7, temperature=0.9,
+                                          top_p=0.95, top_k=50)
+    greedy = H.reference(model, prompt, 8, session.info.stop_ids)
+    assert alone.token_ids != greedy  # the draws are not the argmax
+
+
+def test_cancel_frees_the_slot_and_streaming(engine, mixed):
+    streamed = []
+    first = engine.submit(mixed[0], SamplingParams(max_tokens=50, ignore_eos=True),
+                          on_token=lambda t, d: streamed.append((t, d)))
+    fill = [engine.submit(mixed[5], SamplingParams(max_tokens=50, ignore_eos=True)) for _ in range(2)]
+    second = engine.submit(mixed[2], SamplingParams(max_tokens=3))
+    for _ in range(3):
+        engine.step()
+    first.cancel()
+    while not second.done():
+        engine.step()
+    c = first.result()
+    assert not any(h.done() for h in fill)  # the second request took the cancelled one's slot
+    for h in fill:
+        h.cancel()
+    engine.step()
+    assert c.finish_reason == "cancelled" and 3 <= len(c.token_ids) < 50
+    assert [t for t, _ in streamed] == c.token_ids and "".join(d for _, d in streamed) == c.text
+    assert second.result().finish_reason == "length" and engine.stats()["live_slots"] == 0
+
+
+def test_min_tokens_ignore_eos_and_stop_ids(engine, session, mixed):
+    free = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    eos = free[2]
+    assert eos not in free[:2]
+    stopped, ignored, held = Engine(session, max_batch=3, max_len=128, prefill_batch=2, eos_ids=(eos,)).generate([mixed[1]] * 3, [
+        SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, ignore_eos=True),
+        SamplingParams(max_tokens=8, min_tokens=4)])
+    assert stopped.token_ids == free[:2] and stopped.finish_reason == "stop"
+    assert ignored.token_ids == free and ignored.finish_reason == "length"
+    assert held.token_ids[:2] == free[:2] and eos not in held.token_ids[:4] and len(held.token_ids) >= 4
+    by_id = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True,
+                                                       stop_token_ids=(free[3],)))[0]
+    assert by_id.token_ids == free[:free.index(free[3])] and by_id.finish_reason == "stop"
+
+
+def test_stop_strings_cut_the_text_and_the_stream(engine, mixed):
+    full = engine.generate([mixed[2]], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert len(full.text) > 8
+    stop = full.text[5:8]
+    streamed = []
+    h = engine.submit(mixed[2], SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop, "never-there")),
+                      on_token=lambda t, d: streamed.append(d))
+    while not h.done():
+        engine.step()
+    c = h.result()
+    assert c.finish_reason == "stop" and c.text == full.text[:full.text.index(stop)]
+    assert "".join(streamed) == c.text and c.token_ids == full.token_ids[:len(c.token_ids)]
+
+
+def test_limits_background_loop_and_scores(session, mixed):
+    engine = Engine(session, max_batch=3, max_len=128, prefill_batch=2, max_queue=2)
+    with pytest.raises(ValueError, match="max_len=128"):
+        engine.submit(mixed[2], SamplingParams(max_tokens=100))
+    engine.submit(mixed[0], SamplingParams(max_tokens=2))
+    engine.submit(mixed[0], SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFull):
+        engine.submit(mixed[0], SamplingParams(max_tokens=2))
+    engine.start()
+    try:
+        got = {}
+        ids = (40, 41, 42)
+        threads = [threading.Thread(target=lambda i=i: got.update({i: engine.generate(
+            [mixed[5]], SamplingParams(max_tokens=3, logprobs=True, score_token_ids=ids))[0]})) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        a, b = got[0], got[1]
+        assert a.token_ids == b.token_ids and len(a.logprobs) == 3 and all(lp <= 0 for lp in a.logprobs)
+        assert np.isclose(np.exp(a.first_scores).sum(), 1.0, atol=1e-5)
+    finally:
+        engine.stop()
+    assert engine.stats()["live_slots"] == 0
