@@ -52,6 +52,7 @@ class ServeConfig:
     data: dict = dataclasses.field(default_factory=dict)
     dtype: str | None = None
     warmup: bool = True
+    max_inflight: int | None = None  # requests admitted at once (None: 4 x max_batch); more get 503
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_len < 16 or not self.max_upload_mb > 0:
@@ -67,8 +68,8 @@ class ServeConfig:
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
-    def max_inflight(self) -> int:
-        return 4 * self.max_batch
+    def admitted(self) -> int:
+        return self.max_inflight or 4 * self.max_batch
 
 
 class Server:
@@ -83,7 +84,7 @@ class Server:
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine is not None else {})
         self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-media")
-        self.waiters = ThreadPoolExecutor(max_workers=2 * config.max_inflight, thread_name_prefix="serve-wait")
+        self.waiters = ThreadPoolExecutor(max_workers=2 * config.admitted, thread_name_prefix="serve-wait")
         self.inflight = 0
         self._lock = threading.Lock()
 
@@ -179,7 +180,7 @@ class Server:
 
     def admit(self) -> None:
         with self._lock:
-            if self.inflight >= self.config.max_inflight:
+            if self.inflight >= self.config.admitted:
                 raise ApiError(503, f"the server is full ({self.inflight} requests in flight)", "queue_full",
                                {"Retry-After": "1"})
             self.inflight += 1
