@@ -161,3 +161,21 @@ def test_limits_background_loop_and_scores(session, mixed):
     finally:
         engine.stop()
     assert engine.stats()["live_slots"] == 0
+
+
+def test_a_mesh_of_four_devices_gives_the_tokens_of_one(model, session, mixed, expected):
+    """Weights and KV cache sharded over fsdp=2 x tensor=2 (4 of the 8 CPU devices): the same greedy tokens."""
+    import jax
+
+    from emoqwen_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    sharded = Engine(session, max_batch=4, max_len=128, prefill_batch=2, mesh=mesh)
+    from jax.sharding import PartitionSpec as P
+
+    assert sharded._cache[0][0].sharding.spec == P("fsdp", None, "tensor")  # slots x KV heads
+    up = sharded._state["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert up[...].sharding.spec == P("fsdp", "tensor")
+    picks = [0, 1, 3, 4]
+    done = sharded.generate([mixed[i] for i in picks], [SamplingParams(max_tokens=MAX_TOKENS[i]) for i in picks])
+    assert [c.token_ids for c in done] == [expected[i] for i in picks]
