@@ -60,6 +60,17 @@ async def _events(request: Request, queue: asyncio.Queue, jobs: list[Job]) -> As
         yield tag, delta
 
 
+class ClosingStream(StreamingResponse):
+    """A streamed response that closes its generator however the response ends (a client that hangs up
+    makes the send fail and leaves the generator suspended): the generator's cleanup cancels its jobs."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def add_routes(app: FastAPI, server: Server) -> None:
     config = server.config
 
@@ -110,9 +121,10 @@ def add_routes(app: FastAPI, server: Server) -> None:
                     "usage": usage(done)})
             queue: asyncio.Queue = asyncio.Queue()
             job = server.submit(prompt, params, queue)
+            server.release_after([job])
             released = True
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(request, server, job, queue, rid, created, include_usage),
+            return ClosingStream(_chat_stream(request, server, job, queue, rid, created, include_usage),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         finally:
             if not released:
@@ -174,8 +186,9 @@ def add_routes(app: FastAPI, server: Server) -> None:
             jobs = [server.submit(cls_prompt, cls_params, queue, "scores")]
             if desc_params is not None:
                 jobs.append(server.submit(desc_prompt[0], desc_params, queue, "description"))
+            server.release_after(jobs)
             released = True
-            return StreamingResponse(_emotion_stream(request, server, jobs, queue, frames, scored),
+            return ClosingStream(_emotion_stream(request, server, jobs, queue, frames, scored),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         finally:
             if not released:
@@ -216,7 +229,6 @@ async def _chat_stream(request: Request, server: Server, job: Job, queue: asynci
         yield sse("[DONE]")
     finally:
         job.cancel()
-        server.release()
 
 
 async def _emotion_stream(request: Request, server: Server, jobs: list[Job], queue: asyncio.Queue,
@@ -244,7 +256,6 @@ async def _emotion_stream(request: Request, server: Server, jobs: list[Job], que
     finally:
         for job in jobs:
             job.cancel()
-        server.release()
 
 
 def create_app(config: ServeConfig, *, load: bool = True) -> FastAPI:

@@ -28,6 +28,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from emoqwen_jax import storage
+from emoqwen_jax.data.manifests import _has_surrogates  # the manifests' own check of JSON text
 from emoqwen_jax.data.reasons import Rejected
 from emoqwen_jax.infer.engine import Completion, Engine, QueueFull, SamplingParams
 from emoqwen_jax.infer.session import Prompt, Session
@@ -170,7 +171,7 @@ class Server:
             raise ApiError(400, f"the body is not valid JSON: {err}", "malformed_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", "malformed_json")
-        if _has_lone_surrogates(data):
+        if _has_surrogates(data):  # lone surrogates from JSON escapes
             raise ApiError(400, "text that is not valid UTF-8 (a lone surrogate escape)", "non_utf8")
         try:
             return schema.model_validate(data)
@@ -188,6 +189,19 @@ class Server:
     def release(self) -> None:
         with self._lock:
             self.inflight -= 1
+
+    def release_after(self, jobs: list[Job]) -> None:
+        """Ends the admission when every job has finished (they always do: stop, length, cancelled or
+        error), whatever becomes of the response that streams them."""
+        left = [len(jobs)]
+
+        def one_done(_) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self.release()
+
+        for job in jobs:
+            job.future.add_done_callback(one_done)
 
     async def prepare(self, fn: Callable[[], Any]) -> Any:
         """Runs ``fn`` (media and prompt building) on a worker thread, mapping bad input to API errors."""
@@ -258,20 +272,6 @@ async def wait_all(request: Request, jobs: list[Job]) -> list[Completion]:
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the body is over the upload limit of {limit} bytes (--max_upload_mb)", "too_large")
-
-
-def _has_lone_surrogates(obj: Any) -> bool:
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(obj, dict):
-        return any(_has_lone_surrogates(k) or _has_lone_surrogates(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return any(_has_lone_surrogates(v) for v in obj)
-    return False
 
 
 def usage(*completions: Completion) -> dict[str, int]:

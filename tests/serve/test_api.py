@@ -7,7 +7,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
-from conftest import API_KEY, Running, data_url, parse_sse
+from serve_helpers import API_KEY, Running, data_url, parse_sse
 
 from emoqwen_jax.infer.generate import prefill
 

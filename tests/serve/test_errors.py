@@ -8,7 +8,7 @@ import json
 
 import httpx
 import pytest
-from conftest import API_KEY, data_url
+from serve_helpers import API_KEY
 
 from emoqwen_jax.data.reasons import REASONS
 
@@ -128,8 +128,9 @@ def test_malformed_requests_get_a_json_error(client, raw, status):
     error(client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), status)
 
 
-@pytest.mark.parametrize("body", [{}, {"video": None}, {"image": "x", "labels": "affectnet"}, {"image": "x", "labels": []},
-                                  {"image": "x", "labels": ["a", "a"]}, {"image": "x", "extra": 1}])
+@pytest.mark.parametrize("body", [{}, {"video": None}, {"image": "x", "labels": "affectnet"},
+                                  {"image": "x", "labels": []}, {"image": "x", "labels": ["a", "a"]},
+                                  {"image": "x", "extra": 1}])
 def test_bad_emotion_requests_get_a_json_error(client, body):
     r = client.post("/v1/emotion", json=body)
     assert r.status_code in (400, 422)
