@@ -31,7 +31,7 @@ from emoqwen_jax import storage
 from emoqwen_jax.data.manifests import _has_surrogates  # the manifests' own check of JSON text
 from emoqwen_jax.data.reasons import Rejected
 from emoqwen_jax.infer.engine import Completion, Engine, QueueFull, SamplingParams
-from emoqwen_jax.infer.session import Prompt, Session
+from emoqwen_jax.infer.session import Prompt, Session, pixel_range_warning
 from emoqwen_jax.serve import prompts
 from emoqwen_jax.serve.metrics import Metrics, TokenClock
 from emoqwen_jax.serve.schema import ApiError
@@ -96,8 +96,9 @@ class Server:
             t0 = time.perf_counter()
             overrides = {**self.config.data, "max_length": self.config.max_len}
             self.session = Session.from_checkpoint(self.config.ckpt, overrides, dtype=self.config.dtype)
-            # PIXEL-RANGE WARNING: the engine side's check of the frame pixel range against the checkpoint's
-            # training settings goes here (it logs the --set flags to use); see the report.
+            warning = pixel_range_warning(self.session)
+            if warning:  # answers at frame sizes the checkpoint never saw are poor: say so, with the fix
+                log.warning("%s", warning)
             self.engine = Engine(self.session, max_batch=self.config.max_batch, max_len=self.config.max_len)
             self.engine.start()
             if self.config.warmup:

@@ -152,3 +152,19 @@ def test_loading_server_answers_503(ckpt):
         assert r.json()["error"]["code"] == "not_ready"
     finally:
         server.stop()
+
+
+def test_start_up_warns_when_frames_are_far_outside_the_trained_pixel_range(ckpt, caplog):
+    """The checkpoint was trained on 3,136-pixel frames; serving at the standard 128·28² minimum logs the
+    warning with the --set flags that restore the trained range."""
+    from emoqwen_jax.serve import ServeConfig
+    from emoqwen_jax.serve.server import Server
+
+    server = Server(ServeConfig(ckpt=ckpt, warmup=False, data={"video_min_pixels": 100352,
+                                                               "video_max_pixels": 602112}))
+    with caplog.at_level("WARNING", logger="emoqwen_jax.serve"):
+        server.load()
+    server.close()
+    assert server.ready and server.load_error is None
+    warned = [r.getMessage() for r in caplog.records if r.name == "emoqwen_jax.serve"]
+    assert any("--set video_min_pixels=3136 --set video_max_pixels=3136" in m for m in warned), warned
