@@ -62,9 +62,11 @@ class TextAttention(nnx.Module):
             k = k_cache.at[rows, cache_index].set(k[:, 0].astype(k_cache.dtype))
             v = v_cache.at[rows, cache_index].set(v[:, 0].astype(v_cache.dtype))
             cache = (k, v)
+            # One query per row: dense logits are only [B, N, S], and the xla path reads the cache in place
+            # (blockwise would transpose a copy of every layer's cache).
             out = attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5,
                             q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=False,
-                            implementation=self.attention, block_size=self.attention_block)
+                            implementation="xla")
             return self.o_proj(out.reshape(b, t, -1)), cache
         if cache is not None:
             k_cache, v_cache = cache
