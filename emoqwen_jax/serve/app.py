@@ -113,19 +113,19 @@ def add_routes(app: FastAPI, server: Server) -> None:
             params = prompts.chat_params(body, len(prompt.input_ids), config.max_len)
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             if not body.stream:
-                (done,) = await wait_all(request, [server.submit(prompt, params)])
+                (done,) = await wait_all(request, server.submit([(prompt, params, "")]))
                 return JSONResponse({
                     "id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                                  "finish_reason": _finish(done)}],
                     "usage": usage(done)})
             queue: asyncio.Queue = asyncio.Queue()
-            job = server.submit(prompt, params, queue)
+            (job,) = server.submit([(prompt, params, "")], queue)
             server.release_after([job])
             released = True
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return ClosingStream(_chat_stream(request, server, job, queue, rid, created, include_usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
         finally:
             if not released:
                 server.release()
@@ -135,7 +135,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
         server.check_key(request)
         server.check_ready()
         body: EmotionRequest = await server.read_json(request, EmotionRequest)
-        words = prompts.label_words(body.labels)
+        classes = prompts.Classes.of(server.session, body.labels)
         refs = prompts.emotion_media(body)
         server.admit()
         released = False
@@ -145,7 +145,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
                     for kind, url in refs:
                         media.add_url(kind, url)
                     noun = refs[0][0]
-                    questions = [prompts.emotion_question(body.labels, words, noun)]
+                    questions = [prompts.emotion_question(body.labels, classes.words, noun)]
                     if body.describe:
                         questions.append(prompts.describe_question(noun))
                     built = prompts.question_prompts(server.session, questions, media.items, body.subtitle)
@@ -153,43 +153,29 @@ def add_routes(app: FastAPI, server: Server) -> None:
                     return built, (frame_times(video[0], server.session.data) if video else [])
 
             (cls_prompt, *desc_prompt), frames = await server.prepare(build)
-            first_ids = prompts.score_ids(server.session, words)
-            unique = tuple(dict.fromkeys(first_ids))
-            answer_budget = min(16, max(len(server.session.tokenizer.encode(w, add_special_tokens=False).ids)
-                                        for w in words) + 1)
-            cls_params = SamplingParams(max_tokens=answer_budget, score_token_ids=unique)
-            for p in [cls_prompt] + desc_prompt:
-                if len(p.input_ids) >= config.max_len:
-                    raise prompts.too_long(len(p.input_ids), config.max_len)
-            desc_params = None
-            if desc_prompt:
-                room = config.max_len - len(desc_prompt[0].input_ids)
-                desc_params = SamplingParams(max_tokens=min(body.max_tokens, room))
+            work = [(cls_prompt, classes.params(), "scores")]
+            for p in desc_prompt:  # the description gets what --max_len leaves (the engine refuses less than 1)
+                room = max(1, config.max_len - len(p.input_ids))
+                work.append((p, SamplingParams(max_tokens=min(body.max_tokens, room)), "description"))
 
             def scored(c: Completion) -> dict:
-                if c.first_scores is None:
-                    raise ApiError(500, "the engine returned no first-token scores", "engine_error")
-                label, scores = prompts.class_scores(words, first_ids, unique, c.first_scores, c.text)
+                label, scores = classes.result(c.first_scores, c.text)
                 return {"label": label, "scores": scores, "answer": c.text, "gate_weights": _gates(c)}
 
             if not body.stream:
-                jobs = [server.submit(cls_prompt, cls_params)]
-                if desc_params is not None:
-                    jobs.append(server.submit(desc_prompt[0], desc_params))
+                jobs = server.submit(work)
                 done = await wait_all(request, jobs)
                 out = {"object": "emotion", "model": server.model_name, **scored(done[0]), "frames": frames}
-                if desc_params is not None:
+                if body.describe:
                     out["description"] = done[1].text
                 out["usage"] = usage(*done)
                 return JSONResponse(out)
             queue: asyncio.Queue = asyncio.Queue()
-            jobs = [server.submit(cls_prompt, cls_params, queue, "scores")]
-            if desc_params is not None:
-                jobs.append(server.submit(desc_prompt[0], desc_params, queue, "description"))
+            jobs = server.submit(work, queue)
             server.release_after(jobs)
             released = True
             return ClosingStream(_emotion_stream(request, server, jobs, queue, frames, scored),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
         finally:
             if not released:
                 server.release()

@@ -13,6 +13,7 @@ breaks the tie for ``label``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -149,20 +150,35 @@ def emotion_media(request: EmotionRequest) -> list[tuple[str, str]]:
     return media
 
 
-def score_ids(session: Session, words: Sequence[str]) -> list[int]:
-    """The first token id of each class word as the answer would begin with it."""
-    return [session.tokenizer.encode(w, add_special_tokens=False).ids[0] for w in words]
+@dataclasses.dataclass(frozen=True)
+class Classes:
+    """A label set as the scoring sees it: the words, each word's first token id, the distinct ids."""
 
+    words: tuple[str, ...]
+    first_ids: tuple[int, ...]
+    ids: tuple[int, ...]
+    longest: int  # tokens of the longest word
 
-def class_scores(words: Sequence[str], first_ids: Sequence[int], unique_ids: Sequence[int],
-                 first_scores: Sequence[float], answer: str) -> tuple[str, dict[str, float]]:
-    """(label, {word: probability}) from log-probabilities ``first_scores`` over ``unique_ids``."""
-    top = max(first_scores)
-    mass = [math.exp(s - top) for s in first_scores]
-    total = sum(mass)
-    prob_of = {i: m / total for i, m in zip(unique_ids, mass, strict=True)}
-    sharing = {i: sum(1 for j in first_ids if j == i) for i in unique_ids}
-    scores = {w: prob_of[i] / sharing[i] for w, i in zip(words, first_ids, strict=True)}
-    said = answer.strip().lower()
-    label = max(words, key=lambda w: (round(scores[w], 12), said.startswith(w.lower())))
-    return label, scores
+    @classmethod
+    def of(cls, session: Session, labels: str | list[str]) -> Classes:
+        words = label_words(labels)
+        tokens = [session.tokenizer.encode(w, add_special_tokens=False).ids for w in words]
+        first = tuple(t[0] for t in tokens)
+        return cls(words, first, tuple(dict.fromkeys(first)), max(len(t) for t in tokens))
+
+    def params(self) -> SamplingParams:
+        """Greedy, long enough to spell the longest word (the answer breaks ties), scoring the first ids."""
+        return SamplingParams(max_tokens=min(16, self.longest + 1), score_token_ids=self.ids)
+
+    def result(self, first_scores: Sequence[float] | None, answer: str) -> tuple[str, dict[str, float]]:
+        """(label, {word: probability}) from log-probabilities over ``ids`` at the first answer position."""
+        if first_scores is None:
+            raise ApiError(500, "the engine returned no first-token scores", "engine_error")
+        top = max(first_scores)
+        mass = [math.exp(s - top) for s in first_scores]
+        total = sum(mass)
+        prob_of = {i: m / total for i, m in zip(self.ids, mass, strict=True)}
+        scores = {w: prob_of[i] / self.first_ids.count(i) for w, i in zip(self.words, self.first_ids, strict=True)}
+        said = answer.strip().lower()
+        label = max(self.words, key=lambda w: (round(scores[w], 12), said.startswith(w.lower())))
+        return label, scores

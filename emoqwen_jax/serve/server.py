@@ -87,6 +87,7 @@ class Server:
         self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-media")
         self.waiters = ThreadPoolExecutor(max_workers=2 * config.admitted, thread_name_prefix="serve-wait")
         self.inflight = 0
+        self.live: set[Job] = set()  # jobs not finished yet (cancelled at shutdown)
         self._lock = threading.Lock()
 
     # ---- start-up -----------------------------------------------------------------------------------------
@@ -123,18 +124,23 @@ class Server:
                 Image.fromarray(draw_face(96, 128, "happy", cx=0.5, cy=0.5, hue=0)).save(f"{tmp}/face.png")
                 write_clip(f"{tmp}/clip.mp4", 0, "happy")
                 media += [[("image", f"{tmp}/face.png")], [("video", f"{tmp}/clip.mp4")]]
-            words = prompts.label_words("dfew")
-            ids = tuple(dict.fromkeys(prompts.score_ids(self.session, words)))
+            classes = prompts.Classes.of(self.session, "dfew")
             handles = []
             for items in media:
-                prompt = self.session.prompt(prompts.emotion_question("dfew", words, "video"), items)
-                for params in (SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, score_token_ids=ids)):
+                prompt = self.session.prompt(prompts.emotion_question("dfew", classes.words, "video"), items)
+                for params in (SamplingParams(max_tokens=2), classes.params()):
                     handles.append(self.engine.submit(prompt, params))
             for handle in handles:
                 handle.result()
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 10.0) -> None:
+        """Cancels what is in flight (so no waiter thread blocks the exit), then stops the engine."""
         if self.engine is not None:
+            for job in list(self.live):
+                job.cancel()
+            deadline = time.monotonic() + grace_s
+            while self.live and time.monotonic() < deadline:
+                time.sleep(0.05)
             self.engine.stop()
         self.prep.shutdown(wait=False, cancel_futures=True)
         self.waiters.shutdown(wait=False, cancel_futures=True)
@@ -168,7 +174,7 @@ class Server:
                 raise _too_large(limit)
         try:
             data = json.loads(bytes(body))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise ApiError(400, f"the body is not valid JSON: {err}", "malformed_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", "malformed_json")
@@ -218,9 +224,18 @@ class Server:
         except ValueError as err:  # e.g. audio for a checkpoint without an audio encoder
             raise ApiError(400, str(err), "unsupported_input") from None
 
-    def submit(self, prompt: Prompt, params: SamplingParams, queue: asyncio.Queue | None = None,
-               tag: str = "") -> Job:
-        return Job(self, prompt, params, queue, tag)
+    def submit(self, requests: list[tuple[Prompt, SamplingParams, str]], queue: asyncio.Queue | None = None
+               ) -> list[Job]:
+        """One job per (prompt, params, tag); if one cannot be submitted, those before it are cancelled."""
+        jobs: list[Job] = []
+        try:
+            for prompt, params, tag in requests:
+                jobs.append(Job(self, prompt, params, queue, tag))
+        except ApiError:
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
 
 
 class Job:
@@ -245,6 +260,8 @@ class Job:
         except ValueError as err:
             raise ApiError(400, f"too_long: {err} (the server's --max_len is {limit})", "too_long") from None
         self.future = loop.run_in_executor(server.waiters, self.handle.result)
+        server.live.add(self)
+        self.future.add_done_callback(lambda _: server.live.discard(self))
         if queue is not None:
             self.future.add_done_callback(lambda _: queue.put_nowait((tag, None)))
 
