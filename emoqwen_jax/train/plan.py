@@ -223,7 +223,7 @@ def serve_plan(config, *, max_batch: int, max_len: int, num_devices: int = 1, dt
     weights and KV cache in ``dtype``, on abstract shapes only (nothing is allocated): the weights, the KV cache
     of ``max_batch`` slots of ``max_len`` tokens, and the activations (temporaries) of the larger of the engine's
     two compiled programs, the decode step and the prefill of one prompt (one video of ``frames`` ×
-    ``frame_size``² in ``length`` tokens; 0: the video's tokens + 256), over a mesh of tensor=``num_devices``
+    ``frame_size``² in ``length`` tokens; 0: ``max_len``, the longest prompt a slot takes), over a mesh of tensor=``num_devices``
     (weights by the logical rules, KV heads split when they divide). ``fits``: the total leaves
     ``SERVE_HEADROOM`` of ``device_memory_gb`` free.
 
@@ -242,7 +242,8 @@ def serve_plan(config, *, max_batch: int, max_len: int, num_devices: int = 1, dt
         return steps.RowSampling(f32, f32, i32(n), jax.ShapeDtypeStruct((n,), np.uint32), i32(n),
                                  jax.ShapeDtypeStruct((n,), bool), jax.ShapeDtypeStruct((n, steps.STOP_SLOTS), np.int32))
 
-    prompt = video_batch_shapes(mcfg, 1, frames, frame_size, length).replace(labels=None, rope_deltas=None)
+    prompt = video_batch_shapes(mcfg, 1, frames, frame_size, length or max_len).replace(labels=None,
+                                                                                       rope_deltas=None)
     if prompt.text.input_ids.shape[1] > max_len:
         raise ValueError(f"the planned prompt ({prompt.text.input_ids.shape[1]} tokens) exceeds max_len={max_len}")
     jit = lambda fn: jax.jit(fn, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))  # noqa: E731
