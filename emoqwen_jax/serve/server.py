@@ -261,7 +261,7 @@ class Job:
             raise ApiError(400, f"too_long: {err} (the server's --max_len is {limit})", "too_long") from None
         self.future = loop.run_in_executor(server.waiters, self.handle.result)
         server.live.add(self)
-        self.future.add_done_callback(lambda _: server.live.discard(self))
+        self.future.add_done_callback(self._finished)
         if queue is not None:
             self.future.add_done_callback(lambda _: queue.put_nowait((tag, None)))
 
@@ -269,9 +269,14 @@ class Job:
         if not self.handle.done():
             self.handle.cancel()
 
+    def _finished(self, future: asyncio.Future) -> None:
+        self.server.live.discard(self)
+        if not future.cancelled() and future.exception() is None:
+            done = future.result()
+            self.clock.record(self.server.metrics, done.prompt_tokens, len(done.token_ids))
+
     async def completion(self) -> Completion:
         done = await self.future
-        self.clock.record(self.server.metrics, done.prompt_tokens, len(done.token_ids))
         if done.finish_reason == "error":
             raise ApiError(500, f"generation failed: {done.error}", "engine_error")
         return done

@@ -113,13 +113,24 @@ def test_emotion_with_words_an_image_and_a_stream(client, media_root):
         plain["description"]
 
 
-def test_metrics_count_requests_tokens_and_latency(client):
-    assert chat(client, "Hi.", max_tokens=3).status_code == 200
+def metric_values(client) -> dict[str, float]:
     text = client.get("/metrics").text
-    assert 'emoqwen_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
-    assert values["emoqwen_generated_tokens_total"] > 0 and values["emoqwen_prompt_tokens_total"] > 0
-    assert values["emoqwen_time_to_first_token_seconds_count"] > 0
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_metrics_count_requests_tokens_and_latency(client, media_root):
+    before = metric_values(client)
+    chat_usage = chat(client, "Hi.", max_tokens=3).json()["usage"]
+    body = {"image": f"file://{media_root}/face.png", "describe": True, "max_tokens": 5, "stream": True}
+    emotion_usage = parse_sse(client.post("/v1/emotion", json=body).text)[-2]["usage"]
+    values = metric_values(client)
+    for name, kind in (("generated", "completion_tokens"), ("prompt", "prompt_tokens")):
+        counted = values[f"emoqwen_{name}_tokens_total"] - before.get(f"emoqwen_{name}_tokens_total", 0)
+        assert counted == chat_usage[kind] + emotion_usage[kind], name
+    key = 'emoqwen_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    assert values[key] == before.get(key, 0) + 1
+    assert values["emoqwen_time_to_first_token_seconds_count"] == before.get(
+        "emoqwen_time_to_first_token_seconds_count", 0) + 3  # one per engine request: chat, scores, description
     assert values["emoqwen_time_per_output_token_seconds_count"] > 0
     assert values["emoqwen_max_slots"] == 2 and "emoqwen_queue_depth" in values and "emoqwen_live_slots" in values
 
