@@ -99,7 +99,13 @@ function drawScores(label, scores) {
   }
 }
 
-function drawGates(gates) {
+function itemName(kind, item, times) {
+  // The gate gives one row per image or clip (images first): name it by what it weighs.
+  if (kind === "video" && times.length) return `clip ${times[0].toFixed(2)}-${times[times.length - 1].toFixed(2)} s`;
+  return kind === "image" ? "image" : `item ${item}`;
+}
+
+function drawGates(gates, kind, times) {
   const box = $("gates");
   box.replaceChildren();
   if (!gates || !gates.length) {
@@ -118,7 +124,7 @@ function drawGates(gates) {
     const row = document.createElement("div");
     row.className = "gate";
     const name = document.createElement("span");
-    name.textContent = `item ${item}`;
+    name.textContent = itemName(kind, item, times);
     const stack = document.createElement("div");
     stack.className = "stack";
     weights.forEach((w, e) => {
@@ -176,12 +182,16 @@ async function analyse(file) {
   }
   setStatus("the model is reading ...");
   let framesDrawn = Promise.resolve();
+  let times = [];
   for await (const data of sseEvents(response)) {
     if (data === "[DONE]") break;
     const event = JSON.parse(data);
     if (event.error) { setStatus(event.error.message, true); return; }
-    if (event.object === "emotion.frames") framesDrawn = drawFrames(kind, event.frames);
-    else if (event.object === "emotion.scores") { drawScores(event.label, event.scores); drawGates(event.gate_weights); }
+    if (event.object === "emotion.frames") { times = event.frames; framesDrawn = drawFrames(kind, times); }
+    else if (event.object === "emotion.scores") {
+      drawScores(event.label, event.scores);
+      drawGates(event.gate_weights, kind, times);
+    }
     else if (event.object === "emotion.delta") $("description").textContent += event.delta;
     else if (event.object === "emotion.done") {
       if (event.description !== undefined) $("description").textContent = event.description;
