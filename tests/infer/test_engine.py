@@ -4,6 +4,7 @@ min_tokens, ignore_eos, stop strings/ids, streaming callbacks and the background
 
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -180,3 +181,29 @@ def test_a_mesh_of_four_devices_gives_the_tokens_of_one(model, session, mixed, e
     picks = [0, 1, 3, 4]
     done = sharded.generate([mixed[i] for i in picks], [SamplingParams(max_tokens=MAX_TOKENS[i]) for i in picks])
     assert [c.token_ids for c in done] == [expected[i] for i in picks]
+
+
+def test_gate_weights_per_request_and_weight_swap(engine, model, mixed, expected):
+    """Each request gets its own items' gate weights (the batch's images first, then its videos, split per row)
+    as the plain forward computes them alone; ``set_params`` swaps the weights from the next step on."""
+    from flax import nnx
+
+    picks = [1, 3, 6, 0]  # image, video, image, text: one prefill of two rows, then two more
+    done = engine.generate([mixed[i] for i in picks], SamplingParams(max_tokens=2))
+    for i, c in zip(picks, done):
+        if not mixed[i].vision:
+            assert c.gate_weights is None
+            continue
+        alone = np.asarray(model(mixed[i].input_ids[None], **mixed[i].vision).gate_weights)
+        assert c.gate_weights.shape == alone.shape == (1, model.config.compressor.num_experts)
+        np.testing.assert_allclose(c.gate_weights, alone, rtol=1e-5, atol=1e-6)
+    original = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    swapped = jax.tree.map(lambda x: x, original)
+    swapped["language_model"]["norm"]["weight"] = -np.asarray(original["language_model"]["norm"]["weight"])
+    engine.set_params(swapped)
+    try:
+        changed = engine.generate([mixed[0]], SamplingParams(max_tokens=6))[0].token_ids
+    finally:
+        engine.set_params(original)
+    assert changed != expected[0][:6]
+    assert engine.generate([mixed[0]], SamplingParams(max_tokens=6))[0].token_ids == expected[0]
