@@ -202,15 +202,7 @@ class Engine:
                on_token: Callable[[int, str], None] | None = None) -> RequestHandle:
         """Queues one request. ValueError when the prompt + ``max_tokens`` exceed ``max_len``; QueueFull when
         ``max_queue`` requests already wait."""
-        n = len(prompt.input_ids)
-        if n < 1:
-            raise ValueError("the prompt has no tokens")
-        if n + params.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} "
-                             f"exceeds the engine's max_len={self.max_len}")
-        if len(self.eos_ids) + len(params.stop_token_ids) > steps.STOP_SLOTS:
-            raise ValueError(f"at most {steps.STOP_SLOTS - len(self.eos_ids)} stop_token_ids, got "
-                             f"{len(params.stop_token_ids)}")
+        self.check(prompt, params)
         request_id = request_id or uuid.uuid4().hex
         handle = RequestHandle(request_id, self)
         serial = next(self._serial)
@@ -233,11 +225,34 @@ class Engine:
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        handles = [self.submit(p, s) for p, s in zip(prompts, params)]
-        if self._thread is None:
-            while not all(h.done() for h in handles):
+        for p, s in zip(prompts, params):  # all or nothing: no request starts when one cannot
+            self.check(p, s)
+        pending = collections.deque(zip(prompts, params))
+        handles = []
+        while pending or not all(h.done() for h in handles):
+            while pending:  # more prompts than max_queue: the rest go in as the queue drains
+                try:
+                    handles.append(self.submit(*pending[0]))
+                except QueueFull:
+                    break
+                pending.popleft()
+            if self._thread is None:
                 self.step()
+            elif handles:
+                handles[-1 if pending else 0]._event.wait(0.01)
         return [h.result() for h in handles]
+
+    def check(self, prompt: Prompt, params: SamplingParams) -> None:
+        """ValueError naming the limit when the engine cannot take this request (``submit`` checks it too)."""
+        n = len(prompt.input_ids)
+        if n < 1:
+            raise ValueError("the prompt has no tokens")
+        if n + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} "
+                             f"exceeds the engine's max_len={self.max_len}")
+        if len(self.eos_ids) + len(params.stop_token_ids) > steps.STOP_SLOTS:
+            raise ValueError(f"at most {steps.STOP_SLOTS - len(self.eos_ids)} stop_token_ids, got "
+                             f"{len(params.stop_token_ids)}")
 
     def start(self) -> None:
         """Runs the loop in a background thread (idle waits block on a condition, no spinning)."""

@@ -159,6 +159,12 @@ def test_limits_background_loop_and_scores(session, mixed):
         a, b = got[0], got[1]
         assert a.token_ids == b.token_ids and len(a.logprobs) == 3 and all(lp <= 0 for lp in a.logprobs)
         assert np.isclose(np.exp(a.first_scores).sum(), 1.0, atol=1e-5)
+        many = engine.generate([mixed[0]] * 5, SamplingParams(max_tokens=2))  # more than max_queue: fed as it drains
+        assert len(many) == 5 and len({tuple(c.token_ids) for c in many}) == 1
+        before = engine.stats()["submitted"]
+        with pytest.raises(ValueError, match="max_len=128"):  # all or nothing
+            engine.generate([mixed[0], mixed[2]], [SamplingParams(max_tokens=2), SamplingParams(max_tokens=100)])
+        assert engine.stats()["submitted"] == before
     finally:
         engine.stop()
     assert engine.stats()["live_slots"] == 0
