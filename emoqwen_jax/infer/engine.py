@@ -368,9 +368,9 @@ class Engine:
             p = r.params
             rows.temperature[i], rows.top_p[i], rows.top_k[i] = p.temperature, p.top_p, p.top_k
             rows.seed[i], rows.index[i] = r.seed, r.drawn
-            rows.ban[i] = r.drawn < p.min_tokens
-            ids = sorted(set(p.stop_token_ids) | set(self.eos_ids))
-            rows.ban_ids[i, :len(ids)] = ids
+            if r.drawn < p.min_tokens:  # EOS and the stop ids are masked until min_tokens
+                ids = sorted(set(p.stop_token_ids) | set(self.eos_ids))
+                rows.ban[i], rows.ban_ids[i, :len(ids)] = True, ids
         return rows
 
     def _prefill(self, batch: list[_Request]) -> None:
