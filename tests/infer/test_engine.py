@@ -213,3 +213,22 @@ def test_gate_weights_per_request_and_weight_swap(engine, model, mixed, expected
         engine.set_params(original)
     assert changed != expected[0][:6]
     assert engine.generate([mixed[0]], SamplingParams(max_tokens=6))[0].token_ids == expected[0]
+
+
+def test_feed_answers_in_order_and_grows_the_cache(engine, session):
+    """``feed.complete_in_order``: answers in job order, each as the engine gives it alone; a prompt longer than
+    the first engine's cache starts a larger engine; a prompt that cannot be built comes back as its error."""
+    from emoqwen_jax.infer.feed import cache_length, complete_in_order
+
+    jobs = [("How are you?", [], None), ("Tell me " + "more and more " * 40, [], None),
+            ("Look.", [("video", "/nonexistent/clip.mp4")], None), ("Why?", [], "she smiles")]
+    params = lambda i: SamplingParams(max_tokens=3, ignore_eos=True)  # noqa: E731
+    got = list(complete_in_order(session, jobs, params, max_batch=2, workers=1))  # one worker: built in order
+    assert [i for i, _ in got] == [0, 1, 2, 3] and isinstance(got[2][1], FileNotFoundError)
+    # the first engine's cache (64) holds job 0, not job 1
+    assert len(session.prompt(jobs[0][0]).input_ids) + 3 <= 64 < len(session.prompt(jobs[1][0]).input_ids) + 3
+    for i in (0, 1, 3):
+        prompt = session.prompt(jobs[i][0], [], jobs[i][2])
+        alone = Engine(session, max_batch=2, max_len=cache_length(len(prompt.input_ids) + 3)).generate(
+            [prompt], params(i))[0]
+        assert got[i][1].token_ids == alone.token_ids and got[i][1].prompt_tokens == len(prompt.input_ids)
