@@ -27,7 +27,7 @@ from emoqwen_jax.infer.engine import Completion, SamplingParams
 from emoqwen_jax.serve import prompts
 from emoqwen_jax.serve.media import Materialized, frame_times
 from emoqwen_jax.serve.schema import ApiError, ChatRequest, EmotionRequest
-from emoqwen_jax.serve.server import Job, ServeConfig, Server, usage, wait_all
+from emoqwen_jax.serve.server import _DISCONNECT_POLL_S, Job, ServeConfig, Server, usage, wait_all
 
 log = logging.getLogger("emoqwen_jax.serve")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -51,7 +51,7 @@ async def _events(request: Request, queue: asyncio.Queue, jobs: list[Job]) -> As
     open_jobs = len(jobs)
     while open_jobs:
         try:
-            tag, delta = await asyncio.wait_for(queue.get(), timeout=0.25)
+            tag, delta = await asyncio.wait_for(queue.get(), timeout=_DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise ConnectionError("the client went away") from None
@@ -244,6 +244,30 @@ async def _emotion_stream(request: Request, server: Server, jobs: list[Job], que
             job.cancel()
 
 
+class CountRequests:
+    """Counts answered requests by endpoint and status (a plain ASGI middleware: Starlette's
+    ``BaseHTTPMiddleware`` would hide a client's disconnect from the endpoints)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            self.server.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+
 def create_app(config: ServeConfig, *, load: bool = True) -> FastAPI:
     """The app; with ``load`` its start-up loads the checkpoint on a thread (``/healthz`` says when done)."""
     server = Server(config)
@@ -262,17 +286,12 @@ def create_app(config: ServeConfig, *, load: bool = True) -> FastAPI:
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception:  # noqa: BLE001 — a bug answers 500 with a JSON error, the server stays up
-            log.exception("unhandled error on %s", request.url.path)
-            response = JSONResponse(ApiError(500, "internal error", "internal_error").body(), status_code=500)
-        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
-        server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=err)  # a bug: 500, the server stays up
+        return JSONResponse(ApiError(500, "internal error", "internal_error").body(), status_code=500)
 
+    app.add_middleware(CountRequests, server=server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -37,7 +37,7 @@ from emoqwen_jax.serve.metrics import Metrics, TokenClock
 from emoqwen_jax.serve.schema import ApiError
 
 log = logging.getLogger("emoqwen_jax.serve")
-_DISCONNECT_POLL_S = 0.25
+_DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 
 
 @dataclasses.dataclass(frozen=True)

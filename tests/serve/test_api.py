@@ -1,7 +1,9 @@
 """Every endpoint of a real server: the answers, streaming equality, class scores against the model's own
 first-token logits (computed here without the engine), metrics, auth and the loading state."""
 
+import concurrent.futures
 import math
+import time
 
 import httpx
 import jax
@@ -179,3 +181,24 @@ def test_start_up_warns_when_frames_are_far_outside_the_trained_pixel_range(ckpt
     assert server.ready and server.load_error is None
     warned = [r.getMessage() for r in caplog.records if r.name == "emoqwen_jax.serve"]
     assert any("--set video_min_pixels=3136 --set video_max_pixels=3136" in m for m in warned), warned
+
+
+def test_a_client_that_hangs_up_before_its_answer_frees_its_slot(running, client):
+    """A non-streamed request whose client goes away is cancelled. Two long requests hold both slots, so the
+    hung-up one is still waiting for a slot (or barely started) when the server notices."""
+    engine = running.server.engine
+    cancelled = engine.stats().get("finished_cancelled", 0)
+    long = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 400, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(client.post, "/v1/chat/completions", json=long) for _ in range(2)]
+        while engine.stats()["live_slots"] < 2 and not all(f.done() for f in busy):
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{running.url}/v1/chat/completions", json=long, timeout=httpx.Timeout(30, read=0.05),
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert all(f.result().status_code == 200 for f in busy)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and engine.stats()["live_slots"]:
+        time.sleep(0.05)
+    stats = engine.stats()
+    assert stats.get("finished_cancelled", 0) == cancelled + 1 and stats["live_slots"] == 0
