@@ -4,6 +4,7 @@
   * ``data`` imports nothing from model, train, eval, convert, infer or cli;
   * nothing outside ``cli`` (bench and configs included) imports ``cli``;
   * ``train`` does not import ``eval``;
+  * ``serve`` imports only infer, eval, data and model (and top-level modules); only ``cli`` imports ``serve``;
   * inside ``eval``: suites -> general -> emotion -> the shared parsers, never back;
   * no two modules import each other.
 Every import counts, function-level ones included: a lazy import is still a dependency.
@@ -97,6 +98,15 @@ def test_only_cli_imports_cli():
 
 def test_train_does_not_import_eval():
     assert _violations("train", {"eval"}) == []
+
+
+def test_serve_imports_only_what_it_serves_and_only_cli_imports_it():
+    packages = {_part(m) for m in GRAPH if m.count(".") >= 2}  # top-level modules (storage, tokens) are shared
+    assert _violations("serve", packages - {"serve", "infer", "eval", "data", "model"}) == []
+    inside = [f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) not in ("cli", "serve") for t in ts
+              if _part(t) == "serve"]
+    outside = [f"{m} imports {t}" for m, p in OTHERS.items() for t in _imports(m, p) if _part(t) == "serve"]
+    assert "emoqwen_jax.serve.app" in GRAPH and sorted(inside + outside) == []
 
 
 def test_eval_parts_import_one_way():
