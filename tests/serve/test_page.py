@@ -10,7 +10,9 @@ import pytest
 from serve_helpers import API_KEY
 
 CHROMEDRIVER, CHROMIUM = "/usr/bin/chromedriver", "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM)),
+# CI installs both (.ci/run): there a missing browser fails the test instead of skipping it.
+pytestmark = pytest.mark.skipif(not os.environ.get("CI") and not (os.path.exists(CHROMEDRIVER)
+                                                                  and os.path.exists(CHROMIUM)),
                                 reason="needs Debian's chromium and chromium-driver")
 
 
