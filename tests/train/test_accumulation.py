@@ -2,23 +2,18 @@
 ``num_items_in_batch``): the window's gradient is the gradient of the whole batch's token-mean loss, checked
 against one large batch; a non-finite micro-step is left out of its window."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from emoqwen_jax.model import EmotionQwen, ModelConfig
+from tiny_model import tiny_model
+
 from emoqwen_jax.tokens import IGNORE
 from emoqwen_jax.train.loss import loss_fn
-from emoqwen_jax.train.optim import AdamWState, make_optimizer, select_trainable, updates_applied
+from emoqwen_jax.train.optim import AdamWState, make_optimizer, updates_applied
 from emoqwen_jax.train.step import init_state, make_train_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
-import emotion_qwen  # noqa: E402
 
 B1 = 0.9
 # No clipping, no decay: Adam's first moment after an update from zero is exactly (1 - b1) x the gradient.
@@ -29,13 +24,7 @@ GRID = (1, 4, 4)  # one image per row pair: 16 patches, 4 merged tokens
 
 @pytest.fixture(scope="module")
 def setup():
-    mc = ModelConfig.from_run_config(emotion_qwen.get_config("tiny"))
-    model = EmotionQwen(mc, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    trainable = select_trainable(params, (r"^(compressor|language_model|visual)/",), expert_names=mc.expert_names,
-                                 expert_roles=mc.expert_roles)
-    return model, graphdef, params, trainable
+    return tiny_model((r"^(compressor|language_model|visual)/",))
 
 
 def _rows(mc, rng):

@@ -2,21 +2,14 @@
 no decay and no clipping, AdamW moves every entry by lr * g / (|g| + eps), so the largest move of a leaf is the
 applied rate. Through a warmup, a skipped (non-finite) step and gradient accumulation."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from tiny_model import tiny_model
 
-from emoqwen_jax.model import EmotionQwen, ModelConfig
-from emoqwen_jax.train.optim import make_optimizer, select_trainable, updates_applied
+from emoqwen_jax.train.optim import make_optimizer, updates_applied
 from emoqwen_jax.train.step import init_state, make_train_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
-import emotion_qwen  # noqa: E402
 
 HEAD = r"^language_model/lm_head/"
 SIGN_ADAM = {"b1": 0.0, "b2": 0.0, "eps": 1e-12, "weight_decay": 0.0, "clip_norm": 1e9}
@@ -24,11 +17,7 @@ SIGN_ADAM = {"b1": 0.0, "b2": 0.0, "eps": 1e-12, "weight_decay": 0.0, "clip_norm
 
 @pytest.fixture(scope="module")
 def tiny():
-    mc = ModelConfig.from_run_config(emotion_qwen.get_config("tiny"))
-    model = EmotionQwen(mc, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    trainable = select_trainable(params, (HEAD,), expert_names=mc.expert_names, expert_roles=mc.expert_roles)
+    model, graphdef, params, trainable = tiny_model((HEAD,))
     ids = np.random.default_rng(0).integers(10, 900, (2, 12)).astype(np.int32)
     batch = jax.tree.map(jnp.asarray, model.prepare_inputs(ids, labels=ids))
     return graphdef, params, trainable, batch
