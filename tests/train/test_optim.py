@@ -102,6 +102,37 @@ def test_donated_update_does_not_copy_the_moments():
     assert "f32[8,64,32]" in hlo
 
 
+
+def test_accumulate_tokens_is_the_token_weighted_mean_in_float64():
+    """Windows of 3 micro-steps with weights 5, 1, 0 / 2, (non-finite), 7 through an identity inner transform:
+    each window's update is sum(n_i g_i) / sum(n_i) over its finite micro-steps (numpy float64), zero
+    elsewhere; a window of weight 0 passes nothing on."""
+    def identity(g, applied, params=None, *, finite=True, **unused):  # counts the updates it was told to apply
+        return g, applied + jnp.asarray(finite, jnp.int32)
+
+    tx = accumulate_tokens(optax.GradientTransformationExtraArgs(lambda p: jnp.zeros([], jnp.int32), identity), 3)
+    p = _params()
+    update = jax.jit(lambda g, s, finite, w: tx.update(g, s, p, finite=finite, weight=w))
+    state = tx.init(p)
+    steps = [(5.0, True), (1.0, True), (0.0, True), (2.0, True), (3.0, False), (7.0, True), (0.0, True),
+             (4.0, False), (0.0, True)]
+    grads = [_grads(i, 1.0 + i) for i in range(len(steps))]
+    for i, ((w, finite), g) in enumerate(zip(steps, grads)):
+        if not finite:
+            g = jax.tree.map(lambda x: x.at[0].set(jnp.inf), g)
+        u, state = update(g, state, jnp.bool_(finite), jnp.float32(w))
+        window = range(i - 2, i + 1)
+        ok = [j for j in window if steps[j][1] and steps[j][0] > 0]
+        for key in ("w", "b", "experts"):
+            got = np.asarray(u[key], np.float64)
+            if i % 3 != 2 or not ok:
+                assert not got.any(), (i, key)
+                continue
+            want = sum(steps[j][0] * np.asarray(grads[j][key], np.float64) for j in ok) / sum(steps[j][0] for j in ok)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    assert int(state.mini_step) == 0 and float(state.tokens) == 0.0
+    assert int(state.inner) == 2  # the third window (weights 0, non-finite, 0) applied nothing
+
 # ---- weight decay by path ------------------------------------------------------------------------------------
 MODES = {"paper": {}, "token": dict(routing="token", num_experts=4, expert_names=(), top_k=2), "audio": {}}
 
