@@ -4,8 +4,9 @@ Two entry points:
   * ``model.forward(inputs)`` — the jittable core. ``inputs`` is the ``ModelInputs`` pytree of fixed-shape
     arrays built on the host by ``emoqwen_jax.layout.build_model_inputs`` (the trainer builds the same in its
     data pipeline with bucketed shapes); a flat dict of the same names is accepted too.
-  * ``model(input_ids=..., pixel_values=..., image_grid_thw=..., ...)`` — a Hugging Face-style call taking
-    numpy or jax arrays: it builds the layout on the host and runs a jitted ``forward``.
+  * ``model(input_ids=..., pixel_values=..., image_grid_thw=..., ..., labels=...)`` — a Hugging Face-style call
+    taking numpy or jax arrays: it builds the layout on the host and runs a jitted ``forward``. With ``labels``
+    the output carries ``.loss`` as transformers' models compute it (``model.cross_entropy``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from emoqwen_jax.model import sharding
 from emoqwen_jax.model.audio import AudioEncoder, AudioProjector, pooled_audio_per_item
 from emoqwen_jax.model.compressor import HybridCompressor, empty_aux
 from emoqwen_jax.model.config import ModelConfig
+from emoqwen_jax.model.cross_entropy import cross_entropy_sums, packed_targets, token_mean
 from emoqwen_jax.model.layers import Linear, as_dtype
 from emoqwen_jax.model.text import TextModel
 from emoqwen_jax.model.vision import VisionTransformer, from_window_order
@@ -39,6 +41,10 @@ class ModelOutput:
     aux_loss: Array  # float32[] weighted auxiliary losses of the compressor, to add to the LM loss
     aux: dict = dataclasses.field(default_factory=dict)  # lb_loss, z_loss, dropped_tokens, ... (for logging)
     rope_deltas: Array | None = None  # int32[B], HF's M-RoPE delta for decoding
+    # float32[]: with labels, the mean next-token cross-entropy over labelled targets (shifted, -100 ignored, as
+    # transformers' ``ForCausalLMLoss``) + ``aux_loss`` (as transformers' MoE models add their router loss);
+    # the value the trainer's ``loss_fn`` optimises. None without labels.
+    loss: Array | None = None
 
 
 def layout_spec(config: ModelConfig) -> layout.LayoutSpec:
@@ -138,34 +144,47 @@ class EmotionQwen(nnx.Module):
         return hidden, gate_weights, aux
 
     def forward(self, inputs: ModelInputs) -> ModelOutput:
-        """``ModelInputs`` (or the flat dict of its names) -> logits float32[B, L, V], gate weights, aux."""
+        """``ModelInputs`` (or the flat dict of its names) -> logits float32[B, L, V], gate weights, aux; and
+        ``loss`` when ``inputs`` carry labels (packed samples never predict the next sample's first token)."""
         inputs = ModelInputs.coerce(inputs)
         hidden, gate_weights, aux = self.hidden_states(inputs)
-        return ModelOutput(logits=self.language_model.logits(hidden), gate_weights=gate_weights,
-                           aux_loss=aux["aux_loss"], aux=aux, rope_deltas=inputs.text.rope_deltas)
+        logits = self.language_model.logits(hidden)
+        loss = None
+        if inputs.text.labels is not None:
+            total, count = cross_entropy_sums(logits, packed_targets(inputs.text.labels, inputs.text.segment_ids))
+            loss = token_mean(total, count) + aux["aux_loss"]
+        return ModelOutput(logits=logits, gate_weights=gate_weights, aux_loss=aux["aux_loss"], aux=aux,
+                           rope_deltas=inputs.text.rope_deltas, loss=loss)
 
     # ---- Hugging Face-style call ---------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
-                       input_features=None, feature_attention_mask=None, audio_lengths=None,
+                       input_features=None, feature_attention_mask=None, audio_lengths=None, labels=None,
                        **layout_kwargs) -> ModelInputs:
+        """The host layout of a Hugging Face-style call. ``labels`` int[B, L] (aligned with ``input_ids``, -100
+        where nothing is learned) travel with the text."""
         as_np = lambda x: None if x is None else np.asarray(x)  # noqa: E731
         if input_features is not None and not self.config.audio.enabled:
             raise ValueError("input_features given but this model has no audio encoder (model.audio.enabled=False)")
-        return layout.build_model_inputs(
+        if labels is not None and np.shape(labels) != np.shape(input_ids):
+            raise ValueError(f"labels has shape {np.shape(labels)}; it must match input_ids {np.shape(input_ids)}")
+        inputs = layout.build_model_inputs(
             as_np(input_ids), as_np(attention_mask), as_np(pixel_values), as_np(image_grid_thw),
             as_np(pixel_values_videos), as_np(video_grid_thw), as_np(second_per_grid_ts),
             spec=layout_spec(self.config), position_ids=as_np(position_ids), input_features=as_np(input_features),
             feature_attention_mask=as_np(feature_attention_mask), audio_lengths=as_np(audio_lengths),
             audio_spec=audio_spec(self.config), **layout_kwargs)
+        return inputs if labels is None else inputs.replace(labels=np.asarray(labels, np.int32))
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
-                 input_features=None, feature_attention_mask=None, audio_lengths=None,
+                 input_features=None, feature_attention_mask=None, audio_lengths=None, labels=None,
                  **layout_kwargs: Any) -> ModelOutput:
+        """Hugging Face-named inputs -> ``ModelOutput`` (``.logits``; ``.loss`` when ``labels`` int[B, L] are
+        given, as ``Qwen2_5_VLForConditionalGeneration(..., labels=labels).loss``)."""
         inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                                      video_grid_thw, second_per_grid_ts, position_ids, input_features,
-                                     feature_attention_mask, audio_lengths, **layout_kwargs)
+                                     feature_attention_mask, audio_lengths, labels, **layout_kwargs)
         return _jit_forward(self, inputs)
 
 

@@ -1,7 +1,9 @@
 """The training objective: next-token cross-entropy on labelled (assistant) tokens + compressor aux losses.
 
 ``labels`` int[B, L] are aligned with ``input_ids`` (HF convention): position i holds the token the model
-should produce *at* i, -100 where nothing is learned; the shift happens here.
+should produce *at* i, -100 where nothing is learned; the shift happens here. The value is the one the model's
+Hugging Face-style call returns as ``.loss`` (full logits, ``emoqwen_jax.model.cross_entropy``), computed without
+ever holding the [B, L, V] logits.
 """
 
 from __future__ import annotations
@@ -13,22 +15,10 @@ import jax.numpy as jnp
 
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.model.cross_entropy import cross_entropy_sums, packed_targets, token_mean  # noqa: F401 (re-exported)
 from emoqwen_jax.tokens import IGNORE
 
 LOSS_CHUNK = 256  # labelled positions per cross-entropy chunk: float32 [B, 256, V] logits at a time (156 MB at V=152k)
-
-
-def cross_entropy_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy and the number of labelled tokens (float32 scalars).
-
-    logits float[B, L, V] (any float dtype; computed in float32), labels int[B, L]."""
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    logits = logits[:, :-1].astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, logz - picked, 0.0)
-    return nll.sum(), valid.sum().astype(jnp.float32)
 
 
 @jax.custom_vjp
@@ -100,23 +90,15 @@ def chunked_cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], ja
     return total, count.sum().astype(jnp.float32)
 
 
-def packed_targets(labels: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """int[B, L]: ``labels`` with each packed sample's first token made IGNORE (None: ``labels``), so no sample
-    learns to predict the next one's first token — alone in its row that token is never a target either."""
-    if segment_ids is None:
-        return labels
-    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-    return jnp.where(starts, IGNORE, labels)
-
-
 def loss_fn(model: EmotionQwen, batch: ModelInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean token loss (chunked: no [B, L, V] logits) + the compressor's weighted aux loss; metrics for logging.
-    ``batch`` carries labels."""
+    ``batch`` carries labels. ``metrics["tokens"]`` (labelled targets) is the weight gradient accumulation gives
+    this micro-batch (``emoqwen_jax.train.optim.accumulate_tokens``)."""
     batch = ModelInputs.coerce(batch)
     hidden, gate_weights, aux = model.hidden_states(batch)
     targets = packed_targets(batch.text.labels, batch.text.segment_ids)
     total, count = chunked_cross_entropy_sums(hidden, model.language_model.logits, targets)
-    lm_loss = total / jnp.maximum(count, 1.0)
+    lm_loss = token_mean(total, count)
     loss = lm_loss + aux["aux_loss"]
     valid = (jnp.zeros((0,), jnp.float32) if batch.vision is None
              else batch.vision.item_valid.astype(jnp.float32))

@@ -10,6 +10,9 @@ expert appears under a virtual path ``compressor/experts/<param>/<expert name>``
 ``compressor/experts/mlp_0_kernel/emotion``); stages select experts by role instead (``ROLES``), so the same
 preset freezes the general expert whatever E is. Fully frozen leaves go to ``optax.set_to_zero()``: no Adam
 moments at all.
+
+Weight decay follows the parameter's name (``decay_mask``), gradient accumulation weighs micro-batches by their
+labelled tokens (``accumulate_tokens``); docs/training_math.md states both.
 """
 
 from __future__ import annotations
@@ -31,6 +34,35 @@ ROLES = ("general", "emotion", "routed", "gate")
 
 def path_str(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+# Weight decay is decided by a parameter's name, never by its rank: the stacked experts' biases and norm scales
+# ([E, d]) are 2-D, and a layer-stacked model would make every norm scale 2-D.
+DECAYED_NAMES = re.compile(r"(^|_)kernel$|^(embed_tokens|embed_positions|lora_a|lora_b)$")
+BIAS_NAMES = re.compile(r"(^|_)bias$")
+NORM_SCALE_NAMES = re.compile(r"^ln_\w*weight$|^(weight|scale)$")  # a norm's scale: ln_q_weight, or <norm>/weight
+
+
+def decays(path: str) -> bool:
+    """Whether weight decay applies to the parameter at ``path`` ('/'-joined, e.g.
+    ``language_model/layers/0/mlp/up_proj/kernel``): kernels (dense, convolution, stacked experts'), embeddings
+    and LoRA factors yes; biases and norm scales no (as transformers' Trainer leaves out biases and norms)."""
+    *parents, name = path.split("/")
+    if BIAS_NAMES.search(name):
+        return False
+    if NORM_SCALE_NAMES.search(name) and (name.startswith("ln_") or (parents and "norm" in parents[-1])):
+        return False
+    if DECAYED_NAMES.search(name):
+        return True
+    raise ValueError(f"parameter {path!r}: no weight-decay rule for the name {name!r}; decay_mask knows kernels "
+                     f"(*kernel), embeddings (embed_tokens, embed_positions), LoRA factors (lora_a, lora_b), biases "
+                     f"(*bias) and norm scales (weight of a *norm* module, ln_*weight)")
+
+
+def decay_mask(params: Any) -> Any:
+    """A Python bool per leaf of ``params`` (a pure state dict, or optax's masked view of one): True where AdamW
+    applies weight decay (``decays`` of the leaf's path). The ``mask`` of ``adamw`` (ours or optax's)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path_str(path)), params)
 
 
 # Never trained, whatever a stage says: Whisper's fixed sinusoidal positions (HF keeps them requires_grad=False).
@@ -168,9 +200,12 @@ class AdamWState(NamedTuple):
 
 
 def adamw(learning_rate: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.0, clip_norm: float = 1.0) -> optax.GradientTransformationExtraArgs:
+          weight_decay: float = 0.0, clip_norm: float = 1.0, mask: Any = None
+          ) -> optax.GradientTransformationExtraArgs:
     """Global-norm clipping + AdamW in one transform: the arithmetic of optax's ``chain(clip_by_global_norm,
-    adamw(mask=ndim >= 2))`` (decay on matrices only), laid out for memory traffic.
+    adamw(mask=mask))``, laid out for memory traffic. ``mask``: where weight decay applies, as optax's — a tree
+    of Python bools shaped like the params, or a callable params -> such a tree (``decay_mask``); None: every
+    leaf.
 
     ``update(grads, state, params, *, finite=True, grad_norm=None)``. ``finite`` False (the step's non-finite
     skip) leaves the state as it was and returns zero updates; ``grad_norm`` is the gradients' global norm when
@@ -201,49 +236,109 @@ def adamw(learning_rate: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999, 
         count = optax.safe_increment(state.count)
         step_size = -learning_rate(state.count)
 
-        def param_update(m, v, p):
+        def param_update(m, v, p, decayed):
             u = (m / (1 - b1 ** count).astype(m.dtype)) / (jnp.sqrt(v / (1 - b2 ** count).astype(v.dtype)) + eps)
-            if weight_decay and p.ndim >= 2:
+            if weight_decay and decayed:
                 u = u + weight_decay * p
             return jnp.where(finite, jnp.asarray(step_size, u.dtype) * u, jnp.zeros_like(u))
 
-        updates = jax.tree.map(param_update, mu, nu, params)
+        decay = mask(params) if callable(mask) else mask
+        decay = jax.tree.map(lambda _: True, params) if decay is None else decay
+        updates = jax.tree.map(param_update, mu, nu, params, decay)
         return updates, AdamWState(count=jnp.where(finite, count, state.count), mu=mu, nu=nu)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """``inner`` (gradient accumulation: ``optax.MultiSteps``) with the whole state kept and zero updates on a
-    non-finite step; the micro-step's ``grad_norm`` is not passed on (the inner transform clips the accumulated
-    gradient by its own norm)."""
+class AccumulationState(NamedTuple):
+    mini_step: jax.Array  # int32: micro-steps taken in the current window (0 .. k-1)
+    tokens: jax.Array  # float32: summed weight (labelled tokens) of the window's finite micro-batches
+    grads: Any  # sum over the window's finite micro-batches of weight x gradient, shaped like the trained params
+    inner: Any  # the inner transform's state
 
-    def update(grads, state, params=None, *, finite=True, grad_norm=None, **unused):
-        del grad_norm, unused
-        updates, new = inner.update(grads, state, params, finite=finite)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        return jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates), new
 
-    return optax.GradientTransformationExtraArgs(inner.init, update)
+def accumulate_tokens(inner: optax.GradientTransformationExtraArgs, every_k: int
+                      ) -> optax.GradientTransformationExtraArgs:
+    """Gradient accumulation over windows of ``every_k`` micro-steps, each micro-batch weighted by its labelled
+    tokens, as transformers' Trainer does with ``num_items_in_batch``: the gradient ``inner`` gets at a window's
+    last micro-step is ``sum_i n_i g_i / sum_i n_i`` (``g_i`` the gradient of micro-batch i's token-mean loss,
+    ``n_i`` its labelled tokens), which is the gradient of the token-mean loss over the window's whole batch.
+
+    ``update(grads, state, params, *, finite=True, weight=1.0, **unused)``; ``weight`` is ``n_i``. A non-finite
+    micro-step (``finite`` False) is left out of its window: neither its gradient nor its tokens are added, and
+    the window still closes at its k-th micro-step with the token mean over its finite micro-batches (windows
+    stay aligned with the micro-step count). A window without a finite micro-batch (or without a labelled
+    token) applies no update: ``inner`` keeps its state, as on a skipped step without accumulation. Updates are
+    zero except at a window's last micro-step."""
+    if every_k < 1:
+        raise ValueError(f"grad_accum={every_k}; it must be >= 1")
+
+    def init(params):
+        return AccumulationState(mini_step=jnp.zeros([], jnp.int32), tokens=jnp.zeros([], jnp.float32),
+                                 grads=jax.tree.map(jnp.zeros_like, params), inner=inner.init(params))
+
+    def update(grads, state, params=None, *, finite=True, weight=1.0, **unused):
+        del unused
+        finite = jnp.asarray(finite)
+        weight = jnp.where(finite, jnp.asarray(weight, jnp.float32), 0.0)
+        acc = jax.tree.map(lambda a, g: jnp.where(finite, a + weight.astype(g.dtype) * g, a), state.grads, grads)
+        tokens = state.tokens + weight
+        closes = state.mini_step == every_k - 1
+
+        def apply(acc, inner_state):
+            mean = jax.tree.map(lambda a: a / jnp.maximum(tokens, 1e-30).astype(a.dtype), acc)
+            norm = optax.global_norm(mean)
+            return inner.update(mean, inner_state, params, finite=(tokens > 0) & jnp.isfinite(norm), grad_norm=norm)
+
+        def wait(acc, inner_state):
+            return jax.tree.map(jnp.zeros_like, acc), inner_state
+
+        updates, new_inner = jax.lax.cond(closes, apply, wait, acc, state.inner)
+        zero = lambda x: jnp.where(closes, jnp.zeros_like(x), x)  # noqa: E731 (a closed window starts afresh)
+        return updates, AccumulationState(mini_step=jnp.where(closes, 0, state.mini_step + 1), tokens=zero(tokens),
+                                          grads=jax.tree.map(zero, acc), inner=new_inner)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _find(opt_state: Any, kind: type) -> list:
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kind)) if isinstance(s, kind)]
+
+
+def accumulates(opt_state: Any) -> bool:
+    """Whether the optimiser state holds a gradient-accumulation window (``accumulate_tokens``)."""
+    return bool(_find(opt_state, AccumulationState))
+
+
+def updates_applied(opt_state: Any) -> jax.Array:
+    """int32[]: the updates ``make_optimizer``'s transform has applied (AdamW's count): the schedule's step of
+    the next update."""
+    found = _find(opt_state, AdamWState)
+    if len(found) != 1:
+        raise ValueError(f"the optimiser state holds {len(found)} AdamW states; make_optimizer's holds one")
+    return found[0].count
 
 
 def make_optimizer(opt: Mapping[str, Any], num_steps: int, trainable: Trainable
                    ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """AdamW (+ global-norm clipping over the trainable leaves) for 'trainable', ``set_to_zero`` for 'frozen';
     frozen experts of a trainable stacked leaf get zero updates. The transform's ``update`` takes the step's
-    ``finite`` flag and ``grad_norm`` (see ``adamw``): on a non-finite step its state stays as it was.
+    ``finite`` flag, ``grad_norm`` (see ``adamw``) and ``weight`` (the micro-batch's labelled tokens, see
+    ``accumulate_tokens``): on a non-finite step its state stays as it was (with accumulation: the micro-batch
+    is left out of its window).
 
     ``opt``: learning_rate, b1, b2, eps, weight_decay, clip_norm, warmup_fraction, end_lr_fraction,
-    grad_accum (micro-batches per update: ``optax.MultiSteps`` inside the trainable branch, so its gradient
+    grad_accum (micro-batches per update: ``accumulate_tokens`` inside the trainable branch, so its gradient
     accumulators exist only for trainable leaves). ``num_steps`` counts optimiser updates. Weight decay
-    applies to matrices only (not biases or norm scales), as HF's Trainer does.
+    applies by name (``decay_mask``): kernels and embeddings, never biases or norm scales.
     """
     lr = schedule(opt, num_steps)
     trained = optax.chain(
         adamw(lr, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.95)), eps=float(opt.get("eps", 1e-8)),
-              weight_decay=float(opt.get("weight_decay", 0.1)), clip_norm=float(opt.get("clip_norm", 1.0))),
+              weight_decay=float(opt.get("weight_decay", 0.1)), clip_norm=float(opt.get("clip_norm", 1.0)),
+              mask=decay_mask),
         mask_expert_updates(trainable.expert_masks))
     accum = int(opt.get("grad_accum", 1))
     if accum > 1:
-        trained = skip_nonfinite(optax.MultiSteps(trained, every_k_schedule=accum))
+        trained = accumulate_tokens(trained, accum)
     return optax.multi_transform({"trainable": trained, "frozen": optax.set_to_zero()}, trainable.labels), lr

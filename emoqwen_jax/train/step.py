@@ -16,7 +16,9 @@ from flax import nnx
 
 from emoqwen_jax.model.lora import dropout_key
 from emoqwen_jax.train.loss import loss_fn
-from emoqwen_jax.train.optim import Trainable, freeze_experts, path_str
+from emoqwen_jax.train.optim import Trainable, accumulates, freeze_experts, path_str, updates_applied
+
+LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @jax.tree_util.register_dataclass
@@ -38,31 +40,45 @@ def _frozen_stop_gradient(params: dict, trainable: Trainable) -> dict:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs, trainable: Trainable,
-                    schedule: Callable, grad_accum: int = 1):
+                    schedule: Callable, grad_accum: int = 1, loss: LossFn = loss_fn):
     """Returns ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donated state). ``tx`` is
-    ``make_optimizer``'s: its update takes ``finite`` and ``grad_norm`` and keeps its state on a skipped step."""
+    ``make_optimizer``'s: its update takes ``finite``, ``grad_norm`` and ``weight`` and keeps its state on a
+    skipped step.
+
+    ``loss(model, batch) -> (scalar, metrics)`` is the objective (default: the next-token ``loss_fn``); its
+    ``metrics["tokens"]``, when present, weighs the micro-batch in gradient accumulation (else every micro-batch
+    weighs 1). ``metrics["lr"]`` is the learning rate of the update this step applies — on a micro-step that
+    only accumulates, the one its window's update will use; on a skipped step, the one it would have used:
+    ``schedule`` at the count of updates applied before it (the optimiser's own step)."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        if accumulates(state.opt_state) != (grad_accum > 1):
+            raise ValueError(f"make_train_step(grad_accum={grad_accum}) with an optimiser that "
+                             f"{'accumulates' if grad_accum == 1 else 'does not accumulate'}; pass the "
+                             f"optimizer's grad_accum to both make_optimizer and make_train_step")
+
         def loss_of(params):
             model = nnx.merge(graphdef, _frozen_stop_gradient(params, trainable))
             # A fresh dropout mask every micro-step, reproducible on resume (models without adapters ignore it).
             with dropout_key(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)):
-                return loss_fn(model, batch)
+                return loss(model, batch)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (value, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         masked = jax.tree.map(lambda g, lab: g if lab == "trainable" else jnp.zeros((), g.dtype), grads,
                               trainable.labels)
         grad_norm = optax.global_norm(masked)  # frozen experts of a stacked leaf already have zero gradient
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        lr = schedule(updates_applied(state.opt_state))
         # The optimiser applies the non-finite skip to its own state (make_optimizer: in place, one pass per
-        # moment); the parameters' select fuses into their update.
-        updates, new_opt = tx.update(grads, state.opt_state, state.params, finite=finite, grad_norm=grad_norm)
-        new_params = jax.tree.map(lambda p, u: jnp.where(finite, jnp.asarray(p + u).astype(p.dtype), p),
-                                  state.params, updates)
+        # moment) and returns exact zeros when it applies no update. The parameters take its updates as they
+        # come: with accumulation a window's update (made of its finite micro-batches) may land on a non-finite
+        # micro-step.
+        updates, new_opt = tx.update(grads, state.opt_state, state.params, finite=finite, grad_norm=grad_norm,
+                                     weight=metrics.get("tokens", jnp.ones((), jnp.float32)))
+        new_params = jax.tree.map(lambda p, u: jnp.asarray(p + u).astype(p.dtype), state.params, updates)
         state = TrainState(params=new_params, opt_state=new_opt,
                            step=state.step + 1, nonfinite=jnp.where(finite, 0, state.nonfinite + 1), rng=state.rng)
-        metrics = dict(metrics, grad_norm=grad_norm, finite=finite, nonfinite_in_a_row=state.nonfinite,
-                       lr=schedule(state.step // grad_accum))
+        metrics = dict(metrics, grad_norm=grad_norm, finite=finite, nonfinite_in_a_row=state.nonfinite, lr=lr)
         return state, metrics
 
     return train_step
