@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tolerance import rel_err  # noqa: F401  (O.rel_err in the parity tests)
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 IMAGE, VIDEO, VSTART, VEND = 500, 501, 502, 503
@@ -116,10 +117,3 @@ def hf_logits(model, input_ids, attention_mask, position_ids=None, **vision) -> 
                     position_ids=None if position_ids is None else torch.as_tensor(np.asarray(position_ids, np.int64)),
                     mm_token_type_ids=torch.as_tensor(mm_token_type_ids(input_ids)), **kwargs)
     return out.logits.float().numpy()
-
-
-def rel_err(ours, ref, mask=None) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    if mask is not None:
-        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
