@@ -73,7 +73,8 @@ def test_cached_decoding_equals_uncached_with_audio(audio_model):
         one = np.asarray(m(np.asarray([seq]), **per_row[b]).logits[0])
         step_logits = one[len(row) - 1:len(seq) - 1]
         top2 = np.sort(step_logits, -1)[:, -2:]
-        assert (top2[:, 1] - top2[:, 0]).min() > 1e-4
+        # no near-tie: the top-2 gap is 10x the cached-vs-uncached bound above, so equal argmax is meaningful
+        assert (top2[:, 1] - top2[:, 0]).min() > 1e-4 * np.abs(step_logits).max()
         np.testing.assert_array_equal(out.tokens[b], step_logits.argmax(-1))
 
 
