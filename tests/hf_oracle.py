@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tolerance import rel_err  # noqa: F401  (O.rel_err in the parity tests)
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 IMAGE, VIDEO, VSTART, VEND = 500, 501, 502, 503
@@ -118,8 +119,22 @@ def hf_logits(model, input_ids, attention_mask, position_ids=None, **vision) -> 
     return out.logits.float().numpy()
 
 
-def rel_err(ours, ref, mask=None) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    if mask is not None:
-        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+def assert_hf_generate_equals(hf, got, input_ids, attention_mask, pad_id: int, **inputs) -> np.ndarray:
+    """Greedy ``hf.generate`` on left-padded prompts (no positions or token types given: the model works them
+    out) gives ``got`` (our ``GenerationOutput``: tokens int[B, n] padded with ``pad_id`` after a stop) with a
+    top-2 logit margin > 0.01 at every live step, so equal tokens are not a float coincidence. Returns HF's
+    tokens int[B, <= n]."""
+    n = got.tokens.shape[1]
+    hf.model.rope_deltas = None
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask),
+                          max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          **{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
+    ref = out.sequences[:, input_ids.shape[1]:].numpy()
+    top2 = np.sort(torch.stack(out.logits, 1).numpy(), -1)[..., -2:]
+    live = np.arange(ref.shape[1])[None] < got.num_tokens[:, None]
+    assert (top2[..., 1] - top2[..., 0])[live].min() > 0.01
+    padded = np.full((len(input_ids), n), pad_id, np.int64)
+    padded[:, :ref.shape[1]] = ref
+    np.testing.assert_array_equal(got.tokens, padded)
+    return ref

@@ -10,6 +10,12 @@ weights are written: a run stopped between the two finishes the stage from that 
 Resume order (read by the trainer): latest checkpoint -> its stage -> rebuild that stage's optimiser ->
 restore state into the stage's abstract shapes and shardings -> restore the data iterators -> continue at the
 next micro-step. Stages that finished before it are skipped; their final weights are on disk.
+
+A data iterator's state belongs to one data shard (the shard index and count fix which samples it reads), so the
+meta also records the data layout (``data_layout``): the global shard count and each process's shard indices. A
+restart whose layout differs (another ``data.num_shards``, or another device or process count with
+``data.num_shards=-1`` or 0) stops before any compute (``check_data_layout``) instead of feeding a saved state to
+another slice of the data.
 """
 
 from __future__ import annotations
@@ -21,6 +27,33 @@ import grain
 import orbax.checkpoint as ocp
 
 from emoqwen_jax import storage
+
+
+def data_layout(num_shards: int, process_count: int) -> dict:
+    """The layout a run's iterator states belong to: ``num_shards`` global data shards, process p reading shards
+    [p * n / P, (p + 1) * n / P) (``shard_ids[p]``; the trainer requires n to be a multiple of P). Stored in every
+    checkpoint's meta as ``data_layout``."""
+    per = num_shards // process_count
+    return {"num_shards": num_shards, "process_count": process_count,
+            "shard_ids": [list(range(p * per, (p + 1) * per)) for p in range(process_count)]}
+
+
+def check_data_layout(saved: dict | None, current: dict, *, setting: int, step: int) -> None:
+    """Stops a resume that would restore iterator states into other data shards: ValueError naming the
+    ``data.num_shards`` (and process count) that gives the checkpoint's layout. ``saved``: the checkpoint meta's
+    ``data_layout`` (None: a checkpoint written before layouts were recorded, not checked); ``setting``: this
+    run's ``config.data.num_shards``."""
+    if saved is None or (saved["num_shards"], saved["shard_ids"]) == (current["num_shards"], current["shard_ids"]):
+        return
+    n, processes = saved["num_shards"], saved["process_count"]
+    fix = f"--config.data.num_shards={n}"
+    if processes != current["process_count"]:
+        fix += f" on {processes} processes (JAX_NUM_PROCESSES or --config.distributed.num_processes={processes})"
+    raise ValueError(
+        f"checkpoint {step} holds the data iterators of {n} data shards over {processes} process(es) (shards "
+        f"{saved['shard_ids']} by process), but this run reads {current['num_shards']} shards over "
+        f"{current['process_count']} (data.num_shards={setting} on this mesh and process count): the saved "
+        f"iterator states would read other slices of the data. Resume with {fix}, or start a new workdir")
 
 
 class ShardIterators:

@@ -47,7 +47,7 @@ from emoqwen_jax.parallel import hosts
 from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
 from emoqwen_jax.parallel.rules import batch_devices as count_batch_devices, input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
-from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators
+from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators, check_data_layout, data_layout
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.preemption import PreemptionWatch, watch_maintenance_events
@@ -176,6 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             if is_model_dir(stage_dir) and (resumed is None or finished):
                 params, previous = None, stage_dir  # loaded only if a later stage runs
                 continue
+            if resumed is not None:  # before any compute: the saved iterator states must get their own shards
+                check_data_layout(resumed.get("data_layout"),
+                                  data_layout(stage_num_shards(config, name, mesh), jax.process_count()),
+                                  setting=int(config.data.get("num_shards", 0)), step=int(resumed["global_step"]))
             if params is None:
                 params = load_stage_params(previous, mcfg, mesh) if previous else \
                     initial_params(config, mcfg, shardings, mesh)
@@ -282,8 +286,8 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
     batch_devices = count_batch_devices(mesh)
     num_shards = stage_num_shards(config, name, mesh)
     shard_batch_size = sc.batch_size // num_shards
-    per_process = num_shards // processes
-    shard_ids = list(range(pid * per_process, (pid + 1) * per_process))
+    layout = data_layout(num_shards, processes)  # recorded in every checkpoint, checked on resume
+    shard_ids = layout["shard_ids"][pid]
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     data_cfg.update(batch_size=shard_batch_size, max_length=sc.max_length)
     sources = load_sources(resolve_mixture(sc.mixture, workdir))
@@ -374,7 +378,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
             preempted = preemption.reached(global_step)  # every host, every step: they agree on the step
             due = (micro + 1) % ckpt.every_steps == 0 and int(jax.device_get(state.nonfinite)) == 0
             if due or done or preempted:  # the stage's final step is always checkpointed
-                meta = {"stage": name, "stage_step": micro + 1, "global_step": global_step}
+                meta = {"stage": name, "stage_step": micro + 1, "global_step": global_step, "data_layout": layout}
                 ckpt.save(global_step, state, meta, iterators, force=done or preempted)
             if preempted:
                 ckpt.wait()

@@ -1,6 +1,6 @@
 """Audio through the export: a model with an audio encoder (attached from a saved HF Qwen2AudioEncoder) is
 written with ``to_hf``; transformers loads it with the remote code and gives our logits (1e-4) with a video
-and its audio in the prompt, and JAX -> HF -> JAX is bit-identical."""
+and its audio in the prompt, greedy ``generate`` gives our tokens, and JAX -> HF -> JAX is bit-identical."""
 
 import jax
 import numpy as np
@@ -14,9 +14,11 @@ import hf_oracle as O
 from emoqwen_jax.convert import from_hf, to_hf
 from emoqwen_jax.convert.audio import attach_audio
 from emoqwen_jax.data.tokenizer import tokenizer_info
+from emoqwen_jax.infer import SamplingConfig, generate, left_pad
 
 TOL = 1e-4
 TOK = tokenizer_info(512)
+STOP, PAD = (TOK.im_end_id, TOK.endoftext_id), TOK.endoftext_id
 ENC = dict(num_mel_bins=16, d_model=24, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=40,
            max_source_positions=25)  # 50-frame windows, 12 tokens each
 GRID = (2, 4, 6)
@@ -112,3 +114,33 @@ def test_export_refuses_what_it_cannot_carry(export, tmp_path):
                                                                               position_rule="interleave"))
     with pytest.raises(ValueError, match="position_rule"):
         check_format(interleaved, "emotion_qwen")
+
+
+def test_generate_matches_jax_greedy_with_audio(export):
+    """transformers' ``generate`` on the export takes the audio inputs (prefill only) and gives our greedy
+    tokens for left-padded video + audio and audio-only prompts."""
+    model, _, hf = export
+    ids, feats, mask, vision, lengths = _inputs()
+    short = [5, 6, TOK.audio_bos_id] + [TOK.audio_id] * 7 + [TOK.audio_eos_id, 8]  # one window, 30 frames
+    rows = [ids[0].tolist(), short]
+    feats = np.concatenate([feats, np.random.default_rng(6).standard_normal((1,) + feats.shape[1:]).astype(np.float32)])
+    mask = np.concatenate([mask, (np.arange(50) < 30).astype(np.int64)[None]])
+    audio = dict(input_features=feats, feature_attention_mask=mask, audio_lengths=np.array(lengths + [[1, 7]]))
+    ids, attention = left_pad(rows, PAD)
+    n = 6
+    got = generate(model, ids, attention, sampling=SamplingConfig(max_new_tokens=n, stop_ids=STOP, pad_id=PAD),
+                   **vision, **audio)
+    ref = O.assert_hf_generate_equals(hf, got, ids, attention, PAD, **vision, **audio)
+    # the audio steers the answer: other sounds, other tokens (so the test sees the audio reach generate)
+    with torch.no_grad():
+        other = hf.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(attention),
+                            max_new_tokens=n, do_sample=False,
+                            **{k: torch.as_tensor(np.asarray(v)) for k, v in vision.items()},
+                            input_features=torch.as_tensor(-feats), feature_attention_mask=torch.as_tensor(mask),
+                            audio_lengths=torch.as_tensor(audio["audio_lengths"]))
+    other = other[:, ids.shape[1]:].numpy()
+    assert other.shape != ref.shape or (other != ref).any()
+    with pytest.raises(ValueError, match="audio_lengths"):  # lengths that disagree with the masks
+        hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(attention),
+           **{k: torch.as_tensor(np.asarray(v)) for k, v in {**vision, **audio}.items() if k != "audio_lengths"},
+           audio_lengths=torch.as_tensor([[2, 19], [1, 6]]))

@@ -11,6 +11,7 @@ from flax import nnx
 import hf_oracle as O
 from emoqwen_jax.convert import config_from_hf, from_hf
 from emoqwen_jax.checkpoint import load_model, save_model
+from tolerance import assert_close_rel
 
 
 @pytest.fixture(scope="module")
@@ -121,5 +122,4 @@ def test_scale_mode_import_initialises_router_and_perturbs_experts(hf_dir):
     ids, mask = O.pad_batch([[7] + O.image_tokens((1, 4, 4)) + [9]])
     vision = dict(pixel_values=O.pixels((1, 4, 4), 0), image_grid_thw=np.array([(1, 4, 4)]))
     base = from_hf(str(hf_dir), compressor={"num_experts": 1, "expert_names": ()})
-    np.testing.assert_allclose(np.asarray(plain(ids, mask, **vision).logits), np.asarray(base(ids, mask, **vision).logits),
-                               rtol=1e-5, atol=1e-5)
+    assert_close_rel(plain(ids, mask, **vision).logits, base(ids, mask, **vision).logits, 1e-5, what="logits")

@@ -8,6 +8,7 @@ from skimage import data as skdata
 from data_helpers import conv
 from emoqwen_jax.data import faces, manifests, video_io, vision
 from emoqwen_jax.data.process import SampleProcessor
+from tolerance import assert_close_rel
 
 
 @pytest.fixture(scope="module")
@@ -80,4 +81,4 @@ def test_extra_fusion_adds_canvas_tokens_after_frame_tokens(astronaut, tmp_path,
             canvas = faces.face_canvas(small, faces.make_detector("haar", 1.1, 5, 12)(small))
             _, gh, gw = grids[0]
             x = vision.resize_frames(np.stack([canvas] * 2), gh * 14, gw * 14)
-            np.testing.assert_allclose(canvas_part, vision.to_patches(x)[0], rtol=0, atol=1e-5)
+            assert_close_rel(canvas_part, vision.to_patches(x)[0], 1e-6, what="face canvas")

@@ -18,6 +18,7 @@ import PIL.Image
 import pytest
 import torch
 import transformers.models.qwen2_vl as qwen2_vl_pkg
+from tolerance import assert_close_rel
 from transformers import Qwen2VLImageProcessorPil
 
 from emoqwen_jax.data import vision
@@ -81,7 +82,7 @@ def test_distinct_frames_equal_image_processor_on_temporal_pairs(seed, shape):
         expected.append(row.reshape(units, -1))
     expected = np.concatenate(expected)
     np.testing.assert_array_equal(out["video_grid_thw"][0], [len(frames) // 2, *refs[0]["image_grid_thw"][0, 1:]])
-    np.testing.assert_allclose(out["pixel_values_videos"], expected, rtol=0, atol=1e-5)
+    assert_close_rel(out["pixel_values_videos"], expected, 1e-6, what="frame pairs")
 
 
 def test_distinct_frames_equal_hf_video_patchify():
@@ -93,7 +94,7 @@ def test_distinct_frames_equal_hf_video_patchify():
     video = torch.from_numpy(np.stack(capture.frames))[None]  # float32[1, T, C, H, W]
     patches, gt, gh, gw = hf_video_patchify()(None, video, patch_size=14, merge_size=2, temporal_patch_size=2)
     np.testing.assert_array_equal(out["video_grid_thw"][0], [gt, gh, gw])
-    np.testing.assert_allclose(out["pixel_values_videos"], patches[0].numpy(), rtol=0, atol=1e-5)
+    assert_close_rel(out["pixel_values_videos"], patches[0].numpy(), 1e-6, what="HF video patchify")
     # A frame swapped inside a temporal pair must change the rows: the check sees the temporal order.
     swapped = _ours(frames[[1, 0, 2, 3, 4, 5]])["pixel_values_videos"]
     assert np.abs(swapped - out["pixel_values_videos"]).max() > 0.1

@@ -12,6 +12,7 @@ from flax import nnx
 
 import torch_load as TL
 from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model
+from tolerance import assert_close_rel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
@@ -63,7 +64,7 @@ def test_audio_tokens_are_projected_encoder_features(model):
     enc = nnx.jit(lambda m, f, k: m.audio_projector(m.audio_tower(f, k)))(model, jnp.asarray(feats), jnp.asarray(mask))
     expected = np.asarray(enc).reshape(-1, cfg.text.hidden_size)[:n]
     where = ids[0] == cfg.audio.audio_token_id
-    np.testing.assert_allclose(embeds[0, where], expected, rtol=1e-5, atol=1e-6)
+    assert_close_rel(embeds[0, where], expected, 1e-5, what="audio embeddings")
     table = np.asarray(model.language_model.embed_tokens[...])
     np.testing.assert_array_equal(embeds[0, ~where], table[ids[0, ~where]])
 
@@ -126,7 +127,7 @@ def test_pooled_audio_per_item_matches_a_loop():
     want = np.zeros((4, 5), np.float32)
     want[0] = audio[[0, 1, 2]].mean(0)  # item 0 is in row 0
     want[2] = audio[[5, 6, 7, 8, 9]].mean(0)  # item 1 (row 1) has no audio; item 2 is in row 2; item 3 padding
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert_close_rel(got, want, 1e-6, what="pooled audio")
 
 
 def test_gate_takes_pooled_audio():
@@ -154,5 +155,5 @@ def test_gate_takes_pooled_audio():
     no_audio = np.asarray(nnx.jit(lambda m, x: m.forward(x).gate_weights)(model, model.prepare_inputs(
         np.asarray([[5, cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id, 6]]),
         **vision)))
-    np.testing.assert_allclose(gate(0), no_audio, rtol=1e-6, atol=1e-7)  # zero-initialised: as without audio
+    assert_close_rel(gate(0), no_audio, 1e-6, what="gate")  # zero-initialised: as without audio
     assert np.abs(gate(0, 0.5) - gate(1)).max() > 1e-4  # trained: other sound, other expert weights

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from tolerance import assert_close_rel
 
 from emoqwen_jax.model import moe
 from emoqwen_jax.model.moe_dispatch import token_moe
@@ -81,7 +82,7 @@ def test_dispatch_matches_float64_reference(dispatch, capacity_factor, t):
     cap = None if dropless else moe.capacity(group_size, E, K, capacity_factor)
     ref_y, ref_assign, ref_tokens = numpy_reference(x, logits, valid, w, cap, group_size)
     y, _, counts = run(x, logits, valid, w, dispatch, capacity_factor, group_size)
-    np.testing.assert_allclose(np.asarray(y, np.float64), ref_y, rtol=1e-5, atol=1e-6)
+    assert_close_rel(y, ref_y, 1e-5, what=dispatch)
     assert int(counts["dropped_assignments"]) == ref_assign
     assert int(counts["dropped_tokens"]) == ref_tokens
     if dropless:
@@ -103,7 +104,7 @@ def test_capacity_is_per_group():
     x, logits, valid, w = make_inputs(64)
     y, _, _ = run(x, logits, valid, w, "einsum", 1.0, 16)
     y2, _, _ = run(x[16:32], logits[16:32], valid[16:32], w, "einsum", 1.0, 16)
-    np.testing.assert_allclose(np.asarray(y)[16:32], np.asarray(y2), rtol=1e-5, atol=1e-6)  # matmul rounding
+    assert_close_rel(np.asarray(y)[16:32], y2, 1e-5, what="group alone")  # matmul rounding
     np.testing.assert_array_equal(np.asarray(y)[16:32] == 0, np.asarray(y2) == 0)  # the same dropped tokens
 
 
@@ -224,7 +225,7 @@ def test_compact_path_skips_padding_with_the_same_result_and_gradients():
     assert int(used.sum()) == int(keep.sum())
     ref_y, ref_assign, _ = numpy_reference(x, logits, valid, w, cap, group_size)
     y, _, counts = run(x, logits, valid, w, "einsum", factor, group_size)
-    np.testing.assert_allclose(np.asarray(y, np.float64), ref_y, rtol=1e-5, atol=1e-6)
+    assert_close_rel(y, ref_y, 1e-5, what="compact")
     assert int(counts["dropped_assignments"]) == ref_assign > 0
 
     def loss(path):
@@ -242,7 +243,7 @@ def test_compact_path_skips_padding_with_the_same_result_and_gradients():
     (got, got_grads), (want, want_grads) = loss("compact")(*args), loss("grouped")(*args)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     for g, r in zip(got_grads, want_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+        assert_close_rel(g, r, 1e-5, what="gradient")
 
 
 def test_ragged_all_to_all_branch_traces_differentiates_and_lowers(monkeypatch):

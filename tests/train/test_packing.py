@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close_rel
 
 from emoqwen_jax.data.manifests import load_manifest
 from emoqwen_jax.data.packing import merge_row
@@ -91,8 +92,8 @@ def test_packed_loss_and_gradients_equal_unpacked(setup):
         for k in range(2):
             where = seg[row] == k + 1
             n = int(where.sum())
-            np.testing.assert_allclose(np.asarray(b_logits)[row, where], np.asarray(a_logits)[2 * row + k, :n],
-                                       rtol=TOL, atol=TOL)
+            assert_close_rel(np.asarray(b_logits)[row, where], np.asarray(a_logits)[2 * row + k, :n], TOL,
+                             what=f"logits of row {row} sample {k}")
     flat_a, flat_b = jax.tree.leaves(a_grads), jax.tree.leaves(b_grads)
     assert len(flat_a) == len(flat_b)
     scale = max(float(np.abs(g).max()) for g in flat_a)

@@ -123,8 +123,11 @@ def test_three_stages_complete_as_two_processes(pod):
     assert set(summaries[0]["final_loss"]) == set(STAGES)
     for stage in STAGES:  # each stage ends with a checkpoint of its final step, then its weights
         assert (root / "ref" / "stages" / stage / "config.json").exists()
+    # one data shard per batch device (8), four per process; the data layout travels with the checkpoint
     assert latest_checkpoint(root / "ref") == {"stage": STAGES[-1], "stage_step": STEPS,
-                                               "global_step": STEPS * len(STAGES)}
+                                               "global_step": STEPS * len(STAGES),
+                                               "data_layout": {"num_shards": 8, "process_count": 2,
+                                                               "shard_ids": [[0, 1, 2, 3], [4, 5, 6, 7]]}}
 
 
 @pytest.mark.slow

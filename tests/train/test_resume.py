@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from tolerance import assert_close_rel
 from train_configs import ROOT, load_config, write_config
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.trainer import train_and_evaluate
@@ -186,3 +187,65 @@ def test_sigterm_checkpoint_is_resumed_and_matches_uninterrupted(tmp_path, demo_
     assert_trees_identical(stage_params(workdir, "stage1_align"),
                            stage_params(tmp_path / "uninterrupted", "stage1_align"), "stage1_align")
     assert_checkpoints_identical(workdir, tmp_path / "uninterrupted", after_step=saved)
+
+
+def _run_in_process(cfg_path, workdir, *, devices: int, num_shards: int, steps: int):
+    """One in-process run of ``cfg_path`` on the first ``devices`` devices with these data settings."""
+    config = load_config(cfg_path)
+    config.workdir = str(workdir)
+    config.mesh.num_devices = devices
+    config.data.num_shards = num_shards
+    config.stages.stage1_align.num_steps = steps
+    return train_and_evaluate(config)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_data_layout(tmp_path, demo_dir, monkeypatch):
+    """A run saved with one data shard (1 device, data.num_shards=-1) restarted on 2 devices would give the saved
+    iterator state to shard 0 of 2: it stops before any compute and names the setting; with that setting the
+    2-device restart reads the same data as a 1-device one (same losses)."""
+    import shutil
+
+    from emoqwen_jax.train import trainer
+
+    cfg = write_config(tmp_path / "cfg.py", demo_dir, stages=("stage1_align",), steps=2)
+    workdir = tmp_path / "run"
+    _run_in_process(cfg, workdir, devices=1, num_shards=-1, steps=2)
+    meta = checkpoint_meta(workdir, 2)
+    assert meta["data_layout"] == {"num_shards": 1, "process_count": 1, "shard_ids": [[0]]}
+    shutil.copytree(workdir, tmp_path / "one_device")
+    rows, steps = metric_rows(workdir), checkpoint_steps(workdir)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("compute started before the data layout was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "initial_params", no_compute)
+        m.setattr(trainer, "_run_stage", no_compute)
+        # A finished stage restores no iterator: another mesh goes on to the next stage (none here).
+        _run_in_process(cfg, workdir, devices=2, num_shards=-1, steps=2)
+        with pytest.raises(ValueError, match=r"1 data shards over 1 process.*reads 2 shards.*"
+                                             r"--config\.data\.num_shards=1\b"):
+            _run_in_process(cfg, workdir, devices=2, num_shards=-1, steps=4)  # -1: one shard per device
+        with pytest.raises(ValueError, match=r"reads 2 shards .*data\.num_shards=2 .*--config\.data\.num_shards=1\b"):
+            _run_in_process(cfg, workdir, devices=1, num_shards=2, steps=4)  # an explicit other count
+    assert metric_rows(workdir) == rows and checkpoint_steps(workdir) == steps  # nothing ran, nothing written
+
+    # The named setting resumes on 2 devices; a 1-device run from the same checkpoint logs the same losses.
+    _run_in_process(cfg, workdir, devices=2, num_shards=1, steps=4)
+    _run_in_process(cfg, tmp_path / "one_device", devices=1, num_shards=-1, steps=4)
+    got, want = metric_rows(workdir)[len(rows):], metric_rows(tmp_path / "one_device")[len(rows):]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [3, 4]
+    assert_close_rel([r["loss"] for r in got], [r["loss"] for r in want], 1e-5, what="losses after the resume")
+    assert checkpoint_meta(workdir, 4)["data_layout"] == meta["data_layout"]
+
+
+def test_data_layout_check_names_the_process_count():
+    from emoqwen_jax.train.checkpoint import check_data_layout, data_layout
+
+    saved = data_layout(4, 2)
+    assert saved["shard_ids"] == [[0, 1], [2, 3]]
+    check_data_layout(saved, data_layout(4, 2), setting=0, step=7)  # same layout: resumes
+    check_data_layout(None, data_layout(8, 1), setting=-1, step=7)  # a checkpoint without a recorded layout
+    with pytest.raises(ValueError, match=r"--config\.data\.num_shards=4 on 2 processes"):
+        check_data_layout(saved, data_layout(4, 1), setting=4, step=7)  # same count, other shards per process

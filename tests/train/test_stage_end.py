@@ -23,7 +23,8 @@ def test_restart_after_a_stages_last_step_goes_on_with_the_next_stage(tmp_path, 
     train_and_evaluate(first, str(tmp_path / "run"))
     checkpoints = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     meta = json.loads((tmp_path / "run" / "checkpoints" / str(checkpoints[-1]) / "meta" / "metadata").read_text())
-    assert meta == {"stage": "stage1_align", "stage_step": 2, "global_step": 2}  # the final step, not every=100
+    assert meta == {"stage": "stage1_align", "stage_step": 2, "global_step": 2,  # the final step, not every=100
+                    "data_layout": {"num_shards": 1, "process_count": 1, "shard_ids": [[0]]}}
     stage1 = tmp_path / "run" / "stages" / "stage1_align"
     weights = _params(stage1)
     # As if killed after the final checkpoint but before the stage's weights were complete.

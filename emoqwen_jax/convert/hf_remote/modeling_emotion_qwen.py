@@ -27,7 +27,9 @@ Audio (``config.audio['enabled']``): ``audio_tower`` is transformers' own ``Qwen
 (``linear_1``/``linear_2``) to the LLM width. ``forward`` takes ``input_features`` float[W, M, 2 *
 max_source_positions] (all audios' encoder windows, in text order) and ``feature_attention_mask`` int[W, F]; each
 window gives its first ``output_lengths(mask.sum())`` rows, which fill the ``<|AUDIO|>`` tokens in order (the
-keys past a window's audio are masked, as in Qwen2-Audio). Audio tokens take text-like positions.
+keys past a window's audio are masked, as in Qwen2-Audio). Audio tokens take text-like positions. ``generate``
+takes the same inputs (plus ``emoqwen_jax``'s optional ``audio_lengths``, checked against the mask) and uses
+them at the prefill only.
 
 Positions: ``get_rope_index`` follows the rule Qwen2.5-VL was released with (transformers 4.50): text after
 a vision block resumes at the block's maximum position + 1 (transformers >= 5.3 resumes at
@@ -265,6 +267,31 @@ class EmotionQwenAudioProjector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
+def audio_output_lengths(feature_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask int[W, F] -> (rows after the encoder's stride-2 convolution, audio tokens after its pooling), long[W]
+    each, per window."""
+    conv = (feature_attention_mask.long().sum(-1) - 1) // 2 + 1
+    return conv, (conv - 2) // 2 + 1
+
+
+def check_audio_lengths(audio_lengths, feature_attention_mask: torch.Tensor) -> None:
+    """``audio_lengths`` int[n_aud, 2] = (windows, tokens) of each audio, in text order (``emoqwen_jax``'s
+    input): ValueError unless the masks of each audio's windows give its tokens (windows past the audios are
+    padding)."""
+    lengths = torch.as_tensor(audio_lengths).reshape(-1, 2).tolist()
+    tokens = audio_output_lengths(feature_attention_mask)[1].tolist()
+    windows = sum(w for w, _ in lengths)
+    if windows > len(tokens) or any(tokens[windows:]):
+        raise ValueError(f"audio_lengths {lengths} name {windows} windows; feature_attention_mask has {len(tokens)} "
+                         f"with tokens {tokens}")
+    start = 0
+    for w, n in lengths:
+        if sum(tokens[start:start + w]) != n:
+            raise ValueError(f"audio_lengths {lengths}: an audio of windows {start}..{start + w - 1} has "
+                             f"{sum(tokens[start:start + w])} tokens by feature_attention_mask, not {n}")
+        start += w
+
+
 def audio_encoder_config(audio: dict, attn_implementation: str | None) -> Qwen2AudioEncoderConfig:
     cfg = Qwen2AudioEncoderConfig(**{k: audio[k] for k in (
         "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
@@ -292,9 +319,7 @@ class EmotionQwenModel(Qwen2_5_VLModel):
     def get_audio_features(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
         """Encoder windows float[W, M, F] + mask int[W, F] -> the audio tokens float[n, D], window by window
         (each window's rows that hold audio), in the order the ``<|AUDIO|>`` tokens take them."""
-        lengths = feature_attention_mask.long().sum(-1)
-        conv = (lengths - 1) // 2 + 1
-        out_len = (conv - 2) // 2 + 1
+        conv, out_len = audio_output_lengths(feature_attention_mask)
         max_conv = (input_features.shape[-1] - 1) // 2 + 1
         keep = (torch.arange(max_conv, device=conv.device)[None, :] < conv[:, None]).long()
         tower = self.audio_tower
@@ -330,6 +355,9 @@ class EmotionQwenModel(Qwen2_5_VLModel):
         return super().forward(input_ids, *args, mm_token_type_ids=mm_token_type_ids, **kwargs)
 
 
+AUDIO_INPUTS = ("input_features", "feature_attention_mask", "audio_lengths")
+
+
 class EmotionQwenForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     config_class = EmotionQwenConfig
 
@@ -338,6 +366,35 @@ class EmotionQwenForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.model = EmotionQwenModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
+                video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None, logits_to_keep=0,
+                mm_encoder_outputs=None, input_features=None, feature_attention_mask=None, audio_lengths=None,
+                **kwargs):
+        """Qwen2.5-VL's forward plus the audio inputs: ``input_features`` float[W, M, F] and
+        ``feature_attention_mask`` int[W, F] fill the ``<|AUDIO|>`` tokens (``EmotionQwenModel.forward``);
+        ``audio_lengths`` int[n_aud, 2] (windows, tokens per audio, as ``emoqwen_jax`` takes them) is optional and
+        only checked against the mask. Every argument is named here: ``generate`` accepts the keyword arguments
+        that this signature names."""
+        if input_features is not None and audio_lengths is not None:
+            check_audio_lengths(audio_lengths, feature_attention_mask)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids, second_per_grid_ts=second_per_grid_ts,
+            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, input_features=input_features,
+            feature_attention_mask=feature_attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        """transformers' preparation; the audio inputs go to the prefill only (decode steps hold no
+        ``<|AUDIO|>`` token: the cache already has the audio)."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in AUDIO_INPUTS:
+                inputs.pop(key, None)
+        return inputs
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         ids = model_kwargs.get("input_ids", inputs_tensor)
