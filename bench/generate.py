@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
         ours = child(args, "jax", weights, cache)
         theirs = child(args, "torch", weights, cache)
     machine = machine_info(before)
-    same = float(np.mean([a == b for a, b in zip(ours["tokens"], theirs["tokens"])]))
+    same = float(np.mean([a == b for a, b in zip(ours["tokens"], theirs["tokens"], strict=True)]))
     report = {"preset": args.preset, "rows": args.rows, "new_tokens": args.new_tokens, "runs": args.runs,
               "jax_tokens_per_s": round(ours["tokens_per_s"], 1), "torch_tokens_per_s": round(theirs["tokens_per_s"], 1),
               "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2), "same_tokens": same,

@@ -131,8 +131,8 @@ def jax_step(config, batch, dense_vit: bool = False):
         finally:
             vision.VisionTransformer.__init__ = init_vit
 
-    from emoqwen_jax.train.plan import build_train_step
     from emoqwen_jax.model import EmotionQwen
+    from emoqwen_jax.train.plan import build_train_step
 
     mcfg, step, tx, init = build_train_step(config, "stage3_video", trainable=(r".*",))
     model = EmotionQwen(mcfg, rngs=nnx.Rngs(0))

@@ -25,9 +25,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emoqwen_jax import storage
-from emoqwen_jax.parallel.hosts import barrier
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.lora import lora_meta, restore_lora
+from emoqwen_jax.parallel.hosts import barrier
 
 FORMAT = "emoqwen_jax.model"
 VERSION = 1

@@ -11,7 +11,6 @@ G visual items (images + videos, padded).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 

@@ -91,7 +91,7 @@ def interleave_chunks(video_grid: Sequence[int], second_per_grid: float, num_aud
     n = int(max(v_chunk.max(initial=-1), a_chunk.max(initial=-1))) + 1
     v = np.bincount(v_chunk, minlength=n) * per_step
     a = np.bincount(a_chunk, minlength=n)
-    return [(int(x), int(y)) for x, y in zip(v, a)]
+    return [(int(x), int(y)) for x, y in zip(v, a, strict=True)]
 
 
 def interleaved_block(chunks: Sequence[tuple[int, int]], video_pad_id: int, spec: AudioSpec) -> list[int]:

@@ -7,6 +7,7 @@ from importlib import metadata
 from pathlib import Path
 
 import hf_oracle as O
+
 from emoqwen_jax.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

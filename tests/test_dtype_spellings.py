@@ -3,15 +3,15 @@
 ``from_hf(path, dtype=jnp.float32)`` used to raise; configs keep the canonical name so they stay JSON.
 """
 
+import hf_oracle as O
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
-import hf_oracle as O
+from emoqwen_jax.checkpoint import load_model, load_weights, save_model
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.convert.hf_export import hf_config
-from emoqwen_jax.checkpoint import load_model, load_weights, save_model
 from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.model.config import dtype_name
 from emoqwen_jax.model.layers import as_dtype

@@ -284,7 +284,7 @@ def check_dfew_answers(describe_output: str, score_output: str, ws: Path) -> Non
     rows = [json.loads(line) for line in (ws / "eval_out/dfew/eval_dfew.jsonl").read_text().splitlines()]
     parsed = {row["id"]: parse(row["response"]) for row in rows}
     assert len(parsed) == len(rows), "an id answered twice"
-    invalid = {k: (row["response"], p.reason) for (k, p), row in zip(parsed.items(), rows) if not p.valid}
+    invalid = {k: (row["response"], p.reason) for (k, p), row in zip(parsed.items(), rows, strict=True) if not p.valid}
     assert not invalid, invalid
     with open(ws / "runs/demo/demo_data/eval_dfew.csv") as f:
         truth = {r["video_name"]: int(r["label"]) - 1 for r in csv.DictReader(f)}

@@ -63,15 +63,15 @@ def test_glob_dirname_and_resolve(scratch, tmp_path):
 def test_manifest_and_media_from_a_uri_data_root(scratch, upload, demo_dir):
     """The demo set copied to scratch:// reads as the local one (paths are URIs, clips decode from bytes)."""
     from emoqwen_jax.data.manifests import load_manifest
-    from emoqwen_jax.data.vision import load_image
     from emoqwen_jax.data.video_io import read_video
+    from emoqwen_jax.data.vision import load_image
 
     root = storage.join(scratch, "demo")
     upload(demo_dir, root)
     remote = load_manifest(storage.join(root, "train.jsonl"), root)
     local = load_manifest(str(demo_dir / "train.jsonl"), str(demo_dir))
     assert len(remote) == len(local) > 0
-    for r, lo in zip(remote, local):
+    for r, lo in zip(remote, local, strict=True):
         assert r.get("conversations") == lo.get("conversations")
         if "media" in r:
             assert [m["path"] for m in r["media"]] == [
@@ -151,7 +151,7 @@ def test_export_to_a_uri_and_import_back(scratch):
     summary = to_hf(model, target, tokenizer=False, max_shard_size="100KB")
     assert summary["out_dir"] == target and "model.safetensors.index.json" in storage.listdir(target)
     back = from_hf(target)
-    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param))):
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError, match="not empty"):
         to_hf(model, target, tokenizer=False)

@@ -27,8 +27,8 @@ import time
 
 
 def _from_hf(args: argparse.Namespace) -> int:
-    from emoqwen_jax.convert import from_hf
     from emoqwen_jax.checkpoint import save_model
+    from emoqwen_jax.convert import from_hf
     from emoqwen_jax.model import count_params
 
     compressor = {"num_experts": args.num_experts}
@@ -47,9 +47,9 @@ def _from_hf(args: argparse.Namespace) -> int:
 
 
 def _to_hf(args: argparse.Namespace) -> int:
+    from emoqwen_jax.checkpoint import load_model, read_model_config
     from emoqwen_jax.convert.hf_export import check_format
     from emoqwen_jax.convert.lora import export_hf
-    from emoqwen_jax.checkpoint import load_model, read_model_config
 
     start = time.time()
     config, meta = read_model_config(args.ckpt)

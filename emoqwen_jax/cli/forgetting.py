@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError("--before/--after need --suite_config (a JSON file listing the benchmarks)")
         specs, suite_sets = load_suite(args.suite_config, args.suite)
         overrides = {**suite_sets, **parse_sets(args.set)}
-        for which, ckpt in zip(("before", "after"), ckpts):
+        for which, ckpt in zip(("before", "after"), ckpts, strict=True):
             evaluate(ckpt, specs, storage.join(args.out, which), overrides=overrides, args=args, suite=args.suite)
         reports = (storage.join(args.out, "before"), storage.join(args.out, "after"))
     result = forgetting.compare(read_report(reports[0]), read_report(reports[1]), all_metrics=args.all_metrics)

@@ -33,8 +33,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from emoqwen_jax.train.plan import (build_train_step, format_serve_table, format_table, plan,  # noqa: F401
-                                    serve_plan, video_batch_shapes)
+from emoqwen_jax.train.plan import (  # noqa: F401
+    build_train_step,
+    format_serve_table,
+    format_table,
+    plan,
+    serve_plan,
+    video_batch_shapes,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/emotion_qwen.py:tiny", "Run config (file:preset).")
 _DEVICES = flags.DEFINE_integer("num_devices", 8, "Simulated devices (the mesh spans all of them).")

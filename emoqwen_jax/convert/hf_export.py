@@ -29,7 +29,6 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from emoqwen_jax import storage
-
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.convert.hf_import import EXPORT_MODEL_TYPE
 from emoqwen_jax.model import EmotionQwen, ModelConfig
@@ -181,7 +180,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_si
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         save_file(shard, os.path.join(out_dir, name), metadata=metadata)
         weight_map.update({key: name for key in shard})
     index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}

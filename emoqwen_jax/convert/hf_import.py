@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from emoqwen_jax import storage
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.model import EmotionQwen, ModelConfig

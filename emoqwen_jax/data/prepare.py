@@ -85,7 +85,7 @@ def _decode(example: dict[str, Any]) -> dict[str, Any]:
     annotation = example["annotation"]
     rec = json.loads(annotation.decode("utf-8") if isinstance(annotation, bytes) else annotation)
     rec["media"] = [{"kind": m["kind"], "name": m["name"], "bytes": bytes(b)}
-                    for m, b in zip(rec["media"], example["media"])]
+                    for m, b in zip(rec["media"], example["media"], strict=True)]
     return rec
 
 

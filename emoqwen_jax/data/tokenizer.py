@@ -24,8 +24,7 @@ import tempfile
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from emoqwen_jax.tokens import (MIN_VOCAB_SIZE, NUM_RANKS, REAL_VOCAB_SIZE, SPECIAL_TOKENS,  # noqa: F401 (re-exported)
-                                TokenizerInfo, tokenizer_info)
+from emoqwen_jax.tokens import MIN_VOCAB_SIZE, NUM_RANKS, REAL_VOCAB_SIZE, SPECIAL_TOKENS, TokenizerInfo, tokenizer_info  # noqa: F401 (re-exported)
 
 PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                      r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -49,7 +48,7 @@ def _byte_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def _merge_pair(token: bytes, ranks: dict[bytes, int], rank: int) -> tuple[bytes, bytes]:

@@ -87,7 +87,7 @@ def decode_frames(container: av.container.InputContainer, info: VideoInfo, indic
     pos = -1  # rank (in info.pts) of the last decoded frame
     frames_iter = None
     try:
-        for rank, target in zip(indices, wanted):
+        for rank, target in zip(indices, wanted, strict=True):
             if target in out:
                 continue
             if frames_iter is None or rank - pos > _SEEK_GAP or rank <= pos:

@@ -9,10 +9,17 @@ and the judge-free EMER metric, in three subpackages over a shared parser, impor
                   emoqwen-eval, emoqwen-forgetting and the trainer's stage hook), stage_eval
 Argument parsing lives in ``emoqwen_jax/cli``."""
 
-from emoqwen_jax.eval.emotion.benchmarks import BENCHMARKS, Benchmark, fold_paths, get_benchmark, read_labels, read_predictions
-from emoqwen_jax.eval.parse import LabelParser, Parsed, answer_span
+from emoqwen_jax.eval.emotion.benchmarks import (
+    BENCHMARKS,
+    Benchmark,
+    fold_paths,
+    get_benchmark,
+    read_labels,
+    read_predictions,
+)
 from emoqwen_jax.eval.emotion.report import score_answers, score_files
 from emoqwen_jax.eval.emotion.scores import INVALID, Scores, mean_scores, score
+from emoqwen_jax.eval.parse import LabelParser, Parsed, answer_span
 
 __all__ = [
     "BENCHMARKS", "Benchmark", "INVALID", "LabelParser", "Parsed", "Scores", "answer_span", "fold_paths",

@@ -40,8 +40,8 @@ from flax import nnx
 
 from emoqwen_jax.infer import engine_steps as steps
 from emoqwen_jax.infer.detokenize import Detokenizer
-from emoqwen_jax.infer.session import Prompt, Session, pad_audio_windows
 from emoqwen_jax.infer.generate import batch_vision, check_sampling
+from emoqwen_jax.infer.session import Prompt, Session, pad_audio_windows
 
 log = logging.getLogger(__name__)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -177,8 +177,9 @@ class Engine:
             self._state = state
             self._cache = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), spec)
         else:
-            from emoqwen_jax.parallel.rules import batch_sharding, param_shardings  # noqa: PLC0415
             from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+            from emoqwen_jax.parallel.rules import batch_sharding, param_shardings  # noqa: PLC0415
 
             self._state = jax.device_put(state, param_shardings(state, mesh))
             batch = batch_sharding(mesh, 4).spec[0] if self.max_batch % _batch_devices(mesh) == 0 else None
@@ -225,9 +226,9 @@ class Engine:
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        for p, s in zip(prompts, params):  # all or nothing: no request starts when one cannot
+        for p, s in zip(prompts, params, strict=True):  # all or nothing: no request starts when one cannot
             self.check(p, s)
-        pending = collections.deque(zip(prompts, params))
+        pending = collections.deque(zip(prompts, params, strict=True))
         handles = []
         while pending or not all(h.done() for h in handles):
             while pending:  # more prompts than max_queue: the rest go in as the queue drains
@@ -355,7 +356,7 @@ class Engine:
         with self._lock:
             n = min(len(free), self.prefill_batch, len(self._waiting))
             batch = [self._waiting.popleft() for _ in range(n)]
-        for r, slot in zip(batch, free):
+        for r, slot in zip(batch, free, strict=False):  # fewer waiting requests than free slots
             r.slot = slot
             self._slots[slot] = r
         return batch

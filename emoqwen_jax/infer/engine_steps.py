@@ -108,7 +108,7 @@ def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, r
     logits = lm.logits(last[:, None])[:, 0]
     tokens, logp = choose(logits, rows, any_sampled)
     cache = [(k.at[slots, :length].set(nk, mode="drop"), v.at[slots, :length].set(nv, mode="drop"))
-             for (k, v), (nk, nv) in zip(cache, rows_cache)]
+             for (k, v), (nk, nv) in zip(cache, rows_cache, strict=True)]
     return tokens, logp, logits, cache, gate_weights
 
 

@@ -166,11 +166,11 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs | None = No
         raise ValueError(f"the model already has LoRA adapters ({lora_modules(model)[:3]} …); merge them first")
     paths = [module_path(p) for p, _ in found]
     compiled = [re.compile(t) for t in cfg.targets]
-    unmatched = [t for t, c in zip(cfg.targets, compiled) if not any(c.search(p) for p in paths)]
+    unmatched = [t for t, c in zip(cfg.targets, compiled, strict=True) if not any(c.search(p) for p in paths)]
     if unmatched:
         raise ValueError(f"lora.targets {unmatched} match no Linear module; module paths look like "
                          f"{paths[-3:]} (regexes are re.search'ed against '/'-joined module paths)")
-    chosen = [(p, n) for (p, n), s in zip(found, paths) if any(c.search(s) for c in compiled)]
+    chosen = [(p, n) for (p, n), s in zip(found, paths, strict=True) if any(c.search(s) for c in compiled)]
     for index, (path, base) in enumerate(chosen):
         _set_child(model, path, LoRALinear(base, cfg, index=index, rngs=rngs))
     return [module_path(p) for p, _ in chosen]

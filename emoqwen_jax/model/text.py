@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emoqwen_jax.model.config import TextConfig
 from emoqwen_jax.model.attention import attention
+from emoqwen_jax.model.config import TextConfig
 from emoqwen_jax.model.layers import GatedMLP, Linear, RMSNorm, as_dtype, param
 from emoqwen_jax.model.rope import apply_rotary, mrope
 from emoqwen_jax.model.sharding import constrain

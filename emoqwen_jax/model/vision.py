@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emoqwen_jax.model import sharding
-from emoqwen_jax.model.config import VisionConfig
 from emoqwen_jax.model.attention import attention
+from emoqwen_jax.model.config import VisionConfig
 from emoqwen_jax.model.layers import GatedMLP, Linear, RMSNorm, as_dtype
 from emoqwen_jax.model.rope import apply_rotary, vision_rotary
 from emoqwen_jax.model.stack import run_stack

@@ -16,7 +16,6 @@ import numpy as np
 
 from emoqwen_jax import storage
 
-
 _BARRIERS = [0]  # barrier ids must be unique: every host calls barrier() in the same order
 
 

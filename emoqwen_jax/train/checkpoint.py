@@ -74,7 +74,7 @@ class ShardIterators:
         if len(states) != len(self.iterators):
             raise ValueError(f"checkpoint has {len(states)} data shards for this host, the run has "
                              f"{len(self.iterators)}; resume with the same mesh and process count")
-        for it, s in zip(self.iterators, states):
+        for it, s in zip(self.iterators, states, strict=True):
             it.set_state(s)
 
     def start_prefetch(self) -> None:

@@ -108,7 +108,7 @@ def select_trainable(params: Any, patterns: Sequence[str] = (), roles: Sequence[
     trained: list[str] = []
 
     def hit(path: str) -> bool:
-        found = [p for p, c in zip(patterns, compiled) if c.search(path)]
+        found = [p for p, c in zip(patterns, compiled, strict=True) if c.search(path)]
         matched.update(found)
         return bool(found)
 
@@ -117,12 +117,12 @@ def select_trainable(params: Any, patterns: Sequence[str] = (), roles: Sequence[
         if key.startswith(EXPERTS):
             if leaf.shape[0] != len(expert_names):
                 raise ValueError(f"{key} stacks {leaf.shape[0]} experts but {len(expert_names)} names were given")
-            flags = tuple(hit(f"{key}/{name}") | (role in roles) for name, role in zip(expert_names, expert_roles))
+            flags = tuple(hit(f"{key}/{name}") | (role in roles) for name, role in zip(expert_names, expert_roles, strict=True))
             if all(flags):
                 trained.append(key)
             elif any(flags):
                 masks[key] = flags
-                trained.extend(f"{key}/{n}" for n, f in zip(expert_names, flags) if f)
+                trained.extend(f"{key}/{n}" for n, f in zip(expert_names, flags, strict=True) if f)
             return "trainable" if any(flags) else "frozen"
         on = hit(key) | ("gate" in roles and key.startswith(ROUTING_NETWORKS))
         on = on and not any(c.search(key) for c in never)

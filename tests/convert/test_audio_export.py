@@ -2,6 +2,7 @@
 written with ``to_hf``; transformers loads it with the remote code and gives our logits (1e-4) with a video
 and its audio in the prompt, greedy ``generate`` gives our tokens, and JAX -> HF -> JAX is bit-identical."""
 
+import hf_oracle as O
 import jax
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from flax import nnx
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration, Qwen2AudioEncoderConfig
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
-import hf_oracle as O
 from emoqwen_jax.convert import from_hf, to_hf
 from emoqwen_jax.convert.audio import attach_audio
 from emoqwen_jax.data.tokenizer import tokenizer_info
@@ -98,7 +98,7 @@ def test_round_trip_is_bit_identical(export):
     ours = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     again = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(back, nnx.Param)))
     assert jax.tree.structure(ours) == jax.tree.structure(again)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(again)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(again), strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
 

@@ -12,20 +12,25 @@ As in tests/infer, the decoder weights are scaled (x3, LM head x12) so greedy ma
 import json
 import os
 
+import hf_oracle as O
 import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file
-from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+)
 
-import hf_oracle as O
 from emoqwen_jax import layout
+from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.convert import from_hf, hf_names, to_hf
-from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.data.tokenizer import load_tokenizer, tokenizer_info
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad
 from emoqwen_jax.model import layout_spec
@@ -203,7 +208,7 @@ def test_round_trip_is_bit_identical(exports, tmp_path, mode):
         assert back.config == model.config
         a, b = jax.tree.leaves(_params(model)), jax.tree.leaves(_params(back))
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert x.dtype == y.dtype
             np.testing.assert_array_equal(x, y)
 
@@ -213,7 +218,7 @@ def test_bfloat16_round_trip(src_dir, tmp_path):
     to_hf(model, str(tmp_path / "bf16"))
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     back = from_hf(str(tmp_path / "bf16"), "bfloat16")
-    for x, y in zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(back))):
+    for x, y in zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(back)), strict=True):
         assert y.dtype == jax.numpy.bfloat16
         np.testing.assert_array_equal(x, y)
 
@@ -296,7 +301,7 @@ def test_cli_to_hf(exports, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["format"] == "emotion_qwen" and (tmp_path / "hf" / "model.safetensors.index.json").exists()
     back = from_hf(str(tmp_path / "hf"))
-    for x, y in zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(back))):
+    for x, y in zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(back)), strict=True):
         np.testing.assert_array_equal(x, y)
     assert convert_main(["to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "q"),
                          "--format", "qwen2_5_vl"]) == 2

@@ -3,15 +3,15 @@
 import json
 import shutil
 
+import hf_oracle as O
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-
-import hf_oracle as O
-from emoqwen_jax.convert import config_from_hf, from_hf
-from emoqwen_jax.checkpoint import load_model, save_model
 from tolerance import assert_close_rel
+
+from emoqwen_jax.checkpoint import load_model, save_model
+from emoqwen_jax.convert import config_from_hf, from_hf
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def _params(model):
 def _assert_same(a, b):
     la, lb = jax.tree.leaves(_params(a)), jax.tree.leaves(_params(b))
     assert len(la) == len(lb)
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

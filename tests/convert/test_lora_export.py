@@ -8,21 +8,21 @@ with ``PeftModel.from_pretrained``; logits must match on text, image, video and 
 
 import json
 
+import hf_oracle as O
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.numpy import load_file
+from test_hf_export import CASES, TOL, _perturb, src_dir, type_ids  # noqa: F401 — src_dir is a fixture
 from transformers import AutoModelForImageTextToText
 
-import hf_oracle as O
+from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.convert.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_hf, peft_tensors
-from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora
-from test_hf_export import CASES, TOL, _perturb, src_dir, type_ids  # noqa: F401 — src_dir is a fixture
 
 TARGETS = DEFAULT_TARGETS + (r"^visual/blocks/\d+/attn/qkv$", r"^compressor/gate/fc1$")
 
@@ -120,9 +120,8 @@ def test_plain_to_hf_refuses_a_model_with_adapters(tmp_path):
 
     from flax import nnx
 
-    from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.convert.hf_export import to_hf
-    from emoqwen_jax.model import EmotionQwen
+    from emoqwen_jax.model import EmotionQwen, ModelConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
     import emotion_qwen

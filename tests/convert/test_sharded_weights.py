@@ -1,14 +1,14 @@
 """Weights never gathered on one device: import straight into a mesh's shardings, save from sharded arrays,
 restore onto another mesh or onto one device."""
 
+import hf_oracle as O
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-import hf_oracle as O
-from emoqwen_jax.convert import from_hf
 from emoqwen_jax.checkpoint import load_model, save_model
+from emoqwen_jax.convert import from_hf
 from emoqwen_jax.parallel import make_mesh
 from emoqwen_jax.parallel.rules import variable_sharding
 
@@ -36,7 +36,7 @@ def _assert_laid_out(model, mesh):
 
 
 def _assert_same_values(a, b):
-    for (path, x), (_, y) in zip(_leaves(a), _leaves(b)):
+    for (path, x), (_, y) in zip(_leaves(a), _leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))
 
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from data_helpers import numbered_frames
 
 from emoqwen_jax.data import defaults, video_io
 from emoqwen_jax.data.tokenizer import load_tokenizer
-from data_helpers import numbered_frames
 
 TINY_VOCAB = 1024
 

@@ -3,8 +3,8 @@ the token sequence, batching, and the rejections (no audio when required, bad fi
 
 import numpy as np
 import pytest
-
 from data_helpers import numbered_frames, write_manifest
+
 from emoqwen_jax.data import audio as A
 from emoqwen_jax.data import video_io
 from emoqwen_jax.data.manifests import load_manifest

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from data_helpers import conv, write_manifest
+
 from emoqwen_jax.cli import data as cli
 from emoqwen_jax.data import demo, manifests, pipeline, prepare, video_io
 from emoqwen_jax.data.process import SampleProcessor

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
+from data_helpers import conv
 from PIL import Image
 from skimage import data as skdata
+from tolerance import assert_close_rel
 
-from data_helpers import conv
 from emoqwen_jax.data import faces, manifests, video_io, vision
 from emoqwen_jax.data.process import SampleProcessor
-from tolerance import assert_close_rel
 
 
 @pytest.fixture(scope="module")

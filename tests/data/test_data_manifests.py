@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
 from data_helpers import conv, write_manifest
+
 from emoqwen_jax.data import manifests, vision
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.reasons import RejectCounter, TooManyRejectsError

@@ -3,8 +3,8 @@ the samples' own tokens and labels, fewer padding tokens, exact resume."""
 
 import numpy as np
 import pytest
-
 from data_helpers import conv, numbered_frames
+
 from emoqwen_jax.data import manifests, packing, pipeline, video_io
 
 
@@ -79,7 +79,7 @@ def test_packed_iterator_resumes_exactly(records, cfg):
     rest = [next(it) for _ in range(3)]
     it2, _ = pipeline.make_iterator(records, cfg)
     it2.set_state(state)
-    for x, y in zip([next(it2) for _ in range(3)], rest):
+    for x, y in zip([next(it2) for _ in range(3)], rest, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)

@@ -4,8 +4,8 @@ import collections
 
 import numpy as np
 import pytest
-
 from data_helpers import conv, numbered_frames
+
 from emoqwen_jax.data import manifests, pipeline, video_io
 from emoqwen_jax.data.reasons import TooManyRejectsError
 from emoqwen_jax.data.text import IGNORE
@@ -29,7 +29,7 @@ def records(tmp_path_factory):
 
 
 def ids_of(batches):
-    return [i for b in batches for i, m in zip(b["id"].tolist(), b["sample_mask"]) if m]
+    return [i for b in batches for i, m in zip(b["id"].tolist(), b["sample_mask"], strict=True) if m]
 
 
 def one_epoch(records, cfg, **kw):
@@ -110,7 +110,7 @@ def test_reject_fraction_stops_the_run_naming_examples(records, cfg):
 
 def _assert_same_batches(xs, ys):
     assert len(xs) == len(ys)
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)

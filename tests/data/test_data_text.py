@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tiktoken
 
-from emoqwen_jax.data import text, tokenizer as tk
+from emoqwen_jax.data import text
+from emoqwen_jax.data import tokenizer as tk
 from emoqwen_jax.data.reasons import Rejected
 
 REAL_IDS = {"vision_start_id": 151652, "vision_end_id": 151653, "image_pad_id": 151655, "video_pad_id": 151656,

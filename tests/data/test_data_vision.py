@@ -7,13 +7,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from data_helpers import frame_number, numbered_frames
+from tolerance import assert_close_rel
 from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from data_helpers import frame_number, numbered_frames
 from emoqwen_jax.data import vision
 from emoqwen_jax.data.reasons import Rejected
-from tolerance import assert_close_rel
 
 MIN_PX, MAX_PX = 56 * 56, 28 * 28 * 120
 

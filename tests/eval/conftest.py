@@ -13,7 +13,6 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
-
 from eval_settings import SMALL_PIXELS  # noqa: E402,F401
 
 

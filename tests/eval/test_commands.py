@@ -10,9 +10,10 @@ import os
 
 import numpy as np
 import pytest
-
 from eval_settings import SMALL_PIXELS
-from emoqwen_jax.cli import describe, eval as eval_cli
+
+from emoqwen_jax.cli import describe
+from emoqwen_jax.cli import eval as eval_cli
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.text import IGNORE
 from emoqwen_jax.infer.session import Session

@@ -6,16 +6,17 @@ once, the report's metrics / counts / settings, the Markdown table, the chart, t
 
 import json
 
+import emotion_qwen  # on sys.path via tests/eval/conftest.py
 import ml_collections
 import pytest
 from flax import nnx
 
-import emotion_qwen  # on sys.path via tests/eval/conftest.py
-from emoqwen_jax.cli import eval as eval_cli, forgetting as forgetting_cli
 from emoqwen_jax.checkpoint import read_model_config, save_model
+from emoqwen_jax.cli import eval as eval_cli
+from emoqwen_jax.cli import forgetting as forgetting_cli
 from emoqwen_jax.eval.general.demo import build_demo_general
-from emoqwen_jax.eval.suites.stage_eval import resolve_eval_suite, run_stage_eval
 from emoqwen_jax.eval.suites.report import read_report, write_report
+from emoqwen_jax.eval.suites.stage_eval import resolve_eval_suite, run_stage_eval
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
 

@@ -5,8 +5,13 @@ import re
 
 import pytest
 
-from emoqwen_jax.eval.general.vqa_accuracy import (CONTRACTIONS, normalize_answer, process_digit_article, process_punctuation,
-                                           vqa_accuracy)
+from emoqwen_jax.eval.general.vqa_accuracy import (
+    CONTRACTIONS,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+    vqa_accuracy,
+)
 
 
 def published_rule(pred, answers):

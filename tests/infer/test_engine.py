@@ -4,11 +4,11 @@ min_tokens, ignore_eos, stop strings/ids, streaming callbacks and the background
 
 import threading
 
+import engine_helpers as H
 import jax
 import numpy as np
 import pytest
 
-import engine_helpers as H
 from emoqwen_jax.infer.engine import Engine, QueueFull, SamplingParams
 
 
@@ -41,7 +41,7 @@ MAX_TOKENS = (6, 9, 5, 8, 7, 4, 6)
 
 @pytest.fixture(scope="module")
 def expected(model, session, mixed):
-    return [H.reference(model, p, n, session.info.stop_ids) for p, n in zip(mixed, MAX_TOKENS)]
+    return [H.reference(model, p, n, session.info.stop_ids) for p, n in zip(mixed, MAX_TOKENS, strict=True)]
 
 
 def run_staggered(engine, prompts, params, order, arrivals):
@@ -63,7 +63,7 @@ def run_staggered(engine, prompts, params, order, arrivals):
 def test_greedy_equals_generate_alone(engine, session, mixed, expected, order, arrivals):
     params = [SamplingParams(max_tokens=n) for n in MAX_TOKENS]
     done = run_staggered(engine, mixed, params, order, arrivals)
-    for c, want, p, n in zip(done, expected, mixed, MAX_TOKENS):
+    for c, want, p, n in zip(done, expected, mixed, MAX_TOKENS, strict=True):
         assert c.token_ids == want
         assert c.finish_reason == ("length" if len(want) == len(c.token_ids) == n else "stop")
         assert c.prompt_tokens == len(p.input_ids)
@@ -196,7 +196,7 @@ def test_gate_weights_per_request_and_weight_swap(engine, model, mixed, expected
 
     picks = [1, 3, 6, 0]  # image, video, image, text: one prefill of two rows, then two more
     done = engine.generate([mixed[i] for i in picks], SamplingParams(max_tokens=2))
-    for i, c in zip(picks, done):
+    for i, c in zip(picks, done, strict=True):
         if not mixed[i].vision:
             assert c.gate_weights is None
             continue

@@ -10,11 +10,11 @@ margin is checked to be far above the float32 mismatch of the two implementation
 scale), so equal tokens mean something.
 """
 
+import hf_oracle as O
 import numpy as np
 import pytest
 import torch
 
-import hf_oracle as O
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad
 

@@ -67,7 +67,7 @@ def _assert_values_and_gradients(run, q, k, v, qseg, kseg, causal, offset, scale
     want, want_grads = _reference(q, k, v, qseg, kseg, causal, offset, scale, dout=w)
     assert _rel(jax.jit(run)(q, k, v), want) <= TOL
     grads = jax.jit(jax.grad(lambda *x: jnp.sum(run(*x).astype(jnp.float32) * w), argnums=(0, 1, 2)))(q, k, v)
-    for name, got, ref in zip("qkv", grads, want_grads):
+    for name, got, ref in zip("qkv", grads, want_grads, strict=True):
         assert np.isfinite(np.asarray(got)).all(), name
         assert _rel(got, ref) <= TOL, (name, _rel(got, ref))
 
@@ -278,5 +278,5 @@ def test_auto_window_layers_shard_the_patch_axis_without_gathering_it():
         hlo = fn.lower(*args).compile().as_text()
         got = fn(*args)
     assert "all-gather" not in hlo and "collective-permute" in hlo
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         assert _rel(g, r) <= 1e-5

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch_load as TL
-from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model
+from flax import nnx
 from tolerance import assert_close_rel
+
+from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402

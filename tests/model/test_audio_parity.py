@@ -7,19 +7,24 @@ Per module: the conv stem, one layer (with and without a key mask), pooling + fi
 bare encoder and a Whisper model. Tolerance max|ours − ref| / max|ref|: 1e-5 simple, 1e-4 composite.
 """
 
+import hf_oracle as O
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch_load as TL
 from flax import nnx
-from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration
-from transformers import WhisperConfig, WhisperModel
+from transformers import (
+    Qwen2AudioConfig,
+    Qwen2AudioEncoderConfig,
+    Qwen2AudioForConditionalGeneration,
+    WhisperConfig,
+    WhisperModel,
+)
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.qwen2_audio import modeling_qwen2_audio as Q
 
-import hf_oracle as O
-import torch_load as TL
 from emoqwen_jax.convert import audio_encoder_from_hf
 from emoqwen_jax.convert.audio import audio_config_from_hf, audio_projector_from_hf
 from emoqwen_jax.model.audio import AudioConfig, AudioEncoder, AudioProjector, output_lengths

@@ -7,12 +7,12 @@ written in numpy, and the output is the per-item gate-weighted sum of the expert
 flat sequence with padding patches and a padding item slot.
 """
 
+import hf_oracle as O
 import numpy as np
 import pytest
+import torch_load as TL
 from flax import nnx
 
-import hf_oracle as O
-import torch_load as TL
 from emoqwen_jax import layout
 from emoqwen_jax.model.compressor import HybridCompressor
 from emoqwen_jax.model.config import CompressorConfig, VisionConfig

@@ -4,12 +4,12 @@ plus the padding rules and the error messages."""
 
 import dataclasses
 
+import hf_oracle as O
 import numpy as np
 import pytest
 import torch
 from transformers import vision_utils as VU
 
-import hf_oracle as O
 from emoqwen_jax import layout
 
 SPEC = layout.LayoutSpec(image_token_id=O.IMAGE, video_token_id=O.VIDEO, vision_start_token_id=O.VSTART)

@@ -6,12 +6,12 @@ Positions: transformers 5.24 departs from the released M-RoPE rule for videos wh
 spatial one (see test_model_parity.py), so HF is given the released rule's positions where that applies.
 """
 
+import hf_oracle as O
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-import hf_oracle as O
 from emoqwen_jax import layout
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.model import layout_spec

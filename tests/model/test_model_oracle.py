@@ -10,18 +10,18 @@ softmax); the mixed visual tokens are placed at the placeholder positions and fe
 ``get_rope_index`` (grids chosen where transformers' rule equals the released one; checked below).
 """
 
+import hf_oracle as O
 import numpy as np
 import pytest
 import torch
+import torch_load as TL
+from tolerance import assert_close_rel
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
 
-import hf_oracle as O
-import torch_load as TL
 from emoqwen_jax import layout
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.model import layout_spec
-from tolerance import assert_close_rel
 
 TOL = 1e-4
 GATE = dict(gate_num_heads=4, gate_hidden_size=24)

@@ -5,10 +5,10 @@ temporal span exceeds the spatial one, transformers 5.24 departs from the releas
 HF is given positions by the released rule (checked independently in test_position_ids.py).
 """
 
+import hf_oracle as O
 import numpy as np
 import pytest
 
-import hf_oracle as O
 from emoqwen_jax import layout
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.model import layout_spec

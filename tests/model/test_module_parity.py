@@ -8,16 +8,16 @@ MLP, merger), 1e-4 for composite ones (blocks, the whole ViT, the decoder layer)
 
 import dataclasses
 
+import hf_oracle as O
 import jax
 import numpy as np
 import pytest
 import torch
+import torch_load as TL
 from flax import nnx
 from transformers import vision_utils as VU
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as M
 
-import hf_oracle as O
-import torch_load as TL
 from emoqwen_jax import layout
 from emoqwen_jax.model import rope
 from emoqwen_jax.model.compressor import ExpertMergers

@@ -177,7 +177,7 @@ def test_sharded_equals_single_device(dispatch, capacity_factor):
             (loss, counts), grads = fn(*args)
         np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5, err_msg=str(mesh_cfg))
         assert float(counts["dropped_assignments"]) == float(ref_counts["dropped_assignments"]), mesh_cfg
-        for got, want in zip(grads, ref_grads):
+        for got, want in zip(grads, ref_grads, strict=True):
             err = float(jnp.abs(got - want).max() / jnp.maximum(jnp.abs(want).max(), 1e-30))
             assert err <= 1e-5, (mesh_cfg, err)
 
@@ -242,7 +242,7 @@ def test_compact_path_skips_padding_with_the_same_result_and_gradients():
     args = (jnp.asarray(x), jnp.asarray(logits), jnp.asarray(w))
     (got, got_grads), (want, want_grads) = loss("compact")(*args), loss("grouped")(*args)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
-    for g, r in zip(got_grads, want_grads):
+    for g, r in zip(got_grads, want_grads, strict=True):
         assert_close_rel(g, r, 1e-5, what="gradient")
 
 

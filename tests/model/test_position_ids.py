@@ -4,12 +4,12 @@ with, transcribed literally below from transformers 4.50.0
 ``model.model.get_rope_index`` where the two rules agree; for a long video they do not (docs/design.md, The M-RoPE position rule).
 """
 
+import hf_oracle as O
 import numpy as np
 import pytest
 import torch
 from transformers import Qwen2_5_VLModel
 
-import hf_oracle as O
 from emoqwen_jax import layout
 
 TOKENS_PER_SECOND = 2
@@ -227,7 +227,7 @@ AGREE = {  # video spans with (t - 1) * spt * tokens_per_second <= max(h, w) / 2
 def test_matches_transformers_5_24_where_rules_agree(hf_model, name):
     case = AGREE[name]
     for grid, spt in zip(case["video_grid_thw"] if case["video_grid_thw"] is not None else [],
-                         case["second_per_grid_ts"] if case["second_per_grid_ts"] is not None else []):
+                         case["second_per_grid_ts"] if case["second_per_grid_ts"] is not None else [], strict=True):
         assert (grid[0] - 1) * spt * TOKENS_PER_SECOND <= max(grid[1:]) // 2 - 1
     ref_pos, ref_delta = _hf_524(hf_model, case)
     pos, delta = layout.get_rope_index(case["input_ids"], case["attention_mask"], case["image_grid_thw"],

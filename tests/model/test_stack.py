@@ -52,5 +52,5 @@ def test_scan_and_remat_equal_the_loop(remat):
     batch = _batch(plain)
     (l0, g0), (l1, g1) = _loss_and_grads(plain, batch), _loss_and_grads(scanned, batch)
     assert float(l1) == pytest.approx(float(l0), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(nnx.to_pure_dict(g0))):
+    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(nnx.to_pure_dict(g0)), strict=True):
         assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(y).max()), 1e-30)

@@ -12,8 +12,15 @@ from jax.sharding import PartitionSpec
 
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.sharding import axis_rules, logical_to_spec
-from emoqwen_jax.parallel import (DEFAULT_RULES, check_divisibility, make_mesh, mesh_shape, param_shardings,
-                                  shard_batch, shard_model)
+from emoqwen_jax.parallel import (
+    DEFAULT_RULES,
+    check_divisibility,
+    make_mesh,
+    mesh_shape,
+    param_shardings,
+    shard_batch,
+    shard_model,
+)
 from emoqwen_jax.train.loss import loss_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
@@ -130,7 +137,7 @@ def test_sharded_loss_and_grads_equal_single_device(mode):
         assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)), mesh_cfg
         for key in ("lm_loss", "aux_loss", "lb_loss", "z_loss", "dropped_assignments", "dropped_tokens"):
             np.testing.assert_allclose(float(metrics[key]), float(ref_metrics[key]), rtol=1e-5, err_msg=str(mesh_cfg))
-        for got, ref in zip(jax.tree.leaves(nnx.to_pure_dict(grads)), ref_flat):
+        for got, ref in zip(jax.tree.leaves(nnx.to_pure_dict(grads)), ref_flat, strict=True):
             err = float(jnp.abs(got - ref).max() / jnp.maximum(jnp.abs(ref).max(), 1e-30))
             assert err <= 1e-5, (mesh_cfg, err)
         if mesh_cfg.get("expert", 1) > 1:

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from tiny_model import tiny_model
 
 from emoqwen_jax.tokens import IGNORE
@@ -81,7 +80,7 @@ def _first_moment(state):
 
 
 def _trainable_leaves(tree, trainable):
-    return [np.asarray(g) for g, lab in zip(jax.tree.leaves(tree), jax.tree.leaves(trainable.labels))
+    return [np.asarray(g) for g, lab in zip(jax.tree.leaves(tree), jax.tree.leaves(trainable.labels), strict=True)
             if lab == "trainable"]
 
 
@@ -99,15 +98,15 @@ def test_accumulated_gradient_is_the_whole_batch_token_mean_gradient(setup, batc
     assert (n_many, n_few, n_full) == (31.0, 5.0, 36.0)  # unequal micro-batches
     want = _trainable_leaves(g_full, trainable)
     # The test can tell: the plain mean of the micro-batch gradients (what a per-micro-batch mean gives) is off.
-    naive = [(a + b) / 2 for a, b in zip(_trainable_leaves(g_many, trainable), _trainable_leaves(g_few, trainable))]
-    assert max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(naive, want) if np.abs(b).max() > 0) > 0.1
+    naive = [(a + b) / 2 for a, b in zip(_trainable_leaves(g_many, trainable), _trainable_leaves(g_few, trainable), strict=True)]
+    assert max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(naive, want, strict=True) if np.abs(b).max() > 0) > 0.1
 
     tx, schedule = make_optimizer(OPT, 10, trainable)
     step = jax.jit(make_train_step(graphdef, tx, trainable, schedule, grad_accum=2))
     state = init_state(params, tx, 0)
     state, m1 = step(state, many)
     assert int(updates_applied(state.opt_state)) == 0 and float(m1["tokens"]) == 31.0
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the first micro-step only accumulates
     state, _ = step(state, few)
     assert int(updates_applied(state.opt_state)) == 1
@@ -129,7 +128,7 @@ def test_a_nonfinite_micro_step_is_left_out_and_an_all_bad_window_applies_nothin
     assert not bool(m["finite"]) and int(updates_applied(state.opt_state)) == 1
     _assert_close([x / (1 - B1) for x in _first_moment(state)], _trainable_leaves(g_many, trainable))
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(_trainable_leaves(state.params, trainable),
-                                                                         _trainable_leaves(params, trainable))]
+                                                                         _trainable_leaves(params, trainable), strict=True)]
     assert max(moved) > 0  # applied on the non-finite micro-step
 
     before = state
@@ -140,5 +139,5 @@ def test_a_nonfinite_micro_step_is_left_out_and_an_all_bad_window_applies_nothin
     window = state.opt_state.inner_states["trainable"].inner_state
     assert int(window.mini_step) == 0 and float(window.tokens) == 0.0  # reset: the next window starts afresh
     for a, b in zip(jax.tree.leaves((state.params, _first_moment(state))),
-                    jax.tree.leaves((before.params, _first_moment(before)))):
+                    jax.tree.leaves((before.params, _first_moment(before))), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -4,8 +4,8 @@ with the LLM; the encoder (frozen by default) and Whisper's positions never chan
 import jax
 import numpy as np
 from flax import nnx
-
 from train_configs import load_config, write_config
+
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.train.metrics import read_metrics
@@ -17,7 +17,7 @@ def _params(path):
 
 
 def _same(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def test_audio_stages_train_what_they_say(tmp_path, demo_dir):

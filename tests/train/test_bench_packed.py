@@ -34,7 +34,7 @@ def test_packed_bench_batch_equals_the_padded_one():
 
     (loss_a, grads_a), (loss_b, grads_b) = value_and_grad(params, padded), value_and_grad(params, packed)
     np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
         scale = max(float(np.abs(a).max()), 1e-12)
         assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale <= 1e-5
 

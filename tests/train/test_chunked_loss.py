@@ -36,7 +36,7 @@ def test_chunked_equals_full_loss_and_gradients(chunk):
     assert _rel(chunked(hidden, w), full(hidden, w)) <= 1e-6
     got = jax.grad(chunked, argnums=(0, 1))(hidden, w)
     want = jax.grad(full, argnums=(0, 1))(hidden, w)
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         assert _rel(g, r) <= 1e-6
     assert float(chunked_cross_entropy_sums(hidden, lambda x: x @ w, labels, chunk=chunk)[1]) == float(
         (labels[:, 1:] != IGNORE).sum())

@@ -8,12 +8,12 @@ model FLOPs count the L(L+1)/2 causal pairs; the test adds that difference, deri
 eager attention runs per window / per frame (HF splits by ``cu_seqlens``), so those pairs agree as they are.
 """
 
+import hf_oracle as O
 import numpy as np
 import torch
 from flax import nnx
 from torch.utils.flop_counter import FlopCounterMode
 
-import hf_oracle as O
 from emoqwen_jax import layout
 from emoqwen_jax.convert import config_from_hf
 from emoqwen_jax.model import EmotionQwen, layout_spec

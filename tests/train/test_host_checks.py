@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from train_configs import ROOT, write_config
 
 

@@ -57,7 +57,7 @@ def test_logged_lr_is_the_applied_one_through_warmup_and_a_skipped_step(tiny):
     want = [float(schedule(c)) for c in counts]
     np.testing.assert_allclose(logged, want, rtol=1e-6)
     assert len(set(want)) == 5 and want[0] == 0.0  # a warmup: every applied step has its own rate
-    for i, (lr, moved) in enumerate(zip(logged, applied)):
+    for i, (lr, moved) in enumerate(zip(logged, applied, strict=True)):
         if i == bad_at:
             assert moved == 0.0
         else:

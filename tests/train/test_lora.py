@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from train_configs import load_config, write_config
-from emoqwen_jax.cli.convert import main as convert_main
+
 from emoqwen_jax.checkpoint import load_model, read_model_config, save_model
+from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad
 from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, dropout_key, lora_modules, merge_lora
@@ -98,7 +98,7 @@ def test_targets_errors_and_dropout():
     grads = nnx.jit(lambda m, b, k: _grad_with_key(m, b, k))
     (l0, g0), (l1, g1) = grads(model, batch, k1), grads(remat, batch, k1)
     assert float(l0) == pytest.approx(float(l1), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(g0)), jax.tree.leaves(nnx.to_pure_dict(g1))):
+    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(g0)), jax.tree.leaves(nnx.to_pure_dict(g1)), strict=True):
         assert float(jnp.abs(x - y).max()) <= 1e-5 * max(float(jnp.abs(y).max()), 1e-30)
 
 
@@ -134,7 +134,7 @@ def test_optimizer_state_holds_only_adapters_and_7b_saving():
         return sum(x.size * x.dtype.itemsize for x in leaves), leaves, view, trainable.labels
 
     got, leaves, view, labels = adam_bytes("tiny", "stage3_lora")
-    adapters = [x for x, lab in zip(jax.tree.leaves(view), jax.tree.leaves(labels)) if lab == "trainable"]
+    adapters = [x for x, lab in zip(jax.tree.leaves(view), jax.tree.leaves(labels), strict=True) if lab == "trainable"]
     assert {lab for lab in jax.tree.leaves(labels)} == {"trainable", "frozen"}
     assert len(leaves) == 2 * len(adapters) == 2 * 4 * 4  # mu and nu of lora_a/lora_b, 4 projections x 2 layers
     assert got == 2 * sum(x.size * 4 for x in adapters)
@@ -239,5 +239,5 @@ def test_trainer_lora_stage_freezes_base_and_merge_lora_cli(tmp_path, demo_dir):
     # A model directory round trip keeps the adapters bit-identical.
     save_model(trained, str(tmp_path / "copy"))
     again = _pure(load_model(str(tmp_path / "copy")))
-    for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(again)):
+    for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -16,8 +16,15 @@ from tolerance import assert_close_rel
 
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.lora import LoRAConfig, apply_lora
-from emoqwen_jax.train.optim import (accumulate_tokens, adamw, decay_mask, decays, make_optimizer, path_str,
-                                     select_trainable)
+from emoqwen_jax.train.optim import (
+    accumulate_tokens,
+    adamw,
+    decay_mask,
+    decays,
+    make_optimizer,
+    path_str,
+    select_trainable,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
@@ -36,7 +43,7 @@ def _params():
 def _grads(step: int, scale: float):
     keys = jax.random.split(jax.random.key(100 + step), 3)
     shapes = {"w": (4, 6), "b": (6,), "experts": (3, 5, 2)}
-    return {k: scale * jax.random.normal(kk, s) for kk, (k, s) in zip(keys, shapes.items())}
+    return {k: scale * jax.random.normal(kk, s) for kk, (k, s) in zip(keys, shapes.items(), strict=True)}
 
 
 @pytest.mark.parametrize("pass_norm", [False, True])
@@ -52,7 +59,7 @@ def test_adamw_equals_optax_clip_and_adamw_with_clipping_on_and_off(pass_norm):
         p_ours = optax.apply_updates(p_ours, u)
         u, s_ref = ref.update(g, s_ref, p_ref)
         p_ref = optax.apply_updates(p_ref, u)
-        for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
+        for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref), strict=True):
             assert_close_rel(a, b, 1e-6, what=f"parameters after step {step}")
     assert_close_rel(s_ours.mu["w"], s_ref[1][0].mu["w"], 1e-6, what="first moment")
     assert_close_rel(s_ours.nu["b"], s_ref[1][0].nu["b"], 1e-6, what="second moment")
@@ -65,7 +72,7 @@ def test_a_nonfinite_step_leaves_the_state_and_gives_zero_updates():
     state = tx.update(_grads(0, 0.5), tx.init(p), p, finite=jnp.bool_(True))[1]  # moments no longer zero
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(1, 0.5))
     u, new = jax.jit(lambda g, s: tx.update(g, s, p, finite=jnp.bool_(False)))(bad, state)
-    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(not np.asarray(x).any() for x in jax.tree.leaves(u))
 
@@ -79,7 +86,7 @@ def test_a_nonfinite_micro_step_is_left_out_of_its_window():
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(1, 0.5))
     u, new = jax.jit(lambda g, s: tx.update(g, s, p, finite=jnp.bool_(False), weight=9.0))(bad, state)
     assert int(new.mini_step) == 2 and float(new.tokens) == 4.0
-    for a, b in zip(jax.tree.leaves((new.grads, new.inner)), jax.tree.leaves((state.grads, state.inner))):
+    for a, b in zip(jax.tree.leaves((new.grads, new.inner)), jax.tree.leaves((state.grads, state.inner)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(not np.asarray(x).any() for x in jax.tree.leaves(u))
 
@@ -118,7 +125,7 @@ def test_accumulate_tokens_is_the_token_weighted_mean_in_float64():
     steps = [(5.0, True), (1.0, True), (0.0, True), (2.0, True), (3.0, False), (7.0, True), (0.0, True),
              (4.0, False), (0.0, True)]
     grads = [_grads(i, 1.0 + i) for i in range(len(steps))]
-    for i, ((w, finite), g) in enumerate(zip(steps, grads)):
+    for i, ((w, finite), g) in enumerate(zip(steps, grads, strict=True)):
         if not finite:
             g = jax.tree.map(lambda x: x.at[0].set(jnp.inf), g)
         u, state = update(g, state, jnp.bool_(finite), jnp.float32(w))
@@ -158,7 +165,7 @@ def _tiny_params(mode: str, lora: bool = False) -> tuple[dict, ModelConfig]:
 def _random_like(tree, seed: int, scale: float) -> dict:
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
 
 
 def _expected(path: str) -> bool:
@@ -179,7 +186,7 @@ def test_decay_mask_follows_the_path_on_every_leaf_of_the_tiny_model(mode):
     flags = jax.tree.leaves(mask)
     assert len(flags) == len(leaves) and all(isinstance(f, bool) for f in flags)
     seen = {True: 0, False: 0}
-    for (path, leaf), flag in zip(leaves, flags):
+    for (path, leaf), flag in zip(leaves, flags, strict=True):
         key = path_str(path)
         assert flag == _expected(key), key
         seen[flag] += 1
@@ -235,7 +242,7 @@ def test_one_update_equals_optax_adamw_with_the_same_mask(mode):
 
     p_ours, p_ref = two_updates(ours, params), two_updates(ref, params)
     for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(p_ours), jax.tree.leaves(p_ref),
-                                jax.tree.leaves(params)):
+                                jax.tree.leaves(params), strict=True):
         a, b, p0 = np.asarray(a), np.asarray(b), np.asarray(p0)
         moved = np.abs(b - p0).max()
         assert np.abs(a - b).max() <= 1e-5 * max(moved, 1e-30), path_str(path)

@@ -98,7 +98,7 @@ def test_packed_loss_and_gradients_equal_unpacked(setup):
     assert len(flat_a) == len(flat_b)
     scale = max(float(np.abs(g).max()) for g in flat_a)
     assert scale > 0
-    for ga, gb in zip(flat_a, flat_b):
+    for ga, gb in zip(flat_a, flat_b, strict=True):
         np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=TOL, atol=TOL * scale)
     # One segment per row (the attention mask; same shapes, no recompile) attends across samples: a loss this
     # test's tolerance tells apart.

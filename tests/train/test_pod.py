@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-
 from train_configs import ROOT, load_config, write_config
+
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.train.metrics import read_metrics
@@ -98,7 +98,7 @@ def assert_same_run(workdir, reference, params_ref):
         for field in COMPARED:
             assert got[key][field] == want[key][field], (key, field, got[key][field], want[key][field])
     params = final_params(workdir)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
@@ -152,7 +152,7 @@ def test_one_process_with_eight_devices_matches_two_processes(pod, tmp_path):
     init = jax.tree.leaves(jax.tree.map(np.asarray, init_params(ModelConfig.from_dict(config.model.to_dict()),
                                                                 config.seed)))
     params, llm_moved = final_params(tmp_path / "one"), 0.0
-    for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref), init):
+    for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref), init, strict=True):
         name, moved = jax.tree_util.keystr(path), float(np.abs(b - start).max())
         if moved == 0:
             np.testing.assert_array_equal(a, b, err_msg=name)

@@ -21,9 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-
 from tolerance import assert_close_rel
 from train_configs import ROOT, load_config, write_config
+
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.trainer import train_and_evaluate
 
@@ -61,7 +61,7 @@ def assert_trees_identical(got, want, what):
     got_leaves, want_leaves = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_flatten_with_path(want)[0]
     assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves], what
     assert got_leaves, what
-    for (path, a), (_, b) in zip(got_leaves, want_leaves):
+    for (path, a), (_, b) in zip(got_leaves, want_leaves, strict=True):
         a, b = np.asarray(a), np.asarray(b)
         assert a.dtype == b.dtype and a.shape == b.shape, (what, path)
         assert a.tobytes() == b.tobytes(), (what, jax.tree_util.keystr(path))  # bit for bit

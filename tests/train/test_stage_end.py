@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-
 from train_configs import load_config, write_config
+
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
@@ -34,7 +34,7 @@ def test_restart_after_a_stages_last_step_goes_on_with_the_next_stage(tmp_path, 
     summary = train_and_evaluate(both, str(tmp_path / "run"))
     steps = [(r["stage"], r["step"]) for r in read_metrics(str(tmp_path / "run"))]
     assert steps == [("stage1_align", 1), ("stage1_align", 2), ("stage2_emotion", 1), ("stage2_emotion", 2)]
-    for a, b in zip(_params(stage1), weights):  # stage 1's weights rewritten from its final checkpoint
+    for a, b in zip(_params(stage1), weights, strict=True):  # stage 1's weights rewritten from its final checkpoint
         np.testing.assert_array_equal(a, b)
     assert summary["stages"]["stage2_emotion"]["step"] == 2
     # A third start finds both stages finished and trains nothing.

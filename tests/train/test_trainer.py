@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from train_configs import ROOT, load_config, write_config
+
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
-
 
 STEPS = 8  # per stage; checkpoints every 2 steps
 
@@ -64,7 +63,7 @@ def test_freezing_per_stage(reference_run):
     s1, s2 = params_of(root / "run/stages/stage1_align"), params_of(root / "run/stages/stage2_emotion")
 
     def same(a, b):
-        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
     # Stage 1 trains the compressor only: the gate and each of the two experts change.
     assert same(s1["visual"], init["visual"]) and same(s1["language_model"], init["language_model"])
@@ -83,8 +82,7 @@ def test_freezing_per_stage(reference_run):
 
 def _tiny_step(patterns, opt):
     """A tiny model's params, a text batch, and a jitted train step training ``patterns`` with ``opt``."""
-    from emoqwen_jax.model import ModelConfig
-    from emoqwen_jax.model import EmotionQwen
+    from emoqwen_jax.model import EmotionQwen, ModelConfig
     from emoqwen_jax.train.optim import make_optimizer, select_trainable
     from emoqwen_jax.train.step import make_train_step
 
@@ -117,7 +115,7 @@ def test_nonfinite_update_is_skipped():
     state1, metrics = step(state0, batch)
     assert not bool(metrics["finite"]) and int(state1.nonfinite) == 1
     for a, b in zip(jax.tree.leaves((state1.params, state1.opt_state)), jax.tree.leaves((state0.params,
-                                                                                         state0.opt_state))):
+                                                                                         state0.opt_state)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -170,6 +168,7 @@ def test_optimizer_state_is_sharded_like_its_parameters():
 
     sys.path.insert(0, str(ROOT / "configs"))
     import emotion_qwen
+
     from emoqwen_jax.model import EmotionQwen
 
     abstract = nnx.eval_shape(lambda: EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0)))

@@ -11,6 +11,7 @@ adds the audio tower and projector.
 
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
 
+
 class EmotionQwenConfig(Qwen2_5_VLConfig):
     model_type = "emotion_qwen"
 

@@ -120,7 +120,7 @@ def _answer_in_batches(session: Session, requests: Sequence[Request], sampling: 
                     rows.append({"id": key, "response": None, "error": err.reason})
             if ready:
                 answers = session.answer([p for _, p in ready], sampling, seed=seed + start)
-                for (i, _), answer in zip(ready, answers):
+                for (i, _), answer in zip(ready, answers, strict=True):
                     rows[i]["response"] = answer
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

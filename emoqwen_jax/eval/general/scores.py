@@ -27,10 +27,9 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from emoqwen_jax.eval.choice import parse_choice, parse_yes_no, parse_yes_no_by
-from emoqwen_jax.eval.parse import answer_span
 from emoqwen_jax.eval.general.data import MME_COGNITION, MME_PERCEPTION, VLItem  # noqa: F401 (re-exported)
 from emoqwen_jax.eval.general.vqa_accuracy import vqa_accuracy
-
+from emoqwen_jax.eval.parse import answer_span
 
 
 def _r(x: float) -> float:
@@ -113,10 +112,10 @@ def score_mme(items: Sequence[VLItem], predictions: dict[str, str | None]) -> di
 
 def pope_counts(labels: Sequence[str], verdicts: Sequence[str | None]) -> dict:
     """POPE metrics of one split from labels ('yes'/'no') and verdicts ('yes'/'no'/None = invalid)."""
-    tp = sum(t == "yes" and p == "yes" for t, p in zip(labels, verdicts))
-    fp = sum(t == "no" and p == "yes" for t, p in zip(labels, verdicts))
-    tn = sum(t == "no" and p == "no" for t, p in zip(labels, verdicts))
-    fn = sum(t == "yes" and p != "yes" for t, p in zip(labels, verdicts))
+    tp = sum(t == "yes" and p == "yes" for t, p in zip(labels, verdicts, strict=True))
+    fp = sum(t == "no" and p == "yes" for t, p in zip(labels, verdicts, strict=True))
+    tn = sum(t == "no" and p == "no" for t, p in zip(labels, verdicts, strict=True))
+    fn = sum(t == "yes" and p != "yes" for t, p in zip(labels, verdicts, strict=True))
     n = len(labels)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion import benchmarks
-from emoqwen_jax.eval.general import benchmarks as general
 from emoqwen_jax.eval.emotion.emer import REASONING_PROMPT
+from emoqwen_jax.eval.general import benchmarks as general
 from emoqwen_jax.eval.general.data import MC_INSTRUCTION, SHORT_ANSWER, load_json
 
 SUITES = ("general", "emotion", "all")
