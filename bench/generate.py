@@ -161,7 +161,8 @@ def main(argv=None) -> dict:
     machine = machine_info(before)
     same = float(np.mean([a == b for a, b in zip(ours["tokens"], theirs["tokens"], strict=True)]))
     report = {"preset": args.preset, "rows": args.rows, "new_tokens": args.new_tokens, "runs": args.runs,
-              "jax_tokens_per_s": round(ours["tokens_per_s"], 1), "torch_tokens_per_s": round(theirs["tokens_per_s"], 1),
+              "jax_tokens_per_s": round(ours["tokens_per_s"], 1),
+              "torch_tokens_per_s": round(theirs["tokens_per_s"], 1),
               "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2), "same_tokens": same,
               "jax_times_s": ours["times_s"], "torch_times_s": theirs["times_s"], "machine": machine}
     print(f"{'':<24}{'tokens/s':>10}{'median s':>10}")

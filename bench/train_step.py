@@ -12,9 +12,10 @@ the architecture HF has: that row gives the ratio) and with the paper's 2 expert
 M-RoPE position ids (computed once on the host, outside the timing), and its default attention (sdpa).
 
 Timing: JAX and torch each run in their OWN process, one after the other (torch's OpenMP threads keep spinning
-after a step and slow a JAX step in the same process; docs/design.md, Timing torch and JAX: one process each), each with the malloc settings of
-``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``; ``--warmup`` steps, then ``--runs``
-timed steps, medians; within a process the rows (expert counts, --packed) take turns step by step.
+after a step and slow a JAX step in the same process; docs/design.md, Timing torch and JAX: one process each),
+each with the malloc settings of ``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``;
+``--warmup`` steps, then ``--runs`` timed steps, medians; within a process the rows (expert counts, --packed)
+take turns step by step.
 ``--rounds N`` repeats the pair of processes N times (JAX, torch, JAX, torch, ...): each round's ratio compares
 two neighbouring processes, so a slow drift of the machine moves both sides of it; ``ratio`` is then the median
 of the rounds' ratios (``ratios_by_round``), and the table's medians pool every round's steps.
@@ -392,7 +393,8 @@ def main(argv=None) -> dict:
            "ratio": ratio["ratio"], "ratio_packed": ratio["ratio_packed"], "rounds": args.rounds,
            "ratios_by_round": {k: [round(r, 2) for r in v] for k, v in round_ratios.items() if v},
            "jax_ms_by_experts": {k: round(v, 1) for k, v in med.items() if k != "torch"},
-           "compile_s": ours.get("compile_s"), "routing": args.routing, "runs": args.runs, "train_flops": flops, "machine": machine}
+           "compile_s": ours.get("compile_s"), "routing": args.routing, "runs": args.runs, "train_flops": flops,
+           "machine": machine}
     if "peak_flops" in ours:
         name = f"jax E={args.experts[0]}"
         out["mfu"] = round(flops[name] / (med[name] / 1e3) / ours["peak_flops"], 4)

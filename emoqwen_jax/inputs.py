@@ -7,7 +7,8 @@ Every field declares, in its metadata, the few facts the rest of the code base d
   * ``batch_dim``: the dimension sharded over the batch-like mesh axes and along which shards are joined
     (None: replicated, joined along 0) — sharding (``parallel.rules.shard_batch``) and batching;
   * ``offset``: how an index array moves when shards are joined (``"units"``, ``"patches"``, ``"items"``,
-    ``"audio_rows"`` = W · F / 4; None: a plain value); ``permutation=True``: every entry moves (not only the non-negative ones);
+    ``"audio_rows"`` = W · F / 4; None: a plain value); ``permutation=True``: every entry moves (not only the
+    non-negative ones);
   * ``key``: its flat name in the Hugging Face-style dict view (``inputs["vision_pos_hw"]``).
 
 Groups are optional (None = absent), and so are fields marked ``optional`` (labels, rope_deltas, and the text
@@ -253,6 +254,6 @@ def abstract_inputs(sizes: Mapping[str, int], *, groups: tuple[str, ...] = ("tex
         try:
             shape = tuple(d if isinstance(d, int) else int(sizes[d]) for d in spec.shape)
         except KeyError as e:
-            raise ValueError(f"abstract_inputs: size {e} of {spec.key} {spec.shape} missing from {dict(sizes)}")
+            raise ValueError(f"abstract_inputs: size {e} of {spec.key} {spec.shape} missing from {dict(sizes)}") from e
         flat[spec.key] = jax.ShapeDtypeStruct(shape, spec.dtype)
     return ModelInputs.from_dict(flat)

@@ -69,7 +69,7 @@ def vision_layout(grids: np.ndarray, spec: LayoutSpec, *, pad_patches_to: int | 
         lh, lw = h // m, w // m
         # Rotary ids in HF's block-major patch order: (t, h/m, w/m, m, m).
         hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = lambda a: a.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
+        block = lambda a, lh=lh, lw=lw: a.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
         pos.append(np.tile(np.stack([block(hh), block(ww)], -1), (t, 1)))
         # Window order exactly as HF: pad the unit grid to whole windows (a full extra window when it already
         # divides, then dropped because it is empty), walk windows row-major, skip the padding.

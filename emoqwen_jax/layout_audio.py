@@ -160,7 +160,7 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, se
     for row in range(ids.shape[0]):
         tokens = ids[row][mask[row] == 1]
         parts, pos = [], 0
-        nxt = lambda: int(parts[-1].max()) + 1 if parts else 0  # noqa: E731
+        nxt = lambda parts=parts: int(parts[-1].max()) + 1 if parts else 0  # noqa: E731
         while pos < len(tokens):
             kind = tokens[pos + 1] if pos + 1 < len(tokens) else None
             if tokens[pos] == vision.vision_start_token_id and kind == spec.audio_bos_token_id:

@@ -2,9 +2,9 @@
 
 XLA:CPU allocates one large scratch buffer per executable run (1.77 GB for the ``small`` bench step). With
 glibc's defaults such a buffer is served by ``mmap`` and returned to the OS on ``free``, so every step maps and
-page-faults it in again (~460k faults, about 1 s per ``small`` step; docs/design.md, glibc malloc and XLA:CPU's per-step scratch buffer). ``tune_malloc()`` turns that
-off for this process with ``mallopt`` (one arena, no mmap-served blocks, no trimming), which has the same effect
-as starting Python with
+page-faults it in again (~460k faults, about 1 s per ``small`` step; docs/design.md, glibc malloc and XLA:CPU's
+per-step scratch buffer). ``tune_malloc()`` turns that off for this process with ``mallopt`` (one arena, no
+mmap-served blocks, no trimming), which has the same effect as starting Python with
 
     GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 

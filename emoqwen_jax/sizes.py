@@ -2,8 +2,9 @@
 ``LayoutSpec``'s and the run configs' presets (``configs/emotion_qwen.py``) all read it; nothing else repeats
 a size. Pure data (no imports), so the host layout, the model and the configs can all read it.
 
-``7b`` is the released Emotion-Qwen: the Qwen2.5-VL-7B ViT + Qwen2.5-7B decoder (docs/design.md, The released model's modules and sizes); every other
-preset lists only what it changes. Adding a size: one entry here, its name in ``configs/emotion_qwen.PRESETS``.
+``7b`` is the released Emotion-Qwen: the Qwen2.5-VL-7B ViT + Qwen2.5-7B decoder (docs/design.md, The released
+model's modules and sizes); every other preset lists only what it changes. Adding a size: one entry here, its
+name in ``configs/emotion_qwen.PRESETS``.
 """
 
 from __future__ import annotations

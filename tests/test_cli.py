@@ -43,5 +43,6 @@ def test_convert_from_hf_cli(tmp_path):
     assert model.config.compressor.num_experts == 2 and info["parameters"] > 0
     again = _run("emoqwen_jax.cli.convert", "from-hf", "--hf_dir", str(hf), "--out", str(tmp_path / "out"))
     assert again.returncode == 2 and "already holds a model" in again.stderr
-    missing = _run("emoqwen_jax.cli.convert", "from-hf", "--hf_dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    missing = _run("emoqwen_jax.cli.convert", "from-hf", "--hf_dir", str(tmp_path / "nope"),
+                   "--out", str(tmp_path / "x"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr

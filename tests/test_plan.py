@@ -31,8 +31,8 @@ def video_batch(mc: ModelConfig, *, rows: int, frames: int, size: int, length: i
                     for _ in range(rows)], np.int32)
     pixels = rng.standard_normal((rows * int(np.prod(grid)), mc.vision.patch_dim)).astype(np.float32)
     model = nnx.eval_shape(lambda: EmotionQwen(mc, rngs=nnx.Rngs(0)))
-    return model.prepare_inputs(ids, np.ones_like(ids), pixel_values_videos=pixels, video_grid_thw=np.array([grid] * rows),
-                                second_per_grid_ts=[1.0] * rows)
+    return model.prepare_inputs(ids, np.ones_like(ids), pixel_values_videos=pixels,
+                                video_grid_thw=np.array([grid] * rows), second_per_grid_ts=[1.0] * rows)
 
 
 def test_plan_tiny_four_devices():
@@ -118,7 +118,8 @@ def test_patch_all_gathers_counts_async_and_tuple_shaped_gathers():
         "  %all-gather.1 = f32[512,32]{1,0} all-gather(f32[128,32]{1,0} %p), channel_id=1, dimensions={0}",
         "  %ags = (bf16[32,16]{1,0}, bf16[128,16]{1,0}) all-gather-start(bf16[32,16]{1,0} %u), dimensions={0}",
         "  %agd = bf16[128,16]{1,0} all-gather-done((bf16[32,16]{1,0}, bf16[128,16]{1,0}) %ags)",
-        "  all-gather.3 = (f32[2,512]{1,0}, f32[512]{0}) all-gather(f32[2,128]{1,0} %a, f32[128]{0} %b), dimensions={1,0}",
+        "  all-gather.3 = (f32[2,512]{1,0}, f32[512]{0}) all-gather(f32[2,128]{1,0} %a, f32[128]{0} %b), "
+        "dimensions={1,0}",
         "  %all-gather.4 = s32[512]{0} all-gather(s32[128]{0} %index), dimensions={0}",
         "  %all-gather.5 = f32[64,32]{1,0} all-gather(f32[16,32]{1,0} %w), dimensions={0}",
         "  %fusion = f32[512,32]{1,0} fusion(f32[512,32]{1,0} %all-gather.1), kind=kLoop",

@@ -151,7 +151,8 @@ def test_export_to_a_uri_and_import_back(scratch):
     summary = to_hf(model, target, tokenizer=False, max_shard_size="100KB")
     assert summary["out_dir"] == target and "model.safetensors.index.json" in storage.listdir(target)
     back = from_hf(target)
-    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param)), strict=True):
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param)),
+                    strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError, match="not empty"):
         to_hf(model, target, tokenizer=False)

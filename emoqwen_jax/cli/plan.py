@@ -48,7 +48,8 @@ _STAGE = flags.DEFINE_string("stage", "stage3_video", "Stage whose trainable set
 _PER_DEVICE = flags.DEFINE_integer("batch_per_device", 1, "Samples per batch-sharding device (data*fsdp*expert).")
 _FRAMES = flags.DEFINE_integer("frames", 16, "Video frames per sample (even: temporal patch 2).")
 _SIZE = flags.DEFINE_integer("frame_size", 448, "Frame side in pixels (multiple of 28).")
-_LENGTH = flags.DEFINE_integer("length", 0, "Text length per sample (0: the video's tokens + 256, to a multiple of 256).")
+_LENGTH = flags.DEFINE_integer("length", 0, "Text length per sample (0: the video's tokens + 256, to a multiple "
+                               "of 256).")
 _FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_block (the ViT full layers' block "
                                     "for blockwise attention; -1 = leave the config's value, 0 = attention_block).")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Simulated slices the devices form (multislice; set "

@@ -124,7 +124,8 @@ def hf_config(config: ModelConfig, fmt: str = EXPORT_MODEL_TYPE, *, dtype: Any =
     }
     out: dict[str, Any] = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "dtype": dtype_name(dtype) if dtype is not None else config.param_dtype, "tie_word_embeddings": t.tie_word_embeddings,
+        "dtype": dtype_name(dtype) if dtype is not None else config.param_dtype,
+        "tie_word_embeddings": t.tie_word_embeddings,
         "image_token_id": config.image_token_id, "video_token_id": config.video_token_id,
         "vision_start_token_id": config.vision_start_token_id, "vision_end_token_id": config.vision_end_token_id,
         "text_config": text, "vision_config": vision,

@@ -8,10 +8,11 @@ keep Qwen2.5-VL's names for the ViT and the decoder and put the Hybrid Compresso
     visual.compressor.gate.{fc1,fc2,head}.{weight,bias}, gate.{norm1,norm2}.{weight,bias}
     visual.compressor.router.weight                                                        (scale mode, [E, 4Dv])
 
-A single-expert model in paper mode exported as plain Qwen2.5-VL puts its expert at ``visual.merger``. Each entry says how the HF tensor becomes
-ours: ``copy`` (same layout), ``linear`` (HF [out, in] -> our kernel [in, out]), ``patch_embed`` (Conv3d
-[D, C, 2, 14, 14] -> kernel [C*2*14*14, D]), ``conv1d`` (the audio encoder's Conv1d [Do, C, 3] -> [C*3, Do]).
-With audio, exports also hold ``audio_tower.*`` (Qwen2AudioEncoder names) and ``audio_projector.*``. Expert entries carry one HF name per expert (stacked on axis 0).
+A single-expert model in paper mode exported as plain Qwen2.5-VL puts its expert at ``visual.merger``. Each
+entry says how the HF tensor becomes ours: ``copy`` (same layout), ``linear`` (HF [out, in] -> our kernel
+[in, out]), ``patch_embed`` (Conv3d [D, C, 2, 14, 14] -> kernel [C*2*14*14, D]), ``conv1d`` (the audio encoder's
+Conv1d [Do, C, 3] -> [C*3, Do]). With audio, exports also hold ``audio_tower.*`` (Qwen2AudioEncoder names) and
+``audio_projector.*``. Expert entries carry one HF name per expert (stacked on axis 0).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.max_input_pixels = 8192 * 8192  # decoded frames larger than this are rejected ('bad_resolution')
     c.min_input_side = 2  # decoded frames with a side below this are rejected ('bad_resolution')
 
-    # --- Facial Emotion Capture (docs/design.md, Facial Emotion Capture; the choice of detector and fusion is ours). ---
+    # --- Facial Emotion Capture (docs/design.md, Facial Emotion Capture; detector and fusion are our choice). ---
     c.faces = ml_collections.ConfigDict()
     c.faces.detector = "haar"  # 'haar' (OpenCV cascade shipped in opencv-python-headless) or a registered name
     c.faces.fusion = "none"  # 'none', or 'extra': face-canvas frames as an extra visual input after the frames

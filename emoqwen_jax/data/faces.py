@@ -1,6 +1,7 @@
 """Facial Emotion Capture: detect faces, paste the crops at their places on a blank canvas, fuse with frames.
 
-The release does not say which detector or fusion it used (docs/design.md, Facial Emotion Capture: what the release leaves open), so both are configurable:
+The release does not say which detector or fusion it used (docs/design.md, Facial Emotion Capture: what the
+release leaves open), so both are configurable:
 - detector (``config.data.faces.detector``): 'haar' — OpenCV's frontal-face Haar cascade, whose XML ships
   inside opencv-python-headless 4.x, so nothing is downloaded. Others plug in with ``register_detector``
   (e.g. MTCNN from facenet-pytorch where it installs; it cannot beside our torch pin).

@@ -3,7 +3,8 @@
 Each example holds the record's annotation (JSON: id, conversations, subtitle, label, media kinds and their
 original relative names) and the encoded media bytes (mp4/png/… as stored; decoded later by PyAV/PIL), so a
 training host needs no data root and no small-file I/O. No TensorFlow is involved: the features are object
-tensors and TFDS writes and reads array_record through its numpy paths (docs/design.md, TFDS array_record without TensorFlow).
+tensors and TFDS writes and reads array_record through its numpy paths (docs/design.md, TFDS array_record
+without TensorFlow).
 
 Layout: ``OUT/emoqwen_prepared/1.0.0/emoqwen_prepared-<split>.array_record-*``, ``dataset_info.json``.
 """

@@ -144,7 +144,8 @@ def encode_conversation(turns: Sequence[dict[str, str]], vision_blocks: Sequence
             # go to tokens starting inside the labelled suffix (the assistant's content).
             enc = tokenizer.encode(text, add_special_tokens=False)
             ids += enc.ids
-            labels += [i if 0 <= label_from <= start else IGNORE for i, (start, _) in zip(enc.ids, enc.offsets, strict=True)]
+            labels += [i if 0 <= label_from <= start else IGNORE
+                       for i, (start, _) in zip(enc.ids, enc.offsets, strict=True)]
             text, label_from = "", -1
         ids += piece
         labels += piece if labelled else [IGNORE] * len(piece)

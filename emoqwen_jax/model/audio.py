@@ -103,7 +103,8 @@ class AudioEncoderLayer(nnx.Module):
 
 
 def conv_lengths(feature_lengths: Array) -> Array:
-    """Valid frames after conv2 for valid feature frames ``feature_lengths`` (HF ``_get_feat_extract_output_lengths``)."""
+    """Valid frames after conv2 for valid feature frames ``feature_lengths`` (HF
+    ``_get_feat_extract_output_lengths``)."""
     return (feature_lengths - 1) // 2 + 1
 
 

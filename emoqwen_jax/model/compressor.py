@@ -76,7 +76,8 @@ class ExpertMergers(nnx.Module):
         expert = jnp.minimum(expert, group_sizes.shape[0] - 1)  # padding rows borrow the last expert's norm/bias
         x32 = rows.reshape(m, self.merge_unit, -1).astype(jnp.float32)
         normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(rows.dtype)
-        h = (ln_w.astype(jnp.float32)[expert][:, None, :] * normed.astype(jnp.float32)).astype(self.dtype).reshape(m, -1)
+        h = (ln_w.astype(jnp.float32)[expert][:, None, :] * normed.astype(jnp.float32)).astype(self.dtype)
+        h = h.reshape(m, -1)
         h = jax.lax.ragged_dot(h, w0.astype(self.dtype), group_sizes) + b0.astype(self.dtype)[expert]
         h = jax.nn.gelu(h, approximate=False)
         return jax.lax.ragged_dot(h, w2.astype(self.dtype), group_sizes) + b2.astype(self.dtype)[expert]
@@ -163,7 +164,8 @@ class HybridCompressor(nnx.Module):
         self.experts = ExpertMergers(cfg.num_experts, vision.hidden_size, out_hidden, vision.merge_unit, rngs=rngs,
                                      dtype=dtype, param_dtype=param_dtype)
         paper = cfg.routing == "sample" and cfg.num_experts > 1
-        self.gate = GateNetwork(vision.hidden_size, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) if paper else None
+        self.gate = (GateNetwork(vision.hidden_size, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) if paper
+                     else None)
         self.router = (Linear(vision.hidden_size * vision.merge_unit, cfg.num_experts, use_bias=False,
                               axes=("merge", None), rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype)
                        if cfg.routing == "token" else None)

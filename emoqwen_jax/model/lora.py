@@ -33,7 +33,8 @@ from emoqwen_jax.model.layers import Linear, matmul
 
 Array = jax.Array
 
-# The LLM's attention projections, as the released LoRA recipe (docs/design.md, The released fine-tuning recipe and its LoRA).
+# The LLM's attention projections, as the released LoRA recipe (docs/design.md, The released fine-tuning recipe
+# and its LoRA).
 DEFAULT_TARGETS = (r"^language_model/layers/\d+/self_attn/(q_proj|k_proj|v_proj|o_proj)$",)
 # Optimiser-view paths of the adapter leaves (what a LoRA stage adds to its trainable regexes).
 ADAPTER_PATTERN = r"/lora_[ab]$"
@@ -184,8 +185,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         merged = (kernel[...].astype(jnp.float32) + lora.delta()).astype(kernel.dtype)
         in_f, out_f = kernel.shape
         axes = kernel.get_metadata().get("logical_axes")
-        plain = nnx.eval_shape(lambda: Linear(in_f, out_f, use_bias=lora.bias is not None, axes=axes,  # noqa: B023
-                                              rngs=nnx.Rngs(0), dtype=lora.dtype))
+        plain = nnx.eval_shape(lambda in_f=in_f, out_f=out_f, axes=axes, lora=lora: Linear(
+            in_f, out_f, use_bias=lora.bias is not None, axes=axes, rngs=nnx.Rngs(0), dtype=lora.dtype))
         plain.kernel = nnx.Param(merged, logical_axes=axes)
         plain.bias = lora.bias
         _set_child(model, path, plain)

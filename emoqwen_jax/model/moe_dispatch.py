@@ -13,9 +13,9 @@ Mesh axis names come from the active sharding rules: the logical name ``expert``
 * ``ragged``: each device sorts its assignments by expert and sends each expert's rows to its device, which
   sorts the received rows by local expert, runs ``ragged_dot`` and sends the rows back. The receive buffer has
   one block of T' * k rows per source device, of which the first n are real. On CPU a padded ``all_to_all``
-  fills it (XLA:CPU has no ``ragged_all_to_all``; docs/design.md, XLA:CPU traps); on GPU/TPU ``ragged_all_to_all`` writes only
-  the real rows into the same layout (less traffic; the same ep x rows of buffer memory). The CPU tests cover
-  the padded exchange; the ragged one has not run on hardware here.
+  fills it (XLA:CPU has no ``ragged_all_to_all``; docs/design.md, XLA:CPU traps); on GPU/TPU
+  ``ragged_all_to_all`` writes only the real rows into the same layout (less traffic; the same ep x rows of
+  buffer memory). The CPU tests cover the padded exchange; the ragged one has not run on hardware here.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def map_units(fn: Callable, *args: jax.Array, in_names: Sequence[Sequence[str | 
 
     ``in_names``: logical names of each argument's dimensions (e.g. ('units', 'act_heads', None)); the output's
     are ``out_names``. ``fn`` sees per-device arrays and runs without sharding annotations."""
-    counts = {shard_count("units", a.shape[n.index("units")]) for a, n in zip(args, in_names, strict=True) if "units" in n}
+    counts = {shard_count("units", a.shape[n.index("units")])
+              for a, n in zip(args, in_names, strict=True) if "units" in n}
     if not _UNITS_LOCAL.get() or len(counts) != 1 or counts == {1}:  # every 'units' argument split alike
         return fn(*args)
     mesh, rules = current()

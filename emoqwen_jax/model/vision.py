@@ -54,7 +54,8 @@ def to_window_order(x: Array, window_index: Array, merge_unit: int) -> Array:
 
 def from_window_order(units: Array, window_index: Array) -> Array:
     """Inverse of the unit permutation for float[U, ...] merged tokens: back to HF (raster) order."""
-    inverse = jnp.zeros_like(window_index).at[window_index].set(jnp.arange(window_index.shape[0], dtype=window_index.dtype))
+    inverse = jnp.zeros_like(window_index).at[window_index].set(
+        jnp.arange(window_index.shape[0], dtype=window_index.dtype))
     return units[inverse]
 
 

@@ -44,7 +44,8 @@ def check_shared_workdir(workdir: str) -> None:
     from jax.experimental import multihost_utils
 
     pid, count = jax.process_index(), jax.process_count()
-    token = int(multihost_utils.broadcast_one_to_all(np.asarray(np.random.default_rng().integers(1, 2**31 - 1), np.int32)))
+    token = int(multihost_utils.broadcast_one_to_all(
+        np.asarray(np.random.default_rng().integers(1, 2**31 - 1), np.int32)))
     markers = storage.join(workdir, ".hosts", f"{token:08x}")
     storage.write_text(storage.join(markers, f"process_{pid}"), socket.gethostname())
     barrier("workdir_markers")

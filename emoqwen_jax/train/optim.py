@@ -117,7 +117,8 @@ def select_trainable(params: Any, patterns: Sequence[str] = (), roles: Sequence[
         if key.startswith(EXPERTS):
             if leaf.shape[0] != len(expert_names):
                 raise ValueError(f"{key} stacks {leaf.shape[0]} experts but {len(expert_names)} names were given")
-            flags = tuple(hit(f"{key}/{name}") | (role in roles) for name, role in zip(expert_names, expert_roles, strict=True))
+            flags = tuple(hit(f"{key}/{name}") | (role in roles)
+                          for name, role in zip(expert_names, expert_roles, strict=True))
             if all(flags):
                 trained.append(key)
             elif any(flags):

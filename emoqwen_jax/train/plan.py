@@ -223,9 +223,9 @@ def serve_plan(config, *, max_batch: int, max_len: int, num_devices: int = 1, dt
     weights and KV cache in ``dtype``, on abstract shapes only (nothing is allocated): the weights, the KV cache
     of ``max_batch`` slots of ``max_len`` tokens, and the activations (temporaries) of the larger of the engine's
     two compiled programs, the decode step and the prefill of one prompt (one video of ``frames`` ×
-    ``frame_size``² in ``length`` tokens; 0: ``max_len``, the longest prompt a slot takes), over a mesh of tensor=``num_devices``
-    (weights by the logical rules, KV heads split when they divide). ``fits``: the total leaves
-    ``SERVE_HEADROOM`` of ``device_memory_gb`` free.
+    ``frame_size``² in ``length`` tokens; 0: ``max_len``, the longest prompt a slot takes), over a mesh of
+    tensor=``num_devices`` (weights by the logical rules, KV heads split when they divide). ``fits``: the total
+    leaves ``SERVE_HEADROOM`` of ``device_memory_gb`` free.
 
     The activations come from compiling the programs in float32: the CPU compiler has no bfloat16 matmul and,
     given bfloat16, converts every layer's KV cache to float32 copies that no GPU program makes (a 7B decode
@@ -240,7 +240,8 @@ def serve_plan(config, *, max_batch: int, max_len: int, num_devices: int = 1, dt
     def rows(n):
         f32 = jax.ShapeDtypeStruct((n,), np.float32)
         return steps.RowSampling(f32, f32, i32(n), jax.ShapeDtypeStruct((n,), np.uint32), i32(n),
-                                 jax.ShapeDtypeStruct((n,), bool), jax.ShapeDtypeStruct((n, steps.STOP_SLOTS), np.int32))
+                                 jax.ShapeDtypeStruct((n,), bool),
+                                 jax.ShapeDtypeStruct((n, steps.STOP_SLOTS), np.int32))
 
     prompt = video_batch_shapes(mcfg, 1, frames, frame_size, length or max_len).replace(labels=None,
                                                                                        rope_deltas=None)

@@ -64,7 +64,8 @@ def test_extra_fusion_adds_canvas_tokens_after_frame_tokens(astronaut, tmp_path,
     proc = SampleProcessor(cfg)
     for kind, rel, grid_key, pix_key, pad in (("video", "face.mp4", "video_grid_thw", "pixel_values_videos",
                                                info.video_pad_id),
-                                              ("image", "face.png", "image_grid_thw", "pixel_values", info.image_pad_id)):
+                                              ("image", "face.png", "image_grid_thw", "pixel_values",
+                                               info.image_pad_id)):
         rec = manifests.conversation_record(conv(kind, rel), str(tmp_path), "m", 0)
         out = proc.map(rec)
         grids = out[grid_key]

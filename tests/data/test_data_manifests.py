@@ -137,7 +137,7 @@ def test_every_bad_input_gets_its_reason_and_is_counted(clip_dir, tmp_path, cfg,
 
 def test_reject_fraction_stops_with_examples():
     counter = RejectCounter(max_reject_fraction=0.25, check_after=4)
-    for i in range(3):
+    for _ in range(3):
         counter.add_ok()
     counter.add_rejected("corrupt_video", "clip_a", "truncated")  # 1/4 = 25%: allowed
     with pytest.raises(TooManyRejectsError, match="clip_b"):

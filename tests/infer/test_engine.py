@@ -113,9 +113,9 @@ def test_min_tokens_ignore_eos_and_stop_ids(engine, session, mixed):
     free = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
     eos = free[2]
     assert eos not in free[:2]
-    stopped, ignored, held = Engine(session, max_batch=3, max_len=128, prefill_batch=2, eos_ids=(eos,)).generate([mixed[1]] * 3, [
-        SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, ignore_eos=True),
-        SamplingParams(max_tokens=8, min_tokens=4)])
+    stopped, ignored, held = Engine(session, max_batch=3, max_len=128, prefill_batch=2, eos_ids=(eos,)).generate(
+        [mixed[1]] * 3, [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, ignore_eos=True),
+                         SamplingParams(max_tokens=8, min_tokens=4)])
     assert stopped.token_ids == free[:2] and stopped.finish_reason == "stop"
     assert ignored.token_ids == free and ignored.finish_reason == "length"
     assert held.token_ids[:2] == free[:2] and eos not in held.token_ids[:4] and len(held.token_ids) >= 4

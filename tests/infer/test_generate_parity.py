@@ -2,7 +2,8 @@
 
 HF computes its own M-RoPE positions inside ``generate`` (from ``mm_token_type_ids``), so the video grids
 keep their temporal span (t − 1) · second_per_grid · tokens_per_second within max(h, w)/2 − 1, where
-transformers 5.24's rule and the released rule agree (docs/design.md, The M-RoPE position rule). Batches are left-padded for both.
+transformers 5.24's rule and the released rule agree (docs/design.md, The M-RoPE position rule). Batches are
+left-padded for both.
 
 Random weights give flat logits and a decoder that repeats one token, so the decoder's weights are scaled
 by 3 (context matters: the sequences vary) and the LM head by 12 (logits ~±20); every step's top-1/top-2

@@ -58,7 +58,8 @@ def _rel(a, b):
 
 def _qkv(b, t, s, n, kh, h, seed=0):
     rng = np.random.default_rng(seed)
-    return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h))]
+    return [jnp.asarray(rng.standard_normal(shape), jnp.float32)
+            for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h))]
 
 
 def _assert_values_and_gradients(run, q, k, v, qseg, kseg, causal, offset, scale, seed=1):

@@ -1,8 +1,9 @@
 """Whole-model logits parity against Hugging Face Qwen2.5-VL (torch, float32) through ``from_hf``.
 
 Positions: for text and images both M-RoPE rules agree, so HF computes its own positions. For videos whose
-temporal span exceeds the spatial one, transformers 5.24 departs from the released rule (docs/design.md, The M-RoPE position rule), so
-HF is given positions by the released rule (checked independently in test_position_ids.py).
+temporal span exceeds the spatial one, transformers 5.24 departs from the released rule (docs/design.md, The
+M-RoPE position rule), so HF is given positions by the released rule (checked independently in
+test_position_ids.py).
 """
 
 import hf_oracle as O

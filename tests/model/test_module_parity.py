@@ -161,8 +161,8 @@ def test_patch_merger_into_any_expert_slot(hf_cfg):
     x = _rng(3).standard_normal((4 * 9, vc.hidden_size)).astype(np.float32)
     ref = _run(hf, _t(x))
     for num_experts, slot in ((1, 0), (3, 1)):
-        ours = TL.randomize_nnx_(TL.build(lambda: ExpertMergers(num_experts, vc.hidden_size, vc.out_hidden_size, 4,
-                                                                rngs=nnx.Rngs(0), **F32)), 4)
+        ours = TL.randomize_nnx_(TL.build(lambda num_experts=num_experts: ExpertMergers(
+            num_experts, vc.hidden_size, vc.out_hidden_size, 4, rngs=nnx.Rngs(0), **F32)), 4)
         TL.load_merger_(ours, hf, slot)
         out = _apply(ours, x)
         assert out.shape == (num_experts, 9, vc.out_hidden_size)

@@ -1,7 +1,8 @@
 """M-RoPE position ids: ours (``layout.get_rope_index``) against the rule Qwen2.5-VL was released and trained
 with, transcribed literally below from transformers 4.50.0
 (``Qwen2_5_VLForConditionalGeneration.get_rope_index``), and against transformers 5.24's own
-``model.model.get_rope_index`` where the two rules agree; for a long video they do not (docs/design.md, The M-RoPE position rule).
+``model.model.get_rope_index`` where the two rules agree; for a long video they do not (docs/design.md, The
+M-RoPE position rule).
 """
 
 import hf_oracle as O
@@ -242,7 +243,8 @@ def test_matches_transformers_5_24_where_rules_agree(hf_model, name):
 def test_long_video_differs_from_transformers_5_24(hf_model):
     """A 4-patch video at 1.5 s per patch spans t = 0..9 but only 2x2 merged units: 4.50 (and we) resume the
     text after it at the block's max + 1; 5.24 resumes at start + max(h, w) / 2, i.e. 8 positions earlier,
-    inside the video's own temporal range. We keep the released rule (docs/design.md, The M-RoPE position rule; transformers #45381)."""
+    inside the video's own temporal range. We keep the released rule (docs/design.md, The M-RoPE position rule;
+    transformers #45381)."""
     grid, spt = (4, 4, 4), 1.5
     case = _case([[7] + V(grid) + [9, 10, 11]], videos=[grid], spt=[spt])
     ref_pos, _ = _hf_524(hf_model, case)

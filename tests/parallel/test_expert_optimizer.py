@@ -119,7 +119,7 @@ def test_adam_moments_keep_the_expert_sharding_and_shrink_with_the_expert_axis()
         config.mesh.update(data=8 // expert, fsdp=1, expert=expert, tensor=1)
         mesh = make_mesh(dict(config.mesh))
         mc, _, _, init = build_train_step(config, "stage1_align")
-        abstract = nnx.eval_shape(lambda: EmotionQwen(mc, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda mc=mc: EmotionQwen(mc, rngs=nnx.Rngs(0)))
         pshard = pure_param_shardings(abstract, mesh)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               abstract_params(mc), pshard)

@@ -107,6 +107,7 @@ def test_local_vision_equals_one_device_and_gathers_no_patches(mesh_cfg):
     assert gathered[False]["patches"], "the global layout should gather the patch axis (else this test checks nothing)"
     assert gathered[True] == {"patches": [], "units": []}, gathered[True]
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
-    for got, ref in zip(jax.tree.leaves(nnx.to_pure_dict(grads)), jax.tree.leaves(nnx.to_pure_dict(ref_grads)), strict=True):
+    for got, ref in zip(jax.tree.leaves(nnx.to_pure_dict(grads)), jax.tree.leaves(nnx.to_pure_dict(ref_grads)),
+                        strict=True):
         err = float(jnp.abs(got - ref).max() / jnp.maximum(jnp.abs(ref).max(), 1e-30))
         assert err <= 1e-5, err

@@ -98,8 +98,10 @@ def test_accumulated_gradient_is_the_whole_batch_token_mean_gradient(setup, batc
     assert (n_many, n_few, n_full) == (31.0, 5.0, 36.0)  # unequal micro-batches
     want = _trainable_leaves(g_full, trainable)
     # The test can tell: the plain mean of the micro-batch gradients (what a per-micro-batch mean gives) is off.
-    naive = [(a + b) / 2 for a, b in zip(_trainable_leaves(g_many, trainable), _trainable_leaves(g_few, trainable), strict=True)]
-    assert max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(naive, want, strict=True) if np.abs(b).max() > 0) > 0.1
+    naive = [(a + b) / 2 for a, b in zip(_trainable_leaves(g_many, trainable), _trainable_leaves(g_few, trainable),
+                                         strict=True)]
+    assert max(np.abs(a - b).max() / np.abs(b).max()
+               for a, b in zip(naive, want, strict=True) if np.abs(b).max() > 0) > 0.1
 
     tx, schedule = make_optimizer(OPT, 10, trainable)
     step = jax.jit(make_train_step(graphdef, tx, trainable, schedule, grad_accum=2))
@@ -127,8 +129,9 @@ def test_a_nonfinite_micro_step_is_left_out_and_an_all_bad_window_applies_nothin
     state, m = step(state, bad)
     assert not bool(m["finite"]) and int(updates_applied(state.opt_state)) == 1
     _assert_close([x / (1 - B1) for x in _first_moment(state)], _trainable_leaves(g_many, trainable))
-    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(_trainable_leaves(state.params, trainable),
-                                                                         _trainable_leaves(params, trainable), strict=True)]
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
+             for a, b in zip(_trainable_leaves(state.params, trainable), _trainable_leaves(params, trainable),
+                             strict=True)]
     assert max(moved) > 0  # applied on the non-finite micro-step
 
     before = state

@@ -165,7 +165,8 @@ def _tiny_params(mode: str, lora: bool = False) -> tuple[dict, ModelConfig]:
 def _random_like(tree, seed: int, scale: float) -> dict:
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
+    return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
+                              for k, x in zip(keys, leaves, strict=True)])
 
 
 def _expected(path: str) -> bool:

@@ -152,7 +152,8 @@ def test_one_process_with_eight_devices_matches_two_processes(pod, tmp_path):
     init = jax.tree.leaves(jax.tree.map(np.asarray, init_params(ModelConfig.from_dict(config.model.to_dict()),
                                                                 config.seed)))
     params, llm_moved = final_params(tmp_path / "one"), 0.0
-    for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref), init, strict=True):
+    for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params_ref), init,
+                                   strict=True):
         name, moved = jax.tree_util.keystr(path), float(np.abs(b - start).max())
         if moved == 0:
             np.testing.assert_array_equal(a, b, err_msg=name)

@@ -58,7 +58,8 @@ def assert_same_metrics(got_rows, want_rows):
 
 
 def assert_trees_identical(got, want, what):
-    got_leaves, want_leaves = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_flatten_with_path(want)[0]
+    got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+    want_leaves = jax.tree_util.tree_flatten_with_path(want)[0]
     assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves], what
     assert got_leaves, what
     for (path, a), (_, b) in zip(got_leaves, want_leaves, strict=True):

@@ -114,8 +114,8 @@ def test_nonfinite_update_is_skipped():
     state0 = init_state(params, tx, 0)
     state1, metrics = step(state0, batch)
     assert not bool(metrics["finite"]) and int(state1.nonfinite) == 1
-    for a, b in zip(jax.tree.leaves((state1.params, state1.opt_state)), jax.tree.leaves((state0.params,
-                                                                                         state0.opt_state)), strict=True):
+    for a, b in zip(jax.tree.leaves((state1.params, state1.opt_state)),
+                    jax.tree.leaves((state0.params, state0.opt_state)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -171,7 +171,8 @@ def test_optimizer_state_is_sharded_like_its_parameters():
 
     from emoqwen_jax.model import EmotionQwen
 
-    abstract = nnx.eval_shape(lambda: EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")),
+                                                  rngs=nnx.Rngs(0)))
     shardings = pure_param_shardings(abstract, mesh)
     init = lambda p: init_state(p, tx, 0)  # noqa: E731
     target = state_shardings(jax.eval_shape(init, params), shardings, mesh)

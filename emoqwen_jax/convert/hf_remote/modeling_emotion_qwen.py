@@ -250,7 +250,8 @@ def _token_types(config, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class EmotionQwenAudioProjector(nn.Module):
-    """Audio features float[..., Da] -> float[..., D]: ``linear`` (Qwen2-Audio) or ``linear_1`` -> GELU -> ``linear_2``."""
+    """Audio features float[..., Da] -> float[..., D]: ``linear`` (Qwen2-Audio) or ``linear_1`` -> GELU ->
+    ``linear_2``."""
 
     def __init__(self, audio: dict, out_features: int):
         super().__init__()

@@ -50,7 +50,8 @@ _EXTRA_WORDS: dict[str, tuple[str, ...]] = {
     "dissatisfied": ("dissatisfied", "dissatisfaction"),
 }
 EMER_WORDS: dict[str, tuple[str, ...]] = {
-    concept: WORDS.get(concept, ()) + _EXTRA_WORDS.get(concept, ()) for concept in dict.fromkeys([*WORDS, *_EXTRA_WORDS])
+    concept: WORDS.get(concept, ()) + _EXTRA_WORDS.get(concept, ())
+    for concept in dict.fromkeys([*WORDS, *_EXTRA_WORDS])
 }
 TEXT_COLUMNS = ("english", "description", "reason", "reference")
 
