@@ -1,4 +1,5 @@
-r"""emoqwen-train: Emotion-Qwen's three pretraining stages on a device mesh.
+r"""emoqwen-train: Emotion-Qwen's training stages on a device mesh (the supervised stages, and RL stages:
+``stages.<name>.kind = 'rl'``, docs/rl.md).
 
   emoqwen-train --config=configs/emotion_qwen.py:demo --config.workdir=runs/demo
   emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=/ckpt/run1 \
@@ -25,6 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Overrides config.workdir.")
 def main_(argv) -> None:
     del argv
     from emoqwen_jax.eval.suites.stage_eval import run_stage_eval
+    from emoqwen_jax.rl.stage import run_rl_stage
     from emoqwen_jax.train.trainer import Preempted, train_and_evaluate
 
     config = _CONFIG.value
@@ -34,7 +36,7 @@ def main_(argv) -> None:
         raise app.UsageError("set --config.workdir=DIR (or --workdir=DIR): checkpoints, metrics and plots go there")
     logging.set_verbosity(logging.WARNING)
     try:
-        summary = train_and_evaluate(config, stage_eval=run_stage_eval)
+        summary = train_and_evaluate(config, stage_eval=run_stage_eval, stage_runners={"rl": run_rl_stage})
     except Preempted as err:
         print(str(err))
         return

@@ -38,22 +38,25 @@ def _frozen_stop_gradient(params: dict, trainable: Trainable) -> dict:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs, trainable: Trainable,
-                    schedule: Callable, grad_accum: int = 1):
+                    schedule: Callable, grad_accum: int = 1,
+                    loss: Callable[[Any, Any], tuple[jax.Array, dict]] = loss_fn):
     """Returns ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donated state). ``tx`` is
-    ``make_optimizer``'s: its update takes ``finite`` and ``grad_norm`` and keeps its state on a skipped step."""
+    ``make_optimizer``'s: its update takes ``finite`` and ``grad_norm`` and keeps its state on a skipped step.
+    ``loss(model, batch) -> (scalar, metrics)``: the supervised ``loss_fn`` unless another objective (the RL
+    stage's) is given; ``batch`` is whatever that loss takes."""
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: Any):
         def loss_of(params):
             model = nnx.merge(graphdef, _frozen_stop_gradient(params, trainable))
             # A fresh dropout mask every micro-step, reproducible on resume (models without adapters ignore it).
             with dropout_key(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)):
-                return loss_fn(model, batch)
+                return loss(model, batch)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (value, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         masked = jax.tree.map(lambda g, lab: g if lab == "trainable" else jnp.zeros((), g.dtype), grads,
                               trainable.labels)
         grad_norm = optax.global_norm(masked)  # frozen experts of a stacked leaf already have zero gradient
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         # The optimiser applies the non-finite skip to its own state (make_optimizer: in place, one pass per
         # moment); the parameters' select fuses into their update.
         updates, new_opt = tx.update(grads, state.opt_state, state.params, finite=finite, grad_norm=grad_norm)
