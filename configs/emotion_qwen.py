@@ -8,6 +8,9 @@ r"""Emotion-Qwen run configs: model sizes, data, mesh and the three pretraining 
 Presets (the part after the colon):
   demo   — the tiny model trained through all three stages on the bundled demo set, then scored on its held-out
            clips (CPU, a few minutes).
+  demo_rl — the demo's stages 1 and 2, a short stage 3 whose answers use the <think>/<answer> format (a weak
+           start), then stage4_rl (GRPO) on the demo training clips; held-out clips scored after stages 3 and 4
+           (docs/rl.md).
   tiny   — a ~300k-parameter model for tests and the CPU (vocab 1024, tiny tokenizer layout).
   small  — large enough that matmuls dominate on a CPU (benchmarks).
   7b     — the released sizes: Qwen2.5-VL-7B ViT (depth 32, hidden 1280, window 112 px, full attention in
@@ -140,6 +143,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     preset = arg or "tiny"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    if preset == "demo_rl":
+        return demo_rl(get_config("demo"))
     size = "tiny" if preset == "demo" else preset
     config = ml_collections.ConfigDict()
     config.preset = preset
@@ -204,7 +209,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     return config
 
 
-PRESETS = ("demo", "tiny", "small", "7b")
+PRESETS = ("demo", "demo_rl", "tiny", "small", "7b")
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
 EXTRA_STAGES = ("stage3_lora", "stage_audio_align", "stage4_rl")  # defined for every preset, run only when named
 # in run_stages
@@ -357,3 +362,33 @@ def demo_data(config: ml_collections.ConfigDict) -> None:
     d.update(**DEMO_FRAMES, length_buckets=(512,), patch_buckets=(512,), max_length=512)
     if config.preset == "demo":
         d.update(length_buckets=(DEMO_LENGTH,), patch_buckets=(DEMO_BATCH * 128,), max_length=DEMO_LENGTH)
+
+
+# demo_rl: stage 3's steps (a deliberately weak start) and the RL stage's rounds and completions per round.
+DEMO_RL_STAGE3_STEPS, DEMO_RL_STEPS, DEMO_RL_GROUP, DEMO_RL_PROMPTS = 60, 40, 8, 4
+
+
+def demo_rl(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The demo preset with a weak stage 3 on answers in the think/answer format (``{demo}/train_think.jsonl``:
+    a few words about the face, then the class word; the prompt is the DFEW question the evaluation asks, so
+    the RL stage adds no instruction), then stage4_rl on the same training clips, scored like stage 3."""
+    config.preset = "demo_rl"
+    config.run_stages = STAGES + ("stage4_rl",)
+    think = ({"manifest": "{demo}/train_think.jsonl", "data_root": "{demo}", "weight": 1.0},)
+    s3, rl = config.stages.stage3_video, config.stages.stage4_rl
+    s3.mixture = think
+    s3.num_steps = DEMO_RL_STAGE3_STEPS
+    rl.mixture = think
+    rl.num_steps = DEMO_RL_STEPS
+    rl.batch_size = DEMO_RL_GROUP * DEMO_RL_PROMPTS
+    rl.trainable = LLM
+    rl.trainable_roles = EMOTION_ROLES
+    rl.train_audio_projector = False
+    rl.optimizer.learning_rate = 1e-4
+    rl.optimizer.warmup_fraction = 0.0
+    rl.optimizer.weight_decay = 0.0
+    rl.rl.update(group_size=DEMO_RL_GROUP, max_new_tokens=32, beta=0.0, format_instruction="",
+                 num_iterations=1)
+    config.checkpoint.every_steps = 10
+    config.train.log_every = 1
+    return config

@@ -8,7 +8,8 @@ r"""emoqwen-train: Emotion-Qwen's training stages on a device mesh (the supervis
 Starting again in a workdir that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a
 checkpoint and exits cleanly. Stages with an ``eval_suite`` are scored on their final weights (the demo preset
 scores held-out demo clips as DFEW); the last line printed is a JSON summary whose ``eval`` holds the final
-stage's scores: ``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``.
+stage's scores: ``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``, and ``eval_by_stage`` every evaluated
+stage's: ``{"<stage>": {"<benchmark>": {...}}}``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main_(argv) -> None:
         for bench, scores in eval_scores(last.get("eval") or {}).items():
             print(f"{name} eval {bench}: " + "  ".join(f"{k} {v}" for k, v in scores.items())
                   + f"   report: {summary['workdir']}/eval/{name}/report.md")
+            line.setdefault("eval_by_stage", {}).setdefault(name, {})[bench] = scores
             if name == final_stage:  # the final weights' scores close the run's summary line
                 line.setdefault("eval", {})[bench] = scores
     print(json.dumps(line))

@@ -153,7 +153,7 @@ def rollout_seed(rng: jax.Array, step: int) -> int:
 
 def _prompt_iterators(config, name: str, sc, workdir: str, shards, prompts_per_shard: int) -> ShardIterators:
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.update(max_length=int(sc.max_length) - int(sc.rl.max_new_tokens))  # room for the completion
+    data_cfg.update(max_length=int(sc.max_length))  # samples (prompt + reference answer) as a supervised stage
     sources = [(with_instruction(records, sc.rl.format_instruction), weight)
                for records, weight in load_sources(resolve_mixture(sc.mixture, workdir))]
     limits = (float(data_cfg.max_reject_fraction), int(data_cfg.reject_check_after))

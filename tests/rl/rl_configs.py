@@ -36,3 +36,13 @@ def write_rl_config(path: Path, demo_dir: Path, *, steps=4, every=2, extra: str 
         """) + textwrap.indent(textwrap.dedent(extra), "    ") + "\n    return c\n")
     return path
 
+
+
+def load_rl_config(path: Path):
+    """``get_config()`` of a config file written by ``write_rl_config``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"rl_cfg_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
