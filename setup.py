@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
 ]
 
+SERVE = ["fastapi==0.165.0", "uvicorn==0.55.0", "prometheus_client==0.26.0", "httpx==0.29.0"]
+
 EXTRAS = {
     # The HF oracle for parity tests. Install torch separately with `pip install torch==2.13.0`
     # (the CPU build); listing it here would let pip pull a multi-GB CUDA build.
@@ -38,8 +40,11 @@ EXTRAS = {
         "scikit-image",
         "scikit-learn==1.9.1",
         "peft==0.21.2",
-    ],
+        "selenium==4.51.0",  # the page test drives the system's headless Chromium (Debian's chromium-driver)
+    ] + SERVE,
     "hf": ["transformers==5.24.0"],
+    # emoqwen-serve: the HTTP server and its metrics.
+    "serve": SERVE,
     # Accelerators (the base install is the CPU jaxlib): Cloud TPU VMs, and NVIDIA GPUs with CUDA 12.
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda12]==0.10.2"],
@@ -52,6 +57,7 @@ setup(
     version="0.1.0",
     description="Emotion-Qwen in JAX/Flax NNX: Qwen2.5-VL ViT + Hybrid Compressor (MoE) + Qwen2.5 LLM",
     packages=find_packages(include=["emoqwen_jax", "emoqwen_jax.*"]),
+    package_data={"emoqwen_jax.serve": ["static/*"]},
     python_requires=">=3.11",  # numpy 2.4.6 and jax 0.10.2 need 3.11
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
@@ -66,6 +72,7 @@ setup(
             "emoqwen-score=emoqwen_jax.cli.score:main",
             "emoqwen-plan=emoqwen_jax.cli.plan:main",
             "emoqwen-forgetting=emoqwen_jax.cli.forgetting:main",
+            "emoqwen-serve=emoqwen_jax.cli.serve:main",
         ]
     },
 )

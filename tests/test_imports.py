@@ -7,6 +7,7 @@
   * ``rl`` (the RL stage) may import data, model, train, infer and, from eval, only the answer parser and the
     benchmarks' label sets (``eval.parse``, ``eval.emotion.benchmarks``); inside the package only ``cli`` imports
     ``rl`` (``emoqwen-train`` hands its stage runner to the trainer), so train and eval never depend on it;
+  * ``serve`` imports only infer, eval, data and model (and top-level modules); only ``cli`` imports ``serve``;
   * inside ``eval``: suites -> general -> emotion -> the shared parsers, never back;
   * no two modules import each other.
 Every import counts, function-level ones included: a lazy import is still a dependency.
@@ -100,6 +101,15 @@ def test_only_cli_imports_cli():
 
 def test_train_does_not_import_eval():
     assert _violations("train", {"eval"}) == []
+
+
+def test_serve_imports_only_what_it_serves_and_only_cli_imports_it():
+    packages = {_part(m) for m in GRAPH if m.count(".") >= 2}  # top-level modules (storage, tokens) are shared
+    assert _violations("serve", packages - {"serve", "infer", "eval", "data", "model"}) == []
+    inside = [f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) not in ("cli", "serve") for t in ts
+              if _part(t) == "serve"]
+    outside = [f"{m} imports {t}" for m, p in OTHERS.items() for t in _imports(m, p) if _part(t) == "serve"]
+    assert "emoqwen_jax.serve.app" in GRAPH and sorted(inside + outside) == []
 
 
 def test_eval_parts_import_one_way():

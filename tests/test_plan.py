@@ -82,3 +82,30 @@ def test_plan_counts_patch_gathers_and_keeps_the_vit_local():
         reports[shards] = json.loads(out.stdout.strip().splitlines()[-1])
     assert reports[-1]["data_shards"] == 4 and reports[-1]["vision_local"] and reports[-1]["patch_all_gathers"] == 0
     assert reports[0]["data_shards"] == 1 and not reports[0]["vision_local"] and reports[0]["patch_all_gathers"] > 0
+
+
+def test_serve_plan_tiny():
+    """--serve: weights and KV cache bytes are the arrays' sizes (bfloat16: 2 bytes), activations come from the
+    compiled decode step and prefill; two devices split the KV heads."""
+    sys.path.insert(0, str(ROOT / "configs"))
+    import emotion_qwen
+
+    from emoqwen_jax.model import ModelConfig
+
+    text = ModelConfig.from_run_config(emotion_qwen.get_config("tiny")).text
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    reports = []
+    for devices in ([], ["--num_devices=2"]):
+        cmd = [sys.executable, "-m", "emoqwen_jax.cli.plan", f"--config={ROOT}/configs/emotion_qwen.py:tiny",
+               "--serve", "--max_batch=4", "--max_len=512", "--frames=4", "--frame_size=112", *devices]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.strip().splitlines()
+        assert any(line.startswith("fits 80 GB with 10% to spare") and "yes" in line for line in lines)
+        reports.append(json.loads(lines[-1]))
+    one, two = reports
+    kv = text.num_layers * 2 * 4 * 512 * text.num_kv_heads * text.head_dim * 2
+    assert one["kv_cache_bytes"] == kv and two["kv_cache_bytes"] == kv // 2
+    assert one["weight_bytes"] == 2 * one["model_params"] and two["weight_bytes"] < one["weight_bytes"]
+    assert one["per_device_bytes"] == one["weight_bytes"] + kv + one["activation_bytes"]
+    assert one["decode_activation_bytes"] > 0 and one["prefill_activation_bytes"] > 0 and one["fits"]

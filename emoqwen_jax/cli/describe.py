@@ -39,17 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     from emoqwen_jax.eval.emotion.emer import REASONING_PROMPT
-    from emoqwen_jax.infer.session import Session
+    from emoqwen_jax.infer.engine import Engine, SamplingParams
+    from emoqwen_jax.infer.feed import cache_length
+    from emoqwen_jax.infer.session import Session, pixel_range_warning
 
     media = [(kind, path) for kind, path in (("video", args.video), ("image", args.image), ("audio", args.audio))
              if path]
     if not media:
         raise ValueError("give --video, --image and/or --audio")
     session = Session.from_checkpoint(args.ckpt, parse_sets(args.set), dtype=args.dtype)
+    warning = pixel_range_warning(session)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     prompt = session.prompt(args.prompt or REASONING_PROMPT, media, args.subtitle)
-    sampling = session.sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    ids = session.generate_ids([prompt], sampling, seed=args.seed)[0]
-    return {"response": session.decode(ids), "num_tokens": len(ids), "prompt_tokens": int(len(prompt.input_ids))}
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    engine = Engine(session, max_batch=1, max_len=cache_length(len(prompt.input_ids) + args.max_new_tokens))
+    done = engine.generate([prompt], params)[0]
+    return {"response": done.text, "num_tokens": len(done.token_ids), "prompt_tokens": done.prompt_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:

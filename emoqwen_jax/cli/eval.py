@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "official (POPE's script: yes unless the first sentence has no/not)")
     parser.add_argument("--limit", type=int, default=0, help="general: only the first N questions (0 = all)")
     parser.add_argument("--out", default="", help="output directory")
-    parser.add_argument("--batch_size", type=int, default=4, help="questions per generate call")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="questions in flight (the generation engine's decode slots)")
     return parser
 
 
@@ -86,7 +87,8 @@ def evaluate(ckpt: str, specs: list[dict], out_dir: str, *, overrides: dict, arg
               f"standard runs", file=sys.stderr)
     return run_evaluation(ckpt, specs, out_dir, overrides=overrides, suite=suite, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                          batch_size=args.batch_size, dtype=args.dtype)
+                          batch_size=args.batch_size, dtype=args.dtype,
+                          warn=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
 
 
 def summary_of(report: dict) -> dict:

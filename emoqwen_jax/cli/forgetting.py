@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite_config", default="", help="suite JSON (with --before/--after)")
     parser.add_argument("--out", default="forgetting_out", help="output directory")
     parser.add_argument("--all_metrics", action="store_true", help="compare every shared metric, not only headlines")
-    parser.add_argument("--batch_size", type=int, default=4, help="questions per generate call")
+    parser.add_argument("--batch_size", type=int, default=4,
+                        help="questions in flight (the generation engine's decode slots)")
     add_generation_args(parser, max_new_tokens=0, ckpt=False)
     return parser
 

@@ -6,6 +6,10 @@ and print its per-device memory and FLOPs.
   emoqwen-plan --config=configs/emotion_qwen.py:7b --num_devices=8 --audio_seconds=30 --device_memory_gb=80
   emoqwen-plan --config=configs/emotion_qwen.py:tiny --num_devices=8 --num_slices=2 --config.mesh.dcn_data=2 \
       --config.mesh.fsdp=-1 --config.mesh.data=1 --frames=4 --frame_size=112
+  emoqwen-plan --config=configs/emotion_qwen.py:7b --serve --max_batch 32 --max_len 8192
+
+``--serve`` plans the generation engine instead (``train.plan.serve_plan``): weights, KV cache and
+activation bytes per device, and whether they fit ``--device_memory_gb`` (default 80) with 10 % to spare.
 
 The step is the trainer's (``make_train_step``: loss, gradients, AdamW with the stage's frozen leaves,
 non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the trainer's shardings) over a
@@ -29,7 +33,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from emoqwen_jax.train.plan import build_train_step, format_table, plan, video_batch_shapes  # noqa: F401 (re-exported)
+from emoqwen_jax.train.plan import (build_train_step, format_serve_table, format_table, plan,  # noqa: F401
+                                    serve_plan, video_batch_shapes)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/emotion_qwen.py:tiny", "Run config (file:preset).")
 _DEVICES = flags.DEFINE_integer("num_devices", 8, "Simulated devices (the mesh spans all of them).")
@@ -43,6 +48,11 @@ _FRAME_BLOCK = flags.DEFINE_integer("frame_block", -1, "Sets model.vision.frame_
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Simulated slices the devices form (multislice; set "
                                "--config.mesh.dcn_data or --config.mesh.dcn_fsdp so their product matches).")
 _MEMORY = flags.DEFINE_float("device_memory_gb", 0.0, "If set, print the headroom against this per-device memory.")
+_SERVE = flags.DEFINE_bool("serve", False, "Plan the generation engine instead of a train step: weights, KV cache "
+                           "and activations per device in --dtype (one device unless --num_devices is given).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "--serve: decode slots.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 8192, "--serve: tokens per slot (prompt + generation).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "--serve: weight and compute dtype.")
 _AUDIO = flags.DEFINE_float("audio_seconds", 0.0, "Seconds of each sample's audio track (> 0 turns "
                             "model.audio on: encoder windows and 25 audio tokens per second join the batch).")
 
@@ -54,6 +64,15 @@ def main_(argv) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)  # before the backend starts
     config = _CONFIG.value
+    if _SERVE.value:
+        devices = _DEVICES.value if flags.FLAGS["num_devices"].present else 1
+        jax.config.update("jax_num_cpu_devices", devices)
+        report = serve_plan(config, max_batch=_MAX_BATCH.value, max_len=_MAX_LEN.value, num_devices=devices,
+                            dtype=_DTYPE.value, frames=_FRAMES.value, frame_size=_SIZE.value, length=_LENGTH.value,
+                            device_memory_gb=_MEMORY.value or 80.0)
+        print(format_serve_table(report))
+        print(json.dumps(report))
+        return
     if _FRAME_BLOCK.value >= 0:
         with config.unlocked():  # the preset may not list the key yet
             config.model.vision.frame_block = _FRAME_BLOCK.value

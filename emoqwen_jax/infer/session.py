@@ -56,6 +56,19 @@ def _bucket(n: int, buckets: Sequence[int], step: int) -> int:
     return min(fits) if fits else -(-n // step) * step
 
 
+def pad_audio_windows(vision: dict[str, Any], window_buckets: Sequence[int]) -> dict[str, Any]:
+    """Pads a batch's audio encoder windows (``input_features`` float[W, M, F] and their mask) with empty
+    windows to a bucket (``window_buckets``, else a multiple of 8), so batches share compiled shapes."""
+    if vision.get("input_features") is None:
+        return vision
+    feats, fmask = vision["input_features"], vision["feature_attention_mask"]
+    w = _bucket(len(feats), window_buckets, 8)
+    return {**vision,
+            "input_features": np.concatenate([feats, np.zeros((w - len(feats),) + feats.shape[1:], feats.dtype)]),
+            "feature_attention_mask": np.concatenate([fmask, np.zeros((w - len(fmask), fmask.shape[1]),
+                                                                      fmask.dtype)])}
+
+
 @dataclasses.dataclass
 class Prompt:
     """One generation prompt: token ids int32[L] and its vision arrays (``emoqwen_jax.data`` names)."""
@@ -75,6 +88,7 @@ class Session:
         cfg["audio"].update(enabled=a.enabled, num_mel_bins=a.num_mel_bins, window_frames=a.max_frames,
                             position_rule=a.position_rule, interleave_seconds=a.interleave_seconds)
         self.model, self.data = model, cfg
+        self.trained_data = dict(data or {})  # the checkpoint's own settings (what it was trained with)
         self.tokenizer, self.info = load_tokenizer(int(cfg["tokenizer_vocab_size"]), cfg["tokenizer_cache_dir"])
         mc, info = model.config, self.info
         want = (info.image_pad_id, info.video_pad_id, info.vision_start_id, info.vision_end_id)
@@ -158,13 +172,7 @@ class Session:
             padded = min(_bucket(patches, self.data["patch_buckets"], PATCH_STEP), _bucket(patches, (), PATCH_STEP))
             buckets = dict(pad_patches_to=padded,
                            pad_items_to=1 << (items - 1).bit_length())
-        if vision.get("input_features") is not None:  # pad the audio windows to a bucket (fewer compiles)
-            feats, fmask = vision["input_features"], vision["feature_attention_mask"]
-            w = _bucket(len(feats), self.data["audio"]["window_buckets"], 8)
-            vision["input_features"] = np.concatenate([feats, np.zeros((w - len(feats),) + feats.shape[1:],
-                                                                       feats.dtype)])
-            vision["feature_attention_mask"] = np.concatenate([fmask, np.zeros((w - len(fmask), fmask.shape[1]),
-                                                                               fmask.dtype)])
+        vision = pad_audio_windows(vision, self.data["audio"]["window_buckets"])
         out = generate(self.model, ids, mask, sampling=sampling, rng=seed, **vision, **buckets)
         return [out.row(b, keep_stop) for b in range(len(prompts))]
 
@@ -174,3 +182,31 @@ class Session:
 
     def answer(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int = 0) -> list[str]:
         return [self.decode(ids) for ids in self.generate_ids(prompts, sampling, seed)]
+
+
+PIXEL_RANGE_FACTOR = 2.0  # a range this many times beyond the trained one counts as "far outside"
+
+
+def pixel_range_warning(session: Session) -> str | None:
+    """A warning when the session's pixel budgets put frames (or images) far outside the range the checkpoint
+    was trained on (its ``config.json`` meta.data), naming the ``--set`` flags that restore it; else None.
+
+    Far outside: the whole session range lies above PIXEL_RANGE_FACTOR × the trained maximum or below the
+    trained minimum / PIXEL_RANGE_FACTOR (every frame is then resized to a grid size the model never saw; the
+    demo checkpoint, trained on 112-px frames, scores far lower at the standard 128·28² minimum)."""
+    problems, flags = [], []
+    for kind in ("video", "image"):
+        lo_key, hi_key = f"{kind}_min_pixels", f"{kind}_max_pixels"
+        trained = session.trained_data
+        if lo_key not in trained or hi_key not in trained:
+            continue
+        lo, hi = int(session.data[lo_key]), int(session.data[hi_key])
+        t_lo, t_hi = int(trained[lo_key]), int(trained[hi_key])
+        if lo > PIXEL_RANGE_FACTOR * t_hi or hi * PIXEL_RANGE_FACTOR < t_lo:
+            problems.append(f"{kind} frames at {lo:,}-{hi:,} pixels, but the checkpoint was trained on "
+                            f"{t_lo:,}-{t_hi:,}")
+            flags += [f"--set {lo_key}={t_lo}", f"--set {hi_key}={t_hi}"]
+    if not problems:
+        return None
+    return ("these settings put " + "; ".join(problems) + " (config.json meta.data): answers and scores will "
+            "suffer. To use the trained range: " + " ".join(flags))

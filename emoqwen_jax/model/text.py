@@ -6,7 +6,8 @@ are equal and j <= i (+ the cache index). Without packing a row's segment ids ar
 0 padding: padding attends only to padding); a packed row numbers its samples 1, 2, ... (0 padding).
 
 Cache layout: one (k, v) pair per layer, each float[B, S, K, H] with S the cache length; ``cache_index``
-is where the current T tokens are written; ``kv_segment_ids`` int[B, S] are the segment ids of the S slots.
+is where the current T tokens are written (a scalar, or int[B] per row for one token each: the serving
+engine's slots each sit at their own length); ``kv_segment_ids`` int[B, S] are the segment ids of the S slots.
 """
 
 from __future__ import annotations
@@ -43,13 +44,30 @@ class TextAttention(nnx.Module):
                  cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
                  kv_segment_ids: Array | None = None):
         """x float[B, T, D]; cos/sin float32[B, T, H]; segment_ids int[B, T] (causal within equal ids);
-        with a cache, kv_segment_ids int[B, S] of the S slots (default: ``segment_ids``).
+        with a cache, kv_segment_ids int[B, S] of the S slots (default: ``segment_ids``). ``cache_index`` is a
+        scalar (the T tokens of every row go to slots [i, i + T)) or int[B] with T = 1 (row b's token goes to
+        slot cache_index[b]; which slots it sees is then ``kv_segment_ids`` alone, no causal offset).
 
         Returns float[B, T, D] and the updated (k, v) cache (None without a cache)."""
         b, t, _ = x.shape
         q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        per_row = cache is not None and jnp.ndim(cache_index) == 1
+        if per_row:  # one new token per row, each at its own slot (the serving engine's decode step)
+            if t != 1:
+                raise ValueError(f"a per-row cache_index int[B] writes one token per row, got {t}")
+            rows = jnp.arange(b)
+            k_cache, v_cache = cache
+            k = k_cache.at[rows, cache_index].set(k[:, 0].astype(k_cache.dtype))
+            v = v_cache.at[rows, cache_index].set(v[:, 0].astype(v_cache.dtype))
+            cache = (k, v)
+            # One query per row: dense logits are only [B, N, S], and the xla path reads the cache in place
+            # (blockwise would transpose a copy of every layer's cache).
+            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5,
+                            q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=False,
+                            implementation="xla")
+            return self.o_proj(out.reshape(b, t, -1)), cache
         if cache is not None:
             k_cache, v_cache = cache
             start = (0, cache_index, 0, 0)

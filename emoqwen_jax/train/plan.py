@@ -211,3 +211,101 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
         rows.append((f"headroom of {device_memory_gb:g} GB", f"{100 * (1 - used / device_memory_gb):.1f} %"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+SERVE_HEADROOM = 0.10  # a serving plan fits when weights + KV cache + activations leave this share free
+
+
+def serve_plan(config, *, max_batch: int, max_len: int, num_devices: int = 1, dtype: str = "bfloat16",
+               frames: int = 16, frame_size: int = 448, length: int = 0,
+               device_memory_gb: float = 80.0) -> dict[str, Any]:
+    """Per-device memory of the generation engine (``emoqwen_jax.infer.engine``) for ``config``'s model with
+    weights and KV cache in ``dtype``, on abstract shapes only (nothing is allocated): the weights, the KV cache
+    of ``max_batch`` slots of ``max_len`` tokens, and the activations (temporaries) of the larger of the engine's
+    two compiled programs, the decode step and the prefill of one prompt (one video of ``frames`` ×
+    ``frame_size``² in ``length`` tokens; 0: ``max_len``, the longest prompt a slot takes), over a mesh of tensor=``num_devices``
+    (weights by the logical rules, KV heads split when they divide). ``fits``: the total leaves
+    ``SERVE_HEADROOM`` of ``device_memory_gb`` free.
+
+    The activations come from compiling the programs in float32: the CPU compiler has no bfloat16 matmul and,
+    given bfloat16, converts every layer's KV cache to float32 copies that no GPU program makes (a 7B decode
+    step then shows 58 GB of temporaries); float32 temporaries bound the bfloat16 ones from above."""
+    weights_state, cache, _ = _engine_arrays(config, dtype, max_batch, max_len, num_devices)
+    state32, cache32, mesh = _engine_arrays(config, "float32", max_batch, max_len, num_devices)
+    graphdef, mcfg = state32[0], state32[2]
+    from emoqwen_jax.infer import engine_steps as steps  # noqa: PLC0415
+
+    i32 = lambda n: jax.ShapeDtypeStruct((n,), np.int32)  # noqa: E731
+
+    def rows(n):
+        f32 = jax.ShapeDtypeStruct((n,), np.float32)
+        return steps.RowSampling(f32, f32, i32(n), jax.ShapeDtypeStruct((n,), np.uint32), i32(n),
+                                 jax.ShapeDtypeStruct((n,), bool), jax.ShapeDtypeStruct((n, steps.STOP_SLOTS), np.int32))
+
+    prompt = video_batch_shapes(mcfg, 1, frames, frame_size, length or max_len).replace(labels=None,
+                                                                                       rope_deltas=None)
+    if prompt.text.input_ids.shape[1] > max_len:
+        raise ValueError(f"the planned prompt ({prompt.text.input_ids.shape[1]} tokens) exceeds max_len={max_len}")
+    jit = lambda fn: jax.jit(fn, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))  # noqa: E731
+    t0 = time.perf_counter()
+    with axis_rules(mesh, DEFAULT_RULES):
+        decode = jit(steps.decode_step).lower(graphdef, state32[1], cache32, i32(max_batch), i32(max_batch),
+                                              i32(max_batch), rows(max_batch), any_sampled=True)
+        prefill = jit(steps.prefill_into).lower(graphdef, state32[1], cache32, prompt, i32(1), i32(1), rows(1),
+                                                any_sampled=True)
+        temps = {name: int(lowered.compile().memory_analysis().temp_size_in_bytes)
+                 for name, lowered in (("decode", decode), ("prefill", prefill))}
+    weights, kv_bytes = shard_bytes(weights_state[1]), shard_bytes(cache)
+    activations = max(temps.values())
+    total = weights + kv_bytes + activations
+    return {"model_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(weights_state[1])), "dtype": dtype,
+            "num_devices": num_devices, "max_batch": max_batch, "max_len": max_len,
+            "prefill_tokens": int(prompt.text.input_ids.shape[1]),
+            "prefill_patches": int(prompt.vision.pixel_values.shape[0]),
+            "weight_bytes": weights, "kv_cache_bytes": kv_bytes, "decode_activation_bytes": temps["decode"],
+            "prefill_activation_bytes": temps["prefill"], "activation_bytes": activations,
+            "per_device_bytes": total, "device_memory_gb": device_memory_gb, "headroom": SERVE_HEADROOM,
+            "fits": total <= (1 - SERVE_HEADROOM) * device_memory_gb * 1e9,
+            "compile_s": round(time.perf_counter() - t0, 1)}
+
+
+def _engine_arrays(config, dtype: str, max_batch: int, max_len: int, num_devices: int):
+    """((graphdef, abstract sharded state, model config), abstract sharded KV cache, mesh) of the engine's model
+    in ``dtype`` (weights and compute) on a tensor=``num_devices`` mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+    from emoqwen_jax.infer.engine_steps import cache_spec  # noqa: PLC0415
+    from emoqwen_jax.parallel.rules import variable_sharding  # noqa: PLC0415
+
+    mcfg = ModelConfig.from_dict({**ModelConfig.from_run_config(config).to_dict(), "dtype": dtype,
+                                  "param_dtype": dtype})
+    abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    mesh = make_mesh({"tensor": num_devices}, jax.devices()[:num_devices])
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(lambda var: var.replace(place(var, variable_sharding(var, mesh))), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    heads = "tensor" if mcfg.text.num_kv_heads % num_devices == 0 else None
+    kv = NamedSharding(mesh, PartitionSpec(None, None, heads, None))
+    cache = jax.tree.map(lambda s: place(s, kv), cache_spec(abstract, max_batch, max_len))
+    return (graphdef, state, mcfg), cache, mesh
+
+
+def format_serve_table(report: dict) -> str:
+    gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
+    limit = (1 - report["headroom"]) * report["device_memory_gb"]
+    rows = [("model / dtype", f"{report['model_params'] / 1e9:.2f} B parameters / {report['dtype']}"),
+            ("devices", str(report["num_devices"])),
+            ("slots × length", f"{report['max_batch']} × {report['max_len']}"),
+            ("weights per device", gb(report["weight_bytes"])),
+            ("KV cache per device", gb(report["kv_cache_bytes"])),
+            ("activations (decode / prefill)", f"{gb(report['decode_activation_bytes'])} / "
+                                               f"{gb(report['prefill_activation_bytes'])} (prefill of "
+                                               f"{report['prefill_tokens']} tokens, {report['prefill_patches']} "
+                                               f"patches)"),
+            ("per device", gb(report["per_device_bytes"])),
+            (f"fits {report['device_memory_gb']:g} GB with {100 * report['headroom']:g}% to spare",
+             f"{'yes' if report['fits'] else 'no'} (limit {limit:.1f} GB)")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Sequence
 
+import jax
 from tqdm import tqdm
 
 from emoqwen_jax import storage
@@ -22,6 +23,8 @@ from emoqwen_jax.eval.emotion import emer
 from emoqwen_jax.eval.emotion.benchmarks import Benchmark, read_labels, read_predictions
 from emoqwen_jax.eval.emotion.report import score_files
 from emoqwen_jax.eval.emotion.scores import Scores
+from emoqwen_jax.infer.engine import SamplingParams
+from emoqwen_jax.infer.feed import complete_in_order
 from emoqwen_jax.infer.generate import SamplingConfig
 from emoqwen_jax.infer.session import Session
 
@@ -60,9 +63,49 @@ def answer_requests(session: Session, requests: Sequence[Request], sampling: Sam
                     batch_size: int, seed: int = 0, desc: str = "items") -> dict[str, int]:
     """Writes one JSON line per request (in order): ``{"id", "response"}``, or ``"response": null`` with the
     ``error`` reason when a medium is missing (path None) or cannot be processed; returns
-    {'answered', 'failed'} counts."""
+    {'answered', 'failed'} counts.
+
+    The requests run on the generation engine (``emoqwen_jax.infer.feed``): ``batch_size`` decode slots, each
+    refilled as soon as its answer ends, prompts built by a thread pool meanwhile. Request i samples with
+    seed ``seed + i`` (greedy by default), so an answer does not depend on the batching."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if jax.process_count() > 1:  # every process must make the same device calls: static batches
+        return _answer_in_batches(session, requests, sampling, out_path, batch_size=batch_size, seed=seed, desc=desc)
+    counts = {"answered": 0, "failed": 0}
+    jobs = [(text, [(k, p) for k, p in media if p is not None] if all(p is not None for _, p in media) else None,
+             None) for _, media, text in requests]
+    ready = [i for i, (_, media, _) in enumerate(jobs) if media is not None]
+    params = lambda i: SamplingParams(  # noqa: E731
+        max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, seed=seed + ready[i])
+    answers = complete_in_order(session, [jobs[i] for i in ready], params, max_batch=batch_size)
+    with storage.open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(requests), desc=desc, unit="item") as bar:
+        for i, (key, _, _) in enumerate(requests):
+            row = {"id": key, "response": None}
+            if jobs[i][1] is None:
+                row["error"] = "missing_file"
+            else:
+                _, done = next(answers)
+                if isinstance(done, Rejected):
+                    row["error"] = done.reason
+                elif isinstance(done, Exception):
+                    raise done
+                elif done.finish_reason == "error":
+                    raise RuntimeError(f"generation failed for {key}: {done.error}")
+                else:
+                    row["response"] = done.text
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts["failed" if row["response"] is None else "answered"] += 1
+            f.flush()
+            bar.update(1)
+    return counts
+
+
+def _answer_in_batches(session: Session, requests: Sequence[Request], sampling: SamplingConfig, out_path: str, *,
+                       batch_size: int, seed: int, desc: str) -> dict[str, int]:
+    """``answer_requests`` in static batches through ``Session.answer`` (a multi-process run, where every process
+    must issue the same device calls)."""
     counts = {"answered": 0, "failed": 0}
     with storage.open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(requests), desc=desc, unit="item") as bar:
         for start in range(0, len(requests), batch_size):

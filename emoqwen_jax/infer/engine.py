@@ -1,0 +1,500 @@
+"""A continuous-batching generation engine: ``max_batch`` decode slots over one static KV cache.
+
+  engine = Engine(session, max_batch=8, max_len=2048)
+  done = engine.generate([session.prompt("How does she feel?", [("video", "clip.mp4")])],
+                         SamplingParams(max_tokens=64))
+  engine.start(); handle = engine.submit(prompt, SamplingParams(temperature=0.7, seed=1), on_token=print)
+
+The loop (one thread: ``start``'s, or the caller's inside ``generate``) repeats:
+  1. drop cancelled requests (a live one's slot is free from here on);
+  2. if requests wait and slots are free: ONE prefill of up to ``prefill_batch`` waiting prompts (arrival
+     order), written into free slots; their first token is drawn from the prefill's logits;
+  3. one decode step that advances every live slot by one token; finished slots are free for the next round.
+So a request that arrives waits at most for the running decode step, and the live requests are never held
+up by more than one prefill between two of their tokens (the interleaving policy).
+
+Compiled shapes stay few (``engine_steps`` holds the device functions): the decode step has one shape (two
+variants: all-greedy, or with sampled rows); a prefill's shape is (rows, length, patches, items, audio
+windows), each padded to a bucket: rows to a power of two <= ``prefill_batch``, length to ``length_buckets``
+(64 · 2^k, and ``max_len``), patch rows to ``patch_buckets`` (256 · 2^k and 384 · 2^k), items to a power of
+two, audio windows to the checkpoint's window buckets (else a multiple of 8).
+
+Greedy output equals ``emoqwen_jax.infer.generate`` for the prompt alone whatever else is in flight (each row
+of every computation depends on its own inputs only); see ``engine_steps`` for the sampling streams.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import logging
+import threading
+import uuid
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from emoqwen_jax.infer import engine_steps as steps
+from emoqwen_jax.infer.detokenize import Detokenizer
+from emoqwen_jax.infer.session import Prompt, Session, pad_audio_windows
+from emoqwen_jax.infer.generate import batch_vision, check_sampling
+
+log = logging.getLogger(__name__)
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+# Module level: engines over the same model (equal graph definitions) share the compiled functions.
+_JIT_PREFILL = jax.jit(steps.prefill_into, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))
+_JIT_DECODE = jax.jit(steps.decode_step, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound (``max_queue``); try again later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings (vLLM's names; ``min_tokens`` and ``ignore_eos`` as vLLM defines them).
+
+    ``stop``: strings that end the text (not included); ``stop_token_ids``: ids that end it (not included, like
+    EOS); ``seed``: None = derived from the engine's seed and the request's arrival number. ``logprobs``: record
+    log p(token) under the temperature-scaled logits (before top-p/top-k). ``score_token_ids``: also return the
+    log-softmax over these ids at the first generated position (class scores)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+    score_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int
+    logprobs: list[float] | None
+    first_scores: list[float] | None
+    gate_weights: np.ndarray | None  # float32[items, experts] (paper mode: a compressor with a gate)
+    error: str | None = None
+
+
+class RequestHandle:
+    def __init__(self, request_id: str, engine: "Engine"):
+        self.request_id = request_id
+        self._engine, self._event, self._completion = engine, threading.Event(), None
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Blocks until the request finishes (TimeoutError after ``timeout`` seconds)."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        return self._completion
+
+    def cancel(self) -> None:
+        """Ends the request with finish_reason 'cancelled'; its slot is free at the next step."""
+        self._engine._cancel(self.request_id)
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def _finish(self, completion: Completion) -> None:
+        self._completion = completion
+        self._event.set()
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    on_token: Callable[[int, str], None] | None
+    handle: RequestHandle
+    seed: int
+    end_ids: frozenset  # ids that finish it (not part of the output)
+    detok: Detokenizer
+    slot: int = -1
+    tokens: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    first_scores: list | None = None
+    gate_weights: np.ndarray | None = None
+    drawn: int = 0  # tokens drawn so far (an ending id included)
+    length0: int = 0  # prompt tokens: the first generated token goes to cache column length0
+    position0: int = 0  # the first generated token's M-RoPE position (prompt maximum + 1)
+
+
+def _ladder(bases: Sequence[int], limit: int) -> tuple[int, ...]:
+    """base · 2^k for every base, up to ``limit`` (inclusive), sorted."""
+    out = {b << k for b in bases for k in range(40) if b << k <= limit}
+    return tuple(sorted(out))
+
+
+def _fit(n: int, buckets: Sequence[int], step: int) -> int:
+    fits = [b for b in buckets if b >= n]
+    return min(fits) if fits else -(-n // step) * step
+
+
+class Engine:
+    def __init__(self, session: Session, *, max_batch: int = 8, max_len: int = 2048, mesh=None, seed: int = 0,
+                 prefill_batch: int = 4, max_queue: int = 4096, eos_ids: Sequence[int] | None = None):
+        """``prefill_batch``: most prompts one prefill takes; ``max_queue``: most waiting requests (then
+        ``submit`` raises QueueFull); ``eos_ids``: the ids that end a request unless ``ignore_eos`` (default:
+        the tokenizer's ``<|im_end|>``/``<|endoftext|>``); ``mesh``: shard the weights (logical-axis rules) and
+        the KV cache (slots over the batch axes, KV heads over 'tensor') over it."""
+        if max_batch < 1 or max_len < 2 or prefill_batch < 1:
+            raise ValueError(f"need max_batch >= 1, max_len >= 2, prefill_batch >= 1; got {max_batch}, {max_len}, "
+                             f"{prefill_batch}")
+        self.session, self.max_batch, self.max_len, self.mesh = session, int(max_batch), int(max_len), mesh
+        self.seed, self.prefill_batch, self.max_queue = int(seed), min(int(prefill_batch), self.max_batch), max_queue
+        self.vocab = session.model.config.text.vocab_size
+        self.eos_ids = tuple(int(i) for i in (session.info.stop_ids if eos_ids is None else eos_ids))
+        self.pad_id = int(session.info.pad_id)
+        self.length_buckets = _ladder((64,), self.max_len) + (self.max_len,)
+        self.patch_buckets = _ladder((256, 384), 1 << 24)
+        self._graphdef, state = nnx.split(session.model)
+        spec = steps.cache_spec(session.model, self.max_batch, self.max_len)
+        if mesh is None:
+            self._state = state
+            self._cache = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), spec)
+        else:
+            from emoqwen_jax.parallel.rules import batch_sharding, param_shardings  # noqa: PLC0415
+            from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+            self._state = jax.device_put(state, param_shardings(state, mesh))
+            batch = batch_sharding(mesh, 4).spec[0] if self.max_batch % _batch_devices(mesh) == 0 else None
+            heads = "tensor" if "tensor" in mesh.shape and spec[0][0].shape[2] % mesh.shape["tensor"] == 0 else None
+            sharding = NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
+            self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), sharding), spec)
+        self._lock = threading.Lock()  # guards the queue, the cancel set and the counters
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._cancelled: set[str] = set()
+        self._slots: list[_Request | None] = [None] * self.max_batch
+        self._serial = itertools.count()
+        self._step_lock = threading.Lock()  # one loop at a time (background thread or generate's caller)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._wake = threading.Condition(self._lock)
+        self._counts = collections.Counter()
+        self._shapes: set[tuple] = set()
+
+    # ---- public ----------------------------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None,
+               on_token: Callable[[int, str], None] | None = None) -> RequestHandle:
+        """Queues one request. ValueError when the prompt + ``max_tokens`` exceed ``max_len``; QueueFull when
+        ``max_queue`` requests already wait."""
+        self.check(prompt, params)
+        request_id = request_id or uuid.uuid4().hex
+        handle = RequestHandle(request_id, self)
+        serial = next(self._serial)
+        seed = params.seed if params.seed is not None else (self.seed * 1_000_003 + serial) % (1 << 31)
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        req = _Request(request_id, prompt, params, on_token, handle, int(seed) % (1 << 32), frozenset(ends),
+                       Detokenizer(self.session.decode, params.stop))
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests wait (max_queue={self.max_queue})")
+            self._waiting.append(req)
+            self._counts["submitted"] += 1
+            self._wake.notify_all()
+        return handle
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[Completion]:
+        """Submits every prompt, runs until all finish (in this thread unless ``start`` runs the loop), returns
+        the completions in prompt order."""
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        for p, s in zip(prompts, params):  # all or nothing: no request starts when one cannot
+            self.check(p, s)
+        pending = collections.deque(zip(prompts, params))
+        handles = []
+        while pending or not all(h.done() for h in handles):
+            while pending:  # more prompts than max_queue: the rest go in as the queue drains
+                try:
+                    handles.append(self.submit(*pending[0]))
+                except QueueFull:
+                    break
+                pending.popleft()
+            if self._thread is None:
+                self.step()
+            elif handles:
+                handles[-1 if pending else 0]._event.wait(0.01)
+        return [h.result() for h in handles]
+
+    def check(self, prompt: Prompt, params: SamplingParams) -> None:
+        """ValueError naming the limit when the engine cannot take this request (``submit`` checks it too)."""
+        n = len(prompt.input_ids)
+        if n < 1:
+            raise ValueError("the prompt has no tokens")
+        if n + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} "
+                             f"exceeds the engine's max_len={self.max_len}")
+        if len(self.eos_ids) + len(params.stop_token_ids) > steps.STOP_SLOTS:
+            raise ValueError(f"at most {steps.STOP_SLOTS - len(self.eos_ids)} stop_token_ids, got "
+                             f"{len(params.stop_token_ids)}")
+
+    def start(self) -> None:
+        """Runs the loop in a background thread (idle waits block on a condition, no spinning)."""
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="emoqwen-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the background loop (requests in flight stay where they are; ``start`` resumes them)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with self._lock:
+            self._running = False
+            self._wake.notify_all()
+        thread.join()
+
+    def set_params(self, params) -> None:
+        """Swaps the model weights (same shapes): an ``nnx.State`` of parameters or its pure dict. Takes effect
+        from the next step; the KV cache of requests in flight stays as it was computed."""
+        with self._step_lock:
+            model = nnx.merge(self._graphdef, self._state)
+            if isinstance(params, dict):
+                state = nnx.state(model, nnx.Param)
+                nnx.replace_by_pure_dict(state, params)
+                params = state
+            nnx.update(model, params)
+            _, state = nnx.split(model)
+            if self.mesh is not None:
+                from emoqwen_jax.parallel.rules import param_shardings  # noqa: PLC0415
+
+                state = jax.device_put(state, param_shardings(state, self.mesh))
+            self._state = state
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"queue_depth": len(self._waiting), "live_slots": sum(r is not None for r in self._slots),
+                    "max_batch": self.max_batch, "max_len": self.max_len, "prefill_batch": self.prefill_batch,
+                    "compiled_prefill_shapes": len(self._shapes), **self._counts}
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._waiting and not any(self._slots) and not self._cancelled:
+                    self._wake.wait()
+                if not self._running:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # a failed step must not hang the callers: fail what was in flight
+                log.exception("engine step failed")
+                self._fail_all(f"{type(err).__name__}: {err}")
+
+    def step(self) -> None:
+        """One round: cancellations, at most one prefill, one decode step over the live slots."""
+        with self._step_lock, self._rules():
+            self._drop_cancelled()
+            batch = self._take_waiting()
+            if batch:
+                try:
+                    self._prefill(batch)
+                except Exception as err:  # a prompt the model cannot take fails alone, the loop goes on
+                    log.exception("prefill of %d requests failed", len(batch))
+                    for r in batch:
+                        if not r.handle.done():
+                            self._finish(r, "error", f"{type(err).__name__}: {err}")
+            if any(self._slots):
+                self._decode()
+
+    def _rules(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from emoqwen_jax.model.sharding import axis_rules  # noqa: PLC0415
+        from emoqwen_jax.parallel.rules import DEFAULT_RULES  # noqa: PLC0415
+
+        return axis_rules(self.mesh, DEFAULT_RULES)
+
+    def _cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._wake.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if not cancelled:
+                return
+            kept = collections.deque(r for r in self._waiting if r.request_id not in cancelled)
+            dropped = [r for r in self._waiting if r.request_id in cancelled]
+            self._waiting = kept
+        dropped += [r for r in self._slots if r is not None and r.request_id in cancelled]
+        for r in dropped:
+            self._finish(r, "cancelled")
+
+    def _take_waiting(self) -> list[_Request]:
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        with self._lock:
+            n = min(len(free), self.prefill_batch, len(self._waiting))
+            batch = [self._waiting.popleft() for _ in range(n)]
+        for r, slot in zip(batch, free):
+            r.slot = slot
+            self._slots[slot] = r
+        return batch
+
+    def _rows(self, reqs: Sequence[_Request | None], count: int) -> steps.RowSampling:
+        rows = steps.RowSampling.host(count, self.vocab)
+        for i, r in enumerate(reqs):
+            if r is None:
+                continue
+            p = r.params
+            rows.temperature[i], rows.top_p[i], rows.top_k[i] = p.temperature, p.top_p, p.top_k
+            rows.seed[i], rows.index[i] = r.seed, r.drawn
+            if r.drawn < p.min_tokens:  # EOS and the stop ids are masked until min_tokens
+                ids = sorted(set(p.stop_token_ids) | set(self.eos_ids))
+                rows.ban[i], rows.ban_ids[i, :len(ids)] = True, ids
+        return rows
+
+    def _prefill(self, batch: list[_Request]) -> None:
+        rows = 1 << (len(batch) - 1).bit_length()
+        lengths = [len(r.prompt.input_ids) for r in batch]
+        length = _fit(max(lengths), self.length_buckets, 64)
+        ids = np.full((rows, length), self.pad_id, np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        mask[len(batch):, 0] = 1  # batch padding rows: one pad token each (never read)
+        for i, r in enumerate(batch):
+            ids[i, :lengths[i]], mask[i, :lengths[i]] = r.prompt.input_ids, 1
+        vision = batch_vision([r.prompt.vision for r in batch])
+        patches = sum(len(vision[k]) for k in ("pixel_values", "pixel_values_videos") if vision[k] is not None)
+        items = sum(len(vision[k]) for k in ("image_grid_thw", "video_grid_thw") if vision[k] is not None)
+        buckets = {}
+        if patches:
+            buckets = dict(pad_patches_to=_fit(patches, self.patch_buckets, 1 << 20),
+                           pad_items_to=1 << (items - 1).bit_length())
+        vision = pad_audio_windows(vision, self.session.data["audio"]["window_buckets"])
+        inputs = self.session.model.prepare_inputs(ids, mask, **vision, **buckets)
+        next_position = (length + inputs.text.rope_deltas).astype(np.int32)
+        inputs = inputs.replace(rope_deltas=None)
+        slots = np.array([r.slot for r in batch] + [self.max_batch] * (rows - len(batch)), np.int32)
+        sampled = any(r.params.temperature > 0 for r in batch)
+        self._shapes.add((rows, length, buckets.get("pad_patches_to", 0), buckets.get("pad_items_to", 0),
+                          0 if vision.get("input_features") is None else len(vision["input_features"])))
+        tokens, logp, logits, self._cache, gates = _JIT_PREFILL(
+            self._graphdef, self._state, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
+                                                                         np.int32),
+            slots, self._rows(batch, rows), any_sampled=sampled)
+        tokens, logp = np.asarray(tokens), np.asarray(logp)
+        gates = self._gate_rows(batch, np.asarray(gates)) if self._has_gate() else [None] * len(batch)
+        for i, r in enumerate(batch):
+            r.position0, r.length0 = int(next_position[i]), lengths[i]
+            r.gate_weights = gates[i]
+            if r.params.score_token_ids:
+                row = np.asarray(logits[i], np.float64)[list(r.params.score_token_ids)]
+                r.first_scores = (row - np.logaddexp.reduce(row)).astype(np.float32).tolist()
+        with self._lock:
+            self._counts["prefills"] += 1
+            self._counts["prompt_tokens"] += sum(lengths)
+        for i, r in enumerate(batch):
+            self._accept(r, int(tokens[i]), float(logp[i]))
+
+    def _has_gate(self) -> bool:
+        return getattr(self.session.model.compressor, "gate", None) is not None
+
+    @staticmethod
+    def _gate_rows(batch: Sequence[_Request], gates: np.ndarray) -> list[np.ndarray | None]:
+        """The batch's gate weights float32[G, E] (all images of the batch in row order, then all videos) ->
+        each request's float32[items, E] (its images, then its videos)."""
+        n_img = [len(r.prompt.vision.get("image_grid_thw", ())) for r in batch]
+        n_vid = [len(r.prompt.vision.get("video_grid_thw", ())) for r in batch]
+        img_at, vid_at = np.cumsum([0] + n_img), sum(n_img) + np.cumsum([0] + n_vid)
+        return [np.concatenate([gates[img_at[i]:img_at[i + 1]], gates[vid_at[i]:vid_at[i + 1]]]).astype(np.float32)
+                if n_img[i] + n_vid[i] else None for i in range(len(batch))]
+
+    def _decode(self) -> None:
+        live = list(self._slots)
+        b = self.max_batch
+        tokens, index, position = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+        for i, r in enumerate(live):
+            if r is not None:  # the last drawn token goes to column n + drawn - 1
+                tokens[i] = r.tokens[-1]
+                index[i] = r.length0 + r.drawn - 1
+                position[i] = r.position0 + r.drawn - 1
+        sampled = any(r is not None and r.params.temperature > 0 for r in live)
+        out, logp, self._cache = _JIT_DECODE(self._graphdef, self._state, self._cache, tokens, index, position,
+                                                  self._rows(live, b), any_sampled=sampled)
+        out, logp = np.asarray(out), np.asarray(logp)
+        with self._lock:
+            self._counts["decode_steps"] += 1
+        for i, r in enumerate(live):
+            if r is not None:
+                self._accept(r, int(out[i]), float(logp[i]))
+
+    def _accept(self, r: _Request, token: int, logp: float) -> None:
+        """Records one drawn token of ``r`` and finishes it when it ends."""
+        r.drawn += 1
+        p = r.params
+        with self._lock:
+            self._counts["generated_tokens"] += 1
+        if token in r.end_ids:
+            self._emit(r, token, r.detok.flush())
+            return self._finish(r, "stop")
+        r.tokens.append(token)
+        if p.logprobs:
+            r.logprobs.append(logp)
+        delta = r.detok.add(token, check_stop=r.drawn >= p.min_tokens)
+        if r.detok.stopped:
+            self._emit(r, token, delta)
+            return self._finish(r, "stop")
+        if r.drawn >= p.max_tokens:
+            self._emit(r, token, delta + r.detok.flush())
+            return self._finish(r, "length")
+        self._emit(r, token, delta)
+
+    def _emit(self, r: _Request, token: int, delta: str) -> None:
+        if r.on_token is not None:
+            try:
+                r.on_token(token, delta)
+            except Exception:  # a client's callback must not take the engine down
+                log.exception("on_token callback of request %s failed; cancelling it", r.request_id)
+                self._cancel(r.request_id)
+
+    def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
+        if 0 <= r.slot < self.max_batch and self._slots[r.slot] is r:
+            self._slots[r.slot] = None
+        with self._lock:
+            self._counts[f"finished_{reason}"] += 1
+        r.handle._finish(Completion(
+            request_id=r.request_id, token_ids=list(r.tokens), text=r.detok.text, finish_reason=reason,
+            prompt_tokens=int(len(r.prompt.input_ids)), logprobs=list(r.logprobs) if r.params.logprobs else None,
+            first_scores=r.first_scores, gate_weights=r.gate_weights, error=error))
+
+    def _fail_all(self, error: str) -> None:
+        with self._step_lock:
+            with self._lock:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            for r in [r for r in self._slots if r is not None] + waiting:
+                self._finish(r, "error", error)
+
+
+def _batch_devices(mesh) -> int:
+    from emoqwen_jax.parallel.rules import batch_devices  # noqa: PLC0415
+
+    return batch_devices(mesh) if all(a in mesh.shape for a in ("data", "fsdp", "expert")) else 1
