@@ -3,10 +3,13 @@
 A prompt is a processed training sample (``emoqwen_jax.data.process.SampleProcessor``) cut before its first
 labelled token, i.e. everything up to and including ``<|im_start|>assistant\\n``; its reference answer is the
 labelled text (what the rewards compare with). Sampling goes through one small interface, ``Sampler``:
-``GenerateSampler`` runs ``emoqwen_jax.infer`` (prefill + decode loop) and leaves the old policy's
-log-probabilities to the stage, which computes them with the sampling parameters right after sampling (the
-same numbers, from the training forward pass); a sampler that records them while sampling (the generation
-engine's ``SamplingParams(logprobs=True)``) returns them with each completion instead.
+
+  EngineSampler    (the RL stage's default) the continuous-batching generation engine
+                   (``emoqwen_jax.infer.engine``), which records the old policy's log-probability of every
+                   sampled token while sampling (``SamplingParams(logprobs=True)``); row i of a round draws
+                   with seed round_seed + i, so a round reproduces from its seed whatever the batching.
+  GenerateSampler  ``emoqwen_jax.infer.generate`` (one padded batch); it records no log-probabilities, so
+                   the stage computes them with the training forward pass right after sampling.
 
 Shapes: B = prompts × G completion rows (a prompt's G rows adjacent), N = ``max_new_tokens``.
 """
@@ -17,7 +20,9 @@ import dataclasses
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+from flax import nnx
 
+from emoqwen_jax.infer.engine import Engine, SamplingParams
 from emoqwen_jax.infer.session import Prompt, Session
 from emoqwen_jax.tokens import IGNORE
 
@@ -85,6 +90,30 @@ class GenerateSampler:
         ids = self.session.generate_ids(rows, sampling, seed=seed, keep_stop=True)
         stops = set(sampling.stop_ids)
         return [Completion(r, bool(r) and r[-1] in stops) for r in ids]
+
+
+class EngineSampler:
+    """Rollouts on the generation engine (module docstring). The engine runs with ``ignore_eos`` and the
+    completion is cut here after its first stop id: its Completion then holds the stop token and that
+    token's log-probability too, which the update trains on (the policy learns where to stop)."""
+
+    def __init__(self, session: Session, *, max_batch: int, max_len: int, mesh=None):
+        self.session = session
+        self.stop_ids = frozenset(int(i) for i in session.info.stop_ids)
+        self.engine = Engine(session, max_batch=max_batch, max_len=max_len, mesh=mesh)
+
+    def __call__(self, model, prompts, settings, seed):
+        self.engine.set_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        rows = [p for p in prompts for _ in range(settings.group_size)]
+        params = [SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                 top_p=settings.top_p, ignore_eos=True, seed=(seed + i) % 2**31, logprobs=True)
+                  for i in range(len(rows))]
+        out = []
+        for c in self.engine.generate(rows, params):
+            end = next((i for i, t in enumerate(c.token_ids) if t in self.stop_ids), None)
+            n = len(c.token_ids) if end is None else end + 1
+            out.append(Completion(list(c.token_ids[:n]), end is not None, np.asarray(c.logprobs[:n], np.float32)))
+        return out
 
 
 def media_token_ids(model_config: Any) -> frozenset[int]:

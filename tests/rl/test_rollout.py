@@ -13,7 +13,7 @@ from emoqwen_jax.data.pipeline import Collate
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.infer.session import Session
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
-from emoqwen_jax.rl.rollout import (Completion, GenerateSampler, RolloutSettings, completion_arrays, cut_at_media,
+from emoqwen_jax.rl.rollout import (Completion, EngineSampler, GenerateSampler, RolloutSettings, completion_arrays, cut_at_media,
                                     media_token_ids, split_sample, update_sample)
 from emoqwen_jax.rl.stage import completion_logprobs
 from emoqwen_jax.tokens import IGNORE
@@ -56,6 +56,35 @@ def test_rollouts_reproduce_from_the_seed(setup):
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     assert [c.token_ids for c in first] != [c.token_ids for c in other]
     assert len({tuple(c.token_ids) for c in first[:3]}) > 1  # a group's completions differ from each other
+
+
+def test_engine_rollouts_reproduce_from_the_seed_and_record_the_forward_log_probabilities(setup):
+    config, mcfg, model, session, prompts, _ = setup
+    sampler = EngineSampler(session, max_batch=4, max_len=256)  # fewer slots than rows: rows wait for slots
+    first = sampler(model, [p.prompt for p in prompts], SETTINGS, seed=11)
+    again = EngineSampler(session, max_batch=6, max_len=256)(model, [p.prompt for p in prompts], SETTINGS, seed=11)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]  # whatever the batching
+    assert [c.token_ids for c in first] != [c.token_ids for c in sampler(model, [p.prompt for p in prompts],
+                                                                         SETTINGS, seed=12)]
+    stops = set(session.info.stop_ids)
+    for c in first:
+        assert len(c.logprobs) == len(c.token_ids) and 1 <= len(c.token_ids) <= SETTINGS.max_new_tokens
+        assert c.stopped == (c.token_ids[-1] in stops) and not stops & set(c.token_ids[:-1])
+    completions = [cut_at_media(c, media_token_ids(mcfg)) for c in first]
+    logp = _forward_logprobs(config, mcfg, model, session, prompts, completions, SETTINGS.temperature)
+    for b, c in enumerate(completions):
+        got, want = np.asarray(c.logprobs), np.asarray(logp[b, :len(c.token_ids)])
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), (b, got, want)
+
+
+def _forward_logprobs(config, mcfg, model, session, prompts, completions, temperature):
+    rows = [update_sample(prompts[i // SETTINGS.group_size], c, str(i)) for i, c in enumerate(completions)]
+    batch = Collate(len(rows), config.data.length_buckets, config.data.patch_buckets, session.info.pad_id)(rows)
+    inputs = batching.shard_inputs(batch, layout_spec(mcfg), batching.agreed_sizes([batching.needs(batch)],
+                                                                                   len(rows)),
+                                   pad_id=session.info.pad_id)
+    arrays = completion_arrays(prompts, completions, SETTINGS.group_size, SETTINGS.max_new_tokens)
+    return np.asarray(completion_logprobs(model, inputs, arrays["positions"], arrays["tokens"], temperature)[0])
 
 
 def test_media_placeholders_cut_a_completion(setup):
