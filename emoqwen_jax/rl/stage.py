@@ -7,9 +7,10 @@ stage evaluation exactly as for the supervised stages. One round (``num_steps`` 
   1. prompts: ``batch_size / group_size`` data samples (the stage's mixture, split into data shards as the
      supervised stages split theirs), each cut before its answer, ``rl.format_instruction`` appended to the
      user turn;
-  2. rollouts: ``group_size`` completions per prompt from the current policy (``rollout.Sampler``), seeded by
-     the run's checkpointed key and the round; the old policy's log-probabilities of the sampled tokens under
-     the sampling distribution (temperature-scaled logits), and the reference's when ``beta`` > 0;
+  2. rollouts: ``group_size`` completions per prompt from the current policy (``rollout.Sampler``; by default
+     the generation engine), seeded by the run's checkpointed key and the round, with the old policy's
+     log-probabilities of the sampled tokens under the sampling distribution (temperature-scaled logits)
+     recorded while sampling; the reference's when ``beta`` > 0;
   3. rewards (``rewards.score``, weighted by ``rl.rewards``) and group advantages (``grpo.group_advantages``);
   4. ``rl.num_iterations`` optimiser updates on the whole rollout batch with the clipped loss
      (``grpo.policy_loss``) through the trainer's step (frozen parts, stacked experts, LoRA, clipping and the
@@ -52,7 +53,7 @@ from emoqwen_jax.parallel.rules import batch_sharding
 from emoqwen_jax.rl.grpo import NORMALIZATIONS, group_advantages, policy_loss
 from emoqwen_jax.rl.rewards import RewardInput, check_rewards, score
 from emoqwen_jax.rl.rollout import (
-    GenerateSampler,
+    EngineSampler,
     RolloutSettings,
     Sampler,
     completion_arrays,
@@ -173,7 +174,8 @@ def _on_mesh(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, int, dict]:
     """Runs one RL stage (module docstring); returns (final params, global step, the last metrics record).
-    ``sampler``: how rollouts are drawn (default ``GenerateSampler`` on the run's data settings)."""
+    ``sampler``: how rollouts are drawn (default: ``EngineSampler``, the generation engine on the run's mesh,
+    which records the sampling log-probabilities)."""
     config, name, mesh = run.config, run.name, run.mesh
     sc = config.stages[name]
     rl = sc.rl
@@ -222,7 +224,8 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
     known = data_config().to_dict()  # the session's settings (the trainer's own, e.g. num_shards, are not)
     session = Session(nnx.merge(run.graphdef, state.params),
                       {k: v for k, v in config.data.to_dict().items() if k in known})
-    sampler = sampler or GenerateSampler(session)
+    sampler = sampler or EngineSampler(session, max_batch=int(sc.batch_size),
+                                       max_len=int(sc.max_length) + settings.max_new_tokens, mesh=mesh)
     weights = {k: float(v) for k, v in dict(rl.rewards).items()}
     media_ids = media_token_ids(run.model_config)
     global_step, last = run.global_step, {}

@@ -30,3 +30,11 @@ def test_think_answers_earn_both_rewards_against_their_label(rl_demo_dir):
         answer = row["conversations"][1]["content"]
         sample = RewardInput(answer, ref["conversations"][1]["content"], 20, 32, True)
         assert format_reward(sample) == 1.0 and accuracy(sample) == 1.0, answer
+
+
+def test_every_bash_block_of_docs_rl_is_marked():
+    lines = (ROOT / "docs" / "rl.md").read_text().splitlines()
+    fences = [i for i, line in enumerate(lines) if line.strip() == "```bash"]
+    assert fences
+    for i in fences:
+        assert lines[i - 1].startswith(("<!-- illustrative:", "<!-- readme-test:")), f"docs/rl.md line {i + 1}"
