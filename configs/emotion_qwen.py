@@ -365,7 +365,7 @@ def demo_data(config: ml_collections.ConfigDict) -> None:
 
 
 # demo_rl: stage 3's steps (a deliberately weak start) and the RL stage's rounds and completions per round.
-DEMO_RL_STAGE3_STEPS, DEMO_RL_STEPS, DEMO_RL_GROUP, DEMO_RL_PROMPTS = 60, 40, 8, 4
+DEMO_RL_STAGE3_STEPS, DEMO_RL_STEPS, DEMO_RL_GROUP, DEMO_RL_PROMPTS = 150, 120, 8, 4
 
 
 def demo_rl(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
