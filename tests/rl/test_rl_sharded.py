@@ -1,5 +1,6 @@
 """One full RL round on fsdp=2 x data=2 (4 CPU devices) equals the same round on one device: the rollouts,
-rewards and metrics, and the updated weights within 1e-5 of their magnitude."""
+rewards and metrics, and the updated weights within 1e-5 of their magnitude. A round of a LoRA stage runs and
+saves its adapters."""
 
 import os
 
@@ -39,3 +40,18 @@ def test_one_round_on_fsdp2_data2_equals_one_device(tmp_path, rl_demo_dir):
     scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(one_params))
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(four_params), jax.tree.leaves(one_params)))
     assert worst <= 1e-5 * scale, worst
+
+
+def test_an_rl_round_with_lora_runs_and_saves_the_adapters(tmp_path, rl_demo_dir):
+    from emoqwen_jax.checkpoint import read_model_config
+
+    lora = ("s.lora.enabled = True\ns.lora.rank = 4\ns.lora.dropout = 0.0\ns.trainable = ()\n"
+            "s.trainable_roles = ()\nc.mesh.num_devices = 1\n")
+    config = load_rl_config(write_rl_config(tmp_path / "lora.py", rl_demo_dir, steps=1, extra=lora))
+    workdir = str(tmp_path / "lora")
+    summary = train_and_evaluate(config, workdir, stage_runners={"rl": run_rl_stage})
+    row = read_metrics(workdir)[-1]
+    assert row["grad_norm"] > 0 and row["skipped"] == 0
+    _, meta = read_model_config(os.path.join(workdir, "stages", "stage4_rl"))
+    assert meta.get("lora"), meta  # the stage saved its adapters, as a supervised LoRA stage does
+    assert summary["stages"]["stage4_rl"]["step"] == 1
