@@ -8,6 +8,9 @@ r"""Emotion-Qwen run configs: model sizes, data, mesh and the three pretraining 
 Presets (the part after the colon):
   demo   — the tiny model trained through all three stages on the bundled demo set, then scored on its held-out
            clips (CPU, a few minutes).
+  demo_rl — the demo's stages 1 and 2, a short stage 3 whose answers use the <think>/<answer> format (a weak
+           start), then stage4_rl (GRPO) on the demo training clips; held-out clips scored after stages 3 and 4
+           (docs/rl.md).
   tiny   — a ~300k-parameter model for tests and the CPU (vocab 1024, tiny tokenizer layout).
   small  — large enough that matmuls dominate on a CPU (benchmarks).
   7b     — the released sizes: Qwen2.5-VL-7B ViT (depth 32, hidden 1280, window 112 px, full attention in
@@ -140,6 +143,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     preset = arg or "tiny"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    if preset == "demo_rl":
+        return demo_rl(get_config("demo"))
     size = "tiny" if preset == "demo" else preset
     config = ml_collections.ConfigDict()
     config.preset = preset
@@ -204,9 +209,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     return config
 
 
-PRESETS = ("demo", "tiny", "small", "7b")
+PRESETS = ("demo", "demo_rl", "tiny", "small", "7b")
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
-EXTRA_STAGES = ("stage3_lora", "stage_audio_align")  # defined for every preset, run only when named in run_stages
+EXTRA_STAGES = ("stage3_lora", "stage_audio_align", "stage4_rl")  # defined for every preset, run only when named
+# in run_stages
 # What trains (see emoqwen_jax/train/optim.py): compressor parts by role, whatever the number of experts —
 # 'general' (paper-mode expert 0), 'emotion' (the other paper-mode experts), 'routed' (every scale-mode
 # expert), 'gate' (the gating network or the router); other parameters by path regex.
@@ -221,7 +227,8 @@ LLM_ATTENTION = (r"^language_model/layers/\d+/self_attn/(q_proj|k_proj|v_proj|o_
 
 
 def lora_config(enabled: bool = False) -> ml_collections.ConfigDict:
-    """Adapter settings of a stage; defaults are the released recipe's (docs/design.md, The released fine-tuning recipe and its LoRA)."""
+    """Adapter settings of a stage; defaults are the released recipe's (docs/design.md, The released fine-tuning
+    recipe and its LoRA)."""
     lora = ml_collections.ConfigDict()
     lora.enabled = enabled  # swap LoRA adapters into the targets; base weights stay frozen unless `trainable`
     lora.rank = 64
@@ -234,7 +241,8 @@ def lora_config(enabled: bool = False) -> ml_collections.ConfigDict:
 def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     """One stage: data mixture, what trains (the rest is frozen), optimiser, schedule and length.
 
-    Following the paper as far as it is published (docs/design.md, The three training stages; the freeze sets are our inference):
+    Following the paper as far as it is published (docs/design.md, The three training stages; the freeze sets are
+    our inference):
       stage1_align    general alignment on image-text data: compressor + gate train (ViT and LLM frozen)
       stage2_emotion  emotion pretraining: emotion expert(s) + gate train, general expert frozen (any E; in
                       scale mode every routed expert + the router)
@@ -242,12 +250,16 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
       stage3_lora     stage 3 with the released LoRA recipe: adapters on the LLM's q/k/v/o train, nothing else
                       (inferred: the release does not say whether its LoRA run also trained the emotion expert
                       and gate; set `trainable_roles` to EMOTION_ROLES for that)
+      stage4_rl       GRPO from verifiable rewards (kind 'rl', docs/rl.md) on stage 3's data and freeze set:
+                      `batch_size` counts completions (prompts x rl.group_size), `max_length` prompt + completion
     """
     lora = name == "stage3_lora"
     audio_align = name == "stage_audio_align"
+    rl = name == "stage4_rl"
     # stage3_lora: stage 3's data, length and batch; stage_audio_align: stage 1's (alignment of a new projector)
-    name = "stage3_video" if lora else "stage1_align" if audio_align else name
+    name = "stage3_video" if lora or rl else "stage1_align" if audio_align else name
     s = ml_collections.ConfigDict()
+    s.kind = "rl" if rl else "supervised"  # 'supervised' (next-token loss) | 'rl' (emoqwen_jax.rl, GRPO)
     s.mixture = ({"manifest": "{demo}/train.jsonl", "data_root": "{demo}", "weight": 1.0},)  # manifests + weights
     s.trainable = {"stage1_align": (), "stage2_emotion": (), "stage3_video": LLM}[name]  # path regexes
     s.trainable_roles = {"stage1_align": COMPRESSOR_ROLES, "stage2_emotion": EMOTION_ROLES,
@@ -278,15 +290,47 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
         s.trainable = ()  # only the adapters (added by the trainer)
         s.trainable_roles = ()
         s.optimizer.learning_rate = 1e-4
+    if rl:
+        s.rl = rl_config()
+        s.num_steps = 1000  # rollout + update rounds (each does rl.num_iterations optimiser updates)
+        s.optimizer.warmup_fraction = 0.0
+        s.optimizer.weight_decay = 0.0
     if preset in ("demo", "tiny", "small"):
         s.num_steps = {"demo": 12, "tiny": 3, "small": 4}[preset]
         s.batch_size = 2
         s.max_length = 512
         s.optimizer.learning_rate = 3e-3
         s.optimizer.warmup_fraction = 0.1
+        if rl:
+            s.batch_size = 8  # 2 prompts x 4 completions
+            s.rl.group_size = 4
+            s.rl.max_new_tokens = 16
+            s.optimizer.learning_rate = 1e-4
+            s.optimizer.warmup_fraction = 0.0
     if preset == "demo":
         demo_stage(s, name, lora)
     return s
+
+
+def rl_config() -> ml_collections.ConfigDict:
+    """The GRPO settings of an RL stage (docs/rl.md); defaults follow R1-Omni's recipe (TRL's GRPO trainer)."""
+    r = ml_collections.ConfigDict()
+    r.group_size = 8  # completions sampled per prompt (G)
+    r.temperature = 1.0  # sampling temperature; the loss's log-probabilities use the same scaled logits
+    r.top_p = 1.0
+    r.max_new_tokens = 512  # completion budget
+    r.clip_eps = 0.2  # ratio clip: [1 - clip_eps, 1 + clip_eps_high]
+    r.clip_eps_high = 0.2  # DAPO's clip-higher sets it above clip_eps (e.g. 0.28)
+    r.beta = 0.04  # k3 KL weight to the frozen reference (the stage's incoming weights); 0 = no reference
+    r.num_iterations = 1  # optimiser passes over each rollout batch (mu)
+    r.normalization = "sequence"  # 'sequence' (per-completion mean, then batch mean) | 'token' (DAPO)
+    r.std_normalize = True  # divide advantages by the group's std (False: Dr. GRPO)
+    r.rewards = {"accuracy": 1.0, "format": 1.0}  # registered reward name -> weight (emoqwen_jax.rl.rewards)
+    r.length_buffer = 0  # length_penalty's ramp in tokens (0: max_new_tokens // 4)
+    # Appended to every prompt's user turn (R1-Omni's inference prompt asks the same): the rewards read the tags.
+    r.format_instruction = (" Output the thinking process in <think> </think> and final emotion in "
+                            "<answer> </answer> tags.")
+    return r
 
 
 def demo_stage(s: ml_collections.ConfigDict, name: str, lora: bool) -> None:
@@ -320,3 +364,33 @@ def demo_data(config: ml_collections.ConfigDict) -> None:
     d.update(**DEMO_FRAMES, length_buckets=(512,), patch_buckets=(512,), max_length=512)
     if config.preset == "demo":
         d.update(length_buckets=(DEMO_LENGTH,), patch_buckets=(DEMO_BATCH * 128,), max_length=DEMO_LENGTH)
+
+
+# demo_rl: stage 3's steps (a deliberately weak start) and the RL stage's rounds and completions per round.
+DEMO_RL_STAGE3_STEPS, DEMO_RL_STEPS, DEMO_RL_GROUP, DEMO_RL_PROMPTS = 150, 120, 8, 4
+
+
+def demo_rl(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The demo preset with a weak stage 3 on answers in the think/answer format (``{demo}/train_think.jsonl``:
+    a few words about the face, then the class word; the prompt is the DFEW question the evaluation asks, so
+    the RL stage adds no instruction), then stage4_rl on the same training clips, scored like stage 3."""
+    config.preset = "demo_rl"
+    config.run_stages = STAGES + ("stage4_rl",)
+    think = ({"manifest": "{demo}/train_think.jsonl", "data_root": "{demo}", "weight": 1.0},)
+    s3, rl = config.stages.stage3_video, config.stages.stage4_rl
+    s3.mixture = think
+    s3.num_steps = DEMO_RL_STAGE3_STEPS
+    rl.mixture = think
+    rl.num_steps = DEMO_RL_STEPS
+    rl.batch_size = DEMO_RL_GROUP * DEMO_RL_PROMPTS
+    rl.trainable = LLM
+    rl.trainable_roles = EMOTION_ROLES
+    rl.train_audio_projector = False
+    rl.optimizer.learning_rate = 1e-4
+    rl.optimizer.warmup_fraction = 0.0
+    rl.optimizer.weight_decay = 0.0
+    rl.rl.update(group_size=DEMO_RL_GROUP, max_new_tokens=32, beta=0.0, format_instruction="",
+                 num_iterations=1)
+    config.checkpoint.every_steps = 10
+    config.train.log_every = 1
+    return config

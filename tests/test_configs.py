@@ -14,7 +14,7 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model, count_pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
 import emotion_qwen  # noqa: E402
 
-PRESETS = ("demo", "tiny", "small", "7b")
+PRESETS = ("demo", "demo_rl", "tiny", "small", "7b")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -4,6 +4,9 @@
   * ``data`` imports nothing from model, train, eval, convert, infer or cli;
   * nothing outside ``cli`` (bench and configs included) imports ``cli``;
   * ``train`` does not import ``eval``;
+  * ``rl`` (the RL stage) may import data, model, train, infer and, from eval, only the answer parser and the
+    benchmarks' label sets (``eval.parse``, ``eval.emotion.benchmarks``); inside the package only ``cli`` imports
+    ``rl`` (``emoqwen-train`` hands its stage runner to the trainer), so train and eval never depend on it;
   * ``serve`` imports only infer, eval, data and model (and top-level modules); only ``cli`` imports ``serve``;
   * inside ``eval``: suites -> general -> emotion -> the shared parsers, never back;
   * no two modules import each other.
@@ -126,3 +129,18 @@ def test_eval_parts_import_one_way():
 def test_no_two_modules_import_each_other():
     pairs = sorted({tuple(sorted((a, b))) for a, ts in GRAPH.items() for b in ts if a != b and a in GRAPH.get(b, ())})
     assert pairs == []
+
+
+RL_MAY_IMPORT_FROM_EVAL = {"emoqwen_jax.eval.parse", "emoqwen_jax.eval.emotion.benchmarks"}
+
+
+def test_rl_imports_only_the_parsers_from_eval_and_nothing_from_cli():
+    assert _violations("rl", {"cli", "convert"}) == []
+    from_eval = sorted(f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) == "rl" for t in ts
+                       if _part(t) == "eval" and t not in RL_MAY_IMPORT_FROM_EVAL)
+    assert from_eval == []
+
+
+def test_only_cli_imports_rl():
+    assert sorted(f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) not in ("cli", "rl")
+                  for t in ts if _part(t) == "rl") == []

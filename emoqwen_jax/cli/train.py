@@ -1,4 +1,5 @@
-r"""emoqwen-train: Emotion-Qwen's three pretraining stages on a device mesh.
+r"""emoqwen-train: Emotion-Qwen's training stages on a device mesh (the supervised stages, and RL stages:
+``stages.<name>.kind = 'rl'``, docs/rl.md).
 
   emoqwen-train --config=configs/emotion_qwen.py:demo --config.workdir=runs/demo
   emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=/ckpt/run1 \
@@ -7,7 +8,8 @@ r"""emoqwen-train: Emotion-Qwen's three pretraining stages on a device mesh.
 Starting again in a workdir that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a
 checkpoint and exits cleanly. Stages with an ``eval_suite`` are scored on their final weights (the demo preset
 scores held-out demo clips as DFEW); the last line printed is a JSON summary whose ``eval`` holds the final
-stage's scores: ``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``.
+stage's scores: ``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``, and ``eval_by_stage`` every evaluated
+stage's: ``{"<stage>": {"<benchmark>": {...}}}``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Overrides config.workdir.")
 def main_(argv) -> None:
     del argv
     from emoqwen_jax.eval.suites.stage_eval import run_stage_eval
+    from emoqwen_jax.rl.stage import run_rl_stage
     from emoqwen_jax.train.trainer import Preempted, train_and_evaluate
 
     config = _CONFIG.value
@@ -34,7 +37,7 @@ def main_(argv) -> None:
         raise app.UsageError("set --config.workdir=DIR (or --workdir=DIR): checkpoints, metrics and plots go there")
     logging.set_verbosity(logging.WARNING)
     try:
-        summary = train_and_evaluate(config, stage_eval=run_stage_eval)
+        summary = train_and_evaluate(config, stage_eval=run_stage_eval, stage_runners={"rl": run_rl_stage})
     except Preempted as err:
         print(str(err))
         return
@@ -51,6 +54,7 @@ def main_(argv) -> None:
         for bench, scores in eval_scores(last.get("eval") or {}).items():
             print(f"{name} eval {bench}: " + "  ".join(f"{k} {v}" for k, v in scores.items())
                   + f"   report: {summary['workdir']}/eval/{name}/report.md")
+            line.setdefault("eval_by_stage", {}).setdefault(name, {})[bench] = scores
             if name == final_stage:  # the final weights' scores close the run's summary line
                 line.setdefault("eval", {})[bench] = scores
     print(json.dumps(line))

@@ -14,6 +14,7 @@ Written under ``out``::
     videos/heldout_XXX.mp4   held-out clips (other positions, drifts and colours), never trained on
     images/face_XXX.png      training stills, 96×128
     train.jsonl              conversations (official format) over the training clips and stills
+    train_think.jsonl        the same, answered "<think>a cue</think><answer>class</answer>" (the RL demo)
     eval_dfew.csv            a DFEW-style fold (video_name,label with DFEW ids) over the held-out clips
     README.txt               this description
 """
@@ -87,11 +88,18 @@ def write_clip(path: str, index: int, emotion: str) -> None:
     write_demo_clip(path, demo_clip(index, emotion), FPS, emotion, index)
 
 
-def conversation(sample_id: str, kind: str, rel: str, emotion: str) -> dict:
-    """A training record: the DFEW question about the medium, answered with the one class word."""
+# What each expression's drawing shows (draw_face), in a few words: the reasoning of the think/answer answers.
+CUES = {"happy": "mouth up", "sad": "mouth down", "neutral": "mouth flat", "angry": "brows down",
+        "surprise": "mouth round"}
+
+
+def conversation(sample_id: str, kind: str, rel: str, emotion: str, think: bool = False) -> dict:
+    """A training record: the DFEW question about the medium, answered with the one class word (``think``:
+    ``<think>cue</think><answer>word</answer>``)."""
     question = benchmark_prompt("dfew").replace("video", kind)  # "<image>\n… in this image? …" for stills
+    answer = f"<think>{CUES[emotion]}</think><answer>{emotion}</answer>" if think else emotion
     return {"id": sample_id, kind: rel, "label": emotion, "conversations": [
-        {"role": "user", "content": question}, {"role": "assistant", "content": emotion}]}
+        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
 def build_demo(out: str, *, num_clips: int = 60, num_images: int = 10, num_heldout: int = 25) -> dict[str, str]:
@@ -116,9 +124,13 @@ def build_demo(out: str, *, num_clips: int = 60, num_images: int = 10, num_heldo
         emotion = EMOTIONS[j % len(EMOTIONS)]
         write_clip(os.path.join(out, f"videos/heldout_{j:03d}.mp4"), HELDOUT_SEED + j, emotion)
         fold.append(f"videos/heldout_{j:03d},{BENCHMARK_CLASSES['dfew'].index(emotion) + 1}")
-    paths = {"train": os.path.join(out, "train.jsonl"), "eval_dfew": os.path.join(out, "eval_dfew.csv")}
+    paths = {"train": os.path.join(out, "train.jsonl"), "train_think": os.path.join(out, "train_think.jsonl"),
+             "eval_dfew": os.path.join(out, "eval_dfew.csv")}
     with open(paths["train"], "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in entries)
+    with open(paths["train_think"], "w") as f:
+        f.writelines(json.dumps(conversation(e["id"], kind, e[kind], e["label"], think=True)) + "\n"
+                     for e in entries for kind in ("video", "image") if kind in e)
     with open(paths["eval_dfew"], "w") as f:
         f.write("\n".join(fold) + "\n")
     with open(os.path.join(out, "README.txt"), "w") as f:

@@ -52,8 +52,8 @@ import numpy as np
 from emoqwen_jax.data.packing import PackRows
 from emoqwen_jax.data.process import PATCH_DIM, SampleProcessor
 from emoqwen_jax.data.reasons import RejectCounter
-from emoqwen_jax.tokens import IGNORE
 from emoqwen_jax.data.tokenizer import tokenizer_info
+from emoqwen_jax.tokens import IGNORE
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
@@ -196,21 +196,18 @@ def load_sources(mixture: Sequence[Any]) -> list[tuple[Any, float]]:
     return sources
 
 
-def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_index: int = 0,
-                 shard_count: int = 1, counter: RejectCounter | None = None,
-                 num_epochs: int | None = None) -> grain.IterDataset:
-    """The batched grain IterDataset for ``sources`` (``[(records, weight), …]`` or one records source).
+def make_sample_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_index: int = 0,
+                        shard_count: int = 1, counter: RejectCounter | None = None,
+                        num_epochs: int | None = None) -> grain.IterDataset:
+    """The processed samples (one dict per record, ``SampleProcessor``'s output, rejections counted and dropped)
+    for ``sources`` (``[(records, weight), …]`` or one records source), before batching.
 
     ``cfg`` is ``config.data``. ``counter`` receives the rejection counts (pass one to read them as metrics;
     it must then serve a single iterator). ``num_epochs`` overrides ``cfg.num_epochs`` (−1/None = forever).
-    With several sources each repeats forever and the mixture follows the weights. ``cfg.packing`` packs
-    several samples per row (``emoqwen_jax.data.packing``).
-    """
+    With several sources each repeats forever and the mixture follows the weights."""
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if not (0 <= shard_index < shard_count):
         raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
-    if max(cfg["length_buckets"]) < cfg["max_length"]:
-        raise ValueError(f"the largest length bucket {max(cfg['length_buckets'])} < max_length {cfg['max_length']}")
     if not isinstance(sources, (list, tuple)) or not sources or not isinstance(sources[0], tuple):
         sources = [(sources, 1.0)]
     epochs = cfg["num_epochs"] if num_epochs is None else num_epochs
@@ -230,7 +227,20 @@ def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_
             flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; unparsed flags crash them (grain bug)
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg["worker_count"]),
                                                          per_worker_buffer_size=int(cfg["worker_buffer_size"])))
-    it = CountRejects(it, counter, cfg)
+    return CountRejects(it, counter, cfg)
+
+
+def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_index: int = 0,
+                 shard_count: int = 1, counter: RejectCounter | None = None,
+                 num_epochs: int | None = None) -> grain.IterDataset:
+    """The batched grain IterDataset for ``sources``: ``make_sample_dataset``'s samples (same arguments) in
+    padded batches (``Collate``). ``cfg.packing`` packs several samples per row (``emoqwen_jax.data.packing``).
+    """
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if max(cfg["length_buckets"]) < cfg["max_length"]:
+        raise ValueError(f"the largest length bucket {max(cfg['length_buckets'])} < max_length {cfg['max_length']}")
+    it = make_sample_dataset(sources, cfg, shard_index=shard_index, shard_count=shard_count, counter=counter,
+                             num_epochs=num_epochs)
     info = tokenizer_info(int(cfg["tokenizer_vocab_size"]))
     collate = Collate(cfg["batch_size"], cfg["length_buckets"], cfg["patch_buckets"], info.pad_id,
                       cfg.get("audio", {}).get("window_buckets", (1,)))

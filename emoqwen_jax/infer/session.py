@@ -156,8 +156,10 @@ class Session:
         vision = batch_vision([v for v, _ in parts])
         return Prompt(np.asarray(ids, np.int32), {k: v for k, v in vision.items() if v is not None})
 
-    def generate_ids(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int = 0) -> list[list[int]]:
-        """Generated ids (stop id removed) for a batch of prompts, bucketed to the configured shapes."""
+    def generate_ids(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int = 0,
+                     keep_stop: bool = False) -> list[list[int]]:
+        """Generated ids (the stop id removed unless ``keep_stop``) for a batch of prompts, bucketed to the
+        configured shapes."""
         length = _bucket(max(len(p.input_ids) for p in prompts), self.data["length_buckets"], 256)
         ids, mask = left_pad([p.input_ids for p in prompts], self.info.pad_id, length)
         vision = batch_vision([p.vision for p in prompts])
@@ -172,7 +174,7 @@ class Session:
                            pad_items_to=1 << (items - 1).bit_length())
         vision = pad_audio_windows(vision, self.data["audio"]["window_buckets"])
         out = generate(self.model, ids, mask, sampling=sampling, rng=seed, **vision, **buckets)
-        return [out.row(b) for b in range(len(prompts))]
+        return [out.row(b, keep_stop) for b in range(len(prompts))]
 
     def decode(self, ids: Sequence[int]) -> str:
         vocab = self.tokenizer.get_vocab_size()

@@ -67,7 +67,8 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def plot_stage(workdir: str, stage: str) -> str:
-    """PNG of loss, lm_loss and aux_loss against the stage's steps; returns its path."""
+    """PNG of loss, lm_loss and aux_loss (an RL stage: loss and reward) against the stage's steps; returns its
+    path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +78,7 @@ def plot_stage(workdir: str, stage: str) -> str:
     path = storage.join(workdir, "plots", f"{stage}_loss.png")
     storage.makedirs(storage.join(workdir, "plots"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "lm_loss", "aux_loss"):
+    for key in [k for k in ("loss", "lm_loss", "aux_loss", "reward") if rows and all(k in r for r in rows)]:
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
     ax.set_xlabel("step")
     ax.set_title(f"{stage}")

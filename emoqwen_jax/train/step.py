@@ -51,7 +51,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
     only accumulates, the one its window's update will use; on a skipped step, the one it would have used:
     ``schedule`` at the count of updates applied before it (the optimiser's own step)."""
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: Any):  # what ``loss`` takes (ModelInputs for loss_fn)
         if accumulates(state.opt_state) != (grad_accum > 1):
             raise ValueError(f"make_train_step(grad_accum={grad_accum}) with an optimiser that "
                              f"{'accumulates' if grad_accum == 1 else 'does not accumulate'}; pass the "

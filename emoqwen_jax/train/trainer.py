@@ -21,6 +21,7 @@ The next stage starts from the merged weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -43,9 +44,9 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
 from emoqwen_jax.model.emotion_qwen import audio_spec
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
-from emoqwen_jax.parallel import hosts
-from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, pure_param_shardings
-from emoqwen_jax.parallel.rules import batch_devices as count_batch_devices, input_sharding, shard_batch
+from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, hosts, make_mesh, pure_param_shardings
+from emoqwen_jax.parallel.rules import batch_devices as count_batch_devices
+from emoqwen_jax.parallel.rules import input_sharding, shard_batch
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators, check_data_layout, data_layout
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
@@ -129,18 +130,53 @@ def load_stage_params(stage_dir: str, mcfg: ModelConfig, mesh) -> dict:
 # The per-stage evaluation hook: (config, stage name, stage model dir, workdir, metrics writer) -> report dict.
 # ``emoqwen-train`` passes ``emoqwen_jax.eval.suites.stage_eval.run_stage_eval``; train never imports eval.
 StageEval = Callable[[ml_collections.ConfigDict, str, str, str, MetricsWriter], dict]
+SUPERVISED = "supervised"  # stages.<name>.kind of the next-token stages this module runs itself
+
+
+@dataclasses.dataclass
+class StageRun:
+    """What a stage runner gets: the run's pieces for one stage (``train_and_evaluate`` builds it)."""
+
+    config: ml_collections.ConfigDict
+    name: str
+    params: dict  # the stage's incoming parameters (sharded; adapters swapped in for a LoRA stage)
+    graphdef: Any
+    shardings: dict
+    model_config: ModelConfig
+    mesh: Any
+    spec: Any  # the layout spec
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    workdir: str
+    global_step: int
+    resume: dict | None  # the checkpoint meta to resume from, or None
+    extra_trainable: tuple[str, ...] = ()
+
+
+# A stage runner of another kind (``stages.<name>.kind``): StageRun -> (final params, global step, last metrics
+# record). ``emoqwen-train`` passes ``{"rl": emoqwen_jax.rl.stage.run_rl_stage}``; train never imports rl.
+StageRunner = Callable[[StageRun], tuple[dict, int, dict]]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
-                       stage_eval: StageEval | None = None) -> dict[str, Any]:
+                       stage_eval: StageEval | None = None,
+                       stage_runners: dict[str, StageRunner] | None = None) -> dict[str, Any]:
     """Runs every stage of ``config.run_stages``; returns {stage: final metrics} and the output paths.
 
     ``stage_eval`` runs after each stage that sets ``stages.<name>.eval_suite``, on every process (with
-    parameters sharded across hosts the evaluation is a collective computation; process 0 writes)."""
+    parameters sharded across hosts the evaluation is a collective computation; process 0 writes).
+    ``stage_runners`` runs the stages whose ``kind`` is not 'supervised' (by kind)."""
     wanted = [n for n in config.run_stages if config.stages[n].get("eval_suite")]
     if wanted and stage_eval is None:
         raise ValueError(f"stages {wanted} set eval_suite but no stage_eval hook was given; pass "
                          f"stage_eval=emoqwen_jax.eval.suites.stage_eval.run_stage_eval (emoqwen-train does)")
+    runners = dict(stage_runners or {})
+    for n in config.run_stages:
+        kind = config.stages[n].get("kind", SUPERVISED)
+        if kind != SUPERVISED and kind not in runners:
+            raise ValueError(f"stage {n} has kind {kind!r} but no runner for it was given (have: "
+                             f"{[SUPERVISED, *runners]}); emoqwen-train passes stage_runners={{'rl': "
+                             f"emoqwen_jax.rl.stage.run_rl_stage}}")
     workdir = workdir or config.get("workdir", "")
     if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")
@@ -184,9 +220,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                 params = load_stage_params(previous, mcfg, mesh) if previous else \
                     initial_params(config, mcfg, shardings, mesh)
             stage_graphdef, params, stage_shardings, extra = stage_model(config, name, params, graphdef, mesh)
-            params, global_step, last = _run_stage(
-                config, name, params, stage_graphdef, stage_shardings or shardings, mcfg, mesh, spec, ckpt, writer,
-                workdir, global_step, resumed, extra)
+            run = StageRun(config, name, params, stage_graphdef, stage_shardings or shardings, mcfg, mesh, spec,
+                           ckpt, writer, workdir, global_step, resumed, extra)
+            kind = config.stages[name].get("kind", SUPERVISED)
+            params, global_step, last = (_run_stage if kind == SUPERVISED else runners[kind])(run)
             model = nnx.merge(stage_graphdef, params)  # sharded arrays: each host writes its own shards
             # The data settings travel with the weights: describe/eval process inputs exactly as training did.
             save_model(model, stage_dir, meta={"stage": name, "global_step": global_step,
@@ -229,13 +266,14 @@ def stage_model(config, name: str, params: dict, graphdef, mesh):
         (ADAPTER_PATTERN,)
 
 
-def stage_num_shards(config, name: str, mesh) -> int:
+def stage_num_shards(config, name: str, mesh, batch_size: int | None = None) -> int:
     """The data shards of stage ``name`` on ``mesh`` (``data.num_shards`` resolved), or a ValueError naming the
-    setting when they cannot split the stage's batch. A global batch that does not divide the batch devices is
-    fine: each step is padded with empty rows (``batching.layout_multiples``)."""
+    setting when they cannot split the stage's batch (``batch_size``: its global rows, default the stage's). A
+    global batch that does not divide the batch devices is fine: each step is padded with empty rows
+    (``batching.layout_multiples``)."""
     processes, setting = jax.process_count(), int(config.data.get("num_shards", 0))
     num_shards = batching.resolve_num_shards(setting, processes, count_batch_devices(mesh))
-    batch_size = int(config.stages[name].batch_size)
+    batch_size = int(config.stages[name].batch_size if batch_size is None else batch_size)
     if num_shards % processes:
         raise ValueError(f"data.num_shards={setting} gives {num_shards} data shards, not a multiple of the {processes} "
                          f"processes; set --config.data.num_shards to a multiple of {processes} (or 0: one per "
@@ -255,8 +293,10 @@ def check_layouts(config, mcfg: ModelConfig, mesh) -> None:
         stage_num_shards(config, name, mesh)
 
 
-def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh,
-                  aspec=None, patch_buckets=(), num_shards: int = 1):
+def global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: int, pad_id: int, mesh,
+                 aspec=None, patch_buckets=(), num_shards: int = 1):
+    """This host's shard batches (``emoqwen_jax.data`` batches, one per id in ``shard_ids``) -> (the global
+    ModelInputs on ``mesh``, this host's ModelInputs), every shard padded to the sizes all shards agree on."""
     from jax.experimental import multihost_utils
 
     needs = np.array([batching.needs(b) for b in batches])
@@ -267,7 +307,7 @@ def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: i
     rows = -(-batch_size // row_multiple) * row_multiple
     local = batching.concat_shards([batching.shard_inputs(b, spec, sizes, shard_index=s, pad_id=pad_id,
                                                           audio_spec=aspec, rows=rows)
-                                    for b, s in zip(batches, shard_ids)])
+                                    for b, s in zip(batches, shard_ids, strict=True)])
     if jax.process_count() == 1:
         return shard_batch(local, mesh), local
 
@@ -279,15 +319,38 @@ def _global_batch(batches: list[dict], shard_ids: list[int], spec, batch_size: i
     return local.map_fields(place), local
 
 
-def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step, resume,
-               extra_trainable=()):
-    sc = config.stages[name]
+@dataclasses.dataclass(frozen=True)
+class DataShards:
+    """How a stage's global batch splits into data shards, and which this host reads."""
+
+    num_shards: int
+    shard_ids: list[int]  # this host's
+    shard_batch_size: int  # rows per shard
+    batch_devices: int
+
+
+def data_shards(config, name: str, mcfg: ModelConfig, mesh, batch_size: int | None = None) -> DataShards:
+    """``config.data.num_shards`` resolved for stage ``name`` (``batch_size``: its global rows, default the
+    stage's), checked against the processes, the batch and the mesh."""
+    batch_size = int(config.stages[name].batch_size if batch_size is None else batch_size)
     processes, pid = jax.process_count(), jax.process_index()
     batch_devices = count_batch_devices(mesh)
-    num_shards = stage_num_shards(config, name, mesh)
-    shard_batch_size = sc.batch_size // num_shards
+    num_shards = stage_num_shards(config, name, mesh, batch_size)
     layout = data_layout(num_shards, processes)  # recorded in every checkpoint, checked on resume
-    shard_ids = layout["shard_ids"][pid]
+    return DataShards(num_shards, layout["shard_ids"][pid], batch_size // num_shards, batch_devices)
+
+
+def _run_stage(run: StageRun):
+    config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step, resume, \
+        extra_trainable = (run.config, run.name, run.params, run.graphdef, run.shardings, run.model_config, run.mesh,
+                           run.spec, run.ckpt, run.writer, run.workdir, run.global_step, run.resume,
+                           run.extra_trainable)
+    sc = config.stages[name]
+    processes, pid = jax.process_count(), jax.process_index()
+    shards = data_shards(config, name, mcfg, mesh)
+    num_shards, shard_ids, shard_batch_size = shards.num_shards, shards.shard_ids, shards.shard_batch_size
+    batch_devices = shards.batch_devices
+    layout = data_layout(num_shards, processes)  # recorded in every checkpoint, checked on resume
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     data_cfg.update(batch_size=shard_batch_size, max_length=sc.max_length)
     sources = load_sources(resolve_mixture(sc.mixture, workdir))
@@ -346,7 +409,7 @@ def _run_stage(config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt
                         "batch device) keeps the ViT on each device's own patches", name, num_shards, batch_devices)
     with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
         for micro in range(start, total):
-            batch, local = _global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
+            batch, local = global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
                                          aspec, config.data.patch_buckets, num_shards)
             state, metrics = train_step(state, batch)
             global_step += 1

@@ -1,0 +1,303 @@
+"""The RL stage (``stages.<name>.kind = 'rl'``): GRPO rounds of rollout -> rewards -> advantages -> updates.
+
+``emoqwen-train`` hands ``run_rl_stage`` to the trainer (``train_and_evaluate(stage_runners={'rl': …})``); the
+trainer loads the incoming weights, swaps in LoRA adapters, and after the stage saves its weights and runs the
+stage evaluation exactly as for the supervised stages. One round (``num_steps`` of them):
+
+  1. prompts: ``batch_size / group_size`` data samples (the stage's mixture, split into data shards as the
+     supervised stages split theirs), each cut before its answer, ``rl.format_instruction`` appended to the
+     user turn;
+  2. rollouts: ``group_size`` completions per prompt from the current policy (``rollout.Sampler``; by default
+     the generation engine), seeded by the run's checkpointed key and the round, with the old policy's
+     log-probabilities of the sampled tokens under the sampling distribution (temperature-scaled logits)
+     recorded while sampling; the reference's when ``beta`` > 0;
+  3. rewards (``rewards.score``, weighted by ``rl.rewards``) and group advantages (``grpo.group_advantages``);
+  4. ``rl.num_iterations`` optimiser updates on the whole rollout batch with the clipped loss
+     (``grpo.policy_loss``) through the trainer's step (frozen parts, stacked experts, LoRA, clipping and the
+     non-finite skip as in every stage).
+
+Checkpoints (every ``checkpoint.every_steps`` rounds, and the last) hold the policy and optimiser state, the
+run's random key (the rollout seeds derive from it and the round) and the prompt iterators; the reference is
+the stage's incoming weights, which the trainer rebuilds on resume from the previous stage's directory (or the
+run's initial weights), so it is not stored again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from emoqwen_jax.data import data_config
+from emoqwen_jax.data.pipeline import (
+    Collate,
+    as_records,
+    load_sources,
+    make_sample_dataset,
+)
+from emoqwen_jax.data.reasons import RejectCounter
+from emoqwen_jax.data.tokenizer import tokenizer_info
+from emoqwen_jax.infer.session import Session
+from emoqwen_jax.model.emotion_qwen import audio_spec
+from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility
+from emoqwen_jax.parallel.rules import batch_sharding
+from emoqwen_jax.rl.grpo import NORMALIZATIONS, group_advantages, policy_loss
+from emoqwen_jax.rl.rewards import RewardInput, check_rewards, score
+from emoqwen_jax.rl.rollout import (
+    EngineSampler,
+    RolloutSettings,
+    Sampler,
+    completion_arrays,
+    cut_at_media,
+    media_token_ids,
+    split_sample,
+    update_sample,
+)
+from emoqwen_jax.train import batching
+from emoqwen_jax.train.checkpoint import ShardIterators, data_layout
+from emoqwen_jax.train.metrics import to_python
+from emoqwen_jax.train.optim import make_optimizer, stage_trainable
+from emoqwen_jax.train.preemption import PreemptionWatch
+from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
+from emoqwen_jax.train.trainer import (
+    Preempted,
+    StageRun,
+    data_shards,
+    global_batch,
+    resolve_mixture,
+)
+
+log = logging.getLogger(__name__)
+
+
+def check_rl_config(name: str, sc: Any) -> None:
+    """ValueError for settings the RL stage cannot run (each names the field and the valid values)."""
+    rl = sc.rl
+    if int(rl.group_size) < 2 or int(sc.batch_size) % int(rl.group_size):
+        raise ValueError(f"stages.{name}: rl.group_size={rl.group_size} must be >= 2 and divide batch_size="
+                         f"{sc.batch_size} (completions per round)")
+    if rl.normalization not in NORMALIZATIONS:
+        raise ValueError(f"stages.{name}.rl.normalization={rl.normalization!r}; choose one of {NORMALIZATIONS}")
+    if int(sc.optimizer.get("grad_accum", 1)) != 1:
+        raise ValueError(f"stages.{name}.optimizer.grad_accum={sc.optimizer.grad_accum}: an RL stage updates on "
+                         f"whole rollout batches (1); use rl.num_iterations for several updates per batch")
+    if float(rl.temperature) <= 0:
+        raise ValueError(f"stages.{name}.rl.temperature={rl.temperature} must be > 0 (GRPO samples)")
+    if int(rl.num_iterations) < 1 or float(rl.beta) < 0 or float(rl.clip_eps_high) < 0:
+        raise ValueError(f"stages.{name}: rl.num_iterations >= 1, rl.beta >= 0 and rl.clip_eps_high >= 0 "
+                         f"(got {rl.num_iterations}, {rl.beta}, {rl.clip_eps_high})")
+    if int(rl.max_new_tokens) >= int(sc.max_length):
+        raise ValueError(f"stages.{name}: rl.max_new_tokens={rl.max_new_tokens} must be below max_length="
+                         f"{sc.max_length} (prompt + completion)")
+    check_rewards(dict(rl.rewards))
+
+
+def with_instruction(records: Any, instruction: str) -> grain.MapDataset:
+    """The records with ``instruction`` appended to their first user turn."""
+    def add(record: dict) -> dict:
+        turns = [dict(t) for t in record.get("conversations") or []]
+        first = next((t for t in turns if t.get("role") == "user"), None)
+        if first is not None:
+            first["content"] = first["content"] + instruction
+        return {**record, "conversations": turns}
+
+    return as_records(records).map(add)
+
+
+def completion_logprobs(model, inputs, positions: jax.Array, tokens: jax.Array, temperature: float
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(log π(token) float32[B, N], entropy float32[B, N], aux loss) of the completion tokens under the
+    temperature-scaled logits (the sampling distribution); ``positions`` int[B, N] are the columns whose hidden
+    states predict ``tokens`` int[B, N]. Only those N columns reach the LM head."""
+    hidden, _, aux = model.hidden_states(inputs)
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    logits = model.language_model.logits(picked) / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0] - logz
+    probs = jnp.exp(logits - logz[..., None])
+    entropy = logz - (probs * logits).sum(-1)
+    return logp, entropy, aux["aux_loss"]
+
+
+def make_rl_loss(rl: Any):
+    """``loss(model, (inputs, rollout)) -> (scalar, metrics)`` for ``train.step.make_train_step``; ``rollout``
+    holds tokens, positions, mask, old_logp, advantages and (beta > 0) ref_logp."""
+    temperature, beta = float(rl.temperature), float(rl.beta)
+
+    def loss(model, batch):
+        inputs, r = batch
+        logp, entropy, aux = completion_logprobs(model, inputs, r["positions"], r["tokens"], temperature)
+        value, metrics = policy_loss(logp, r["old_logp"], r["advantages"], r["mask"], clip_eps=float(rl.clip_eps),
+                                     clip_eps_high=float(rl.clip_eps_high), beta=beta, ref_logp=r.get("ref_logp"),
+                                     normalization=rl.normalization)
+        m = r["mask"].astype(jnp.float32)
+        mean_entropy = jax.lax.stop_gradient((entropy * m).sum() / jnp.maximum(m.sum(), 1.0))
+        return value + aux, dict(metrics, loss=value + aux, aux_loss=aux, entropy=mean_entropy)
+
+    return loss
+
+
+def rollout_seed(rng: jax.Array, step: int) -> int:
+    """The round's sampling seed, from the run's checkpointed key data uint32[2] and the round."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(rng)), zlib.crc32(b"rollout") % 2**31)
+    return int(jax.random.randint(jax.random.fold_in(key, step), (), 0, 2**31 - 1))
+
+
+def _prompt_iterators(config, name: str, sc, workdir: str, shards, prompts_per_shard: int) -> ShardIterators:
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.update(max_length=int(sc.max_length))  # samples (prompt + reference answer) as a supervised stage
+    sources = [(with_instruction(records, sc.rl.format_instruction), weight)
+               for records, weight in load_sources(resolve_mixture(sc.mixture, workdir))]
+    limits = (float(data_cfg.max_reject_fraction), int(data_cfg.reject_check_after))
+    return ShardIterators([iter(make_sample_dataset(sources, data_cfg, shard_index=s, shard_count=shards.num_shards,
+                                                    counter=RejectCounter(*limits))
+                                .batch(prompts_per_shard, drop_remainder=True, batch_fn=list))
+                           for s in shards.shard_ids])
+
+
+def _mean(passes: list[dict], key: str) -> float:
+    return float(np.mean([p[key] for p in passes]))
+
+
+def _on_mesh(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    return {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}
+
+
+def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, int, dict]:
+    """Runs one RL stage (module docstring); returns (final params, global step, the last metrics record).
+    ``sampler``: how rollouts are drawn (default: ``EngineSampler``, the generation engine on the run's mesh,
+    which records the sampling log-probabilities)."""
+    config, name, mesh = run.config, run.name, run.mesh
+    sc = config.stages[name]
+    rl = sc.rl
+    check_rl_config(name, sc)
+    if jax.process_count() > 1:
+        raise ValueError(f"stage {name}: the RL stage runs in one process (any number of its devices); "
+                         f"{jax.process_count()} processes were started")
+    settings = RolloutSettings.from_config(rl)
+    group = settings.group_size
+    shards = data_shards(config, name, run.model_config, mesh)
+    # The rollout arrays (one row per completion) are split over the batch devices as they are: no padded rows.
+    check_divisibility(run.model_config, mesh, int(sc.batch_size))
+    prompts = int(sc.batch_size) // group
+    if prompts % shards.num_shards:
+        raise ValueError(f"stages.{name}: {prompts} prompts per round (batch_size / rl.group_size) must split "
+                         f"over data.num_shards={shards.num_shards}")
+    prompts_per_shard = prompts // shards.num_shards
+    iterators = _prompt_iterators(config, name, sc, run.workdir, shards, prompts_per_shard)
+    info = tokenizer_info(run.model_config.text.vocab_size)
+    aspec = audio_spec(run.model_config)
+    collate = Collate(shards.shard_batch_size, config.data.length_buckets, config.data.patch_buckets, info.pad_id,
+                      config.data.get("audio", {}).get("window_buckets", (1,)))
+
+    iterations = int(rl.num_iterations)
+    trainable = stage_trainable(run.params, sc, run.model_config, run.extra_trainable)
+    tx, schedule = make_optimizer(sc.optimizer, int(sc.num_steps) * iterations, trainable)
+    params = jax.device_put(run.params, run.shardings)
+    # The frozen reference: the stage's incoming weights (copied: the policy's buffers are donated).
+    reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.shardings)(params) \
+        if float(rl.beta) else None
+
+    def init(p):
+        return init_state(p, tx, config.seed)
+
+    state_shapes = jax.eval_shape(init, params)
+    state_sharding = state_shardings(state_shapes, run.shardings, mesh)
+    start = 0
+    if run.resume is None:
+        state = jax.jit(init, out_shardings=state_sharding)(params)
+    else:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
+                                state_sharding)
+        state = run.ckpt.restore(int(run.resume["global_step"]), abstract, iterators)
+        start = int(run.resume["stage_step"])
+    del params
+    step_fn = jax.jit(make_train_step(run.graphdef, tx, trainable, schedule, loss=make_rl_loss(rl)),
+                      donate_argnums=0, out_shardings=(state_sharding, None))
+    temperature = float(rl.temperature)
+    logprobs_fn = jax.jit(lambda p, inputs, positions, tokens: completion_logprobs(
+        nnx.merge(run.graphdef, p), inputs, positions, tokens, temperature)[:2])
+    known = data_config().to_dict()  # the session's settings (the trainer's own, e.g. num_shards, are not)
+    session = Session(nnx.merge(run.graphdef, state.params),
+                      {k: v for k, v in config.data.to_dict().items() if k in known})
+    sampler = sampler or EngineSampler(session, max_batch=int(sc.batch_size),
+                                       max_len=int(sc.max_length) + settings.max_new_tokens, mesh=mesh)
+    weights = {k: float(v) for k, v in dict(rl.rewards).items()}
+    media_ids = media_token_ids(run.model_config)
+    global_step, last = run.global_step, {}
+    max_bad = int(config.train.max_nonfinite_in_a_row)
+    local_vision = batching.units_local(shards.num_shards, shards.batch_devices)
+
+    with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
+        for step in range(start, int(sc.num_steps)):
+            t0 = time.perf_counter()
+            per_shard = next(iterators)
+            rollout_prompts = [split_sample(s, session) for shard in per_shard for s in shard]
+            model = nnx.merge(run.graphdef, state.params)
+            completions = [cut_at_media(c, media_ids) for c in sampler(
+                model, [p.prompt for p in rollout_prompts], settings, rollout_seed(state.rng, step))]
+            samples = [RewardInput(session.decode(c.token_ids), rollout_prompts[i // group].reference,
+                                   len(c.token_ids), settings.max_new_tokens, c.stopped, int(rl.length_buffer))
+                       for i, c in enumerate(completions)]
+            rewards, parts = score(samples, weights)
+            advantages = np.asarray(group_advantages(jnp.asarray(rewards), group,
+                                                     std_normalize=bool(rl.std_normalize)))
+            rows = [update_sample(p, c, f"{p.sample_id}#{i % group}")
+                    for i, c in enumerate(completions) for p in [rollout_prompts[i // group]]]
+            per = shards.shard_batch_size
+            batches = [collate(rows[k * per:(k + 1) * per]) for k in range(len(shards.shard_ids))]
+            inputs, _ = global_batch(batches, shards.shard_ids, run.spec, per, info.pad_id, mesh, aspec,
+                                     config.data.patch_buckets, shards.num_shards)
+            arrays = completion_arrays(rollout_prompts, completions, group, settings.max_new_tokens)
+            has_logp = bool(arrays.pop("has_logp"))
+            rollout = _on_mesh({**arrays, "advantages": advantages.astype(np.float32)}, mesh)
+            if not has_logp:  # the sampler recorded none: the sampling policy's, right after sampling
+                rollout["old_logp"] = logprobs_fn(state.params, inputs, rollout["positions"], rollout["tokens"])[0]
+            if reference is not None:
+                rollout["ref_logp"] = logprobs_fn(reference, inputs, rollout["positions"], rollout["tokens"])[0]
+            jax.block_until_ready(rollout)
+            t1 = time.perf_counter()
+            passes = []
+            for _ in range(iterations):
+                state, metrics = step_fn(state, (inputs, rollout))
+                passes.append(metrics)
+            passes = jax.device_get(passes)
+            t2 = time.perf_counter()
+            global_step += 1
+            groups = rewards.reshape(-1, group)
+            record = {"stage": name, "step": step + 1, "global_step": global_step,
+                      **{k: _mean(passes, k) for k in ("loss", "policy_loss", "grad_norm")},
+                      "lr": float(passes[-1]["lr"]), "skipped": int(sum(not p["finite"] for p in passes)),
+                      "reward": float(rewards.mean()), **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
+                      "reward_std": float(groups.std(axis=1, ddof=1).mean()), "kl": _mean(passes, "kl"),
+                      "clip_fraction": _mean(passes, "clip_fraction"),
+                      "completion_length": float(np.mean([len(c.token_ids) for c in completions])),
+                      "entropy": _mean(passes, "entropy"), "rollout_s": t1 - t0, "update_s": t2 - t1}
+            record = {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
+            run.writer.write(record)
+            last = record
+            if int(passes[-1]["nonfinite_in_a_row"]) >= max_bad:
+                raise RuntimeError(f"stage {name}: {int(passes[-1]['nonfinite_in_a_row'])} non-finite updates in a "
+                                   f"row at step {step + 1}; stopping (train.max_nonfinite_in_a_row={max_bad})")
+            done = step + 1 == int(sc.num_steps)
+            preempted = preemption.reached(global_step)
+            due = (step + 1) % run.ckpt.every_steps == 0 and int(jax.device_get(state.nonfinite)) == 0
+            if due or done or preempted:
+                meta = {"stage": name, "stage_step": step + 1, "global_step": global_step,
+                        "reference": "the stage's incoming weights",
+                        "data_layout": data_layout(shards.num_shards, jax.process_count())}
+                run.ckpt.save(global_step, state, meta, iterators, force=done or preempted)
+            if preempted:
+                run.ckpt.wait()
+                raise Preempted(f"SIGTERM: saved step {global_step} of stage {name}; start again to resume")
+    run.ckpt.wait()
+    return state.params, global_step, last
