@@ -32,6 +32,9 @@ def complete_in_order(session: Session, jobs: Sequence[Job], params: Callable[[i
     """Yields (index, Completion) per job in order, or (index, the exception) when its prompt could not be
     built (e.g. ``data.reasons.Rejected`` for unreadable media). ``params(i)``: job i's sampling settings."""
     lookahead = 2 * max_batch + workers
+    # Evaluation wants throughput: one prefill may take every free slot (the engine's default is tuned for a
+    # server's time to first token).
+    engine_kwargs = {"prefill_batch": max_batch, **(engine_kwargs or {})}
     prompts: dict[int, concurrent.futures.Future] = {}
     handles: dict = {}
     engine: Engine | None = None
@@ -48,7 +51,7 @@ def complete_in_order(session: Session, jobs: Sequence[Job], params: Callable[[i
                         if j in handles or not prompts[j].done() or prompts[j].exception() is not None:
                             continue
                         engine = _room_for(engine, session, prompts[j].result(), params(j), handles, max_batch,
-                                           engine_kwargs or {})
+                                           engine_kwargs)
                         handles[j] = engine.submit(prompts[j].result(), params(j))
                     if prompts[i].done() and prompts[i].exception() is not None:
                         yield i, prompts.pop(i).exception()
