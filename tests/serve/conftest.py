@@ -1,19 +1,11 @@
 """A real server for the serve tests: uvicorn on 127.0.0.1 (a free port, in a thread of the test process)
 over a tiny random checkpoint that stores small data settings, plus the demo clips to send it."""
 
-import sys
-from pathlib import Path
-
 import pytest
-from flax import nnx
+from serve_helpers import API_KEY, SMALL_FRAMES, Running
+from tiny_checkpoint import save_tiny_checkpoint
 
-from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.data.demo import build_demo
-from emoqwen_jax.model import EmotionQwen, ModelConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
-import emotion_qwen  # noqa: E402
-from serve_helpers import API_KEY, SMALL_FRAMES, Running  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +17,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
-    config = emotion_qwen.get_config("tiny")
-    model = EmotionQwen(ModelConfig.from_run_config(config), rngs=nnx.Rngs(0))
-    data = {"tokenizer_vocab_size": config.model.text.vocab_size,
-            "tokenizer_cache_dir": str(tmp_path_factory.mktemp("tokcache")), **SMALL_FRAMES}
-    return save_model(model, str(tmp_path_factory.mktemp("ckpt") / "tiny"), meta={"data": data})
+    return save_tiny_checkpoint(tmp_path_factory, SMALL_FRAMES)
 
 
 @pytest.fixture(scope="session")
