@@ -11,12 +11,13 @@ and print its per-device memory and FLOPs.
 ``--serve`` plans the generation engine instead (``train.plan.serve_plan``): weights, KV cache and
 activation bytes per device, and whether they fit ``--device_memory_gb`` (default 80) with 10 % to spare.
 
-The step is the trainer's (``make_train_step``: loss, gradients, AdamW with the stage's frozen leaves,
-non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the trainer's shardings) over a
-mesh of ``num_devices`` CPU devices (``jax_num_cpu_devices``, set before the backend starts), then compiled by
-XLA's SPMD partitioner. Nothing is allocated: the figures come from ``compiled.memory_analysis()`` (one
-device's partition) and ``compiled.cost_analysis()``. The CPU compiler's buffer assignment stands in for the
-accelerator's; treat the result as an estimate to keep ≥ 40 % headroom against.
+The step is the trainer's (``train.step.build_stage_step``: loss, gradients, AdamW with the stage's frozen
+leaves and its LoRA adapters, non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the
+trainer's shardings) over a mesh of ``num_devices`` CPU devices (``jax_num_cpu_devices``, set before the backend
+starts), then compiled by XLA's SPMD partitioner. Nothing is allocated: the figures come from
+``compiled.memory_analysis()`` (one device's partition) and ``compiled.cost_analysis()``. The CPU compiler's
+buffer assignment stands in for the accelerator's; treat the result as an estimate to keep ≥ 40 % headroom
+against.
 
 The batch: ``batch_per_device`` × (batch-sharding devices) samples, each one video of ``frames`` frames of
 ``frame_size``² pixels (grid frames/2 × side/14 × side/14) in a conversation padded to ``length`` tokens.

@@ -170,10 +170,10 @@ def check_demo_data(config: Any) -> None:
     """Refuses to train on the demo set unless ``config.allow_demo_data`` (True only in the demo and tiny
     presets): a forgotten ``mixture`` override must not silently train a 7B model on cartoons."""
     stages = demo_stages(config)
-    if not stages or config.get("allow_demo_data", False):
+    if not stages or config.allow_demo_data:
         return
     fields = " ".join(f"--config.stages.{name}.mixture=\"({{'manifest': ..., 'data_root': ...}},)\"" for name in stages)
     raise ValueError(
-        f"preset {config.get('preset', '?')!r} would train stages {stages} on the bundled demo set (synthetic "
+        f"preset {config.preset!r} would train stages {stages} on the bundled demo set (synthetic "
         f"cartoon faces, a smoke test): set the data of each with {fields}, or pass --config.allow_demo_data=True "
         f"to train on the demo set on purpose")

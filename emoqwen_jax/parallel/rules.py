@@ -1,4 +1,8 @@
-"""Logical axis rules — the one table that maps the model's logical names onto mesh axes.
+"""Logical axis rules: how the model's logical axis names map onto mesh axes.
+
+Training and ``emoqwen-plan`` read the run config's ``mesh.rules`` (``configs/emotion_qwen.py``: this table unless
+overridden); code without a run config (the inference engine, sharding a loaded model directory) and the
+functions below by default use ``DEFAULT_RULES``:
 
 Parameters (``logical_axes`` metadata on every ``nnx.Param``):
   embed / merge / embed_out -> fsdp (+ expert: outside the MoE layer the expert axis is extra FSDP)

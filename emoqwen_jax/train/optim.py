@@ -18,6 +18,7 @@ labelled tokens (``accumulate_tokens``); docs/training_math.md states both.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -87,6 +88,16 @@ class Trainable:
     labels: Any
     expert_masks: Mapping[str, tuple[bool, ...]]
     paths: tuple[str, ...]
+
+    def count(self, params: Any) -> int:
+        """Trained parameters (scalars) of ``params`` (arrays or ShapeDtypeStructs, the tree of ``labels``): whole
+        trainable leaves, and the trained experts' share of partly trained stacked leaves."""
+        def one(path, x, label):
+            mask = self.expert_masks.get(path_str(path))
+            size = math.prod(x.shape)
+            return size * sum(mask) // len(mask) if mask is not None else size * (label == "trainable")
+
+        return sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(one, params, self.labels)))
 
 
 def select_trainable(params: Any, patterns: Sequence[str] = (), roles: Sequence[str] = (), *,

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_files import load_config
 from flax import nnx
-from train_configs import load_config, write_config
+from train_configs import write_config
 
 from emoqwen_jax.checkpoint import load_model, read_model_config, save_model
 from emoqwen_jax.cli.convert import main as convert_main
@@ -21,6 +22,7 @@ from emoqwen_jax.model.sharding import axis_rules
 from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh, shard_batch, shard_model
 from emoqwen_jax.train.loss import loss_fn
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
+from emoqwen_jax.train.plan import build_train_step
 from emoqwen_jax.train.trainer import init_params, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,6 +226,13 @@ def test_trainer_lora_stage_freezes_base_and_merge_lora_cli(tmp_path, demo_dir):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(ref), err_msg=str(keys))  # bit-identical base
     assert len(changed) == 16
     assert float(jnp.abs(trained.language_model.layers[0].self_attn.q_proj.lora_b[...]).max()) > 0
+    # emoqwen-plan compiles the step this stage trained (one builder): the same trainable set, the adapters.
+    _, abstract, built = build_train_step(config, "stage3_lora")
+    adapters = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(after)
+                   if getattr(path[-1], "key", None) in ("lora_a", "lora_b"))
+    last = summary["stages"]["stage3_lora"]
+    assert last["trainable_params"] == built.trainable.count(_pure(abstract)) == adapters
+    assert last["trained_leaves"] == len(built.trainable.paths) == 16
     # merge-lora: a plain model directory with the same logits (float32, 1e-5).
     out = tmp_path / "merged"
     assert convert_main(["merge-lora", "--ckpt", stage_dir, "--out", str(out)]) == 0

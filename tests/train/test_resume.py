@@ -20,9 +20,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from config_files import ROOT, load_config
 from flax import nnx
 from tolerance import assert_close_rel
-from train_configs import ROOT, load_config, write_config
+from train_configs import write_config
 
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.trainer import train_and_evaluate

@@ -5,8 +5,9 @@ import json
 import jax
 import numpy as np
 import pytest
+from config_files import load_config
 from flax import nnx
-from train_configs import load_config, write_config
+from train_configs import write_config
 
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.metrics import read_metrics

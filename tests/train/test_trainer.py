@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_files import ROOT, load_config
 from flax import nnx
-from train_configs import ROOT, load_config, write_config
+from train_configs import write_config
 
 from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.train.metrics import read_metrics
