@@ -3,7 +3,7 @@
 import json
 import sys
 
-from rl_configs import ROOT
+from config_files import ROOT
 
 from emoqwen_jax.rl.rewards import RewardInput, accuracy, format_reward
 
