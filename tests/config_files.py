@@ -35,3 +35,14 @@ def load_config(path: Path, arg: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def optimizer_config(**fields) -> dict:
+    """A stage's optimiser settings (``stages.<name>.optimizer``: the run config's defaults, where every field
+    has its default) with ``fields`` changed."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    import emotion_qwen
+
+    return dict(emotion_qwen.stage_config("stage1_align").optimizer.to_dict(), **fields)

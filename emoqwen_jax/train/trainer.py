@@ -279,7 +279,7 @@ def stage_num_shards(config, name: str, mesh, batch_size: int | None = None) -> 
     setting when they cannot split the stage's batch (``batch_size``: its global rows, default the stage's). A
     global batch that does not divide the batch devices is fine: each step is padded with empty rows
     (``batching.layout_multiples``)."""
-    processes, setting = jax.process_count(), int(config.data.get("num_shards", 0))
+    processes, setting = jax.process_count(), int(config.data.num_shards)
     num_shards = batching.resolve_num_shards(setting, processes, count_batch_devices(mesh))
     batch_size = int(config.stages[name].batch_size if batch_size is None else batch_size)
     if num_shards % processes:

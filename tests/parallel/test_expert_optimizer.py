@@ -18,6 +18,7 @@ from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
+from config_files import optimizer_config
 
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
 
@@ -83,7 +84,7 @@ def test_frozen_experts_stay_bit_identical_inside_a_trained_stacked_leaf():
     params = nnx.to_pure_dict(state)
     trainable = stage_trainable(params, sc, mc)
     assert trainable.expert_masks["compressor/experts/mlp_0_kernel"] == (False, True, True, True)
-    tx, schedule = make_optimizer({"learning_rate": 1e-2, "warmup_fraction": 0.0, "weight_decay": 0.1}, 10,
+    tx, schedule = make_optimizer(optimizer_config(learning_rate=1e-2, warmup_fraction=0.0), 10,
                                   trainable)
     step = jax.jit(make_train_step(graphdef, tx, trainable, schedule))
     rng = np.random.default_rng(0)
