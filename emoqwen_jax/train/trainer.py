@@ -347,6 +347,7 @@ def data_shards(config, name: str, mcfg: ModelConfig, mesh, batch_size: int | No
     layout = data_layout(num_shards, processes)  # recorded in every checkpoint, checked on resume
     return DataShards(num_shards, layout["shard_ids"][pid], batch_size // num_shards, batch_devices)
 
+
 @dataclasses.dataclass
 class SupervisedStage:
     """A supervised stage set up to run (``_setup``): its data shards and iterators, its step and the layout of
@@ -371,17 +372,23 @@ def _setup(run: StageRun) -> SupervisedStage:
     built = build_stage_step(config, run.name, run.graphdef, run.params, run.model_config)
     state_shapes = jax.eval_shape(built.init, run.params)
     local_vision = batching.units_local(shards.num_shards, shards.batch_devices)
-    if shards.batch_devices > 1 and jax.process_index() == 0:
-        if local_vision:
-            log.info("%s: %d data shards over %d batch devices: the ViT's attention and window permutation run on "
-                     "each device's own patches", run.name, shards.num_shards, shards.batch_devices)
-        else:
-            log.warning("%s: %d data shards over %d batch devices: every device gathers the patch axis and repeats "
-                        "the ViT's full-attention layers for the whole batch; data.num_shards=-1 (one shard per "
-                        "batch device) keeps the ViT on each device's own patches", run.name, shards.num_shards,
-                        shards.batch_devices)
+    _log_vision_layout(run.name, shards, local_vision)
     return SupervisedStage(shards, ShardIterators([m[0] for m in made]), [m[1] for m in made], built,
                            state_shardings(state_shapes, run.shardings, run.mesh), local_vision)
+
+
+def _log_vision_layout(name: str, shards: DataShards, local_vision: bool) -> None:
+    """Says (process 0, several batch devices) whether the ViT stays on each device's patches."""
+    if shards.batch_devices == 1 or jax.process_index() != 0:
+        return
+    if local_vision:
+        log.info("%s: %d data shards over %d batch devices: the ViT's attention and window permutation run on each "
+                 "device's own patches", name, shards.num_shards, shards.batch_devices)
+    else:
+        log.warning("%s: %d data shards over %d batch devices: every device gathers the patch axis and repeats the "
+                    "ViT's full-attention layers for the whole batch; data.num_shards=-1 (one shard per batch "
+                    "device) keeps the ViT on each device's own patches", name, shards.num_shards,
+                    shards.batch_devices)
 
 
 def _init_or_restore(run: StageRun, stage: SupervisedStage) -> tuple[TrainState, int]:
