@@ -3,7 +3,9 @@ r"""emoqwen-train: Emotion-Qwen's training stages on a device mesh (the supervis
 
   emoqwen-train --config=configs/emotion_qwen.py:demo --config.workdir=runs/demo
   emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=/ckpt/run1 \
-      --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct --config.mesh.fsdp=-1 --config.mesh.data=1
+      --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct \
+      --config.stages.stage1_align.mixture="({'manifest': '/data/align.jsonl', 'data_root': '/data'},)" ...
+  (7b has no default data: every stage to run needs its mixture; configs/README.md)
 
 Starting again in a workdir that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a
 checkpoint and exits cleanly. Stages with an ``eval_suite`` are scored on their final weights (the demo preset
