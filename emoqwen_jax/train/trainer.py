@@ -166,8 +166,8 @@ class StageRun:
     workdir: str
     global_step: int
     resume: dict | None  # the checkpoint meta to resume from, or None
+    rules: Rules  # the logical-axis rules (``config.mesh.rules``)
     extra_trainable: tuple[str, ...] = ()  # what trains besides the stage's fields (``stage_extra_trainable``)
-    rules: Rules = ()  # the logical-axis rules (``config.mesh.rules``)
 
 
 # A stage runner of another kind (``stages.<name>.kind``): StageRun -> (final params, global step, last metrics
