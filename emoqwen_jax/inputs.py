@@ -90,7 +90,7 @@ class VisionInputs:
 class AudioInputs:
     """The audio encoder's inputs: every audio of the batch as W encoder windows of F mel frames (text order,
     each audio's windows contiguous), and where each ``<|AUDIO|>`` token takes its row of the encoder output
-    (W · F/4 rows; ``emoqwen_jax.layout_audio``). Produced by ``data`` (``input_features``,
+    (W · F/4 rows; ``emoqwen_jax.layout.audio``). Produced by ``data`` (``input_features``,
     ``feature_attention_mask``, ``audio_lengths``), consumed by ``EmotionQwen.embed``."""
 
     KEY_PREFIX = "audio_"

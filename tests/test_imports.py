@@ -2,6 +2,7 @@
 
   * ``model`` imports nothing from data, train, eval, convert, infer or cli;
   * ``data`` imports nothing from model, train, eval, convert, infer or cli;
+  * ``layout`` (host-side index arrays, shared by data and model) imports only the shared top-level modules;
   * nothing outside ``cli`` (bench and configs included) imports ``cli``;
   * ``train`` does not import ``eval``;
   * ``rl`` (the RL stage) may import data, model, train, infer and, from eval, only the answer parser and the
@@ -81,7 +82,8 @@ def _violations(part: str, forbidden: set[str]) -> list[str]:
 
 
 def test_the_graph_is_read():
-    assert "emoqwen_jax.model.emotion_qwen" in GRAPH and "emoqwen_jax.inputs" in GRAPH["emoqwen_jax.layout"]
+    assert "emoqwen_jax.model.emotion_qwen" in GRAPH
+    assert "emoqwen_jax.inputs" in GRAPH["emoqwen_jax.layout.model_inputs"]
     assert "emoqwen_jax.model.config" in GRAPH["emoqwen_jax.model"]
 
 
@@ -91,6 +93,11 @@ def test_model_imports_no_pipeline_or_application_code():
 
 def test_data_imports_no_model_or_application_code():
     assert _violations("data", {"model", "train", "eval", "convert", "infer", "cli"}) == []
+
+
+def test_layout_imports_only_the_shared_top_level_modules():
+    packages = {_part(m) for m in GRAPH if m.count(".") >= 2}
+    assert _violations("layout", packages - {"layout"}) == []
 
 
 def test_only_cli_imports_cli():

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emoqwen_jax import layout, layout_audio
+from emoqwen_jax import layout
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import sharding
 from emoqwen_jax.model.audio import AudioEncoder, AudioProjector, pooled_audio_per_item
@@ -56,12 +56,12 @@ def layout_spec(config: ModelConfig) -> layout.LayoutSpec:
         tokens_per_second=v.tokens_per_second, patch_dim=v.patch_dim)
 
 
-def audio_spec(config: ModelConfig) -> layout_audio.AudioSpec | None:
+def audio_spec(config: ModelConfig) -> layout.AudioSpec | None:
     """The host's audio constants (None without audio)."""
     a = config.audio
     if not a.enabled:
         return None
-    return layout_audio.AudioSpec(audio_token_id=a.audio_token_id, audio_bos_token_id=a.audio_bos_token_id,
+    return layout.AudioSpec(audio_token_id=a.audio_token_id, audio_bos_token_id=a.audio_bos_token_id,
                                   audio_eos_token_id=a.audio_eos_token_id, window_frames=a.max_frames,
                                   position_rule=a.position_rule, interleave_seconds=a.interleave_seconds)
 
