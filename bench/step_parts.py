@@ -17,7 +17,7 @@ and, forward only, the machine's float32 matmul rate for each framework:
 What the parts leave out of ``bench/train_step.py``'s step: the merger, the embedding, the LM head and loss,
 the optimizer.
 
-Each framework runs in its own process with the malloc settings of ``emoqwen_jax/malloc.py`` and
+Each framework runs in its own process with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` and
 ``OMP_WAIT_POLICY=PASSIVE`` (as ``bench/train_step.py``); within a process the parts take turns step by step;
 medians. Prints a table and, last, a JSON line {"parts": {part: {"jax_ms", "torch_ms", "ratio"}}, "machine"}
 (the matmul part adds "jax_gflops" and "torch_gflops").

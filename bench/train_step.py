@@ -13,7 +13,7 @@ M-RoPE position ids (computed once on the host, outside the timing), and its def
 
 Timing: JAX and torch each run in their OWN process, one after the other (torch's OpenMP threads keep spinning
 after a step and slow a JAX step in the same process; docs/design.md, Timing torch and JAX: one process each),
-each with the malloc settings of ``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``;
+each with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``;
 ``--warmup`` steps, then ``--runs`` timed steps, medians; within a process the rows (expert counts, --packed)
 take turns step by step.
 ``--rounds N`` repeats the pair of processes N times (JAX, torch, JAX, torch, ...): each round's ratio compares
@@ -306,9 +306,9 @@ def _child(args, side: str) -> dict:
 
 
 def run_json(cmd: list[str], echo: bool = True) -> dict:
-    """Runs ``cmd`` in a fresh process with the malloc settings of ``emoqwen_jax/malloc.py`` and a passive
+    """Runs ``cmd`` in a fresh process with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` and a passive
     OpenMP wait; returns the JSON object on its last stdout line (``echo``: print its output too)."""
-    from emoqwen_jax.malloc import GLIBC_ENV
+    from emoqwen_jax.runtime.malloc import GLIBC_ENV
 
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_ENV, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout

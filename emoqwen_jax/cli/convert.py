@@ -27,9 +27,9 @@ import time
 
 
 def _from_hf(args: argparse.Namespace) -> int:
-    from emoqwen_jax.checkpoint import save_model
     from emoqwen_jax.convert import from_hf
     from emoqwen_jax.model import count_params
+    from emoqwen_jax.model_dir import save_model
 
     compressor = {"num_experts": args.num_experts}
     names = [n for n in args.expert_names.split(",") if n] if args.expert_names is not None else None
@@ -47,9 +47,9 @@ def _from_hf(args: argparse.Namespace) -> int:
 
 
 def _to_hf(args: argparse.Namespace) -> int:
-    from emoqwen_jax.checkpoint import load_model, read_model_config
     from emoqwen_jax.convert.hf_export import check_format
     from emoqwen_jax.convert.lora import export_hf
+    from emoqwen_jax.model_dir import load_model, read_model_config
 
     start = time.time()
     config, meta = read_model_config(args.ckpt)

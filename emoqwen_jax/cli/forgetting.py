@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax import storage
 from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
 from emoqwen_jax.eval.suites.registry import SUITES
+from emoqwen_jax.runtime import storage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,8 +70,8 @@ def sample_batch(config, model_config) -> dict:
 
 def main_(argv) -> None:
     del argv
-    from emoqwen_jax.checkpoint import build_model
     from emoqwen_jax.model import ModelConfig, count_params
+    from emoqwen_jax.model_dir import build_model
 
     config = _CONFIG.value
     mcfg = ModelConfig.from_run_config(config)

@@ -70,9 +70,9 @@ def eval_scores(report: dict) -> dict[str, dict]:
 
 
 def main() -> None:
-    from emoqwen_jax.malloc import tune_malloc
+    from emoqwen_jax.runtime.malloc import tune_malloc
 
-    tune_malloc()  # before JAX allocates: XLA:CPU's per-step scratch buffer stays mapped (emoqwen_jax/malloc.py)
+    tune_malloc()  # before JAX allocates: XLA:CPU's per-step scratch buffer stays mapped (runtime/malloc.py)
     app.run(main_, argv=sys.argv)
 
 

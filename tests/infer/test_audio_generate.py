@@ -81,12 +81,12 @@ def test_cached_decoding_equals_uncached_with_audio(audio_model):
 def test_describe_uses_the_clip_audio(audio_model, tmp_path, capsys):
     """A model directory with an audio encoder: describe's prompt carries the clip's audio block (and an
     audio-only file works), built by the training code's own processor."""
-    from emoqwen_jax.checkpoint import save_model
     from emoqwen_jax.cli.describe import main
     from emoqwen_jax.data.audio import write_audio
     from emoqwen_jax.data.demo import demo_clip
     from emoqwen_jax.data.demo_audio import demo_audio, write_demo_clip
     from emoqwen_jax.infer.session import Session
+    from emoqwen_jax.model_dir import save_model
 
     ckpt = save_model(audio_model, str(tmp_path / "ckpt"))
     clip = str(tmp_path / "clip.mp4")

@@ -12,12 +12,12 @@ import pytest
 from flax import nnx
 from train_configs import load_config, write_config
 
-from emoqwen_jax.checkpoint import load_model, read_model_config, save_model
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad
 from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, dropout_key, lora_modules, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.model_dir import load_model, read_model_config, save_model
 from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh, shard_batch, shard_model
 from emoqwen_jax.train.loss import loss_fn
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable

@@ -27,9 +27,9 @@ import json
 import tempfile
 from typing import Any, Iterator
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.demo import DEMO_PLACEHOLDER, build_demo, demo_root, fill_demo
 from emoqwen_jax.eval.suites.report import flatten_metrics
+from emoqwen_jax.runtime import storage
 
 
 def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
@@ -94,9 +94,9 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
     folder that is then deleted."""
     import jax
 
-    from emoqwen_jax.checkpoint import read_model_config
     from emoqwen_jax.eval.emotion.benchmarks import EVAL_MAX_NEW_TOKENS
     from emoqwen_jax.eval.suites.evaluate import evaluate
+    from emoqwen_jax.model_dir import read_model_config
 
     stage = config.stages[stage_name]
     specs, suite_sets = resolve_eval_suite(stage.get("eval_suite", ()))
