@@ -139,7 +139,7 @@ def jax_step(config, batch, dense_vit: bool = False):
     model = EmotionQwen(mcfg, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = jax.jit(init)(params)
-    batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()})
+    batch = jax.device_put(batch)
     fn = jax.jit(step, donate_argnums=0)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
@@ -188,8 +188,8 @@ def torch_step(mcfg, batch):
     raw, inputs = batch["raw"], batch["jax"]
     kw = {k: torch.as_tensor(v) for k, v in raw.items()}
     kw["input_ids"] = kw["input_ids"].long()
-    kw["position_ids"] = torch.as_tensor(inputs["position_ids"].astype(np.int64))
-    kw["labels"] = torch.as_tensor(inputs["labels"].astype(np.int64))
+    kw["position_ids"] = torch.as_tensor(inputs.text.position_ids.astype(np.int64))
+    kw["labels"] = torch.as_tensor(inputs.text.labels.astype(np.int64))
 
     def run(_):
         model.model.rope_deltas = None

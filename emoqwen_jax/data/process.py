@@ -70,10 +70,11 @@ def _frame_span(indices: np.ndarray, out: dict[str, np.ndarray]) -> tuple[float,
 
 
 class SampleProcessor(grain.transforms.Map):
-    """record → sample dict, or ``{"rejected": reason, "id", "detail"}`` for bad input. ``cfg``: data config."""
+    """record → sample dict, or ``{"rejected": reason, "id", "detail"}`` for bad input. ``cfg``: the data settings
+    (``config.data``, or any mapping of the same fields; only read)."""
 
     def __init__(self, cfg: Any):
-        self.cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        self.cfg = cfg
         fusion = self.cfg.get("faces", {}).get("fusion", "none")
         if fusion not in faces.FUSIONS:
             raise ValueError(f"config.data.faces.fusion={fusion!r}; valid: {faces.FUSIONS}")

@@ -150,8 +150,8 @@ def test_interleave_rule_sample(media, acfg):
                                     input_features=sample["input_features"],
                                     feature_attention_mask=sample["feature_attention_mask"],
                                     audio_lengths=sample["audio_lengths"], audio_spec=spec)
-    audio_pos = out["position_ids"][:, 0, ids == info.audio_id]
+    audio_pos = out.text.position_ids[:, 0, ids == info.audio_id]
     np.testing.assert_array_equal(audio_pos[0], audio_pos[1])
-    bos_pos = out["position_ids"][0, 0, start + 1]
+    bos_pos = out.text.position_ids[0, 0, start + 1]
     np.testing.assert_array_equal(audio_pos[0], bos_pos + 1 + np.floor(np.arange(75) * 0.04 * 2 + 1e-9))
-    np.testing.assert_array_equal(out["audio_token_index"][0, ids == info.audio_id], np.arange(75))
+    np.testing.assert_array_equal(out.audio.token_index[0, ids == info.audio_id], np.arange(75))

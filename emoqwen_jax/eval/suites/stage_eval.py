@@ -47,7 +47,7 @@ def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
     if isinstance(eval_suite, str):
         path, suite = _suite_and_list(eval_suite)
         return suites.load_suite(path, suite or "all")
-    specs = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in eval_suite]
+    specs = [dict(s) for s in eval_suite]
     suites.check_specs(specs)
     return specs, {}
 
@@ -117,7 +117,7 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
 
         mesh = make_mesh(config.mesh)
     eval_set = stage.get("eval_set", None)
-    overrides = {**suite_sets, **(eval_set.to_dict() if hasattr(eval_set, "to_dict") else dict(eval_set or {}))}
+    overrides = {**suite_sets, **(eval_set.to_dict() if eval_set is not None else {})}
     _, meta = read_model_config(model_dir)
     with _report_dir(storage.join(workdir, "eval", stage_name)) as out_dir:
         report = evaluate(model_dir, specs, out_dir, overrides=overrides, suite=f"stage {stage_name}",
