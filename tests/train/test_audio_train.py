@@ -6,8 +6,8 @@ import numpy as np
 from flax import nnx
 from train_configs import load_config, write_config
 
-from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.model import ModelConfig
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import init_params, train_and_evaluate
 

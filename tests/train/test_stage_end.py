@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from train_configs import load_config, write_config
 
-from emoqwen_jax.checkpoint import load_model
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
 
