@@ -13,7 +13,7 @@ M-RoPE position ids (computed once on the host, outside the timing), and its def
 
 Timing: JAX and torch each run in their OWN process, one after the other (torch's OpenMP threads keep spinning
 after a step and slow a JAX step in the same process; docs/design.md, Timing torch and JAX: one process each),
-each with the malloc settings of ``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``;
+each with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``;
 ``--warmup`` steps, then ``--runs`` timed steps, medians; within a process the rows (expert counts, --packed)
 take turns step by step.
 ``--rounds N`` repeats the pair of processes N times (JAX, torch, JAX, torch, ...): each round's ratio compares
@@ -138,7 +138,7 @@ def jax_step(config, batch, dense_vit: bool = False):
     model = with_stage_adapters(EmotionQwen(mcfg, rngs=nnx.Rngs(0)), config, STAGE)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = jax.jit(built.init)(params)
-    batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()})
+    batch = jax.device_put(batch)
     fn = jax.jit(built.train_step, donate_argnums=0)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
@@ -187,8 +187,8 @@ def torch_step(mcfg, batch):
     raw, inputs = batch["raw"], batch["jax"]
     kw = {k: torch.as_tensor(v) for k, v in raw.items()}
     kw["input_ids"] = kw["input_ids"].long()
-    kw["position_ids"] = torch.as_tensor(inputs["position_ids"].astype(np.int64))
-    kw["labels"] = torch.as_tensor(inputs["labels"].astype(np.int64))
+    kw["position_ids"] = torch.as_tensor(inputs.text.position_ids.astype(np.int64))
+    kw["labels"] = torch.as_tensor(inputs.text.labels.astype(np.int64))
 
     def run(_):
         model.model.rope_deltas = None
@@ -305,9 +305,9 @@ def _child(args, side: str) -> dict:
 
 
 def run_json(cmd: list[str], echo: bool = True) -> dict:
-    """Runs ``cmd`` in a fresh process with the malloc settings of ``emoqwen_jax/malloc.py`` and a passive
+    """Runs ``cmd`` in a fresh process with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` and a passive
     OpenMP wait; returns the JSON object on its last stdout line (``echo``: print its output too)."""
-    from emoqwen_jax.malloc import GLIBC_ENV
+    from emoqwen_jax.runtime.malloc import GLIBC_ENV
 
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_ENV, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout

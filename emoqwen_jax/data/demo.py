@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.demo_audio import write_demo_clip
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES, benchmark_prompt
+from emoqwen_jax.runtime import storage
 
 EMOTIONS = ("happy", "sad", "neutral", "angry", "surprise")  # all are DFEW classes
 # 1-s clips: sampled at 2 fps (training) or 3 fps (the standard eval), both give min_frames = 4 frames, so

@@ -63,10 +63,10 @@ from emoqwen_jax.rl.rollout import (
     update_sample,
 )
 from emoqwen_jax.train import batching
-from emoqwen_jax.train.checkpoint import ShardIterators, data_layout
 from emoqwen_jax.train.metrics import to_python
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.preemption import PreemptionWatch
+from emoqwen_jax.train.run_state import ShardIterators, data_layout
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 from emoqwen_jax.train.trainer import (
     Preempted,

@@ -93,8 +93,8 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
          batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0,
          audio_seconds: float = 0.0, num_slices: int = 1) -> dict[str, Any]:
     """Lowers and compiles the stage's train step for a mesh over the first ``num_devices`` devices; returns
-    the report (also the JSON line of the CLI). ``batch``: host ``ModelInputs`` (or its flat dict, labels
-    included) to take shapes from instead of a video. ``num_slices``: the devices stand for that many slices
+    the report (also the JSON line of the CLI). ``batch``: host ``ModelInputs`` (labels included)
+    to take shapes from instead of a video. ``num_slices``: the devices stand for that many slices
     (multislice: ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` split data / FSDP across them)."""
     devices = jax.devices()
     if len(devices) < num_devices:
@@ -110,7 +110,7 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
         shapes = video_batch_shapes(mcfg, batch_per_device * batch_shards, frames, frame_size, length,
                                     audio_seconds, packing=bool(config.data.packing))
     else:
-        shapes = ModelInputs.coerce(batch).map_fields(
+        shapes = batch.map_fields(
             lambda _, v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype))
     check_divisibility(mcfg, mesh, shapes.text.input_ids.shape[0])
     pshard = pure_param_shardings(abstract, mesh, rules)

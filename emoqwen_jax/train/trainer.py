@@ -10,7 +10,7 @@ next stage and retrains nothing.
 Parameters are never gathered on one host: the initial model is built by a jitted init whose outputs carry the
 mesh shardings (or restored / imported straight into them), and stage weights are written from the sharded
 arrays by orbax. Preemption (``train/preemption.py``): a SIGTERM to any host makes all hosts save one agreed
-step and stop. ``workdir`` and ``init_from`` may be URIs (``emoqwen_jax.storage``); before any compute every
+step and stop. ``workdir`` and ``init_from`` may be URIs (``emoqwen_jax.runtime.storage``); before any compute every
 host checks that it sees the same workdir and ``init_from`` (``parallel/hosts.py``).
 
 LoRA stages (``stages.<name>.lora.enabled``): the stage swaps adapters into the incoming weights
@@ -35,21 +35,21 @@ from flax import nnx
 from tqdm import tqdm
 
 from emoqwen_jax import data as D
-from emoqwen_jax import storage
-from emoqwen_jax.checkpoint import is_model_dir, load_model, load_weights, save_model
 from emoqwen_jax.data.demo import build_demo, check_demo_data, demo_root, fill_demo
 from emoqwen_jax.data.pipeline import load_sources, make_iterator
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
 from emoqwen_jax.model.emotion_qwen import audio_spec
 from emoqwen_jax.model.lora import merge_lora
 from emoqwen_jax.model.sharding import Rules, axis_rules
+from emoqwen_jax.model_dir import is_model_dir, load_model, load_weights, save_model
 from emoqwen_jax.parallel import check_divisibility, hosts, make_mesh, pure_param_shardings
 from emoqwen_jax.parallel.rules import batch_devices as count_batch_devices
 from emoqwen_jax.parallel.rules import input_sharding, shard_batch
+from emoqwen_jax.runtime import storage
 from emoqwen_jax.train import batching, flops
-from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators, check_data_layout, data_layout
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
 from emoqwen_jax.train.preemption import PreemptionWatch, watch_maintenance_events
+from emoqwen_jax.train.run_state import Checkpointer, ShardIterators, check_data_layout, data_layout
 from emoqwen_jax.train.step import (
     StageStep,
     TrainState,

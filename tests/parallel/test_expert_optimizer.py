@@ -90,9 +90,9 @@ def test_frozen_experts_stay_bit_identical_inside_a_trained_stacked_leaf():
     rng = np.random.default_rng(0)
     grid = np.array([[1, 4, 4]])
     ids = np.array([[5, mc.vision_start_token_id, *[mc.image_token_id] * 4, mc.vision_end_token_id, 7, 9]], np.int32)
-    batch = model.prepare_inputs(ids, np.ones_like(ids), rng.standard_normal((16, 1176)).astype(np.float32), grid)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    batch["labels"] = jnp.asarray(ids)
+    batch = model.prepare_inputs(ids, np.ones_like(ids), rng.standard_normal((16, 1176)).astype(np.float32), grid,
+                                 labels=ids)
+    batch = jax.tree.map(jnp.asarray, batch)
     s0 = init_state(params, tx, 0)
     s1, metrics = step(s0, batch)
     s2, _ = step(s1, batch)

@@ -11,7 +11,7 @@ from flax import nnx
 from rl_configs import write_rl_config
 from test_rl_stage import PER_STEP
 
-from emoqwen_jax.checkpoint import load_model
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.rl.stage import run_rl_stage
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
@@ -44,7 +44,7 @@ def test_one_round_on_fsdp2_data2_equals_one_device(tmp_path, rl_demo_dir):
 
 
 def test_an_rl_round_with_lora_runs_and_saves_the_adapters(tmp_path, rl_demo_dir):
-    from emoqwen_jax.checkpoint import read_model_config
+    from emoqwen_jax.model_dir import read_model_config
 
     lora = ("s.lora.enabled = True\ns.lora.rank = 4\ns.lora.dropout = 0.0\ns.trainable = ()\n"
             "s.trainable_roles = ()\nc.mesh.num_devices = 1\n")
