@@ -98,6 +98,11 @@ class Completion:
     first_scores: list[float] | None
     gate_weights: np.ndarray | None  # float32[items, experts] (paper mode: a compressor with a gate)
     error: str | None = None
+    # The id that ended the request and its log-prob under the temperature-scaled logits: an EOS or stop id
+    # (not in token_ids), or the token that completed a stop string (token_ids' last); None when it ran out of
+    # max_tokens, was cancelled or failed.
+    end_token_id: int | None = None
+    end_logprob: float | None = None
 
 
 class RequestHandle:
@@ -141,6 +146,8 @@ class _Request:
     drawn: int = 0  # tokens drawn so far (an ending id included)
     length0: int = 0  # prompt tokens: the first generated token goes to cache column length0
     position0: int = 0  # the first generated token's M-RoPE position (prompt maximum + 1)
+    end_token_id: int | None = None  # the id that ended it (Completion.end_token_id)
+    end_logprob: float | None = None
 
 
 def _ladder(bases: Sequence[int], limit: int) -> tuple[int, ...]:
@@ -455,6 +462,7 @@ class Engine:
         with self._lock:
             self._counts["generated_tokens"] += 1
         if token in r.end_ids:
+            r.end_token_id, r.end_logprob = token, logp
             self._emit(r, token, r.detok.flush())
             return self._finish(r, "stop")
         r.tokens.append(token)
@@ -462,6 +470,7 @@ class Engine:
             r.logprobs.append(logp)
         delta = r.detok.add(token, check_stop=r.drawn >= p.min_tokens)
         if r.detok.stopped:
+            r.end_token_id, r.end_logprob = token, logp
             self._emit(r, token, delta)
             return self._finish(r, "stop")
         if r.drawn >= p.max_tokens:
@@ -485,7 +494,8 @@ class Engine:
         r.handle._finish(Completion(
             request_id=r.request_id, token_ids=list(r.tokens), text=r.detok.text, finish_reason=reason,
             prompt_tokens=int(len(r.prompt.input_ids)), logprobs=list(r.logprobs) if r.params.logprobs else None,
-            first_scores=r.first_scores, gate_weights=r.gate_weights, error=error))
+            first_scores=r.first_scores, gate_weights=r.gate_weights, error=error,
+            end_token_id=r.end_token_id, end_logprob=r.end_logprob))
 
     def _fail_all(self, error: str) -> None:
         with self._step_lock:

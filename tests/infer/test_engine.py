@@ -110,7 +110,8 @@ def test_cancel_frees_the_slot_and_streaming(engine, mixed):
 
 
 def test_min_tokens_ignore_eos_and_stop_ids(engine, session, mixed):
-    free = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    free_run = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True, logprobs=True))[0]
+    free = free_run.token_ids
     eos = free[2]
     assert eos not in free[:2]
     stopped, ignored, held = Engine(session, max_batch=3, max_len=128, prefill_batch=2, eos_ids=(eos,)).generate(
@@ -119,9 +120,12 @@ def test_min_tokens_ignore_eos_and_stop_ids(engine, session, mixed):
     assert stopped.token_ids == free[:2] and stopped.finish_reason == "stop"
     assert ignored.token_ids == free and ignored.finish_reason == "length"
     assert held.token_ids[:2] == free[:2] and eos not in held.token_ids[:4] and len(held.token_ids) >= 4
+    assert stopped.end_token_id == eos and ignored.end_token_id is None and ignored.end_logprob is None
+    assert stopped.end_logprob == pytest.approx(free_run.logprobs[2], rel=1e-4, abs=1e-5)
     by_id = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True,
                                                        stop_token_ids=(free[3],)))[0]
     assert by_id.token_ids == free[:free.index(free[3])] and by_id.finish_reason == "stop"
+    assert by_id.end_token_id == free[3]
 
 
 def test_stop_strings_cut_the_text_and_the_stream(engine, mixed):
@@ -135,6 +139,7 @@ def test_stop_strings_cut_the_text_and_the_stream(engine, mixed):
         engine.step()
     c = h.result()
     assert c.finish_reason == "stop" and c.text == full.text[:full.text.index(stop)]
+    assert c.end_token_id == c.token_ids[-1] and full.end_token_id is None
     assert "".join(streamed) == c.text and c.token_ids == full.token_ids[:len(c.token_ids)]
 
 
