@@ -237,3 +237,16 @@ def test_feed_answers_in_order_and_grows_the_cache(engine, session):
         alone = Engine(session, max_batch=2, max_len=cache_length(len(prompt.input_ids) + 3)).generate(
             [prompt], params(i))[0]
         assert got[i][1].token_ids == alone.token_ids and got[i][1].prompt_tokens == len(prompt.input_ids)
+
+
+def test_warmup_compiles_every_row_count_of_a_prompt_kind(session, mixed):
+    """After ``warmup`` with one video prompt, batches of 1-4 such prompts (3 rows pad to 4, their patches as if
+    full) add no prefill shape, and the warm-up requests leave every slot free."""
+    engine = Engine(session, max_batch=4, max_len=128, prefill_batch=4)
+    engine.warmup(mixed[3])
+    shapes = engine.stats()["compiled_prefill_shapes"]
+    assert shapes == 3  # rows 1, 2, 4
+    for n in (3, 1, 4, 2):
+        engine.generate([mixed[3]] * n, SamplingParams(max_tokens=2))
+    stats = engine.stats()
+    assert stats["compiled_prefill_shapes"] == shapes and stats["live_slots"] == 0
