@@ -112,8 +112,9 @@ class Server:
             log.exception("loading %s failed", self.config.ckpt)
 
     def _warm_up(self) -> None:
-        """One request per common prompt shape (text; an image and a clip when the model sees), so the first
-        users do not wait for compilation."""
+        """Compiles every prefill row count of each common prompt kind (text; an image and a clip when the
+        model sees; ``Engine.warmup``), so neither the first users nor a burst of concurrent ones wait for
+        compilation."""
         from emoqwen_jax.data.demo import draw_face, write_clip  # noqa: PLC0415
 
         with tempfile.TemporaryDirectory(prefix="emoqwen_warmup_") as tmp:
@@ -128,8 +129,8 @@ class Server:
             handles = []
             for items in media:
                 prompt = self.session.prompt(prompts.emotion_question("dfew", classes.words, "video"), items)
-                for params in (SamplingParams(max_tokens=2), classes.params()):
-                    handles.append(self.engine.submit(prompt, params))
+                self.engine.warmup(prompt)
+                handles.append(self.engine.submit(prompt, classes.params()))
             for handle in handles:
                 handle.result()
 
