@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
@@ -112,10 +113,15 @@ class Server:
             log.exception("loading %s failed", self.config.ckpt)
 
     def _warm_up(self) -> None:
-        """Compiles every prefill row count of each common prompt kind (text; an image and a clip when the
-        model sees; ``Engine.warmup``), so neither the first users nor a burst of concurrent ones wait for
-        compilation."""
+        """Compiles every prefill row count of each common prompt kind (text of every length bucket; an image
+        and a clip when the model sees; ``Engine.warmup``), so neither the first users nor a burst of
+        concurrent ones wait for compilation."""
         from emoqwen_jax.data.demo import draw_face, write_clip  # noqa: PLC0415
+
+        text = self.session.prompt(prompts.emotion_question("dfew", prompts.Classes.of(self.session, "dfew").words,
+                                                            "video")).input_ids
+        for length in sorted({min(b, self.engine.max_len - 2) for b in self.engine.length_buckets}):
+            self.engine.warmup(Prompt(np.resize(text, length).astype(np.int32), {}))  # its tokens repeated
 
         with tempfile.TemporaryDirectory(prefix="emoqwen_warmup_") as tmp:
             media = [[]]
