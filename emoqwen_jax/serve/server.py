@@ -1,8 +1,8 @@
 """The server's state over one generation engine (``emoqwen_jax.infer.engine``), and the request plumbing.
 
 Start-up: uvicorn listens at once; a loader thread reads the checkpoint, starts the engine and compiles the
-common shapes with a few warm-up requests (text only, an image, a clip). ``/healthz`` answers 503 until then
-and every API call 503 with ``Retry-After``.
+common shapes with warm-up requests (every prefill row count of text at each length bucket, an image, a
+clip). ``/healthz`` answers 503 until then and every API call 503 with ``Retry-After``.
 
 A request: bearer check -> body read under the upload limit -> JSON -> schema -> admission (at most
 ``4 x max_batch`` requests in flight, else 503) -> media resolved and prompts built on a worker thread (so
