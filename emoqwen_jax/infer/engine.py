@@ -289,7 +289,8 @@ class Engine:
         ``prefill_batch`` copies of it and the decode step (greedy, or sampled when ``params`` samples), so
         that no compilation stalls a later round. Runs throw-away requests; call it while the loop is idle."""
         temperature = 0.0 if params is None else params.temperature
-        probe = SamplingParams(max_tokens=2, temperature=temperature, ignore_eos=True, seed=0)
+        room = self.max_len - len(prompt.input_ids)  # a prompt that fills the cache but one column: no decode
+        probe = SamplingParams(max_tokens=max(1, min(2, room)), temperature=temperature, ignore_eos=True, seed=0)
         self.check(prompt, probe)
         for n in sorted({min(1 << k, self.prefill_batch) for k in range(self.prefill_batch.bit_length() + 1)}):
             self.generate([prompt] * n, probe)  # n copies: a prefill of n rows padded to the next power of two
