@@ -456,7 +456,9 @@ class Engine:
             self._graph, self._state, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
                                                                          np.int32),
             slots, self._rows(batch, rows), any_sampled=sampled)
-        tokens, logp = np.asarray(tokens), np.asarray(logp)
+        scored = any(r.params.score_token_ids for r in batch)  # one transfer of what the host needs
+        tokens, logp, gates, logits = jax.device_get((tokens, logp, gates if self._has_gate() else None,
+                                                      logits if scored else None))
         gates = self._gate_rows(batch, np.asarray(gates)) if self._has_gate() else [None] * len(batch)
         for i, r in enumerate(batch):
             r.position0, r.length0 = int(next_position[i]), lengths[i]
@@ -495,7 +497,7 @@ class Engine:
         sampled = any(r is not None and r.params.temperature > 0 for r in live)
         out, logp, self._cache = _JIT_DECODE(self._graph, self._state, self._cache, tokens, index, position,
                                                   self._rows(live, b), any_sampled=sampled)
-        out, logp = np.asarray(out), np.asarray(logp)
+        out, logp = jax.device_get((out, logp))
         with self._lock:
             self._counts["decode_steps"] += 1
         for i, r in enumerate(live):
