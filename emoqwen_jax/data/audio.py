@@ -100,17 +100,34 @@ def check_waveform(waveform: Any, sampling_rate: int) -> np.ndarray:
     return wave
 
 
+def _live_frames(num_samples: int) -> int:
+    """How many leading STFT frames of a window with ``num_samples`` real samples can see one of them: every
+    later frame (its reflect-padded end included) holds only zeros. A short clip needs a few, not 3000."""
+    if num_samples > N_SAMPLES - N_FFT:
+        return N_FRAMES
+    return min(N_FRAMES, (num_samples + N_FFT // 2) // HOP_LENGTH + 1)
+
+
 def _log_mel_window(wave: np.ndarray, num_mel_bins: int) -> np.ndarray:
-    """float64[≤ N_SAMPLES] → float32[M, N_FRAMES] for one zero-padded 30 s window."""
-    padded = np.zeros(N_SAMPLES, np.float64)
-    padded[:wave.shape[0]] = wave
+    """float64[≤ N_SAMPLES] → float32[M, N_FRAMES] for one zero-padded 30 s window.
+
+    Only the ``_live_frames`` are transformed: the others have mel power 0, i.e. log10(1e-10) = -10 before
+    Whisper's floor, which is what they get (the same numbers as transforming all 3000 frames)."""
+    live = _live_frames(wave.shape[0])
+    span = N_SAMPLES if live == N_FRAMES else (live - 1) * HOP_LENGTH + N_FFT  # samples the live frames reach
+    padded = np.zeros(span, np.float64)
+    padded[:min(span, wave.shape[0])] = wave[:span]
     padded = np.pad(padded, N_FFT // 2, mode="reflect")  # torch.stft(center=True, pad_mode='reflect')
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:N_FRAMES]  # drop the last
-    power = np.abs(np.fft.rfft(frames * _hann(), axis=-1)) ** 2  # [F, N_FFT/2 + 1]
-    mel = mel_filters(num_mel_bins).T @ power.T  # [M, F]
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:live]
+    power = np.abs(np.fft.rfft(frames * _hann(), axis=-1)) ** 2  # [live, N_FFT/2 + 1]
+    # einsum, not @: a product this small waits milliseconds for BLAS's threads when the cores are busy
+    # (the data workers' case), and einsum's own loop takes a fraction of one.
+    mel = np.einsum("fm,tf->mt", mel_filters(num_mel_bins), power)  # [M, live]
     log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+    top = log_spec.max() if live == N_FRAMES else max(log_spec.max(), -10.0)
+    out = np.full((num_mel_bins, N_FRAMES), (max(-10.0, top - 8.0) + 4.0) / 4.0, np.float32)
+    out[:, :live] = (np.maximum(log_spec, top - 8.0) + 4.0) / 4.0
+    return out
 
 
 def log_mel(waveform: Any, sampling_rate: int = SAMPLING_RATE, num_mel_bins: int = 128) -> np.ndarray:

@@ -16,8 +16,9 @@ up by more than one prefill between two of their tokens (the interleaving policy
 Compiled shapes stay few (``engine_steps`` holds the device functions): the decode step has one shape (two
 variants: all-greedy, or with sampled rows); a prefill's shape is (rows, length, patches, items, audio
 windows), each padded to a bucket: rows to a power of two <= ``prefill_batch``, length to ``length_buckets``
-(64 · 2^k, and ``max_len``), patch rows to ``patch_buckets`` (256 · 2^k and 384 · 2^k), items to a power of
-two, audio windows to the checkpoint's window buckets (else a multiple of 8).
+(64 · 2^k, and ``max_len``), patch rows to ``patch_buckets`` (256 · 2^k and 384 · 2^k) and items to a power of
+two (both counted as if the padding rows held prompts like the real ones), audio windows to the checkpoint's
+window buckets (else a multiple of 8). ``warmup`` compiles every row count of one kind of prompt up front.
 
 Greedy output equals ``emoqwen_jax.infer.generate`` for the prompt alone whatever else is in flight (each row
 of every computation depends on its own inputs only); see ``engine_steps`` for the sampling streams.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -47,9 +49,37 @@ log = logging.getLogger(__name__)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
+class _Graph:
+    """A model's graph definition as a jit static argument with its hash computed once: nnx's ``GraphDef``
+    hashes its whole tree on every call, which costs more than a small model's decode step."""
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef):
+        self.graphdef, self._hash = graphdef, hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Graph) and (self.graphdef is other.graphdef or self.graphdef == other.graphdef)
+
+
+def _on_graph(fn):
+    """``fn(graphdef, ...)`` called with a ``_Graph`` in place of the graph definition."""
+
+    @functools.wraps(fn)
+    def call(graph: _Graph, *args, **kwargs):
+        return fn(graph.graphdef, *args, **kwargs)
+
+    return call
+
+
 # Module level: engines over the same model (equal graph definitions) share the compiled functions.
-_JIT_PREFILL = jax.jit(steps.prefill_into, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))
-_JIT_DECODE = jax.jit(steps.decode_step, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))
+_JIT_PREFILL = jax.jit(_on_graph(steps.prefill_into), static_argnums=(0,), static_argnames=("any_sampled",),
+                       donate_argnums=(2,))
+_JIT_DECODE = jax.jit(_on_graph(steps.decode_step), static_argnums=(0,), static_argnames=("any_sampled",),
+                      donate_argnums=(2,))
 
 
 class QueueFull(RuntimeError):
@@ -98,6 +128,11 @@ class Completion:
     first_scores: list[float] | None
     gate_weights: np.ndarray | None  # float32[items, experts] (paper mode: a compressor with a gate)
     error: str | None = None
+    # The id that ended the request and its log-prob under the temperature-scaled logits: an EOS or stop id
+    # (not in token_ids), or the token that completed a stop string (token_ids' last); None when it ran out of
+    # max_tokens, was cancelled or failed.
+    end_token_id: int | None = None
+    end_logprob: float | None = None
 
 
 class RequestHandle:
@@ -141,6 +176,8 @@ class _Request:
     drawn: int = 0  # tokens drawn so far (an ending id included)
     length0: int = 0  # prompt tokens: the first generated token goes to cache column length0
     position0: int = 0  # the first generated token's M-RoPE position (prompt maximum + 1)
+    end_token_id: int | None = None  # the id that ended it (Completion.end_token_id)
+    end_logprob: float | None = None
 
 
 def _ladder(bases: Sequence[int], limit: int) -> tuple[int, ...]:
@@ -172,10 +209,14 @@ class Engine:
         self.length_buckets = _ladder((64,), self.max_len) + (self.max_len,)
         self.patch_buckets = _ladder((256, 384), 1 << 24)
         self._graphdef, state = nnx.split(session.model)
+        self._graph = _Graph(self._graphdef)
         spec = steps.cache_spec(session.model, self.max_batch, self.max_len)
         if mesh is None:
             self._state = state
-            self._cache = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), spec)
+            # Committed to the weights' device like the step outputs that replace it, so the first prefill
+            # compiles the same executable as the later ones (an uncommitted cache would compile twice).
+            device = getattr(jax.tree.leaves(state)[0], "sharding", None) or jax.local_devices()[0]
+            self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), device), spec)
         else:
             from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
 
@@ -242,6 +283,17 @@ class Engine:
             elif handles:
                 handles[-1 if pending else 0]._event.wait(0.01)
         return [h.result() for h in handles]
+
+    def warmup(self, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Compiles, before any traffic, what prompts like ``prompt`` will need: the prefill of 1, 2, 4, …,
+        ``prefill_batch`` copies of it and the decode step (greedy, or sampled when ``params`` samples), so
+        that no compilation stalls a later round. Runs throw-away requests; call it while the loop is idle."""
+        temperature = 0.0 if params is None else params.temperature
+        room = self.max_len - len(prompt.input_ids)  # a prompt that fills the cache but one column: no decode
+        probe = SamplingParams(max_tokens=max(1, min(2, room)), temperature=temperature, ignore_eos=True, seed=0)
+        self.check(prompt, probe)
+        for n in sorted({min(1 << k, self.prefill_batch) for k in range(self.prefill_batch.bit_length() + 1)}):
+            self.generate([prompt] * n, probe)  # n copies: a prefill of n rows padded to the next power of two
 
     def check(self, prompt: Prompt, params: SamplingParams) -> None:
         """ValueError naming the limit when the engine cannot take this request (``submit`` checks it too)."""
@@ -387,7 +439,9 @@ class Engine:
         patches = sum(len(vision[k]) for k in ("pixel_values", "pixel_values_videos") if vision[k] is not None)
         items = sum(len(vision[k]) for k in ("image_grid_thw", "video_grid_thw") if vision[k] is not None)
         buckets = {}
-        if patches:
+        if patches:  # sized as if the batch-padding rows held prompts like the real ones: a part-full batch
+            # gets the shapes of a full one, so the prompts of one kind compile one prefill per row count
+            patches, items = -(-patches * rows // len(batch)), -(-items * rows // len(batch))
             buckets = dict(pad_patches_to=_fit(patches, self.patch_buckets, 1 << 20),
                            pad_items_to=1 << (items - 1).bit_length())
         vision = pad_audio_windows(vision, self.session.data["audio"]["window_buckets"])
@@ -399,10 +453,12 @@ class Engine:
         self._shapes.add((rows, length, buckets.get("pad_patches_to", 0), buckets.get("pad_items_to", 0),
                           0 if vision.get("input_features") is None else len(vision["input_features"])))
         tokens, logp, logits, self._cache, gates = _JIT_PREFILL(
-            self._graphdef, self._state, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
+            self._graph, self._state, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
                                                                          np.int32),
             slots, self._rows(batch, rows), any_sampled=sampled)
-        tokens, logp = np.asarray(tokens), np.asarray(logp)
+        scored = any(r.params.score_token_ids for r in batch)  # one transfer of what the host needs
+        tokens, logp, gates, logits = jax.device_get((tokens, logp, gates if self._has_gate() else None,
+                                                      logits if scored else None))
         gates = self._gate_rows(batch, np.asarray(gates)) if self._has_gate() else [None] * len(batch)
         for i, r in enumerate(batch):
             r.position0, r.length0 = int(next_position[i]), lengths[i]
@@ -439,9 +495,9 @@ class Engine:
                 index[i] = r.length0 + r.drawn - 1
                 position[i] = r.position0 + r.drawn - 1
         sampled = any(r is not None and r.params.temperature > 0 for r in live)
-        out, logp, self._cache = _JIT_DECODE(self._graphdef, self._state, self._cache, tokens, index, position,
+        out, logp, self._cache = _JIT_DECODE(self._graph, self._state, self._cache, tokens, index, position,
                                                   self._rows(live, b), any_sampled=sampled)
-        out, logp = np.asarray(out), np.asarray(logp)
+        out, logp = jax.device_get((out, logp))
         with self._lock:
             self._counts["decode_steps"] += 1
         for i, r in enumerate(live):
@@ -455,6 +511,7 @@ class Engine:
         with self._lock:
             self._counts["generated_tokens"] += 1
         if token in r.end_ids:
+            r.end_token_id, r.end_logprob = token, logp
             self._emit(r, token, r.detok.flush())
             return self._finish(r, "stop")
         r.tokens.append(token)
@@ -462,6 +519,7 @@ class Engine:
             r.logprobs.append(logp)
         delta = r.detok.add(token, check_stop=r.drawn >= p.min_tokens)
         if r.detok.stopped:
+            r.end_token_id, r.end_logprob = token, logp
             self._emit(r, token, delta)
             return self._finish(r, "stop")
         if r.drawn >= p.max_tokens:
@@ -485,7 +543,8 @@ class Engine:
         r.handle._finish(Completion(
             request_id=r.request_id, token_ids=list(r.tokens), text=r.detok.text, finish_reason=reason,
             prompt_tokens=int(len(r.prompt.input_ids)), logprobs=list(r.logprobs) if r.params.logprobs else None,
-            first_scores=r.first_scores, gate_weights=r.gate_weights, error=error))
+            first_scores=r.first_scores, gate_weights=r.gate_weights, error=error,
+            end_token_id=r.end_token_id, end_logprob=r.end_logprob))
 
     def _fail_all(self, error: str) -> None:
         with self._step_lock:

@@ -9,6 +9,7 @@ longest prompt + ``max_tokens``); a longer prompt later lets the engine drain an
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -27,10 +28,13 @@ def cache_length(tokens: int) -> int:
 
 
 def complete_in_order(session: Session, jobs: Sequence[Job], params: Callable[[int], SamplingParams], *,
-                      max_batch: int, workers: int = 4, engine_kwargs: dict | None = None
+                      max_batch: int, workers: int | None = None, engine_kwargs: dict | None = None
                       ) -> Iterator[tuple[int, Completion | Exception]]:
     """Yields (index, Completion) per job in order, or (index, the exception) when its prompt could not be
-    built (e.g. ``data.reasons.Rejected`` for unreadable media). ``params(i)``: job i's sampling settings."""
+    built (e.g. ``data.reasons.Rejected`` for unreadable media). ``params(i)``: job i's sampling settings.
+    ``workers``: prompt-building threads (default: one per CPU core, at most 4; more only contend for the
+    cores with the engine)."""
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
     lookahead = 2 * max_batch + workers
     # Evaluation wants throughput: one prefill may take every free slot (the engine's default is tuned for a
     # server's time to first token).
@@ -80,5 +84,6 @@ def _room_for(engine: Engine | None, session: Session, prompt: Prompt, params: S
             h.result()
         engine.stop()
     engine = Engine(session, max_batch=max_batch, max_len=cache_length(max(need, 2)), **kwargs)
+    engine.warmup(prompt, params)  # every prefill row count compiles now, not in the middle of the run
     engine.start()
     return engine

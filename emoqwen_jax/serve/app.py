@@ -60,12 +60,15 @@ async def _events(request: Request, queue: asyncio.Queue, jobs: list[Job]) -> As
     """Yields the jobs' ``(tag, delta | None)`` items until all have finished; a gone client cancels them."""
     open_jobs = len(jobs)
     while open_jobs:
-        try:
-            tag, delta = await asyncio.wait_for(queue.get(), timeout=_DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise ConnectionError("the client went away") from None
-            continue
+        try:  # what is queued already is taken without wait_for's task per item (one per streamed token)
+            tag, delta = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            try:
+                tag, delta = await asyncio.wait_for(queue.get(), timeout=_DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ConnectionError("the client went away") from None
+                continue
         open_jobs -= delta is None
         yield tag, delta
 

@@ -1,8 +1,8 @@
 """The server's state over one generation engine (``emoqwen_jax.infer.engine``), and the request plumbing.
 
 Start-up: uvicorn listens at once; a loader thread reads the checkpoint, starts the engine and compiles the
-common shapes with a few warm-up requests (text only, an image, a clip). ``/healthz`` answers 503 until then
-and every API call 503 with ``Retry-After``.
+common shapes with warm-up requests (every prefill row count of text at each length bucket, an image, a
+clip). ``/healthz`` answers 503 until then and every API call 503 with ``Retry-After``.
 
 A request: bearer check -> body read under the upload limit -> JSON -> schema -> admission (at most
 ``4 x max_batch`` requests in flight, else 503) -> media resolved and prompts built on a worker thread (so
@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
@@ -112,9 +113,15 @@ class Server:
             log.exception("loading %s failed", self.config.ckpt)
 
     def _warm_up(self) -> None:
-        """One request per common prompt shape (text; an image and a clip when the model sees), so the first
-        users do not wait for compilation."""
+        """Compiles every prefill row count of each common prompt kind (text of every length bucket; an image
+        and a clip when the model sees; ``Engine.warmup``), so neither the first users nor a burst of
+        concurrent ones wait for compilation."""
         from emoqwen_jax.data.demo import draw_face, write_clip  # noqa: PLC0415
+
+        text = self.session.prompt(prompts.emotion_question("dfew", prompts.Classes.of(self.session, "dfew").words,
+                                                            "video")).input_ids
+        for length in sorted({min(b, self.engine.max_len - 2) for b in self.engine.length_buckets}):
+            self.engine.warmup(Prompt(np.resize(text, length).astype(np.int32), {}))  # its tokens repeated
 
         with tempfile.TemporaryDirectory(prefix="emoqwen_warmup_") as tmp:
             media = [[]]
@@ -128,8 +135,8 @@ class Server:
             handles = []
             for items in media:
                 prompt = self.session.prompt(prompts.emotion_question("dfew", classes.words, "video"), items)
-                for params in (SamplingParams(max_tokens=2), classes.params()):
-                    handles.append(self.engine.submit(prompt, params))
+                self.engine.warmup(prompt)
+                handles.append(self.engine.submit(prompt, classes.params()))
             for handle in handles:
                 handle.result()
 

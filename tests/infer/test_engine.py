@@ -110,7 +110,8 @@ def test_cancel_frees_the_slot_and_streaming(engine, mixed):
 
 
 def test_min_tokens_ignore_eos_and_stop_ids(engine, session, mixed):
-    free = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    free_run = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True, logprobs=True))[0]
+    free = free_run.token_ids
     eos = free[2]
     assert eos not in free[:2]
     stopped, ignored, held = Engine(session, max_batch=3, max_len=128, prefill_batch=2, eos_ids=(eos,)).generate(
@@ -119,9 +120,12 @@ def test_min_tokens_ignore_eos_and_stop_ids(engine, session, mixed):
     assert stopped.token_ids == free[:2] and stopped.finish_reason == "stop"
     assert ignored.token_ids == free and ignored.finish_reason == "length"
     assert held.token_ids[:2] == free[:2] and eos not in held.token_ids[:4] and len(held.token_ids) >= 4
+    assert stopped.end_token_id == eos and ignored.end_token_id is None and ignored.end_logprob is None
+    assert stopped.end_logprob == pytest.approx(free_run.logprobs[2], rel=1e-4, abs=1e-5)
     by_id = engine.generate([mixed[1]], SamplingParams(max_tokens=8, ignore_eos=True,
                                                        stop_token_ids=(free[3],)))[0]
     assert by_id.token_ids == free[:free.index(free[3])] and by_id.finish_reason == "stop"
+    assert by_id.end_token_id == free[3]
 
 
 def test_stop_strings_cut_the_text_and_the_stream(engine, mixed):
@@ -135,6 +139,7 @@ def test_stop_strings_cut_the_text_and_the_stream(engine, mixed):
         engine.step()
     c = h.result()
     assert c.finish_reason == "stop" and c.text == full.text[:full.text.index(stop)]
+    assert c.end_token_id == c.token_ids[-1] and full.end_token_id is None
     assert "".join(streamed) == c.text and c.token_ids == full.token_ids[:len(c.token_ids)]
 
 
@@ -232,3 +237,16 @@ def test_feed_answers_in_order_and_grows_the_cache(engine, session):
         alone = Engine(session, max_batch=2, max_len=cache_length(len(prompt.input_ids) + 3)).generate(
             [prompt], params(i))[0]
         assert got[i][1].token_ids == alone.token_ids and got[i][1].prompt_tokens == len(prompt.input_ids)
+
+
+def test_warmup_compiles_every_row_count_of_a_prompt_kind(session, mixed):
+    """After ``warmup`` with one video prompt, batches of 1-4 such prompts (3 rows pad to 4, their patches as if
+    full) add no prefill shape, and the warm-up requests leave every slot free."""
+    engine = Engine(session, max_batch=4, max_len=128, prefill_batch=4)
+    engine.warmup(mixed[3])
+    shapes = engine.stats()["compiled_prefill_shapes"]
+    assert shapes == 3  # rows 1, 2, 4
+    for n in (3, 1, 4, 2):
+        engine.generate([mixed[3]] * n, SamplingParams(max_tokens=2))
+    stats = engine.stats()
+    assert stats["compiled_prefill_shapes"] == shapes and stats["live_slots"] == 0
