@@ -6,11 +6,12 @@ r"""emoqwen-train: Emotion-Qwen's training stages on a device mesh (the supervis
       --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct \
       --config.stages.stage1_align.mixture="({'manifest': '/data/align.jsonl', 'data_root': '/data'},)" ...
 
-7b has no default data: every stage to run needs its mixture (configs/README.md). Starting again in a workdir that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a
-checkpoint and exits cleanly. Stages with an ``eval_suite`` are scored on their final weights (the demo preset
-scores held-out demo clips as DFEW); the last line printed is a JSON summary whose ``eval`` holds the final
-stage's scores: ``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``, and ``eval_by_stage`` every evaluated
-stage's: ``{"<stage>": {"<benchmark>": {...}}}``.
+7b has no default data: every stage to run needs its mixture (configs/README.md). Starting again in a workdir
+that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a checkpoint and exits cleanly.
+Stages with an ``eval_suite`` are scored on their final weights (the demo preset scores held-out demo clips as
+DFEW); the last line printed is a JSON summary whose ``eval`` holds the final stage's scores:
+``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``, and ``eval_by_stage`` every evaluated stage's:
+``{"<stage>": {"<benchmark>": {...}}}``.
 """
 
 from __future__ import annotations
