@@ -21,7 +21,7 @@ gradients once) and the router's [T, E] logits. The sort-based dispatch costs ~ 
 linearly in T. ``ragged`` is dropless and runs ``jax.lax.ragged_dot``, which XLA:CPU lowers to a dense masked
 matmul (E x the FLOPs): on CPU it is the correctness reference, on accelerators the grouped-matmul path.
 
-The process runs with the training CLI's malloc settings (``emoqwen_jax.malloc.tune_malloc``): with glibc's
+The process runs with the training CLI's malloc settings (``emoqwen_jax.runtime.malloc.tune_malloc``): with glibc's
 defaults every step maps and page-faults its scratch buffers afresh, a cost that grows with the step's bytes
 (E = 64 at 9,216 tokens: ~400k faults per step against ~180k at E = 2) and is absent from training.
 
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from emoqwen_jax.malloc import tune_malloc
+    from emoqwen_jax.runtime.malloc import tune_malloc
 
     tuned = tune_malloc()  # before JAX allocates, as the training CLI does
     import jax

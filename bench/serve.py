@@ -42,8 +42,8 @@ def random_checkpoint(root: str, preset: str) -> str:
     import emotion_qwen  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from emoqwen_jax.checkpoint import save_model  # noqa: PLC0415
     from emoqwen_jax.model import EmotionQwen, ModelConfig  # noqa: PLC0415
+    from emoqwen_jax.model_dir import save_model  # noqa: PLC0415
 
     config = emotion_qwen.get_config(preset)
     model = EmotionQwen(ModelConfig.from_run_config(config), rngs=nnx.Rngs(0))

@@ -17,7 +17,7 @@ and, forward only, the machine's float32 matmul rate for each framework:
 What the parts leave out of ``bench/train_step.py``'s step: the merger, the embedding, the LM head and loss,
 the optimizer.
 
-Each framework runs in its own process with the malloc settings of ``emoqwen_jax/malloc.py`` and
+Each framework runs in its own process with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` and
 ``OMP_WAIT_POLICY=PASSIVE`` (as ``bench/train_step.py``); within a process the parts take turns step by step;
 medians. Prints a table and, last, a JSON line {"parts": {part: {"jax_ms", "torch_ms", "ratio"}}, "machine"}
 (the matmul part adds "jax_gflops" and "torch_gflops").
@@ -59,11 +59,10 @@ def jax_parts(mcfg, batch) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from emoqwen_jax.inputs import ModelInputs
     from emoqwen_jax.model import EmotionQwen
     from emoqwen_jax.model.attention import attention
 
-    inputs = ModelInputs.coerce(jax.device_put(batch))
+    inputs = jax.device_put(batch)
     vis, text = inputs.vision, inputs.text
     graphdef, params = nnx.split(EmotionQwen(mcfg, rngs=nnx.Rngs(0)), nnx.Param)
     rng = np.random.default_rng(1)
@@ -111,7 +110,7 @@ def torch_parts(mcfg, batch) -> dict:
     embeds = torch.tensor(rng.standard_normal(shape), dtype=torch.float32, requires_grad=True)
     r_text = torch.tensor(rng.standard_normal(shape), dtype=torch.float32)
     mask = torch.as_tensor(raw["attention_mask"])
-    positions = torch.as_tensor(inputs["position_ids"].astype(np.int64))
+    positions = torch.as_tensor(inputs.text.position_ids.astype(np.int64))
 
     def vit():
         nonlocal r_vit

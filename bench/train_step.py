@@ -3,7 +3,7 @@ step in Hugging Face's torch Qwen2.5-VL (eager mode, same sizes, same batch, Ada
 
   python bench/train_step.py --preset small [--runs 7] [--rounds 3] [--experts 1 2] [--threads 0] [--packed]
   python bench/train_step.py --preset small --routing token --experts 2 64 --no-torch   # scale mode vs E
-  python bench/train_step.py --preset gpu            # ~1.5B LLM + the 7B's ViT, bfloat16, cudnn attention, MFU
+  python bench/train_step.py --preset gpu            # configs/emotion_qwen.py:gpu (~1.5B LLM + the 7B's ViT), MFU
 
 The batch: one 224x224 image (grid 1x16x16 = 256 patches) and one 16-frame 224x224 video (grid 8x16x16 =
 2048 patches), each in a short conversation (B = 2). Both frameworks train every parameter with AdamW
@@ -13,7 +13,7 @@ M-RoPE position ids (computed once on the host, outside the timing), and its def
 
 Timing: JAX and torch each run in their OWN process, one after the other (torch's OpenMP threads keep spinning
 after a step and slow a JAX step in the same process; docs/design.md, Timing torch and JAX: one process each),
-each with the malloc settings of ``emoqwen_jax/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``;
+each with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` (GLIBC_TUNABLES) and ``OMP_WAIT_POLICY=PASSIVE``;
 ``--warmup`` steps, then ``--runs`` timed steps, medians; within a process the rows (expert counts, --packed)
 take turns step by step.
 ``--rounds N`` repeats the pair of processes N times (JAX, torch, JAX, torch, ...): each round's ratio compares
@@ -45,26 +45,24 @@ sys.path.insert(0, str(ROOT / "configs"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+STAGE = "stage3_video"  # whose optimiser settings the step takes (every parameter trains: trainable=(r".*",))
 IMAGE_GRID = (1, 16, 16)
 VIDEO_GRID = (8, 16, 16)  # 16 frames, temporal patch 2
 
 
 def bench_config(preset: str, experts: int, routing: str = "sample"):
+    """``get_config(preset)`` (the ``small`` or ``gpu`` preset of configs/emotion_qwen.py) for this benchmark's
+    batch, with ``experts`` compressor experts routed by ``routing``."""
     import emotion_qwen
 
-    if preset == "small":
-        config = emotion_qwen.get_config("small")
-    elif preset == "gpu":  # the 7B's ViT + a Qwen2.5-1.5B-sized decoder, bfloat16
-        config = emotion_qwen.get_config("7b")
-        config.model.text.update(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-                                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True)
-        config.model.remat = "none"
+    if preset not in ("small", "gpu"):
+        raise ValueError(f"--preset {preset!r}; choose 'small' or 'gpu'")
+    config = emotion_qwen.get_config(preset)
+    if preset == "gpu":
         import jax
 
         if jax.default_backend() == "gpu":
             config.model.attention = "cudnn"  # fused attention (bf16); the CPU AOT path keeps 'auto'
-    else:
-        raise ValueError(f"--preset {preset!r}; choose 'small' or 'gpu'")
     config.model.vision.frame_block = 256  # blockwise block of the full layers: a 224x224 frame is 16x16 patches
     config.model.compressor.update(num_experts=experts, routing=routing)  # names generated from the roles
     return config
@@ -134,13 +132,14 @@ def jax_step(config, batch, dense_vit: bool = False):
 
     from emoqwen_jax.model import EmotionQwen
     from emoqwen_jax.train.plan import build_train_step
+    from emoqwen_jax.train.step import with_stage_adapters
 
-    mcfg, step, tx, init = build_train_step(config, "stage3_video", trainable=(r".*",))
-    model = EmotionQwen(mcfg, rngs=nnx.Rngs(0))
+    mcfg, _, built = build_train_step(config, STAGE, trainable=(r".*",))
+    model = with_stage_adapters(EmotionQwen(mcfg, rngs=nnx.Rngs(0)), config, STAGE)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = jax.jit(init)(params)
-    batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()})
-    fn = jax.jit(step, donate_argnums=0)
+    state = jax.jit(built.init)(params)
+    batch = jax.device_put(batch)
+    fn = jax.jit(built.train_step, donate_argnums=0)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -188,8 +187,8 @@ def torch_step(mcfg, batch):
     raw, inputs = batch["raw"], batch["jax"]
     kw = {k: torch.as_tensor(v) for k, v in raw.items()}
     kw["input_ids"] = kw["input_ids"].long()
-    kw["position_ids"] = torch.as_tensor(inputs["position_ids"].astype(np.int64))
-    kw["labels"] = torch.as_tensor(inputs["labels"].astype(np.int64))
+    kw["position_ids"] = torch.as_tensor(inputs.text.position_ids.astype(np.int64))
+    kw["labels"] = torch.as_tensor(inputs.text.labels.astype(np.int64))
 
     def run(_):
         model.model.rope_deltas = None
@@ -231,7 +230,7 @@ def aot_only(config) -> dict:
     from emoqwen_jax.model import ModelConfig
     from emoqwen_jax.train.plan import plan
 
-    return plan(config, num_devices=1, batch=make_batch(ModelConfig.from_run_config(config))["jax"])
+    return plan(config, num_devices=1, stage=STAGE, batch=make_batch(ModelConfig.from_run_config(config))["jax"])
 
 
 def run_side(args) -> dict:
@@ -306,9 +305,9 @@ def _child(args, side: str) -> dict:
 
 
 def run_json(cmd: list[str], echo: bool = True) -> dict:
-    """Runs ``cmd`` in a fresh process with the malloc settings of ``emoqwen_jax/malloc.py`` and a passive
+    """Runs ``cmd`` in a fresh process with the malloc settings of ``emoqwen_jax/runtime/malloc.py`` and a passive
     OpenMP wait; returns the JSON object on its last stdout line (``echo``: print its output too)."""
-    from emoqwen_jax.malloc import GLIBC_ENV
+    from emoqwen_jax.runtime.malloc import GLIBC_ENV
 
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_ENV, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout

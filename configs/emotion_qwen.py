@@ -1,27 +1,35 @@
-r"""Emotion-Qwen run configs: model sizes, data, mesh and the three pretraining stages.
+r"""Emotion-Qwen run configs, in big_vision's shape: ``get_config("PRESET[,OPTION...]")``.
 
   emoqwen-train --config=configs/emotion_qwen.py:demo --config.workdir=runs/demo
   emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=gs://bucket/run \
-      --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct --config.mesh.fsdp=-1 --config.mesh.data=1
+      --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct \
+      --config.stages.stage1_align.mixture="({'manifest': '/data/align.jsonl', 'data_root': '/data'},)" ...
+  emoqwen-train --config=configs/emotion_qwen.py:7b,runlocal --config.workdir=runs/try ...   # a quick local run
   emoqwen-run-sample --config=configs/emotion_qwen.py:tiny
 
-Presets (the part after the colon):
-  demo   — the tiny model trained through all three stages on the bundled demo set, then scored on its held-out
-           clips (CPU, a few minutes).
+The fields below are the real defaults (the released 7B recipe), written once. A preset picks the model size
+(``emoqwen_jax/sizes.py``) and, for the small ones, implies ``runlocal``: the one shrink block at the end of
+``get_config`` (``runlocal``). Presets (configs/README.md):
+  7b      — the released sizes: Qwen2.5-VL-7B ViT + Qwen2.5-7B decoder + 2 compressor experts (general, emotion);
+            no default data: every stage to run needs its ``mixture``.
+  gpu     — the 7B's ViT + a Qwen2.5-1.5B-sized decoder for one GPU (bench/train_step.py --preset gpu); no data.
+  small   — large enough that matmuls dominate on a CPU (benchmarks); runlocal; no default data.
+  tiny    — a ~300k-parameter model for tests and the CPU (vocab 1024, tiny tokenizer layout); runlocal; trains
+            on the bundled demo set.
+  demo    — the tiny model trained through all three stages on the bundled demo set, then scored on its held-out
+            clips (CPU, a few minutes).
   demo_rl — the demo's stages 1 and 2, a short stage 3 whose answers use the <think>/<answer> format (a weak
-           start), then stage4_rl (GRPO) on the demo training clips; held-out clips scored after stages 3 and 4
-           (docs/rl.md).
-  tiny   — a ~300k-parameter model for tests and the CPU (vocab 1024, tiny tokenizer layout).
-  small  — large enough that matmuls dominate on a CPU (benchmarks).
-  7b     — the released sizes: Qwen2.5-VL-7B ViT (depth 32, hidden 1280, window 112 px, full attention in
-           blocks 7/15/23/31) + Qwen2.5-7B decoder + 2 compressor experts (general, emotion).
-Override any field with ``--config.a.b=value``.
+            start), then stage4_rl (GRPO) on the demo training clips; held-out clips scored after stages 3 and 4
+            (docs/rl.md).
+Options (after a comma): ``runlocal`` — the shrink block (few steps, batch 2, short samples, float32, one-device
+mesh, frequent checkpoints and logs). Override any field with ``--config.a.b=value``.
 
 LoRA: every stage has ``stages.<name>.lora`` (``enabled`` False by default). ``stages.stage3_lora`` is the
 released LoRA recipe (docs/design.md: rank 64, alpha 64, dropout 0.05 on the LLM's q/k/v/o projections, lr 1e-4,
 AdamW b2 0.95, weight decay 0.1, cosine, 1% warmup) on stage 3's data. It is not in ``run_stages`` by default:
   emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=runs/lora \
-      --config.init_from=/ckpt/emoqwen-7b --config.run_stages='("stage3_lora",)'
+      --config.init_from=/ckpt/emoqwen-7b --config.run_stages='("stage3_lora",)' \
+      --config.stages.stage3_lora.mixture="({'manifest': '/data/video.jsonl', 'data_root': '/data'},)"
 """
 
 import json
@@ -29,17 +37,123 @@ import json
 import ml_collections
 
 from emoqwen_jax.data.defaults import data_config
+from emoqwen_jax.parallel.rules import DEFAULT_RULES
 from emoqwen_jax.sizes import size as model_size
 from emoqwen_jax.tokens import tokenizer_info
 
+PRESETS = ("demo", "demo_rl", "tiny", "small", "gpu", "7b")
+OPTIONS = ("runlocal",)
+RUNLOCAL = ("demo", "demo_rl", "tiny", "small")  # presets that always take the shrink block
+DEMO_DATA = ("demo", "demo_rl", "tiny")  # presets whose stages read the bundled demo set by default
+SIZE = {"demo": "tiny", "demo_rl": "tiny"}  # preset -> emoqwen_jax/sizes.py entry (default: the preset's name)
+STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
+EXTRA_STAGES = ("stage3_lora", "stage_audio_align", "stage4_rl")  # defined for every preset, run only when named
+# in run_stages
+DEMO_MIXTURE = ({"manifest": "{demo}/train.jsonl", "data_root": "{demo}", "weight": 1.0},)  # {demo}: the bundled set
 
-def vision_config(preset: str) -> ml_collections.ConfigDict:
+
+def parse_arg(arg: str | None) -> tuple[str, frozenset[str]]:
+    """``"7b,runlocal"`` -> ("7b", {"runlocal"}); ValueError naming the choices for an unknown preset/option."""
+    preset, *options = [part.strip() for part in (arg or "tiny").split(",")]
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown config option(s) {unknown} in {arg!r}; the options are {OPTIONS}")
+    return preset, frozenset(options)
+
+
+def get_config(arg: str | None = "tiny") -> ml_collections.ConfigDict:
+    """The run config of ``arg`` = ``PRESET[,OPTION...]`` (module docstring)."""
+    preset, options = parse_arg(arg)
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+    config.seed = 0  # parameter init and sampling
+    config.workdir = ""  # where checkpoints, metrics, plots and stage weights go (required for training)
+    config.init_from = ""  # a HF Qwen2.5-VL directory or one of our model directories to start stage 1 from
+    # Stages whose mixture names the bundled demo set ({demo}) refuse to run unless this is True (a demo manifest
+    # left in a real run's config must not train a 7B model on cartoons); the demo presets set it.
+    config.allow_demo_data = False
+    config.model = model_config(SIZE.get(preset, preset))
+    config.data = run_data_config(config.model)
+    config.mesh = mesh_config()
+    config.run_stages = STAGES  # stage names, run in order; each starts from the previous one's weights
+    config.stages = ml_collections.ConfigDict({name: stage_config(name) for name in STAGES + EXTRA_STAGES})
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 200  # micro-steps between checkpoints
+    config.checkpoint.max_to_keep = 3
+    config.checkpoint.async_save = True  # write in the background while training continues
+    config.train = ml_collections.ConfigDict()
+    config.train.log_every = 10  # micro-steps between metrics.jsonl rows
+    # Peak FLOP/s of one device for MFU (bf16 dense: 989e12 H100 SXM, 459e12 TPU v5p; CPU: a nominal 1e11).
+    config.train.peak_flops_per_device = 989e12
+    config.train.max_nonfinite_in_a_row = 5  # consecutive skipped (NaN/Inf) updates before the run stops
+    # Poll the GCE metadata server's maintenance-event; a notice saves like SIGTERM (launch/tpu_pod.sh sets it).
+    config.train.watch_maintenance_events = False
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""  # host:port of process 0 ('' = single process / auto)
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+    config.distributed.local_device_count = 0  # CPU only: host devices per process (testing multi-host)
+    config.distributed.auto = False  # jax.distributed.initialize() from the cluster environment (TPU, SLURM)
+
+    if preset == "gpu":  # one GPU: the whole model trains without recomputation on a data-parallel mesh of one
+        config.model.remat = "none"
+        config.mesh.update(data=-1, fsdp=1, tensor=1)
+        config.data.num_shards = 0
+    if preset in DEMO_DATA:
+        config.allow_demo_data = True
+        for stage in config.stages.values():
+            stage.mixture = DEMO_MIXTURE
+    if "runlocal" in options or preset in RUNLOCAL:
+        runlocal(config)
+    if preset in ("demo", "demo_rl"):
+        demo(config)
+    if preset == "demo_rl":
+        demo_rl(config)
+    return config
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+    """The shrink block: a quick run on one machine (CPU) with the preset's model — a few steps of batch 2 on short
+    samples and small frames, float32 without recomputation or layer scan, a one-device-friendly mesh, checkpoints
+    every 5 steps and a metrics row every step."""
+    config.model.update(dtype="float32", remat="none", scan_layers=False)
+    config.data.update(**DEMO_FRAMES, length_buckets=(512,), patch_buckets=(512,), max_length=512, num_shards=0)
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    config.checkpoint.every_steps = 5
+    config.train.update(log_every=1, peak_flops_per_device=1e11)
+    for name, s in config.stages.items():
+        s.update(num_steps=3, batch_size=2, max_length=512)
+        s.optimizer.update(learning_rate=3e-3, warmup_fraction=0.1)
+        if name == "stage4_rl":
+            s.batch_size = 8  # 2 prompts x 4 completions
+            s.rl.group_size = 4
+            s.rl.max_new_tokens = 16
+            s.optimizer.learning_rate = 1e-4
+            s.optimizer.warmup_fraction = 0.0
+
+
+def demo(config: ml_collections.ConfigDict) -> None:
+    """README command 1 (after the shrink block): the tiny model with audio on the demo set's cartoon clips."""
+    config.model.audio.enabled = True  # README command 1 exercises the audio path
+    # Small frames and one bucket per size, so the CPU compiles few shapes (a demo sample is ~140 tokens).
+    config.data.update(length_buckets=(DEMO_LENGTH,), patch_buckets=(DEMO_BATCH * 128,), max_length=DEMO_LENGTH)
+    config.checkpoint.every_steps = 50  # a few hundred steps: checkpoint and log less often than every 5 and every step
+    config.train.log_every = 5
+    for name, s in config.stages.items():
+        s.num_steps = 12
+        lora = name == "stage3_lora"
+        demo_stage(s, "stage3_video" if lora or name == "stage4_rl" else name, lora)
+
+
+def vision_config(size: str) -> ml_collections.ConfigDict:
     # Sizes from emoqwen_jax/sizes.py: depth (ViT blocks), hidden_size (width), num_heads, intermediate_size
     # (gated-SiLU MLP width), in_channels, patch_size (patch side in pixels), temporal_patch_size (frames per
     # patch; a still image is repeated), spatial_merge_size (the compressor merges 2x2 patches into one LLM
     # token), window_size (window-attention side in pixels), fullatt_block_indexes (blocks that attend over the
     # whole frame), tokens_per_second (M-RoPE temporal ids per second of video).
-    v = ml_collections.ConfigDict(model_size(preset)["vision"])
+    v = ml_collections.ConfigDict(model_size(size)["vision"])
     v.rms_norm_eps = 1e-6
     v.rope_theta = 10000.0  # 2-D rotary base
     # Block size (patches) of the full-attention layers under model.attention='blockwise' (any frame size is
@@ -48,18 +162,17 @@ def vision_config(preset: str) -> ml_collections.ConfigDict:
     return v
 
 
-def text_config(preset: str) -> ml_collections.ConfigDict:
+def text_config(size: str) -> ml_collections.ConfigDict:
     # Sizes from emoqwen_jax/sizes.py: vocab_size (embedding rows; Qwen2.5: 151,643 BPE + specials, padded),
     # hidden_size, num_layers, num_heads, num_kv_heads (grouped-query attention), intermediate_size (SwiGLU
-    # width), mrope_section (rotary frequency pairs for (t, h, w); sums to head_dim / 2).
-    t = ml_collections.ConfigDict(model_size(preset)["text"])
+    # width), mrope_section (rotary frequency pairs for (t, h, w); sums to head_dim / 2), tie_word_embeddings.
+    t = ml_collections.ConfigDict({"tie_word_embeddings": False, **model_size(size)["text"]})
     t.rms_norm_eps = 1e-6
     t.rope_theta = 1_000_000.0
-    t.tie_word_embeddings = False
     return t
 
 
-def compressor_config(preset: str) -> ml_collections.ConfigDict:
+def compressor_config(size: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.routing = "sample"  # 'sample': the paper's per-image/video gate | 'token': per-token top-k (scale mode)
     c.num_experts = 2  # patch-merger experts; 1 = plain Qwen2.5-VL
@@ -69,7 +182,7 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
     c.gate_input = "pooled"  # 'pooled': mean ViT feature per item (as released) | 'tokens': all item tokens
     # gate_num_heads (the gate's self-attention heads; must divide the ViT width) and gate_hidden_size (width
     # of the gate's two Linear-ReLU-LayerNorm layers; inferred, not published) come from emoqwen_jax/sizes.py.
-    c.update(model_size(preset)["compressor"])
+    c.update(model_size(size)["compressor"])
     c.top_k = 2  # scale mode: experts per token
     c.capacity_factor = 1.25  # scale mode: per-expert capacity multiplier (<= 0: dropless)
     c.dispatch = "einsum"  # scale mode: 'einsum' (GSPMD) | 'shard_map' (all-to-all) | 'ragged' (dropless)
@@ -80,13 +193,13 @@ def compressor_config(preset: str) -> ml_collections.ConfigDict:
     return c
 
 
-def audio_config(preset: str) -> ml_collections.ConfigDict:
+def audio_config(size: str) -> ml_collections.ConfigDict:
     """``config.model.audio``: Qwen2-Audio's encoder and its projector (docs/audio.md)."""
     # Sizes from emoqwen_jax/sizes.py (HF Qwen2AudioEncoderConfig names): num_mel_bins (log-mel bins), d_model
     # (encoder width), encoder_layers, encoder_attention_heads, encoder_ffn_dim (GELU MLP width),
     # max_source_positions (positions after the stride-2 conv: 2 * 1500 = 3000 mel frames = 30 s windows).
     a = ml_collections.ConfigDict({"enabled": False})  # the demo preset turns it on
-    a.update(model_size(preset)["audio"])
+    a.update(model_size(size)["audio"])
     a.scale_embedding = False
     a.layer_norm_eps = 1e-5
     a.projector = "linear"  # 'linear' (Qwen2-Audio's multi_modal_projector) | 'mlp' (Linear, GELU, Linear)
@@ -98,27 +211,27 @@ def audio_config(preset: str) -> ml_collections.ConfigDict:
     return a
 
 
-def model_config(preset: str) -> ml_collections.ConfigDict:
+def model_config(size: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.vision = vision_config(preset)
-    m.text = text_config(preset)
-    m.compressor = compressor_config(preset)
+    m.vision = vision_config(size)
+    m.text = text_config(size)
+    m.compressor = compressor_config(size)
     # Special ids follow the tokenizer's layout for this vocabulary (real Qwen2 ids at the full size).
     info = tokenizer_info(m.text.vocab_size)
     m.image_token_id = info.image_pad_id  # <|image_pad|>
     m.video_token_id = info.video_pad_id  # <|video_pad|>
     m.vision_start_token_id = info.vision_start_id  # <|vision_start|>
     m.vision_end_token_id = info.vision_end_id  # <|vision_end|>
-    m.audio = audio_config(preset)
+    m.audio = audio_config(size)
     m.audio.audio_bos_token_id = info.audio_bos_id  # <|audio_bos|>, right after the tokenizer's pad
     m.audio.audio_token_id = info.audio_id  # <|AUDIO|>
     m.audio.audio_eos_token_id = info.audio_eos_id  # <|audio_eos|>
-    m.dtype = "bfloat16" if preset == "7b" else "float32"  # activation / matmul dtype
+    m.dtype = "bfloat16"  # activation / matmul dtype
     m.param_dtype = "float32"  # weight storage (float32 master weights)
     # Backward-pass memory: 'none' keeps activations | 'block' recomputes each ViT/decoder block |
     # 'dots_saveable' keeps only the matmul outputs of each block.
-    m.remat = "none" if preset in ("tiny", "small") else "block"
-    m.scan_layers = preset == "7b"  # one lax.scan over the layers (ViT: over its window/full groups): fast compiles
+    m.remat = "block"
+    m.scan_layers = True  # one lax.scan over the layers (ViT: over its window/full groups): fast compiles
     # 'auto' (decoder: splash on TPU, cudnn on GPU in bf16; else blockwise from 2048 keys, xla below) | 'xla'
     # (dense reference) | 'blockwise' (flash-style pure JAX, O(T*block) memory) | 'splash' | 'cudnn'.
     m.attention = "auto"
@@ -126,93 +239,53 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     return m
 
 
+def run_data_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.data``: ``emoqwen_jax.data.defaults.data_config()`` (every data field, documented there) with the
+    run's buckets and sharding; the audio fields follow ``config.model.audio``."""
+    d = data_config()
+    d.tokenizer_vocab_size = model.text.vocab_size
+    # The data side follows config.model.audio (references: a command-line override changes both).
+    audio = model.audio
+    d.audio.enabled = audio.get_ref("enabled")
+    d.audio.num_mel_bins = audio.get_ref("num_mel_bins")
+    d.audio.window_frames = audio.get_ref("max_source_positions") * 2
+    d.audio.position_rule = audio.get_ref("position_rule")
+    d.audio.interleave_seconds = audio.get_ref("interleave_seconds")
+    # Stage 3 trains samples up to 16384 tokens; frames keep Qwen2.5-VL's own budget (768*28*28 px).
+    d.length_buckets = (2048, 4096, 8192, 16384)
+    d.patch_buckets = (4096, 16384, 65536)
+    # Data shards per global batch: 0 = one per process, -1 = one per batch device (data x fsdp x expert), N.
+    # Fixes the data order. With a multiple of the batch devices the ViT's attention and window permutation run on
+    # each device's own patches (no all-gather of the patch axis; docs/long_context.md).
+    d.num_shards = -1
+    # Sequence packing (--config.data.packing=True): several samples per row up to the length bucket, attention
+    # only within a sample (segment ids), M-RoPE positions restarting per sample, labels unchanged; off by default.
+    d.packing = False
+    return d
+
+
 def mesh_config() -> ml_collections.ConfigDict:
+    # The layout `emoqwen-plan` fits for the 7B (docs/long_context.md): tensor parallelism over 4 devices, FSDP
+    # over the rest; attention 'auto' is blockwise/splash/cudnn at the 7B's lengths and the loss is chunked.
     mesh = ml_collections.ConfigDict()
-    mesh.data = -1  # data parallelism; -1 = all devices not used by the other axes
-    mesh.fsdp = 1  # parameter sharding (ZeRO-3 style)
+    mesh.data = 1  # data parallelism; -1 = all devices not used by the other axes
+    mesh.fsdp = -1  # parameter sharding (ZeRO-3 style)
     mesh.expert = 1  # expert parallelism of the compressor (extra data parallelism elsewhere)
-    mesh.tensor = 1  # attention heads / MLP width
+    mesh.tensor = 4  # attention heads / MLP width
     mesh.num_devices = 0  # use only the first N devices (0 = every global device)
     # Multislice: data / fsdp factors across slices (DCN); the sizes above then describe one slice.
     mesh.dcn_data = 1
     mesh.dcn_fsdp = 1
+    # Logical axis -> mesh axes, the table training and emoqwen-plan read (parameters by their ``logical_axes``,
+    # activations by the model's ``constrain`` calls). Parameters: embed / merge / embed_out over fsdp (+ expert:
+    # outside the MoE layer the expert axis is extra FSDP); mlp, heads, qkv, vocab over tensor (Megatron-style);
+    # expert over expert; the gate replicated. Activations: batch-like axes over data x fsdp x expert, heads and
+    # MLP width over tensor. Starts from emoqwen_jax/parallel/rules.py's table (which inference uses); override
+    # with --config.mesh.rules='(("embed", "fsdp"), ...)'.
+    mesh.rules = DEFAULT_RULES
     return mesh
 
 
-def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    if preset == "demo_rl":
-        return demo_rl(get_config("demo"))
-    size = "tiny" if preset == "demo" else preset
-    config = ml_collections.ConfigDict()
-    config.preset = preset
-    config.seed = 0  # parameter init and sampling
-    config.workdir = ""  # where checkpoints, metrics, plots and stage weights go (required for training)
-    config.init_from = ""  # a HF Qwen2.5-VL directory or one of our model directories to start stage 1 from
-    # Every stage's mixture defaults to the bundled demo set ({demo}); larger presets refuse to train on it
-    # unless this is True (a forgotten mixture override must not train a 7B model on cartoons).
-    config.allow_demo_data = preset in ("demo", "tiny")
-    config.model = model_config(size)
-    if preset == "demo":
-        config.model.audio.enabled = True  # README command 1 exercises the audio path
-    config.data = data_config()
-    config.data.tokenizer_vocab_size = config.model.text.vocab_size
-    # The data side follows config.model.audio (references: a command-line override changes both).
-    audio = config.model.audio
-    config.data.audio.enabled = audio.get_ref("enabled")
-    config.data.audio.num_mel_bins = audio.get_ref("num_mel_bins")
-    config.data.audio.window_frames = audio.get_ref("max_source_positions") * 2
-    config.data.audio.position_rule = audio.get_ref("position_rule")
-    config.data.audio.interleave_seconds = audio.get_ref("interleave_seconds")
-    # Data shards per global batch: 0 = one per process, -1 = one per batch device (data x fsdp x expert), N.
-    # Fixes the data order. With a multiple of the batch devices the ViT's attention and window permutation run on
-    # each device's own patches (no all-gather of the patch axis; docs/long_context.md).
-    config.data.num_shards = 0
-    # Sequence packing (--config.data.packing=True): several samples per row up to the length bucket, attention
-    # only within a sample (segment ids), M-RoPE positions restarting per sample, labels unchanged; off by default.
-    config.data.packing = False
-    config.mesh = mesh_config()
-    config.run_stages = STAGES  # stage names, run in order; each starts from the previous one's weights
-    config.stages = ml_collections.ConfigDict({name: stage_config(name, preset) for name in STAGES + EXTRA_STAGES})
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 200 if preset == "7b" else 5  # micro-steps between checkpoints
-    config.checkpoint.max_to_keep = 3
-    config.checkpoint.async_save = True  # write in the background while training continues
-    config.train = ml_collections.ConfigDict()
-    config.train.log_every = 10 if preset == "7b" else 1  # micro-steps between metrics.jsonl rows
-    # Peak FLOP/s of one device for MFU (bf16 dense: 989e12 H100 SXM, 459e12 TPU v5p; CPU: a nominal 1e11).
-    config.train.peak_flops_per_device = 989e12 if preset == "7b" else 1e11
-    config.train.max_nonfinite_in_a_row = 5  # consecutive skipped (NaN/Inf) updates before the run stops
-    # Poll the GCE metadata server's maintenance-event; a notice saves like SIGTERM (launch/tpu_pod.sh sets it).
-    config.train.watch_maintenance_events = False
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.coordinator_address = ""  # host:port of process 0 ('' = single process / auto)
-    config.distributed.num_processes = 0
-    config.distributed.process_id = -1
-    config.distributed.local_device_count = 0  # CPU only: host devices per process (testing multi-host)
-    config.distributed.auto = False  # jax.distributed.initialize() from the cluster environment (TPU, SLURM)
-    if preset in ("demo", "tiny"):
-        demo_data(config)
-    if preset == "demo":  # a few hundred steps: checkpoint and log less often than every 5 and every step
-        config.checkpoint.every_steps = 50
-        config.train.log_every = 5
-    if preset == "7b":
-        config.data.length_buckets = (2048, 4096, 8192, 16384)
-        config.data.patch_buckets = (4096, 16384, 65536)
-        # The layout `emoqwen-plan` fits (docs/long_context.md): tensor parallelism over 4 devices, FSDP over the
-        # rest; attention 'auto' is blockwise/splash/cudnn at these lengths, so frames keep Qwen2.5-VL's own
-        # budget (768*28*28 px) and the loss is chunked.
-        config.mesh.update(data=1, fsdp=-1, tensor=4)
-        config.data.num_shards = -1  # one data shard per batch device: the ViT stays on each device's patches
-    return config
-
-
-PRESETS = ("demo", "demo_rl", "tiny", "small", "7b")
-STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
-EXTRA_STAGES = ("stage3_lora", "stage_audio_align", "stage4_rl")  # defined for every preset, run only when named
-# in run_stages
 # What trains (see emoqwen_jax/train/optim.py): compressor parts by role, whatever the number of experts —
 # 'general' (paper-mode expert 0), 'emotion' (the other paper-mode experts), 'routed' (every scale-mode
 # expert), 'gate' (the gating network or the router); other parameters by path regex.
@@ -238,7 +311,7 @@ def lora_config(enabled: bool = False) -> ml_collections.ConfigDict:
     return lora
 
 
-def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
+def stage_config(name: str) -> ml_collections.ConfigDict:
     """One stage: data mixture, what trains (the rest is frozen), optimiser, schedule and length.
 
     Following the paper as far as it is published (docs/design.md, The three training stages; the freeze sets are
@@ -260,7 +333,9 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     name = "stage3_video" if lora or rl else "stage1_align" if audio_align else name
     s = ml_collections.ConfigDict()
     s.kind = "rl" if rl else "supervised"  # 'supervised' (next-token loss) | 'rl' (emoqwen_jax.rl, GRPO)
-    s.mixture = ({"manifest": "{demo}/train.jsonl", "data_root": "{demo}", "weight": 1.0},)  # manifests + weights
+    # Manifests + weights ({'manifest', 'data_root', 'weight'?} or {'prepared', 'split'?, 'weight'?}; docs/data.md).
+    # No default: a stage that runs needs one (the demo presets read the bundled demo set, DEMO_MIXTURE).
+    s.mixture = ()
     s.trainable = {"stage1_align": (), "stage2_emotion": (), "stage3_video": LLM}[name]  # path regexes
     s.trainable_roles = {"stage1_align": COMPRESSOR_ROLES, "stage2_emotion": EMOTION_ROLES,
                          "stage3_video": EMOTION_ROLES}[name]  # compressor parts by role
@@ -295,20 +370,6 @@ def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
         s.num_steps = 1000  # rollout + update rounds (each does rl.num_iterations optimiser updates)
         s.optimizer.warmup_fraction = 0.0
         s.optimizer.weight_decay = 0.0
-    if preset in ("demo", "tiny", "small"):
-        s.num_steps = {"demo": 12, "tiny": 3, "small": 4}[preset]
-        s.batch_size = 2
-        s.max_length = 512
-        s.optimizer.learning_rate = 3e-3
-        s.optimizer.warmup_fraction = 0.1
-        if rl:
-            s.batch_size = 8  # 2 prompts x 4 completions
-            s.rl.group_size = 4
-            s.rl.max_new_tokens = 16
-            s.optimizer.learning_rate = 1e-4
-            s.optimizer.warmup_fraction = 0.0
-    if preset == "demo":
-        demo_stage(s, name, lora)
     return s
 
 
@@ -356,14 +417,6 @@ def demo_stage(s: ml_collections.ConfigDict, name: str, lora: bool) -> None:
 DEMO_FRAMES = dict(fps=2.0, video_min_pixels=56 * 56, video_max_pixels=112 * 112, video_total_pixels=0,
                    image_min_pixels=56 * 56, image_max_pixels=112 * 112)
 DEMO_BATCH, DEMO_LENGTH, DEMO_STAGE3_STEPS = 8, 192, 300
-
-
-def demo_data(config: ml_collections.ConfigDict) -> None:
-    """Small frames and one bucket per size, so the CPU compiles few shapes."""
-    d = config.data
-    d.update(**DEMO_FRAMES, length_buckets=(512,), patch_buckets=(512,), max_length=512)
-    if config.preset == "demo":
-        d.update(length_buckets=(DEMO_LENGTH,), patch_buckets=(DEMO_BATCH * 128,), max_length=DEMO_LENGTH)
 
 
 # demo_rl: stage 3's steps (a start that depends on the clip but is often wrong: 150 steps barely do, 220 name

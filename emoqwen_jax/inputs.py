@@ -9,14 +9,13 @@ Every field declares, in its metadata, the few facts the rest of the code base d
   * ``offset``: how an index array moves when shards are joined (``"units"``, ``"patches"``, ``"items"``,
     ``"audio_rows"`` = W · F / 4; None: a plain value); ``permutation=True``: every entry moves (not only the
     non-negative ones);
-  * ``key``: its flat name in the Hugging Face-style dict view (``inputs["vision_pos_hw"]``).
+  * ``key``: its flat Hugging Face-style name (``vision_pos_hw``), which ``from_dict`` and ``replace`` take.
 
 Groups are optional (None = absent), and so are fields marked ``optional`` (labels, rope_deltas, and the text
 ``segment_ids`` of packed rows): ``jit``, sharding, batching and the shapes all skip a None. Adding a modality
 means one group here (with its ``KEY_PREFIX``), its producer in ``data``/``layout`` and its consumer in
-``model``. ``inputs["name"]``, ``.get``, ``.keys``/``.items`` and ``inputs["labels"] = ...`` keep code written
-against the former dict working (HF ``ModelOutput`` style); new code uses attributes
-(``inputs.text.input_ids``, ``inputs.vision.pos_hw``).
+``model``. Code reads the fields as attributes (``inputs.text.input_ids``, ``inputs.vision.pos_hw``); it is not
+a mapping.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ class VisionInputs:
 class AudioInputs:
     """The audio encoder's inputs: every audio of the batch as W encoder windows of F mel frames (text order,
     each audio's windows contiguous), and where each ``<|AUDIO|>`` token takes its row of the encoder output
-    (W · F/4 rows; ``emoqwen_jax.layout_audio``). Produced by ``data`` (``input_features``,
+    (W · F/4 rows; ``emoqwen_jax.layout.audio``). Produced by ``data`` (``input_features``,
     ``feature_attention_mask``, ``audio_lengths``), consumed by ``EmotionQwen.embed``."""
 
     KEY_PREFIX = "audio_"
@@ -129,30 +128,22 @@ class ModelInputs:
     @classmethod
     def from_dict(cls, flat: Mapping[str, Array]) -> "ModelInputs":
         """From the flat Hugging Face-style names (``input_ids``, ``vision_pos_hw``, ...)."""
-        unknown = sorted(set(flat) - set(BY_KEY))
-        if unknown:
-            raise ValueError(f"unknown model input(s) {unknown}; valid names: {sorted(BY_KEY)}")
-        groups: dict[str, dict] = {}
-        for key, value in flat.items():
-            spec = BY_KEY[key]
-            groups.setdefault(spec.group, {})[spec.name] = value
-        if "text" not in groups:
+        if not any(key in BY_KEY and BY_KEY[key].group == "text" for key in flat):
             raise ValueError(f"model inputs need the text group (input_ids, ...); got {sorted(flat)}")
-        return cls(**{g: GROUPS[g](**fields) for g, fields in groups.items()})
-
-    @classmethod
-    def coerce(cls, inputs: "ModelInputs | Mapping[str, Array]") -> "ModelInputs":
-        """``inputs`` itself, or a ModelInputs from a flat dict."""
-        return inputs if isinstance(inputs, ModelInputs) else cls.from_dict(inputs)
+        return cls(text=TextInputs()).replace(**flat)
 
     # ---- per-field views (what sharding, batching and shapes derive from) --------------------------------
     def fields(self) -> Iterator[tuple[FieldSpec, Array]]:
         """(spec, value) of every present field."""
         for spec in FIELDS:
-            group = getattr(self, spec.group)
-            value = None if group is None else getattr(group, spec.name)
+            value = self.field(spec)
             if value is not None:
                 yield spec, value
+
+    def field(self, spec: FieldSpec) -> Array | None:
+        """The value of field ``spec`` (None when absent)."""
+        group = getattr(self, spec.group)
+        return None if group is None else getattr(group, spec.name)
 
     def map_fields(self, fn: Callable[[FieldSpec, Array], Array]) -> "ModelInputs":
         """A ModelInputs of ``fn(spec, value)`` over the present fields (absent ones stay None)."""
@@ -172,57 +163,13 @@ class ModelInputs:
             groups[g] = GROUPS[g](**fields) if old is None else dataclasses.replace(old, **fields)
         return dataclasses.replace(self, **groups)
 
-    # ---- the dict view (compatibility with code written against the former dict) ----------------------
-    def __getitem__(self, key: str) -> Array:
-        value = self.get(key)
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        spec = BY_KEY.get(key)
-        group = None if spec is None else getattr(self, spec.group)
-        value = None if group is None else getattr(group, spec.name)
-        return default if value is None else value
-
-    def __setitem__(self, key: str, value: Array) -> None:
-        if key not in BY_KEY:
-            raise KeyError(f"unknown model input {key!r}; valid names: {sorted(BY_KEY)}")
-        spec = BY_KEY[key]
-        group = getattr(self, spec.group)
-        if group is None:
-            setattr(self, spec.group, GROUPS[spec.group](**{spec.name: value}))
-        else:
-            setattr(group, spec.name, value)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self.get(key) is not None
-
-    def keys(self) -> list[str]:
-        return [spec.key for spec, _ in self.fields()]
-
-    def values(self) -> list[Array]:
-        return [value for _, value in self.fields()]
-
-    def items(self) -> list[tuple[str, Array]]:
-        return [(spec.key, value) for spec, value in self.fields()]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def to_dict(self) -> dict[str, Array]:
-        return dict(self.items())
-
 
 def concat(shards: "list[ModelInputs]") -> ModelInputs:
     """Joins equally-shaped, already offset shards along each field's batch dimension (0 when replicated)."""
     if len(shards) == 1:
         return shards[0]
     first = shards[0]
-    return first.map_fields(lambda spec, _: np.concatenate([s[spec.key] for s in shards],
+    return first.map_fields(lambda spec, _: np.concatenate([s.field(spec) for s in shards],
                                                            axis=spec.batch_dim or 0))
 
 

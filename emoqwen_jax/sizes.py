@@ -34,6 +34,11 @@ SIZES: dict[str, dict[str, dict]] = {
         "compressor": {"gate_num_heads": 4, "gate_hidden_size": 128},
         "audio": {"d_model": 256, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 512},
     },
+    # One GPU's benchmark model (bench/train_step.py --preset gpu): the 7B's ViT + a Qwen2.5-1.5B-sized decoder.
+    "gpu": {
+        "text": {"vocab_size": 151936, "hidden_size": 1536, "num_layers": 28, "num_heads": 12, "num_kv_heads": 2,
+                 "intermediate_size": 8960, "tie_word_embeddings": True},
+    },
     # ~300k parameters: tests and the CPU demo (tiny tokenizer layout).
     "tiny": {
         "vision": {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "window_size": 56,

@@ -38,7 +38,7 @@ def scratch():
 def upload():
     """``upload(local_dir, uri, suffixes=())``: copies the files under a local folder (those ending in one of
     ``suffixes`` when given) to ``uri``, same relative paths."""
-    from emoqwen_jax import storage
+    from emoqwen_jax.runtime import storage
 
     def copy(local, uri: str, suffixes: tuple[str, ...] = ()) -> None:
         for path in sorted(local.rglob("*")):

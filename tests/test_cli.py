@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hf_oracle as O
 
-from emoqwen_jax.checkpoint import load_model
+from emoqwen_jax.model_dir import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

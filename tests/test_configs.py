@@ -10,11 +10,12 @@ import torch
 from flax import nnx
 
 from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model, count_params
+from emoqwen_jax.parallel import DEFAULT_RULES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
 import emotion_qwen  # noqa: E402
 
-PRESETS = ("demo", "demo_rl", "tiny", "small", "7b")
+PRESETS = emotion_qwen.PRESETS  # demo, demo_rl, tiny, small, gpu, 7b
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -25,6 +26,22 @@ def test_preset_builds_abstract_model(preset):
     assert count_params(model) > 0
     assert mcfg.compressor.num_experts == 2 and mcfg.expert_names == ("general", "emotion")
     assert config.data.tokenizer_vocab_size == mcfg.text.vocab_size
+    assert config.preset == preset and tuple(config.mesh.rules) == DEFAULT_RULES
+
+
+def test_runlocal_shrinks_the_run_and_keeps_the_model():
+    """``7b,runlocal``: the 7b model with the shrink block (a few steps of batch 2, one-device mesh, float32);
+    the small presets take the same block without asking."""
+    full, local = emotion_qwen.get_config("7b"), emotion_qwen.get_config("7b, runlocal")
+    assert local.preset == "7b" and local.model.text == full.model.text and local.model.vision == full.model.vision
+    assert (full.model.dtype, full.mesh.tensor, full.stages.stage3_video.max_length) == ("bfloat16", 4, 16384)
+    assert (local.model.dtype, local.mesh.tensor, local.mesh.fsdp) == ("float32", 1, 1)
+    for name in emotion_qwen.STAGES:
+        assert (local.stages[name].num_steps, local.stages[name].batch_size) == (3, 2)
+        assert emotion_qwen.get_config("small").stages[name].num_steps == 3
+    assert emotion_qwen.get_config("small").mesh == local.mesh
+    with pytest.raises(ValueError, match=r"unknown config option.*'fast'.*runlocal"):
+        emotion_qwen.get_config("7b,fast")
 
 
 def test_unknown_preset_and_bad_fields_are_clear_errors():
@@ -89,25 +106,35 @@ def test_tiny_model_runs_text_only():
     assert np.isfinite(np.asarray(out.logits)).all()
 
 
-def test_larger_presets_refuse_the_demo_data_unless_allowed(tmp_path):
-    """A preset larger than tiny must not train on the bundled cartoons because a mixture was forgotten."""
+def test_larger_presets_have_no_default_data(tmp_path):
+    """small, gpu and 7b read no data unless told: a run without a mixture stops before any work, naming the
+    fields to set; demo data only where the preset is about it (demo, demo_rl, tiny)."""
+    from emoqwen_jax.train.trainer import train_and_evaluate
+
+    for preset in PRESETS:
+        config = emotion_qwen.get_config(preset)
+        has_data = [bool(config.stages[name].mixture) for name in config.stages]
+        assert has_data == [preset in ("demo", "demo_rl", "tiny")] * len(has_data), preset
+    config = emotion_qwen.get_config("7b")
+    with pytest.raises(ValueError, match="no default data") as err:
+        train_and_evaluate(config, str(tmp_path / "run"))  # refused before any work
+    assert all(f"--config.stages.{name}.mixture=" in str(err.value) for name in config.run_stages)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_set_needs_allow_demo_data_outside_the_demo_presets(tmp_path):
+    """A demo manifest left in a larger preset's stage must not train it on the bundled cartoons."""
     from emoqwen_jax.data import check_demo_data
     from emoqwen_jax.train.trainer import train_and_evaluate
 
     for preset in ("demo", "tiny"):
         check_demo_data(emotion_qwen.get_config(preset))  # the demo set is what these presets are for
-    config = emotion_qwen.get_config("7b")
-    with pytest.raises(ValueError, match="allow_demo_data=True") as err:
-        train_and_evaluate(config, str(tmp_path / "run"))  # refused before any work
-    assert all(f"--config.stages.{name}.mixture=" in str(err.value) for name in config.run_stages)
-    assert not (tmp_path / "run").exists()
-    config.allow_demo_data = True
-    check_demo_data(config)
     config = emotion_qwen.get_config("small")
     own = ({"manifest": "/data/train.jsonl", "data_root": "/data"},)
     config.stages.stage1_align.mixture = config.stages.stage3_video.mixture = own
-    with pytest.raises(ValueError, match=r"\['stage2_emotion'\]") as err:
-        check_demo_data(config)
+    config.stages.stage2_emotion.mixture = emotion_qwen.DEMO_MIXTURE
+    with pytest.raises(ValueError, match=r"\['stage2_emotion'\].*allow_demo_data=True") as err:
+        train_and_evaluate(config, str(tmp_path / "run"))
     assert "stages.stage1_align.mixture" not in str(err.value)
-    config.stages.stage2_emotion.mixture = own
+    config.allow_demo_data = True
     check_demo_data(config)

@@ -9,13 +9,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from emoqwen_jax.checkpoint import load_model, load_weights, save_model
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.convert.hf_export import hf_config
 from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.model.config import dtype_name
 from emoqwen_jax.model.layers import as_dtype
 from emoqwen_jax.model.lora import LoRAConfig, apply_lora
+from emoqwen_jax.model_dir import load_model, load_weights, save_model
 
 SPELLINGS = {
     "float32": ["float32", jnp.float32, np.float32, np.dtype("float32"), jnp.dtype("float32")],

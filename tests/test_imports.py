@@ -2,12 +2,15 @@
 
   * ``model`` imports nothing from data, train, eval, convert, infer or cli;
   * ``data`` imports nothing from model, train, eval, convert, infer or cli;
+  * ``layout`` (host-side index arrays, shared by data and model) imports only the shared top-level modules;
+    ``runtime`` (paths and URIs, malloc settings; used everywhere) imports nothing else from the package;
   * nothing outside ``cli`` (bench and configs included) imports ``cli``;
   * ``train`` does not import ``eval``;
   * ``rl`` (the RL stage) may import data, model, train, infer and, from eval, only the answer parser and the
     benchmarks' label sets (``eval.parse``, ``eval.emotion.benchmarks``); inside the package only ``cli`` imports
     ``rl`` (``emoqwen-train`` hands its stage runner to the trainer), so train and eval never depend on it;
-  * ``serve`` imports only infer, eval, data and model (and top-level modules); only ``cli`` imports ``serve``;
+  * ``serve`` imports only infer, eval, data and model (and the shared layers: top-level modules, ``layout`` and
+    ``runtime``); only ``cli`` imports ``serve``;
   * inside ``eval``: suites -> general -> emotion -> the shared parsers, never back;
   * no two modules import each other.
 Every import counts, function-level ones included: a lazy import is still a dependency.
@@ -81,7 +84,8 @@ def _violations(part: str, forbidden: set[str]) -> list[str]:
 
 
 def test_the_graph_is_read():
-    assert "emoqwen_jax.model.emotion_qwen" in GRAPH and "emoqwen_jax.inputs" in GRAPH["emoqwen_jax.layout"]
+    assert "emoqwen_jax.model.emotion_qwen" in GRAPH
+    assert "emoqwen_jax.inputs" in GRAPH["emoqwen_jax.layout.model_inputs"]
     assert "emoqwen_jax.model.config" in GRAPH["emoqwen_jax.model"]
 
 
@@ -91,6 +95,20 @@ def test_model_imports_no_pipeline_or_application_code():
 
 def test_data_imports_no_model_or_application_code():
     assert _violations("data", {"model", "train", "eval", "convert", "infer", "cli"}) == []
+
+
+PACKAGES = {_part(m) for m in GRAPH if m.count(".") >= 2}  # top-level modules (inputs, tokens, ...) are not here
+SHARED = {"layout", "runtime"}  # the shared layers under data and model
+
+
+def test_layout_imports_only_the_shared_top_level_modules():
+    assert _violations("layout", PACKAGES - {"layout"}) == []
+
+
+def test_runtime_imports_nothing_else_from_the_package():
+    assert {m for m in GRAPH if _part(m) == "runtime"} >= {"emoqwen_jax.runtime.storage", "emoqwen_jax.runtime.malloc"}
+    assert sorted(f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) == "runtime" for t in ts
+                  if _part(t) != "runtime") == []
 
 
 def test_only_cli_imports_cli():
@@ -104,8 +122,7 @@ def test_train_does_not_import_eval():
 
 
 def test_serve_imports_only_what_it_serves_and_only_cli_imports_it():
-    packages = {_part(m) for m in GRAPH if m.count(".") >= 2}  # top-level modules (storage, tokens) are shared
-    assert _violations("serve", packages - {"serve", "infer", "eval", "data", "model"}) == []
+    assert _violations("serve", PACKAGES - SHARED - {"serve", "infer", "eval", "data", "model"}) == []
     inside = [f"{m} imports {t}" for m, ts in GRAPH.items() if _part(m) not in ("cli", "serve") for t in ts
               if _part(t) == "serve"]
     outside = [f"{m} imports {t}" for m, p in OTHERS.items() for t in _imports(m, p) if _part(t) == "serve"]

@@ -1,4 +1,5 @@
-"""ModelInputs: the dict view, optional groups/fields through jit, sharding, joining shards and abstract shapes."""
+"""ModelInputs: flat names and attributes, optional groups/fields through jit, sharding, joining shards and
+abstract shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -23,23 +24,27 @@ def _inputs(b=2, length=5, p=8, g=2, vision=True):
     return ModelInputs.from_dict(flat)
 
 
-def test_dict_view_and_attributes_agree():
+def test_flat_names_build_the_groups_and_it_is_not_a_mapping():
     x = _inputs()
-    assert x["vision_pos_hw"] is x.vision.pos_hw and x["input_ids"] is x.text.input_ids
-    assert "labels" not in x and x.get("labels") is None and x.get("rope_deltas", 3) == 3
-    x["labels"] = np.zeros((2, 5), np.int32)
-    assert x.text.labels.shape == (2, 5) and "labels" in x
-    assert set(dict(x, labels=1)) == set(x.keys()) and len(x) == 12
-    with pytest.raises(KeyError):
-        _ = x["rope_deltas"]
+    assert isinstance(x.vision, I.VisionInputs) and x.audio is None and x.text.labels is None
+    assert [spec.key for spec, _ in x.fields()][:4] == ["input_ids", "attention_mask", "position_ids",
+                                                       "visual_token_index"]
+    assert x.field(I.BY_KEY["vision_pos_hw"]) is x.vision.pos_hw and x.field(I.BY_KEY["labels"]) is None
+    y = x.replace(labels=np.zeros((2, 5), np.int32))
+    assert y.text.labels.shape == (2, 5) and x.text.labels is None and y.vision is x.vision
+    assert y.replace(labels=None).text.labels is None
     with pytest.raises(ValueError, match=r"unknown model input\(s\) \['nope'\]; valid names"):
         ModelInputs.from_dict({"input_ids": x.text.input_ids, "nope": 1})
-    assert x.replace(labels=None).text.labels is None and x.text.labels is not None
+    with pytest.raises(ValueError, match="need the text group"):
+        ModelInputs.from_dict({"vision_pos_hw": x.vision.pos_hw})
+    with pytest.raises(TypeError):
+        _ = x["input_ids"]  # the typed batch only: attributes, not a dict view
 
 
 def test_absent_group_and_fields_pass_through_jit():
     x = _inputs(vision=False)
-    assert x.vision is None and x.keys() == ["input_ids", "attention_mask", "position_ids", "visual_token_index"]
+    assert x.vision is None and [spec.key for spec, _ in x.fields()] == ["input_ids", "attention_mask", "position_ids",
+                                                                         "visual_token_index"]
     out = jax.jit(lambda t: t.map_fields(lambda _, v: v + 1))(x)
     assert out.vision is None and out.text.labels is None
     np.testing.assert_array_equal(out.text.input_ids, x.text.input_ids + 1)
@@ -67,7 +72,7 @@ def test_abstract_inputs_and_batch_sharding():
 
     P = jax.sharding.PartitionSpec
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1, "expert": 1}, jax.devices()[:2])
-    placed = shard_batch(_inputs().to_dict(), mesh)  # a flat dict is accepted too
+    placed = shard_batch(_inputs(), mesh)
     assert isinstance(placed, ModelInputs) and isinstance(placed.vision.pos_hw, jax.Array)
     assert placed.text.position_ids.sharding.spec == P(None, ("data",), None)  # batch_dim 1
     assert placed.text.input_ids.sharding.spec == P(("data",), None)

@@ -153,3 +153,23 @@ def test_serve_plan_tiny():
     assert one["weight_bytes"] == 2 * one["model_params"] and two["weight_bytes"] < one["weight_bytes"]
     assert one["per_device_bytes"] == one["weight_bytes"] + kv + one["activation_bytes"]
     assert one["decode_activation_bytes"] > 0 and one["prefill_activation_bytes"] > 0 and one["fits"]
+
+
+def test_plan_shards_by_the_configs_mesh_rules():
+    """config.mesh.rules is what shards the parameters: with FSDP over 2 devices the default rules put half of
+    every parameter byte on a device; rules that name only the batch axes leave every parameter whole on each."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    batch_only = "--config.mesh.rules=(('batch', ('data', 'fsdp', 'expert')), ('units', ('data', 'fsdp', 'expert')))"
+    reports = []
+    for rules in ([], [batch_only]):
+        cmd = [sys.executable, "-m", "emoqwen_jax.cli.plan", f"--config={ROOT}/configs/emotion_qwen.py:tiny",
+               "--num_devices=2", "--config.mesh.fsdp=2", "--config.mesh.data=1", "--frames=4", "--frame_size=56",
+               *rules]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    sharded, whole = reports
+    param_bytes = 4 * sharded["params"]  # float32 master weights
+    assert whole["param_bytes_per_device"] == param_bytes
+    assert sharded["param_bytes_per_device"] < 0.51 * param_bytes
+    assert sharded["trainable_params"] == whole["trainable_params"] > 0

@@ -111,6 +111,8 @@ RUNS = {
                                ("eval_out/b/report.json", "forgetting_out/after/report.json")],
                          needs=["quickstart"]),
     "lora": dict(subs=[("configs/emotion_qwen.py:7b", "configs/emotion_qwen.py:demo"),
+                       (" \\\n    --config.stages.stage3_lora.mixture=\"({'manifest': '/data/video.jsonl', "
+                        "'data_root': '/data'},)\"", ""),  # the demo preset reads the demo set
                        ("--config.init_from=/ckpt/emoqwen-7b", "--config.init_from=runs/demo/stages/stage3_video"),
                        ("--config.run_stages='(\"stage3_lora\",)'",
                         "--config.run_stages='(\"stage3_lora\",)' --config.stages.stage3_lora.num_steps=2"),

@@ -1,4 +1,4 @@
-"""User paths as URIs (emoqwen_jax.storage): file:// URIs and an fsspec filesystem registered for the test (no
+"""User paths as URIs (emoqwen_jax.runtime.storage): file:// URIs and an fsspec filesystem registered for the test (no
 network), through manifests, media decoding, metrics and the safetensors reader. The ``scratch`` fixture (a
 ``scratch://`` filesystem) lives in tests/conftest.py."""
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from emoqwen_jax import storage
+from emoqwen_jax.runtime import storage
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
 
 

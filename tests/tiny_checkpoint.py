@@ -7,8 +7,8 @@ from pathlib import Path
 
 from flax import nnx
 
-from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.model_dir import save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
 import emotion_qwen  # noqa: E402

@@ -25,11 +25,13 @@ import json
 import sys
 import time
 
+from emoqwen_jax.cli.args import command_parser, subcommand
+
 
 def _from_hf(args: argparse.Namespace) -> int:
-    from emoqwen_jax.checkpoint import save_model
     from emoqwen_jax.convert import from_hf
     from emoqwen_jax.model import count_params
+    from emoqwen_jax.model_dir import save_model
 
     compressor = {"num_experts": args.num_experts}
     names = [n for n in args.expert_names.split(",") if n] if args.expert_names is not None else None
@@ -47,9 +49,9 @@ def _from_hf(args: argparse.Namespace) -> int:
 
 
 def _to_hf(args: argparse.Namespace) -> int:
-    from emoqwen_jax.checkpoint import load_model, read_model_config
     from emoqwen_jax.convert.hf_export import check_format
     from emoqwen_jax.convert.lora import export_hf
+    from emoqwen_jax.model_dir import load_model, read_model_config
 
     start = time.time()
     config, meta = read_model_config(args.ckpt)
@@ -74,10 +76,9 @@ def _merge_lora(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emoqwen-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("from-hf", help="Qwen2.5-VL directory -> our model directory (orbax + config.json)")
+    p = subcommand(sub, "from-hf", __doc__, "Qwen2.5-VL directory -> our model directory (orbax + config.json)")
     p.add_argument("--hf_dir", required=True, help="HF directory with config.json and *.safetensors")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the gating network's initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_from_hf)
-    p = sub.add_parser("to-hf", help="our model directory -> Hugging Face directory (safetensors, config, tokenizer)")
+    p = subcommand(sub, "to-hf", __doc__, "our model directory -> Hugging Face directory (safetensors, config, "
+                   "tokenizer)")
     p.add_argument("--ckpt", required=True, help="our model directory (config.json + params/)")
     p.add_argument("--out", required=True, help="output Hugging Face directory")
     p.add_argument("--format", default="emotion_qwen", choices=["emotion_qwen", "qwen2_5_vl"],
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA checkpoints: export the base model to --out and a PEFT adapter to ADAPTER_DIR "
                         "(default: OUT-lora); without it a LoRA checkpoint is exported merged")
     p.set_defaults(func=_to_hf)
-    p = sub.add_parser("merge-lora", help="fold a LoRA checkpoint's adapters into a plain model directory")
+    p = subcommand(sub, "merge-lora", __doc__, "fold a LoRA checkpoint's adapters into a plain model directory")
     p.add_argument("--ckpt", required=True, help="our model directory with LoRA adapters")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")

@@ -15,7 +15,6 @@ rejected fraction passes ``max_reject_fraction``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ import sys
 import grain
 from tqdm import tqdm
 
+from emoqwen_jax.cli.args import command_parser, load_config, subcommand
 from emoqwen_jax.data import defaults, demo, manifests, prepare
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.reasons import RejectCounter
@@ -30,16 +30,10 @@ from emoqwen_jax.data.reasons import RejectCounter
 
 def load_data_config(config: str, overrides: list[str]):
     """``config.data`` of ``FILE[:ARG]`` (or the defaults) with ``key=value`` overrides applied."""
-    if config:
-        path, _, arg = config.partition(":")
-        spec = importlib.util.spec_from_file_location("_emoqwen_run_config", path)
-        if spec is None or spec.loader is None:
-            raise SystemExit(f"cannot load config file {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        cfg = (module.get_config(arg) if arg else module.get_config()).data
-    else:
-        cfg = defaults.data_config()
+    try:
+        cfg = load_config(config).data if config else defaults.data_config()
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     try:
         parsed = defaults.parse_overrides(overrides)
     except ValueError as err:
@@ -105,8 +99,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emoqwen-data", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def source_args(p, prepared: bool):
@@ -117,19 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
         if prepared:
             p.add_argument("--prepared", default="", help="a dataset written by `emoqwen-data prepare --out`")
 
-    check = sub.add_parser("check", help="run every sample through processing; print a JSON summary")
+    check = subcommand(sub, "check", __doc__, "run every sample through processing; print a JSON summary")
     source_args(check, prepared=True)
     check.add_argument("--config", default="", help="run config FILE[:ARG] whose config.data to use")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data field")
     check.add_argument("--workers", type=int, default=0, help="grain worker processes")
     check.set_defaults(fn=cmd_check)
 
-    prep = sub.add_parser("prepare", help="write a TFDS array_record dataset (annotations + media bytes)")
+    prep = subcommand(sub, "prepare", __doc__, "write a TFDS array_record dataset (annotations + media bytes)")
     source_args(prep, prepared=False)
     prep.add_argument("--out", required=True, help="output data_dir")
     prep.set_defaults(fn=cmd_prepare)
 
-    dem = sub.add_parser("demo", help="build the deterministic synthetic smoke-test set")
+    dem = subcommand(sub, "demo", __doc__, "build the deterministic synthetic smoke-test set")
     dem.add_argument("--out", required=True)
     dem.set_defaults(fn=cmd_demo)
     return parser

@@ -21,12 +21,11 @@ import argparse
 import json
 import sys
 
-from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
+from emoqwen_jax.cli.args import add_generation_args, command_parser, parse_sets, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emoqwen-describe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     add_generation_args(parser, max_new_tokens=512)
     parser.add_argument("--video", default=None, help="a video file")
     parser.add_argument("--image", default=None, help="an image file")

@@ -23,18 +23,17 @@ import argparse
 import os
 import sys
 
-from emoqwen_jax import storage
-from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
+from emoqwen_jax.cli.args import add_generation_args, command_parser, parse_sets, run_command
 from emoqwen_jax.eval.general.benchmarks import GENERAL_BENCHMARKS
 from emoqwen_jax.eval.suites.evaluate import evaluate as run_evaluation
 from emoqwen_jax.eval.suites.registry import EMOTION_BENCHMARKS, SUITES
+from emoqwen_jax.runtime import storage
 
 BENCHMARK_CHOICES = (*EMOTION_BENCHMARKS, *GENERAL_BENCHMARKS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emoqwen-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     add_generation_args(parser, max_new_tokens=0)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--benchmark", choices=BENCHMARK_CHOICES, help="one benchmark")

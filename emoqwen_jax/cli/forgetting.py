@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax import storage
-from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
+from emoqwen_jax.cli.args import add_generation_args, command_parser, parse_sets, run_command
 from emoqwen_jax.eval.suites.registry import SUITES
+from emoqwen_jax.runtime import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emoqwen-forgetting", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--before", default="", help="model directory before training (e.g. after stage 1)")
     parser.add_argument("--after", default="", help="model directory after training")
     parser.add_argument("--before_report", default="", help="an existing emoqwen-eval report.json (or its folder)")

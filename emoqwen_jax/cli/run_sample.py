@@ -11,14 +11,18 @@ prints the shapes at each stage, the gate weights and a checksum of the logits.
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/emotion_qwen.py:tiny", "Run config (Python file:preset).")
-_CKPT = flags.DEFINE_string("ckpt", "", "Model directory (emoqwen-convert from-hf output) or HF Qwen2.5-VL dir.")
+from emoqwen_jax.cli.args import add_config_arg, command_parser, parse_config_args
+
+
+def build_parser():
+    parser = command_parser(__doc__)
+    add_config_arg(parser, "configs/emotion_qwen.py:tiny")
+    parser.add_argument("--ckpt", default="", help="model directory (emoqwen-convert from-hf output) or a Hugging "
+                                                   "Face Qwen2.5-VL directory (default: random weights)")
+    return parser
 
 
 def synthetic_clip(num_frames: int = 8, height: int = 120, width: int = 160) -> np.ndarray:
@@ -68,14 +72,14 @@ def sample_batch(config, model_config) -> dict:
                 video_grid_thw=video["video_grid_thw"], second_per_grid_ts=video["second_per_grid_ts"]), tok
 
 
-def main_(argv) -> None:
-    del argv
-    from emoqwen_jax.checkpoint import build_model
+def main(argv: list[str] | None = None) -> None:
     from emoqwen_jax.model import ModelConfig, count_params
+    from emoqwen_jax.model_dir import build_model
 
-    config = _CONFIG.value
+    args = parse_config_args(build_parser(), argv)
+    config = args.config
     mcfg = ModelConfig.from_run_config(config)
-    model = build_model(config, _CKPT.value)
+    model = build_model(config, args.ckpt)
     print(f"model: {config.preset} preset, {count_params(model):,} parameters, experts {mcfg.expert_names}")
     batch, tok = sample_batch(config, model.config)
     for name, value in batch.items():
@@ -93,10 +97,6 @@ def main_(argv) -> None:
     print("gate weights per item (image, video) over experts", list(mcfg.expert_names), ":",
           summary["gate_weights"])
     print(json.dumps(summary))
-
-
-def main() -> None:
-    app.run(main_, argv=sys.argv)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax.cli.args import run_command
+from emoqwen_jax.cli.args import command_parser, run_command
 
 BENCHMARK_CHOICES = ("dfew", "mafw", "mer2023", "mer2024", "emer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emoqwen-score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--benchmark", required=True, choices=BENCHMARK_CHOICES)
     parser.add_argument("--predictions", required=True, help="JSONL of {id, response}")
     parser.add_argument("--labels", required=True, help="the benchmark's label CSV")

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax.cli.args import parse_sets
+from emoqwen_jax.cli.args import command_parser, parse_sets
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emoqwen-serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="our model directory (emoqwen-convert from-hf or the trainer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)

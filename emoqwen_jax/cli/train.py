@@ -3,9 +3,10 @@ r"""emoqwen-train: Emotion-Qwen's training stages on a device mesh (the supervis
 
   emoqwen-train --config=configs/emotion_qwen.py:demo --config.workdir=runs/demo
   emoqwen-train --config=configs/emotion_qwen.py:7b --config.workdir=/ckpt/run1 \
-      --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct --config.mesh.fsdp=-1 --config.mesh.data=1
+      --config.init_from=/ckpt/Qwen2.5-VL-7B-Instruct \
+      --config.stages.stage1_align.mixture="({'manifest': '/data/align.jsonl', 'data_root': '/data'},)" ...
 
-Starting again in a workdir that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a
+7b has no default data: every stage to run needs its mixture (configs/README.md). Starting again in a workdir that has checkpoints resumes from the latest one (mid-stage). SIGTERM saves a
 checkpoint and exits cleanly. Stages with an ``eval_suite`` are scored on their final weights (the demo preset
 scores held-out demo clips as DFEW); the last line printed is a JSON summary whose ``eval`` holds the final
 stage's scores: ``{"<benchmark>": {"uar", "war", "invalid_rate", "n"}}``, and ``eval_by_stage`` every evaluated
@@ -15,27 +16,42 @@ stage's: ``{"<stage>": {"<benchmark>": {...}}}``.
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags as absl_flags
+from absl import logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/emotion_qwen.py:demo", "Run config (file:preset).")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Overrides config.workdir.")
+from emoqwen_jax.cli.args import add_config_arg, command_parser, parse_config_args
 
 
-def main_(argv) -> None:
-    del argv
+def build_parser():
+    parser = command_parser(__doc__)
+    add_config_arg(parser, "configs/emotion_qwen.py:demo")
+    parser.add_argument("--workdir", default="", help="overrides config.workdir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from emoqwen_jax.runtime.malloc import tune_malloc
+
+    parser = build_parser()
+    args = parse_config_args(parser, argv)
+    config = args.config
+    if args.workdir:
+        config.workdir = args.workdir
+    if not config.workdir:
+        parser.error("set --config.workdir=DIR (or --workdir=DIR): checkpoints, metrics and plots go there")
+    tune_malloc()  # before JAX allocates: XLA:CPU's per-step scratch buffer stays mapped (runtime/malloc.py)
+    absl_flags.FLAGS.mark_as_parsed()  # orbax and grain log through absl, which wants parsed flags (the defaults)
+    logging.set_verbosity(logging.WARNING)
+    run(config)
+
+
+def run(config) -> None:
+    """Trains ``config``'s stages and prints the summary lines."""
     from emoqwen_jax.eval.suites.stage_eval import run_stage_eval
     from emoqwen_jax.rl.stage import run_rl_stage
     from emoqwen_jax.train.trainer import Preempted, train_and_evaluate
 
-    config = _CONFIG.value
-    if _WORKDIR.value:
-        config.workdir = _WORKDIR.value
-    if not config.workdir:
-        raise app.UsageError("set --config.workdir=DIR (or --workdir=DIR): checkpoints, metrics and plots go there")
-    logging.set_verbosity(logging.WARNING)
     try:
         summary = train_and_evaluate(config, stage_eval=run_stage_eval, stage_runners={"rl": run_rl_stage})
     except Preempted as err:
@@ -67,13 +83,6 @@ def eval_scores(report: dict) -> dict[str, dict]:
         keys = dict.fromkeys((result.get("headline"), "uar", "war", "invalid_rate", "n"))
         out[bench] = {k: result[k] for k in keys if k in result}
     return out
-
-
-def main() -> None:
-    from emoqwen_jax.malloc import tune_malloc
-
-    tune_malloc()  # before JAX allocates: XLA:CPU's per-step scratch buffer stays mapped (emoqwen_jax/malloc.py)
-    app.run(main_, argv=sys.argv)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from emoqwen_jax import storage
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.convert.hf_import import EXPORT_MODEL_TYPE
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.config import dtype_name
 from emoqwen_jax.model.lora import lora_modules
+from emoqwen_jax.runtime import storage
 
 FORMATS = (EXPORT_MODEL_TYPE, "qwen2_5_vl")
 REMOTE_DIR = os.path.join(os.path.dirname(__file__), "hf_remote")

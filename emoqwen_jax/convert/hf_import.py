@@ -11,7 +11,7 @@ JAX -> HF -> JAX is bit-identical.
 Memory: tensors are read one at a time (a safetensors header gives each tensor's byte range) and, with a
 ``mesh``, placed straight into their sharding (``jax.make_array_from_callback``: each host keeps only the shards
 its devices hold), so host memory is bounded by the largest tensor, not the model. The directory may be a URI
-(``gs://…``, ``emoqwen_jax.storage``).
+(``gs://…``, ``emoqwen_jax.runtime.storage``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emoqwen_jax import storage
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model.compressor import GateNetwork
 from emoqwen_jax.model.config import AudioConfig, CompressorConfig, TextConfig, VisionConfig
 from emoqwen_jax.model.layers import Linear, as_dtype
+from emoqwen_jax.runtime import storage
 from emoqwen_jax.tokens import REAL_VOCAB_SIZE, tokenizer_info
 
 _IDS = tokenizer_info(REAL_VOCAB_SIZE)  # Qwen2.5-VL's special ids, for configs that omit them

@@ -23,11 +23,11 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from emoqwen_jax import storage
 from emoqwen_jax.convert import hf_names
 from emoqwen_jax.convert.hf_export import FORMATS, check_format, to_hf
 from emoqwen_jax.model import EmotionQwen
 from emoqwen_jax.model.lora import LoRALinear, lora_meta, merge_lora, module_path
+from emoqwen_jax.runtime import storage
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -138,7 +138,7 @@ def export_hf(model: EmotionQwen, out_dir: str, *, lora_adapter: str | None = No
 def merge_model_dir(ckpt: str, out: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Folds a model directory's adapters into its base weights and saves a plain model directory (its meta
     keeps the source's, with ``lora`` moved to ``merged_lora``)."""
-    from emoqwen_jax.checkpoint import load_model, read_model_config, save_model  # noqa: PLC0415
+    from emoqwen_jax.model_dir import load_model, read_model_config, save_model  # noqa: PLC0415
 
     _, meta = read_model_config(ckpt)
     if not meta.get("lora"):

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.demo_audio import write_demo_clip
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES, benchmark_prompt
+from emoqwen_jax.runtime import storage
 
 EMOTIONS = ("happy", "sad", "neutral", "angry", "surprise")  # all are DFEW classes
 # 1-s clips: sampled at 2 fps (training) or 3 fps (the standard eval), both give min_frames = 4 frames, so
@@ -170,10 +170,10 @@ def check_demo_data(config: Any) -> None:
     """Refuses to train on the demo set unless ``config.allow_demo_data`` (True only in the demo and tiny
     presets): a forgotten ``mixture`` override must not silently train a 7B model on cartoons."""
     stages = demo_stages(config)
-    if not stages or config.get("allow_demo_data", False):
+    if not stages or config.allow_demo_data:
         return
     fields = " ".join(f"--config.stages.{name}.mixture=\"({{'manifest': ..., 'data_root': ...}},)\"" for name in stages)
     raise ValueError(
-        f"preset {config.get('preset', '?')!r} would train stages {stages} on the bundled demo set (synthetic "
+        f"preset {config.preset!r} would train stages {stages} on the bundled demo set (synthetic "
         f"cartoon faces, a smoke test): set the data of each with {fields}, or pass --config.allow_demo_data=True "
         f"to train on the demo set on purpose")

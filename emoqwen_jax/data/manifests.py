@@ -29,9 +29,9 @@ import os
 import posixpath
 from typing import Any, Iterator
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.audio import AUDIO_EXTENSIONS
 from emoqwen_jax.data.reasons import Rejected, rejection
+from emoqwen_jax.runtime import storage
 
 # Class lists in the benchmarks' id order (docs/design.md, Benchmark label sets); label ids in the CSVs are 1-based.
 BENCHMARK_CLASSES = {

@@ -205,7 +205,6 @@ def make_sample_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *,
     ``cfg`` is ``config.data``. ``counter`` receives the rejection counts (pass one to read them as metrics;
     it must then serve a single iterator). ``num_epochs`` overrides ``cfg.num_epochs`` (−1/None = forever).
     With several sources each repeats forever and the mixture follows the weights."""
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if not (0 <= shard_index < shard_count):
         raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
     if not isinstance(sources, (list, tuple)) or not sources or not isinstance(sources[0], tuple):
@@ -236,7 +235,6 @@ def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_
     """The batched grain IterDataset for ``sources``: ``make_sample_dataset``'s samples (same arguments) in
     padded batches (``Collate``). ``cfg.packing`` packs several samples per row (``emoqwen_jax.data.packing``).
     """
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if max(cfg["length_buckets"]) < cfg["max_length"]:
         raise ValueError(f"the largest length bucket {max(cfg['length_buckets'])} < max_length {cfg['max_length']}")
     it = make_sample_dataset(sources, cfg, shard_index=shard_index, shard_count=shard_count, counter=counter,
@@ -253,8 +251,7 @@ def make_dataset(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_
 def make_iterator(sources: Sequence[tuple[Any, float]] | Any, cfg: Any, *, shard_index: int = 0,
                   shard_count: int = 1, num_epochs: int | None = None) -> tuple[grain.DatasetIterator, RejectCounter]:
     """(batch iterator, its RejectCounter). Checkpoint the iterator with grain's orbax handler."""
-    cfg_d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    counter = RejectCounter(float(cfg_d["max_reject_fraction"]), int(cfg_d["reject_check_after"]))
-    ds = make_dataset(sources, cfg_d, shard_index=shard_index, shard_count=shard_count, counter=counter,
+    counter = RejectCounter(float(cfg["max_reject_fraction"]), int(cfg["reject_check_after"]))
+    ds = make_dataset(sources, cfg, shard_index=shard_index, shard_count=shard_count, counter=counter,
                       num_epochs=num_epochs)
     return iter(ds), counter

@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.reasons import RejectCounter
+from emoqwen_jax.runtime import storage
 
 BUILDER_NAME = "emoqwen_prepared"
 

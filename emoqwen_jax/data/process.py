@@ -30,7 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from emoqwen_jax import layout_audio
+from emoqwen_jax import layout
 from emoqwen_jax.data import audio, faces, text, vision
 from emoqwen_jax.data.reasons import Rejected, rejection
 from emoqwen_jax.data.tokenizer import load_tokenizer
@@ -70,10 +70,11 @@ def _frame_span(indices: np.ndarray, out: dict[str, np.ndarray]) -> tuple[float,
 
 
 class SampleProcessor(grain.transforms.Map):
-    """record → sample dict, or ``{"rejected": reason, "id", "detail"}`` for bad input. ``cfg``: data config."""
+    """record → sample dict, or ``{"rejected": reason, "id", "detail"}`` for bad input. ``cfg``: the data settings
+    (``config.data``, or any mapping of the same fields; only read)."""
 
     def __init__(self, cfg: Any):
-        self.cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        self.cfg = cfg
         fusion = self.cfg.get("faces", {}).get("fusion", "none")
         if fusion not in faces.FUSIONS:
             raise ValueError(f"config.data.faces.fusion={fusion!r}; valid: {faces.FUSIONS}")
@@ -143,14 +144,14 @@ class SampleProcessor(grain.transforms.Map):
 
     def _interleaved(self, n_video: int, n_audio: int, out: dict[str, np.ndarray], info: Any) -> tuple:
         """The clip's block under the 'interleave' rule: its video and audio tokens in time-aligned chunks
-        (``layout_audio``), as one raw id list."""
-        spec = layout_audio.AudioSpec(audio_token_id=info.audio_id, audio_bos_token_id=info.audio_bos_id,
+        (``layout.audio``), as one raw id list."""
+        spec = layout.AudioSpec(audio_token_id=info.audio_id, audio_bos_token_id=info.audio_bos_id,
                                       audio_eos_token_id=info.audio_eos_id,
                                       interleave_seconds=float(self.cfg["audio"]["interleave_seconds"]))
-        chunks = layout_audio.interleave_chunks(out["video_grid_thw"][0], float(out["second_per_grid_ts"][0]),
+        chunks = layout.interleave_chunks(out["video_grid_thw"][0], float(out["second_per_grid_ts"][0]),
                                                 n_audio, spec.interleave_seconds)
         assert sum(v for v, _ in chunks) == n_video
-        return ([info.vision_start_id] + layout_audio.interleaved_block(chunks, info.video_pad_id, spec)
+        return ([info.vision_start_id] + layout.interleaved_block(chunks, info.video_pad_id, spec)
                 + [info.vision_end_id],)
 
     def process(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def encode_conversation(turns: Sequence[dict[str, str]], vision_blocks: Sequence
     (the clip's grid, then e.g. its face-canvas grid), wrapped in ``<|vision_start|>``/``<|vision_end|>``; a
     4-tuple ``(pad_id, n_tokens, start_id, end_id)`` names its own wrappers (the clip's audio block:
     ``<|audio_bos|>`` ``<|AUDIO|>`` × n ``<|audio_eos|>``, right after the video's vision block); a 1-tuple
-    ``([ids],)`` is inserted as it is (the 'interleave' rule's clip block, ``layout_audio``).
+    ``([ids],)`` is inserted as it is (the 'interleave' rule's clip block, ``layout.audio``).
     Returns (input_ids int32[L], labels int32[L]).
     """
     # Pieces: str (text) or list[int] (special ids); labelled pieces carry True.

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import av
 import numpy as np
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.reasons import Rejected
+from emoqwen_jax.runtime import storage
 
 # Decoding forward is cheaper than seeking when the next wanted frame is this close (in frames).
 _SEEK_GAP = 16

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 
-from emoqwen_jax import storage
 from emoqwen_jax.data import video_io
 from emoqwen_jax.data.reasons import Rejected
+from emoqwen_jax.runtime import storage
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2

@@ -129,13 +129,11 @@ def prefill(model: EmotionQwen, inputs: ModelInputs, cache_len: int) -> tuple[Ar
     """Runs the prompt through the model, filling cache slots [0, L).
 
     Args:
-      inputs: ``layout.build_model_inputs``'s ModelInputs (or the flat dict of its names) for left-padded
-        prompts (text.input_ids int[B, L], …).
+      inputs: ``layout.build_model_inputs``'s ModelInputs for left-padded prompts (text.input_ids int[B, L], …).
       cache_len: S ≥ L, the static cache size.
     Returns:
       next-token logits float32[B, V] (last column), the cache, and key_valid bool[B, S] (real prompt slots).
     """
-    inputs = ModelInputs.coerce(inputs)
     text = inputs.text
     embeds = model.embed(inputs)[0]  # (embeddings, gate weights, …): only the embeddings matter here
     b, length = text.input_ids.shape

@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from emoqwen_jax import storage
 from emoqwen_jax.data import data_config, load_tokenizer
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.text import prompt_ids
 from emoqwen_jax.infer.generate import SamplingConfig, batch_vision, generate, left_pad
 from emoqwen_jax.model import EmotionQwen
+from emoqwen_jax.runtime import storage
 
 MEDIA_KINDS = ("video", "image", "audio")
 _AUDIO_KEYS = ("input_features", "feature_attention_mask", "audio_lengths")
@@ -109,7 +109,7 @@ class Session:
 
         ``mesh``: shard the parameters over this mesh (a multi-host run's; then every process must make the
         same calls with the same inputs); None puts them on one local device."""
-        from emoqwen_jax.checkpoint import load_model, read_model_config
+        from emoqwen_jax.model_dir import load_model, read_model_config
 
         if not storage.isdir(ckpt):
             raise FileNotFoundError(f"--ckpt {ckpt} is not a directory")

@@ -315,8 +315,7 @@ class ModelConfig:
     @classmethod
     def from_run_config(cls, config: Any) -> "ModelConfig":
         """The frozen, validated architecture config from a run config's ``config.model`` (a ConfigDict)."""
-        model = config.model
-        return cls.from_dict(model.to_dict() if hasattr(model, "to_dict") else model)
+        return cls.from_dict(config.model.to_dict())
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

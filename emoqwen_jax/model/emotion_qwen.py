@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emoqwen_jax import layout, layout_audio
+from emoqwen_jax import layout
 from emoqwen_jax.inputs import ModelInputs
 from emoqwen_jax.model import sharding
 from emoqwen_jax.model.audio import AudioEncoder, AudioProjector, pooled_audio_per_item
@@ -56,12 +56,12 @@ def layout_spec(config: ModelConfig) -> layout.LayoutSpec:
         tokens_per_second=v.tokens_per_second, patch_dim=v.patch_dim)
 
 
-def audio_spec(config: ModelConfig) -> layout_audio.AudioSpec | None:
+def audio_spec(config: ModelConfig) -> layout.AudioSpec | None:
     """The host's audio constants (None without audio)."""
     a = config.audio
     if not a.enabled:
         return None
-    return layout_audio.AudioSpec(audio_token_id=a.audio_token_id, audio_bos_token_id=a.audio_bos_token_id,
+    return layout.AudioSpec(audio_token_id=a.audio_token_id, audio_bos_token_id=a.audio_bos_token_id,
                                   audio_eos_token_id=a.audio_eos_token_id, window_frames=a.max_frames,
                                   position_rule=a.position_rule, interleave_seconds=a.interleave_seconds)
 
@@ -108,7 +108,6 @@ class EmotionQwen(nnx.Module):
     def embed(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
         """Token embeddings float[B, L, D] with the audio and visual tokens scattered into their placeholder
         positions, plus the per-item expert weights float32[G, E] and the compressor's aux dict."""
-        inputs = ModelInputs.coerce(inputs)
         text, vision, audio = inputs.text, inputs.vision, inputs.audio
         embeds = sharding.constrain(self.language_model.embed(text.input_ids), ("batch", "length", "act_embed"))
         audio_feats = None
@@ -133,7 +132,6 @@ class EmotionQwen(nnx.Module):
 
     def hidden_states(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
         """Final-normed decoder states float[B, L, D] (before the LM head), gate weights, aux."""
-        inputs = ModelInputs.coerce(inputs)
         embeds, gate_weights, aux = self.embed(inputs)
         # Decoder segment ids (emoqwen_jax.model.attention): a packed row's per-sample ids, else one segment;
         # padding gets -1, so it attends only to padding and no real token sees it.
@@ -144,9 +142,8 @@ class EmotionQwen(nnx.Module):
         return hidden, gate_weights, aux
 
     def forward(self, inputs: ModelInputs) -> ModelOutput:
-        """``ModelInputs`` (or the flat dict of its names) -> logits float32[B, L, V], gate weights, aux; and
+        """``ModelInputs`` -> logits float32[B, L, V], gate weights, aux; and
         ``loss`` when ``inputs`` carry labels (packed samples never predict the next sample's first token)."""
-        inputs = ModelInputs.coerce(inputs)
         hidden, gate_weights, aux = self.hidden_states(inputs)
         logits = self.language_model.logits(hidden)
         loss = None

@@ -1,7 +1,7 @@
 """Meshes (``mesh.MESH_AXES`` names the axes), logical-axis rules and shardings of parameters and inputs.
 
-The logical -> mesh rules live in ``rules.DEFAULT_RULES``; model code names logical axes only (the MoE layer's
-expert axis is the one exception, see ``model/moe.py``)."""
+The logical -> mesh rules are the run config's ``mesh.rules`` (``rules.DEFAULT_RULES`` without a run config);
+model code names logical axes only (the MoE layer's expert axis is the one exception, see ``model/moe.py``)."""
 
 from emoqwen_jax.parallel.mesh import MESH_AXES, make_mesh, mesh_shape
 from emoqwen_jax.parallel.rules import (

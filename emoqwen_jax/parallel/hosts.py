@@ -14,7 +14,7 @@ import socket
 import jax
 import numpy as np
 
-from emoqwen_jax import storage
+from emoqwen_jax.runtime import storage
 
 _BARRIERS = [0]  # barrier ids must be unique: every host calls barrier() in the same order
 

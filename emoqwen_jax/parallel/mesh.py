@@ -27,7 +27,8 @@ DCN_AXES = ("dcn_data", "dcn_fsdp")  # across-slice factors of data and fsdp (co
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Resolves -1 (at most one axis) so the product equals ``num_devices``; clear errors otherwise."""
     sizes = {axis: int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES}
-    unknown = set(mesh_cfg) - set(MESH_AXES) - set(DCN_AXES) - {"num_devices"}
+    # ``rules`` (config.mesh.rules) maps logical axes onto these axes; it is no axis itself.
+    unknown = set(mesh_cfg) - set(MESH_AXES) - set(DCN_AXES) - {"num_devices", "rules"}
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
     fill = [a for a, s in sizes.items() if s == -1]

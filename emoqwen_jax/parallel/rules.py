@@ -1,4 +1,8 @@
-"""Logical axis rules — the one table that maps the model's logical names onto mesh axes.
+"""Logical axis rules: how the model's logical axis names map onto mesh axes.
+
+Training and ``emoqwen-plan`` read the run config's ``mesh.rules`` (``configs/emotion_qwen.py``: this table unless
+overridden); code without a run config (the inference engine, sharding a loaded model directory) and the
+functions below by default use ``DEFAULT_RULES``:
 
 Parameters (``logical_axes`` metadata on every ``nnx.Param``):
   embed / merge / embed_out -> fsdp (+ expert: outside the MoE layer the expert axis is extra FSDP)
@@ -11,7 +15,7 @@ Activations (``constrain`` calls in the model):
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -101,16 +105,15 @@ def input_sharding(spec: FieldSpec, ndim: int, mesh: Mesh) -> NamedSharding:
     return batch_sharding(mesh, ndim, spec.batch_dim)
 
 
-def batch_shardings(inputs: ModelInputs | Mapping[str, Any], mesh: Mesh) -> ModelInputs:
+def batch_shardings(inputs: ModelInputs, mesh: Mesh) -> ModelInputs:
     """``ModelInputs`` of NamedShardings, one per present field (from the fields' ``batch_dim``)."""
-    return ModelInputs.coerce(inputs).map_fields(lambda spec, x: input_sharding(spec, len(x.shape), mesh))
+    return inputs.map_fields(lambda spec, x: input_sharding(spec, len(x.shape), mesh))
 
 
-def shard_batch(batch: ModelInputs | Mapping[str, Any], mesh: Mesh) -> ModelInputs:
-    """Places model inputs (``layout.build_model_inputs``, labels included; a flat dict of the same names is
-    accepted) on ``mesh``: text arrays by row, flat vision arrays (patches, units) by position, over every
-    batch-like axis."""
-    return ModelInputs.coerce(batch).map_fields(
+def shard_batch(batch: ModelInputs, mesh: Mesh) -> ModelInputs:
+    """Places model inputs (``layout.build_model_inputs``, labels included) on ``mesh``: text arrays by row,
+    flat vision arrays (patches, units) by position, over every batch-like axis."""
+    return batch.map_fields(
         lambda spec, x: jax.device_put(jax.numpy.asarray(x), input_sharding(spec, np.ndim(x), mesh)))
 
 

@@ -28,7 +28,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emoqwen_jax.infer.engine_steps import cache_spec
-from emoqwen_jax.model import EmotionQwen
 from emoqwen_jax.parallel import make_mesh
 from emoqwen_jax.parallel.rules import batch_devices, batch_sharding, pure_param_shardings
 from emoqwen_jax.train import step as step_lib
@@ -49,11 +48,10 @@ def rl_plan(config, *, num_devices: int, stage: str = "stage4_rl", device_memory
     mesh_cfg = dict(config.mesh)
     mesh_cfg["num_devices"] = num_devices
     mesh = make_mesh(mesh_cfg, jax.devices()[:num_devices])
-    mcfg, _, _, init = build_train_step(config, stage)
-    abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
-    pshard = pure_param_shardings(abstract, mesh)
+    mcfg, abstract, built = build_train_step(config, stage)  # the model with the stage's LoRA adapters, if any
+    pshard = pure_param_shardings(abstract, mesh, tuple(config.mesh.rules))
     params = jax.tree.map(_placed, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), pshard)
-    state_shapes = jax.eval_shape(init, params)
+    state_shapes = jax.eval_shape(built.init, params)
     state = jax.tree.map(_placed, state_shapes, step_lib.state_shardings(state_shapes, pshard, mesh))
     slots, new_tokens = int(sc.batch_size), int(rl.max_new_tokens)
     kv_len = int(sc.max_length) + new_tokens

@@ -50,7 +50,7 @@ from emoqwen_jax.data.tokenizer import tokenizer_info
 from emoqwen_jax.infer.session import Session
 from emoqwen_jax.model.emotion_qwen import audio_spec
 from emoqwen_jax.model.sharding import axis_rules
-from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh
+from emoqwen_jax.parallel import check_divisibility, make_mesh
 from emoqwen_jax.parallel.rules import batch_sharding
 from emoqwen_jax.rl.grpo import NORMALIZATIONS, group_advantages, policy_loss
 from emoqwen_jax.rl.rewards import RewardInput, check_rewards, score
@@ -65,10 +65,10 @@ from emoqwen_jax.rl.rollout import (
     update_sample,
 )
 from emoqwen_jax.train import batching
-from emoqwen_jax.train.checkpoint import ShardIterators, data_layout
 from emoqwen_jax.train.metrics import to_python
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.preemption import PreemptionWatch
+from emoqwen_jax.train.run_state import ShardIterators, data_layout
 from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 from emoqwen_jax.train.trainer import (
     Preempted,
@@ -89,7 +89,7 @@ def check_rl_config(name: str, sc: Any) -> None:
                          f"{sc.batch_size} (completions per round)")
     if rl.normalization not in NORMALIZATIONS:
         raise ValueError(f"stages.{name}.rl.normalization={rl.normalization!r}; choose one of {NORMALIZATIONS}")
-    if int(sc.optimizer.get("grad_accum", 1)) != 1:
+    if int(sc.optimizer.grad_accum) != 1:
         raise ValueError(f"stages.{name}.optimizer.grad_accum={sc.optimizer.grad_accum}: an RL stage updates on "
                          f"whole rollout batches (1); use rl.num_iterations for several updates per batch")
     if float(rl.temperature) <= 0:
@@ -236,7 +236,7 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
     info = tokenizer_info(run.model_config.text.vocab_size)
     aspec = audio_spec(run.model_config)
     collate = Collate(shards.shard_batch_size, config.data.length_buckets, config.data.patch_buckets, info.pad_id,
-                      config.data.get("audio", {}).get("window_buckets", (1,)))
+                      config.data.audio.window_buckets)
 
     iterations = int(rl.num_iterations)
     trainable = stage_trainable(run.params, sc, run.model_config, run.extra_trainable)
@@ -279,7 +279,7 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
     max_bad = int(config.train.max_nonfinite_in_a_row)
     local_vision = batching.units_local(shards.num_shards, shards.batch_devices)
 
-    with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
+    with PreemptionWatch() as preemption, axis_rules(mesh, run.rules, units_local=local_vision):
         for step in range(start, int(sc.num_steps)):
             t0 = time.perf_counter()
             per_shard = next(iterators)

@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from emoqwen_jax.infer.engine import Completion, SamplingParams
+from emoqwen_jax.infer.gate_timeline import gate_over_time, group_times
 from emoqwen_jax.serve import prompts
 from emoqwen_jax.serve.media import Materialized, frame_times
 from emoqwen_jax.serve.schema import ApiError, ChatRequest, EmotionRequest
@@ -44,6 +45,15 @@ def sse(obj: Any) -> str:
 
 def _gates(c: Completion) -> list[list[float]] | None:
     return None if c.gate_weights is None else np.asarray(c.gate_weights, np.float32).round(6).tolist()
+
+
+def _timeline(session, prompt, frames: list[float]) -> dict | None:
+    """``{"times": [s], "weights": [[w]]}``: the gate over the clip's temporal patch groups (None without a gate
+    or a clip)."""
+    weights = gate_over_time(session, prompt)
+    if weights is None:
+        return None
+    return {"times": group_times(frames, len(weights)), "weights": weights.round(6).tolist()}
 
 
 async def _events(request: Request, queue: asyncio.Queue, jobs: list[Job]) -> AsyncIterator[tuple[str, str | None]]:
@@ -150,9 +160,11 @@ def add_routes(app: FastAPI, server: Server) -> None:
                         questions.append(prompts.describe_question(noun))
                     built = prompts.question_prompts(server.session, questions, media.items, body.subtitle)
                     video = [path for kind, path in media.items if kind == "video"]
-                    return built, (frame_times(video[0], server.session.data) if video else [])
+                    frames = frame_times(video[0], server.session.data) if video else []
+                    timeline = _timeline(server.session, built[0], frames) if body.gate_timeline else None
+                    return built, frames, timeline
 
-            (cls_prompt, *desc_prompt), frames = await server.prepare(build)
+            (cls_prompt, *desc_prompt), frames, timeline = await server.prepare(build)
             work = [(cls_prompt, classes.params(), "scores")]
             for p in desc_prompt:  # the description gets what --max_len leaves (the engine refuses less than 1)
                 room = max(1, config.max_len - len(p.input_ids))
@@ -160,7 +172,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
 
             def scored(c: Completion) -> dict:
                 label, scores = classes.result(c.first_scores, c.text)
-                return {"label": label, "scores": scores, "answer": c.text, "gate_weights": _gates(c)}
+                out = {"label": label, "scores": scores, "answer": c.text, "gate_weights": _gates(c)}
+                return out if timeline is None else {**out, "gate_timeline": timeline}
 
             if not body.stream:
                 jobs = server.submit(work)

@@ -118,5 +118,6 @@ class EmotionRequest(_Strict):
         list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]],
         Field(min_length=2, max_length=MAX_LABELS)] = "dfew"
     describe: bool = False
+    gate_timeline: bool = False  # also the gate's weights per temporal patch group of the clip (one ViT pass more)
     max_tokens: int = Field(default=256, ge=1)  # the description's budget
     stream: bool = False  # server-sent events: frames, then the scores, then the description as it grows

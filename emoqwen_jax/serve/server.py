@@ -27,11 +27,11 @@ from typing import Any, Callable
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.manifests import _has_surrogates  # the manifests' own check of JSON text
 from emoqwen_jax.data.reasons import Rejected
 from emoqwen_jax.infer.engine import Completion, Engine, QueueFull, SamplingParams
 from emoqwen_jax.infer.session import Prompt, Session, pixel_range_warning
+from emoqwen_jax.runtime import storage
 from emoqwen_jax.serve import prompts
 from emoqwen_jax.serve.metrics import Metrics, TokenClock
 from emoqwen_jax.serve.schema import ApiError

@@ -17,8 +17,7 @@ import numpy as np
 
 from emoqwen_jax import inputs as model_inputs
 from emoqwen_jax.inputs import ModelInputs
-from emoqwen_jax.layout import LayoutSpec, build_model_inputs
-from emoqwen_jax.layout_audio import AudioSpec
+from emoqwen_jax.layout import AudioSpec, LayoutSpec, build_model_inputs
 from emoqwen_jax.tokens import IGNORE
 
 

@@ -19,8 +19,6 @@ Training = forward + backward = 3 × forward, except that the patch embedding ne
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import numpy as np
 
 from emoqwen_jax.inputs import ModelInputs
@@ -110,14 +108,13 @@ def train_flops(cfg: ModelConfig, *, tokens: int, patches: int, window_tokens: i
     return 3.0 * forward + 2.0 * embed
 
 
-def batch_train_flops(cfg: ModelConfig, inputs: ModelInputs | Mapping[str, np.ndarray], *,
+def batch_train_flops(cfg: ModelConfig, inputs: ModelInputs, *,
                       implementation: bool = False) -> float:
     """Training FLOPs of one batch of ``ModelInputs`` (``layout.build_model_inputs``, host or device).
 
     ``implementation=False``: model FLOPs over the real patches and tokens (MFU). ``True``: what our XLA code
     computes, padding and masked-out pairs included (see the module docstring)."""
     v = cfg.vision
-    inputs = ModelInputs.coerce(inputs)
     vision = inputs.vision
     mask = np.asarray(inputs.text.attention_mask)
     b, length = mask.shape

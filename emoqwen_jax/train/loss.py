@@ -94,7 +94,6 @@ def loss_fn(model: EmotionQwen, batch: ModelInputs) -> tuple[jax.Array, dict[str
     """Mean token loss (chunked: no [B, L, V] logits) + the compressor's weighted aux loss; metrics for logging.
     ``batch`` carries labels. ``metrics["tokens"]`` (labelled targets) is the weight gradient accumulation gives
     this micro-batch (``emoqwen_jax.train.optim.accumulate_tokens``)."""
-    batch = ModelInputs.coerce(batch)
     hidden, gate_weights, aux = model.hidden_states(batch)
     targets = packed_targets(batch.text.labels, batch.text.segment_ids)
     total, count = chunked_cross_entropy_sums(hidden, model.language_model.logits, targets)

@@ -1,5 +1,5 @@
 """Run metrics: ``workdir/metrics.jsonl`` (one JSON object per logged step), TensorBoard event files, and a
-loss-curve PNG per stage. Only process 0 writes. ``workdir`` may be a URI (``emoqwen_jax.storage``): object
+loss-curve PNG per stage. Only process 0 writes. ``workdir`` may be a URI (``emoqwen_jax.runtime.storage``): object
 stores cannot append, so there the whole (small) metrics file is rewritten at each logged step."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from emoqwen_jax import storage
+from emoqwen_jax.runtime import storage
 
 
 def to_python(value: Any) -> Any:

@@ -18,6 +18,7 @@ labelled tokens (``accumulate_tokens``); docs/training_math.md states both.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -88,6 +89,16 @@ class Trainable:
     expert_masks: Mapping[str, tuple[bool, ...]]
     paths: tuple[str, ...]
 
+    def count(self, params: Any) -> int:
+        """Trained parameters (scalars) of ``params`` (arrays or ShapeDtypeStructs, the tree of ``labels``): whole
+        trainable leaves, and the trained experts' share of partly trained stacked leaves."""
+        def one(path, x, label):
+            mask = self.expert_masks.get(path_str(path))
+            size = math.prod(x.shape)
+            return size * sum(mask) // len(mask) if mask is not None else size * (label == "trainable")
+
+        return sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(one, params, self.labels)))
+
 
 def select_trainable(params: Any, patterns: Sequence[str] = (), roles: Sequence[str] = (), *,
                      expert_names: Sequence[str] = (), expert_roles: Sequence[str] = (),
@@ -145,10 +156,10 @@ def stage_trainable(params: Any, stage: Mapping[str, Any], model_config: Any, ex
     """``select_trainable`` for a stage config (``trainable`` regexes + ``trainable_roles``, + the audio projector
     when the stage has ``train_audio_projector`` and the model has audio) and a ``ModelConfig`` (expert names and
     roles, ``frozen_patterns``); ``patterns`` given replaces the stage's fields."""
-    roles = tuple(stage.get("trainable_roles", ())) if patterns is None else ()
+    roles = tuple(stage["trainable_roles"]) if patterns is None else ()
     audio = getattr(model_config, "audio", None)
     audio_projector = (AUDIO_PROJECTOR if patterns is None and audio is not None and audio.enabled
-                       and stage.get("train_audio_projector", False) else ())
+                       and stage["train_audio_projector"] else ())
     patterns = tuple(stage.trainable if patterns is None else patterns) + tuple(extra_patterns) + audio_projector
     return select_trainable(params, patterns, roles, expert_names=model_config.expert_names,
                             expert_roles=model_config.expert_roles, frozen=frozen_patterns(model_config))
@@ -185,8 +196,8 @@ def schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate`` over ``warmup_fraction`` of the steps, then cosine to
     ``end_lr_fraction`` × peak."""
     peak = float(opt["learning_rate"])
-    end = float(opt.get("end_lr_fraction", 0.0))
-    warmup = int(round(float(opt.get("warmup_fraction", 0.01)) * num_steps))
+    end = float(opt["end_lr_fraction"])
+    warmup = int(round(float(opt["warmup_fraction"]) * num_steps))
     if warmup == 0:  # no warmup: the first update already uses the peak rate
         return optax.cosine_decay_schedule(peak, decay_steps=max(num_steps, 1), alpha=end)
     return optax.warmup_cosine_decay_schedule(
@@ -328,18 +339,18 @@ def make_optimizer(opt: Mapping[str, Any], num_steps: int, trainable: Trainable
     ``accumulate_tokens``): on a non-finite step its state stays as it was (with accumulation: the micro-batch
     is left out of its window).
 
-    ``opt``: learning_rate, b1, b2, eps, weight_decay, clip_norm, warmup_fraction, end_lr_fraction,
-    grad_accum (micro-batches per update: ``accumulate_tokens`` inside the trainable branch, so its gradient
-    accumulators exist only for trainable leaves). ``num_steps`` counts optimiser updates. Weight decay
-    applies by name (``decay_mask``): kernels and embeddings, never biases or norm scales.
+    ``opt`` (``stages.<name>.optimizer``, where the defaults are): learning_rate, b1, b2, eps, weight_decay,
+    clip_norm, warmup_fraction, end_lr_fraction, grad_accum (micro-batches per update: ``accumulate_tokens``
+    inside the trainable branch, so its gradient accumulators exist only for trainable leaves). ``num_steps``
+    counts optimiser updates. Weight decay applies by name (``decay_mask``): kernels and embeddings, never
+    biases or norm scales.
     """
     lr = schedule(opt, num_steps)
     trained = optax.chain(
-        adamw(lr, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.95)), eps=float(opt.get("eps", 1e-8)),
-              weight_decay=float(opt.get("weight_decay", 0.1)), clip_norm=float(opt.get("clip_norm", 1.0)),
-              mask=decay_mask),
+        adamw(lr, b1=float(opt["b1"]), b2=float(opt["b2"]), eps=float(opt["eps"]),
+              weight_decay=float(opt["weight_decay"]), clip_norm=float(opt["clip_norm"]), mask=decay_mask),
         mask_expert_updates(trainable.expert_masks))
-    accum = int(opt.get("grad_accum", 1))
+    accum = int(opt["grad_accum"])
     if accum > 1:
         trained = accumulate_tokens(trained, accum)
     return optax.multi_transform({"trainable": trained, "frozen": optax.set_to_zero()}, trainable.labels), lr

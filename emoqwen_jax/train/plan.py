@@ -1,12 +1,12 @@
 """Ahead-of-time plan of a stage's train step: compile it for N devices on abstract arrays, without weights,
 and report its per-device memory and FLOPs (``emoqwen-plan`` is the command line over ``plan``).
 
-The step is the trainer's (``make_train_step``: loss, gradients, AdamW with the stage's frozen leaves,
-non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the trainer's shardings) over a
-mesh of ``num_devices`` devices, then compiled by XLA's SPMD partitioner. Nothing is allocated: the figures
-come from ``compiled.memory_analysis()`` (one device's partition) and ``compiled.cost_analysis()``. The CPU
-compiler's buffer assignment stands in for the accelerator's; treat the result as an estimate to keep ≥ 40 %
-headroom against.
+The step is the trainer's (``train.step.build_stage_step``: loss, gradients, AdamW with the stage's frozen
+leaves and its LoRA adapters, non-finite skipping), lowered on abstract arrays (``jax.ShapeDtypeStruct`` with the
+trainer's shardings) over a mesh of ``num_devices`` devices, then compiled by XLA's SPMD partitioner. Nothing is
+allocated: the figures come from ``compiled.memory_analysis()`` (one device's partition) and
+``compiled.cost_analysis()``. The CPU compiler's buffer assignment stands in for the accelerator's; treat the
+result as an estimate to keep ≥ 40 % headroom against.
 
 The batch: ``batch_per_device`` × (batch-sharding devices) samples, each one video of ``frames`` frames of
 ``frame_size``² pixels (grid frames/2 × side/14 × side/14) in a conversation padded to ``length`` tokens, and
@@ -31,21 +31,19 @@ from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, make_mesh, p
 from emoqwen_jax.parallel.rules import batch_devices, input_sharding
 from emoqwen_jax.train import batching, flops
 from emoqwen_jax.train import step as step_lib
-from emoqwen_jax.train.optim import make_optimizer, stage_trainable
-from emoqwen_jax.train.step import init_state, make_train_step
+from emoqwen_jax.train.step import build_stage_step, with_stage_adapters
 
 
 def build_train_step(config, stage: str, trainable: Sequence[str] | None = None):
-    """(model config, pure ``train_step(state, batch)``, optax transform, ``init(params) -> state``) for a stage,
-    exactly as the trainer builds them (``trainable`` regexes override the stage's regexes and roles)."""
+    """(model config, the stage's abstract model, its ``StageStep``): the step the trainer runs for ``stage``
+    (``train.step.build_stage_step``, on the model with the stage's LoRA adapters swapped in when it has them);
+    ``trainable`` regexes replace the stage's regexes and roles."""
     mcfg = ModelConfig.from_run_config(config)
-    sc = config.stages[stage]
-    abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: with_stage_adapters(EmotionQwen(mcfg, rngs=nnx.Rngs(0)), config, stage))
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    selected = stage_trainable(params, sc, mcfg, patterns=trainable)
-    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, selected)
-    step = make_train_step(nnx.graphdef(abstract), tx, selected, schedule, int(sc.optimizer.get("grad_accum", 1)))
-    return mcfg, step, tx, lambda p: init_state(p, tx, config.seed)
+    built = build_stage_step(config, stage, nnx.graphdef(abstract), params, mcfg,
+                             trainable=None if trainable is None else tuple(trainable))
+    return mcfg, abstract, built
 
 
 def video_batch_shapes(mcfg: ModelConfig, batch: int, frames: int, size: int, length: int = 0,
@@ -95,8 +93,8 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
          batch_per_device: int = 1, frames: int = 16, frame_size: int = 448, length: int = 0,
          audio_seconds: float = 0.0, num_slices: int = 1) -> dict[str, Any]:
     """Lowers and compiles the stage's train step for a mesh over the first ``num_devices`` devices; returns
-    the report (also the JSON line of the CLI). ``batch``: host ``ModelInputs`` (or its flat dict, labels
-    included) to take shapes from instead of a video. ``num_slices``: the devices stand for that many slices
+    the report (also the JSON line of the CLI). ``batch``: host ``ModelInputs`` (labels included)
+    to take shapes from instead of a video. ``num_slices``: the devices stand for that many slices
     (multislice: ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` split data / FSDP across them)."""
     devices = jax.devices()
     if len(devices) < num_devices:
@@ -105,30 +103,30 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
     mesh_cfg = dict(config.mesh)
     mesh_cfg["num_devices"] = num_devices
     mesh = make_mesh(mesh_cfg, devices[:num_devices], num_slices=num_slices)
-    mcfg, step, tx, init = build_train_step(config, stage)
+    mcfg, abstract, built = build_train_step(config, stage)
+    rules = tuple(config.mesh.rules)
     batch_shards = batch_devices(mesh)
     if batch is None:
         shapes = video_batch_shapes(mcfg, batch_per_device * batch_shards, frames, frame_size, length,
-                                    audio_seconds, packing=bool(config.data.get("packing", False)))
+                                    audio_seconds, packing=bool(config.data.packing))
     else:
-        shapes = ModelInputs.coerce(batch).map_fields(
+        shapes = batch.map_fields(
             lambda _, v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype))
     check_divisibility(mcfg, mesh, shapes.text.input_ids.shape[0])
-    abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
-    pshard = pure_param_shardings(abstract, mesh)
+    pshard = pure_param_shardings(abstract, mesh, rules)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), pshard)
     # The trainer's layout: data.num_shards (0: one per process; a plan runs in one) shards in device order.
-    num_shards = batching.resolve_num_shards(int(config.data.get("num_shards", 0)), 1, batch_shards)
+    num_shards = batching.resolve_num_shards(int(config.data.num_shards), 1, batch_shards)
     local_vision = batching.units_local(num_shards, batch_shards)
     timings = {}
     t0 = time.perf_counter()
-    with axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
-        state_shapes = jax.eval_shape(init, params)
+    with axis_rules(mesh, rules, units_local=local_vision):
+        state_shapes = jax.eval_shape(built.init, params)
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
                              step_lib.state_shardings(state_shapes, pshard, mesh))
         batch_abs = sharded_shapes(shapes, mesh)
-        lowered = jax.jit(step, donate_argnums=0).lower(state, batch_abs)
+        lowered = jax.jit(built.train_step, donate_argnums=0).lower(state, batch_abs)
         timings["lower_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         compiled = lowered.compile()
@@ -151,7 +149,8 @@ def plan(config, *, num_devices: int, stage: str = "stage3_video", batch: dict |
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": num_devices, "num_slices": num_slices,
         "stage": stage, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention,
         "data_shards": num_shards, "vision_local": local_vision, "patch_all_gathers": gathers,
-        "dtype": mcfg.dtype, "params": n_params, "global_batch": int(b), "length": int(length_),
+        "dtype": mcfg.dtype, "params": n_params, "trainable_params": built.trainable.count(params),
+        "global_batch": int(b), "length": int(length_),
         "patches": int(patches),
         "audio_windows": 0 if shapes.audio is None else int(shapes.audio.input_features.shape[0]),
         "argument_bytes": args_b, "output_bytes": out_b, "temp_bytes": temp_b, "alias_bytes": alias_b,
@@ -194,7 +193,7 @@ def format_table(report: dict, device_memory_gb: float = 0.0) -> str:
             ("attention / scan_layers", f"{report.get('attention')} / {report.get('scan_layers')}"),
             ("data shards / ViT per device", f"{report.get('data_shards')} / {report.get('vision_local')} "
                                              f"({report.get('patch_all_gathers')} all-gathers of patch activations)"),
-            ("parameters", f"{report['params'] / 1e6:,.1f} M"),
+            ("parameters (trained)", f"{report['params'] / 1e6:,.1f} M ({report['trainable_params'] / 1e6:,.3f} M)"),
             ("global batch × length", f"{report['global_batch']} × {report['length']} (patches {report['patches']}, "
                                       f"audio windows {report.get('audio_windows', 0)})"),
             ("arguments (params + opt state + batch)", gib(report["argument_bytes"])),

@@ -2,11 +2,16 @@
 
 State is plain pytrees (the model's pure params dict, the optax state, counters), so it shards, donates and
 checkpoints like any array tree. The model is rebuilt inside the step with ``nnx.merge(graphdef, params)``.
+
+``build_stage_step`` is the one way a stage's step is built from the run config: the trainer, ``emoqwen-plan``
+(``train.plan``) and the benchmarks call it, so what they compile is what trains (LoRA adapters included:
+``with_stage_adapters`` swaps them in, ``stage_extra_trainable`` names them trainable).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -14,9 +19,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from emoqwen_jax.model.lora import dropout_key
+from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, dropout_key
 from emoqwen_jax.train.loss import loss_fn
-from emoqwen_jax.train.optim import Trainable, accumulates, freeze_experts, path_str, updates_applied
+from emoqwen_jax.train.optim import (
+    Trainable,
+    accumulates,
+    freeze_experts,
+    make_optimizer,
+    path_str,
+    stage_trainable,
+    updates_applied,
+)
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -87,6 +100,57 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
 def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                       nonfinite=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def stage_lora(stage_cfg) -> LoRAConfig | None:
+    """The stage's LoRA settings (``stages.<name>.lora``), or None when not ``enabled``."""
+    return LoRAConfig.from_dict(stage_cfg.lora.to_dict()) if stage_cfg.lora.enabled else None
+
+
+def stage_extra_trainable(config, name: str) -> tuple[str, ...]:
+    """Regexes stage ``name`` trains besides its own fields: its LoRA adapters when it has them."""
+    return (ADAPTER_PATTERN,) if stage_lora(config.stages[name]) else ()
+
+
+def with_stage_adapters(model: nnx.Module, config, name: str) -> nnx.Module:
+    """``model`` with stage ``name``'s LoRA adapters swapped in (in place; ``lora_b`` = 0, so the stage starts at
+    the incoming model; initialised from the run's seed folded with the stage name); unchanged without LoRA.
+    ``model`` may be abstract (inside ``nnx.eval_shape``)."""
+    lora = stage_lora(config.stages[name])
+    if lora is not None:
+        key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()) % 2**31)  # per-stage init
+        apply_lora(model, lora, rngs=nnx.Rngs(params=key))
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+    """A stage's train step and its parts (``build_stage_step``)."""
+
+    train_step: Callable  # pure (state, batch) -> (state, metrics); jit it with the state donated
+    tx: optax.GradientTransformationExtraArgs
+    schedule: Callable  # optimiser updates applied -> learning rate
+    trainable: Trainable
+    seed: int
+
+    def init(self, params: dict) -> TrainState:
+        """The stage's first state over ``params`` (jit it with the state's shardings as ``out_shardings``)."""
+        return init_state(params, self.tx, self.seed)
+
+
+def build_stage_step(config, name: str, graphdef: nnx.GraphDef, params: dict, model_config, *,
+                     loss: LossFn = loss_fn, num_updates: int | None = None,
+                     trainable: tuple[str, ...] | None = None) -> StageStep:
+    """Stage ``name``'s train step over a model ``graphdef`` with pure ``params`` (arrays or ShapeDtypeStructs;
+    adapters already swapped in by ``with_stage_adapters``): what trains is the stage's ``trainable`` regexes and
+    ``trainable_roles``, its LoRA adapters and, with audio, its projector (``trainable`` regexes given replace the
+    stage's fields); AdamW as ``stages.<name>.optimizer`` over ``num_updates`` optimiser updates (default: the
+    stage's ``num_steps``), with its gradient accumulation; ``loss`` as in ``make_train_step``."""
+    sc = config.stages[name]
+    selected = stage_trainable(params, sc, model_config, stage_extra_trainable(config, name), patterns=trainable)
+    tx, schedule = make_optimizer(sc.optimizer, int(sc.num_steps if num_updates is None else num_updates), selected)
+    step = make_train_step(graphdef, tx, selected, schedule, int(sc.optimizer.grad_accum), loss=loss)
+    return StageStep(step, tx, schedule, selected, int(config.seed))
 
 
 def state_shardings(state_shapes: TrainState, param_shardings: dict, mesh) -> TrainState:

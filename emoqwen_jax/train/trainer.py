@@ -10,7 +10,7 @@ next stage and retrains nothing.
 Parameters are never gathered on one host: the initial model is built by a jitted init whose outputs carry the
 mesh shardings (or restored / imported straight into them), and stage weights are written from the sharded
 arrays by orbax. Preemption (``train/preemption.py``): a SIGTERM to any host makes all hosts save one agreed
-step and stop. ``workdir`` and ``init_from`` may be URIs (``emoqwen_jax.storage``); before any compute every
+step and stop. ``workdir`` and ``init_from`` may be URIs (``emoqwen_jax.runtime.storage``); before any compute every
 host checks that it sees the same workdir and ``init_from`` (``parallel/hosts.py``).
 
 LoRA stages (``stages.<name>.lora.enabled``): the stage swaps adapters into the incoming weights
@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import time
-import zlib
 from typing import Any, Callable
 
 import jax
@@ -36,23 +35,30 @@ from flax import nnx
 from tqdm import tqdm
 
 from emoqwen_jax import data as D
-from emoqwen_jax import storage
-from emoqwen_jax.checkpoint import is_model_dir, load_model, load_weights, save_model
 from emoqwen_jax.data.demo import build_demo, check_demo_data, demo_root, fill_demo
 from emoqwen_jax.data.pipeline import load_sources, make_iterator
 from emoqwen_jax.model import EmotionQwen, ModelConfig, layout_spec
 from emoqwen_jax.model.emotion_qwen import audio_spec
-from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, merge_lora
-from emoqwen_jax.model.sharding import axis_rules
-from emoqwen_jax.parallel import DEFAULT_RULES, check_divisibility, hosts, make_mesh, pure_param_shardings
+from emoqwen_jax.model.lora import merge_lora
+from emoqwen_jax.model.sharding import Rules, axis_rules
+from emoqwen_jax.model_dir import is_model_dir, load_model, load_weights, save_model
+from emoqwen_jax.parallel import check_divisibility, hosts, make_mesh, pure_param_shardings
 from emoqwen_jax.parallel.rules import batch_devices as count_batch_devices
 from emoqwen_jax.parallel.rules import input_sharding, shard_batch
+from emoqwen_jax.runtime import storage
 from emoqwen_jax.train import batching, flops
-from emoqwen_jax.train.checkpoint import Checkpointer, ShardIterators, check_data_layout, data_layout
 from emoqwen_jax.train.metrics import MetricsWriter, plot_stage, to_python
-from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.preemption import PreemptionWatch, watch_maintenance_events
-from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
+from emoqwen_jax.train.run_state import Checkpointer, ShardIterators, check_data_layout, data_layout
+from emoqwen_jax.train.step import (
+    StageStep,
+    TrainState,
+    build_stage_step,
+    stage_extra_trainable,
+    stage_lora,
+    state_shardings,
+    with_stage_adapters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +70,18 @@ class Preempted(Exception):
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """``jax.distributed.initialize`` from ``config.distributed`` or the usual environment (SLURM, TPU, or
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-    dist = config.get("distributed", ml_collections.ConfigDict())
+    dist = config.distributed
     env = os.environ
-    coordinator = dist.get("coordinator_address", "") or env.get("JAX_COORDINATOR_ADDRESS", "")
-    num = int(dist.get("num_processes", 0) or env.get("JAX_NUM_PROCESSES", 0) or 0)
-    local = int(dist.get("local_device_count", 0) or 0)
-    if local:  # CPU host devices per process (must precede backend start-up; ignored by TPU/GPU)
-        jax.config.update("jax_num_cpu_devices", local)
+    coordinator = dist.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
+    num = int(dist.num_processes or env.get("JAX_NUM_PROCESSES", 0) or 0)
+    if dist.local_device_count:  # CPU host devices per process (must precede backend start-up; ignored by TPU/GPU)
+        jax.config.update("jax_num_cpu_devices", int(dist.local_device_count))
     if coordinator and num > 1:
-        pid = dist.get("process_id", -1)
+        pid = dist.process_id
         if pid < 0:
             pid = int(env.get("JAX_PROCESS_ID", env.get("SLURM_PROCID", 0)))
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
-    elif dist.get("auto", False):
+    elif dist.auto:
         jax.distributed.initialize()  # TPU pods and SLURM: JAX reads the cluster environment
 
 
@@ -106,10 +111,9 @@ def init_params(mcfg: ModelConfig, seed: int, shardings: dict | None = None) -> 
 
 def initial_params(config, mcfg: ModelConfig, shardings: dict, mesh) -> dict:
     """Stage 1's starting parameters, sharded: fresh, our model directory, or a Hugging Face import."""
-    source = config.get("init_from", "")
-    if not source:
+    if not config.init_from:
         return init_params(mcfg, config.seed, shardings)
-    model = load_weights(source, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+    model = load_weights(config.init_from, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
                          compressor=dict(config.model.compressor), seed=config.seed, mesh=mesh)
     if model.config.text.vocab_size != mcfg.text.vocab_size:
         raise ValueError(f"init_from has vocab {model.config.text.vocab_size}, the config {mcfg.text.vocab_size}")
@@ -118,13 +122,25 @@ def initial_params(config, mcfg: ModelConfig, shardings: dict, mesh) -> dict:
 
 def stage_micro_steps(config, name: str) -> int:
     sc = config.stages[name]
-    return int(sc.num_steps) * int(sc.optimizer.get("grad_accum", 1))
+    return int(sc.num_steps) * int(sc.optimizer.grad_accum)
+
+
+def check_mixtures(config) -> None:
+    """Every stage to run names its data: ValueError naming the fields to set (the 7b, gpu and small presets
+    have no default data)."""
+    empty = [name for name in config.run_stages if not config.stages[name].mixture]
+    if empty:
+        fields = " ".join(f"--config.stages.{name}.mixture=\"({{'manifest': ..., 'data_root': ...}},)\""
+                          for name in empty)
+        raise ValueError(f"preset {config.preset!r} has no default data and stages {empty} have an empty mixture: "
+                         f"set {fields} (docs/data.md)")
 
 
 def load_stage_params(stage_dir: str, mcfg: ModelConfig, mesh) -> dict:
     """A finished stage's weights, restored into this run's shardings (a LoRA stage's adapters merged)."""
     model = merge_lora(load_model(stage_dir, dtype=mcfg.dtype, mesh=mesh))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
 
 
 # The per-stage evaluation hook: (config, stage name, stage model dir, workdir, metrics writer) -> report dict.
@@ -150,7 +166,8 @@ class StageRun:
     workdir: str
     global_step: int
     resume: dict | None  # the checkpoint meta to resume from, or None
-    extra_trainable: tuple[str, ...] = ()
+    rules: Rules  # the logical-axis rules (``config.mesh.rules``)
+    extra_trainable: tuple[str, ...] = ()  # what trains besides the stage's fields (``stage_extra_trainable``)
 
 
 # A stage runner of another kind (``stages.<name>.kind``): StageRun -> (final params, global step, last metrics
@@ -166,37 +183,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     ``stage_eval`` runs after each stage that sets ``stages.<name>.eval_suite``, on every process (with
     parameters sharded across hosts the evaluation is a collective computation; process 0 writes).
     ``stage_runners`` runs the stages whose ``kind`` is not 'supervised' (by kind)."""
-    wanted = [n for n in config.run_stages if config.stages[n].get("eval_suite")]
+    wanted = [n for n in config.run_stages if config.stages[n].eval_suite]
     if wanted and stage_eval is None:
         raise ValueError(f"stages {wanted} set eval_suite but no stage_eval hook was given; pass "
                          f"stage_eval=emoqwen_jax.eval.suites.stage_eval.run_stage_eval (emoqwen-train does)")
-    runners = dict(stage_runners or {})
+    runners = {SUPERVISED: _run_stage, **(stage_runners or {})}
     for n in config.run_stages:
-        kind = config.stages[n].get("kind", SUPERVISED)
-        if kind != SUPERVISED and kind not in runners:
+        kind = config.stages[n].kind
+        if kind not in runners:
             raise ValueError(f"stage {n} has kind {kind!r} but no runner for it was given (have: "
-                             f"{[SUPERVISED, *runners]}); emoqwen-train passes stage_runners={{'rl': "
+                             f"{list(runners)}); emoqwen-train passes stage_runners={{'rl': "
                              f"emoqwen_jax.rl.stage.run_rl_stage}}")
-    workdir = workdir or config.get("workdir", "")
+    workdir = workdir or config.workdir
     if not workdir:
         raise ValueError("set config.workdir (--config.workdir=DIR)")
     workdir = storage.normalize(workdir)
+    check_mixtures(config)
     check_demo_data(config)  # before any work: a larger preset must not train on the demo set by accident
     maybe_initialize_distributed(config)
     mcfg = ModelConfig.from_run_config(config)
     mesh = make_mesh(config.mesh)  # a mesh that does not divide the devices stops here, before any compute
+    rules = tuple(config.mesh.rules)
     check_layouts(config, mcfg, mesh)
     hosts.check_shared_workdir(workdir)
-    if config.train.get("watch_maintenance_events", False):
+    if config.train.watch_maintenance_events:
         watch_maintenance_events()  # TPU maintenance notice -> SIGTERM -> the agreed save below
-    if config.get("init_from", ""):
+    if config.init_from:
         hosts.check_present(config.init_from, "init_from")
     spec = layout_spec(mcfg)
     abstract = nnx.eval_shape(lambda: EmotionQwen(mcfg, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract)
-    shardings = pure_param_shardings(abstract, mesh)
+    shardings = pure_param_shardings(abstract, mesh, rules)
     ckpt = Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                        max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.get("async_save", True))
+                        max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     latest = ckpt.latest_step()
     resume = ckpt.read_meta(latest) if latest is not None else None
@@ -215,15 +234,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             if resumed is not None:  # before any compute: the saved iterator states must get their own shards
                 check_data_layout(resumed.get("data_layout"),
                                   data_layout(stage_num_shards(config, name, mesh), jax.process_count()),
-                                  setting=int(config.data.get("num_shards", 0)), step=int(resumed["global_step"]))
+                                  setting=int(config.data.num_shards), step=int(resumed["global_step"]))
             if params is None:
                 params = load_stage_params(previous, mcfg, mesh) if previous else \
                     initial_params(config, mcfg, shardings, mesh)
-            stage_graphdef, params, stage_shardings, extra = stage_model(config, name, params, graphdef, mesh)
-            run = StageRun(config, name, params, stage_graphdef, stage_shardings or shardings, mcfg, mesh, spec,
-                           ckpt, writer, workdir, global_step, resumed, extra)
-            kind = config.stages[name].get("kind", SUPERVISED)
-            params, global_step, last = (_run_stage if kind == SUPERVISED else runners[kind])(run)
+            stage_graphdef, params, stage_shardings = stage_model(config, name, params, graphdef, mesh, rules)
+            run = StageRun(config=config, name=name, params=params, graphdef=stage_graphdef,
+                           shardings=stage_shardings or shardings, model_config=mcfg, mesh=mesh, spec=spec,
+                           ckpt=ckpt, writer=writer, workdir=workdir, global_step=global_step, resume=resumed,
+                           extra_trainable=stage_extra_trainable(config, name), rules=rules)
+            params, global_step, last = runners[config.stages[name].kind](run)
             model = nnx.merge(stage_graphdef, params)  # sharded arrays: each host writes its own shards
             # The data settings travel with the weights: describe/eval process inputs exactly as training did.
             save_model(model, stage_dir, meta={"stage": name, "global_step": global_step,
@@ -233,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             summary["stages"][name] = last
             if writer.enabled:
                 summary["stages"][name]["plot"] = plot_stage(workdir, name)
-            if config.stages[name].get("eval_suite"):
+            if config.stages[name].eval_suite:
                 summary["stages"][name]["eval"] = stage_eval(config, name, stage_dir, workdir, writer)
             resume = None
     finally:
@@ -244,26 +264,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     return summary
 
 
-def stage_lora(stage_cfg) -> LoRAConfig | None:
-    """The stage's LoRA settings, or None when ``lora`` is absent or not ``enabled``."""
-    lora = stage_cfg.get("lora")
-    if lora is None or not lora.get("enabled", False):
-        return None
-    return LoRAConfig.from_dict(lora.to_dict() if hasattr(lora, "to_dict") else dict(lora))
-
-
-def stage_model(config, name: str, params: dict, graphdef, mesh):
-    """(graphdef, params, shardings or None, extra trainable regexes) of stage ``name``: unchanged without
-    LoRA; with it, adapters (``lora_b`` = 0, so the stage starts at the incoming model) swapped into the
-    weights, their shardings from the same logical-axis rules, and the adapter leaves made trainable."""
-    lora = stage_lora(config.stages[name])
-    if lora is None:
-        return graphdef, params, None, ()
-    model = nnx.merge(graphdef, params)
-    key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()) % 2**31)  # per-stage init
-    apply_lora(model, lora, rngs=nnx.Rngs(params=key))
-    return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param)), pure_param_shardings(model, mesh), \
-        (ADAPTER_PATTERN,)
+def stage_model(config, name: str, params: dict, graphdef, mesh, rules: Rules):
+    """(graphdef, params, shardings or None) of stage ``name``: unchanged without LoRA; with it, adapters
+    (``train.step.with_stage_adapters``) swapped into the weights and their shardings from the same rules."""
+    if stage_lora(config.stages[name]) is None:
+        return graphdef, params, None
+    model = with_stage_adapters(nnx.merge(graphdef, params), config, name)
+    return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param)), \
+        pure_param_shardings(model, mesh, rules)
 
 
 def stage_num_shards(config, name: str, mesh, batch_size: int | None = None) -> int:
@@ -271,7 +279,7 @@ def stage_num_shards(config, name: str, mesh, batch_size: int | None = None) -> 
     setting when they cannot split the stage's batch (``batch_size``: its global rows, default the stage's). A
     global batch that does not divide the batch devices is fine: each step is padded with empty rows
     (``batching.layout_multiples``)."""
-    processes, setting = jax.process_count(), int(config.data.get("num_shards", 0))
+    processes, setting = jax.process_count(), int(config.data.num_shards)
     num_shards = batching.resolve_num_shards(setting, processes, count_batch_devices(mesh))
     batch_size = int(config.stages[name].batch_size if batch_size is None else batch_size)
     if num_shards % processes:
@@ -340,109 +348,151 @@ def data_shards(config, name: str, mcfg: ModelConfig, mesh, batch_size: int | No
     return DataShards(num_shards, layout["shard_ids"][pid], batch_size // num_shards, batch_devices)
 
 
-def _run_stage(run: StageRun):
-    config, name, params, graphdef, shardings, mcfg, mesh, spec, ckpt, writer, workdir, global_step, resume, \
-        extra_trainable = (run.config, run.name, run.params, run.graphdef, run.shardings, run.model_config, run.mesh,
-                           run.spec, run.ckpt, run.writer, run.workdir, run.global_step, run.resume,
-                           run.extra_trainable)
-    sc = config.stages[name]
-    processes, pid = jax.process_count(), jax.process_index()
-    shards = data_shards(config, name, mcfg, mesh)
-    num_shards, shard_ids, shard_batch_size = shards.num_shards, shards.shard_ids, shards.shard_batch_size
-    batch_devices = shards.batch_devices
-    layout = data_layout(num_shards, processes)  # recorded in every checkpoint, checked on resume
-    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.update(batch_size=shard_batch_size, max_length=sc.max_length)
-    sources = load_sources(resolve_mixture(sc.mixture, workdir))
-    made = [make_iterator(sources, data_cfg, shard_index=s, shard_count=num_shards) for s in shard_ids]
-    iterators, counters = ShardIterators([m[0] for m in made]), [m[1] for m in made]
-    info = D.tokenizer_info(mcfg.text.vocab_size)
-    aspec = audio_spec(mcfg)
+@dataclasses.dataclass
+class SupervisedStage:
+    """A supervised stage set up to run (``_setup``): its data shards and iterators, its step and the layout of
+    its state."""
 
-    trainable = stage_trainable(params, sc, mcfg, extra_trainable)
-    trained = trainable.paths
-    accum = int(sc.optimizer.get("grad_accum", 1))
-    tx, schedule = make_optimizer(sc.optimizer, sc.num_steps, trainable)
-    params = jax.device_put(params, shardings)
-    init = lambda p: init_state(p, tx, config.seed)  # noqa: E731
-    state_shapes = jax.eval_shape(init, params)
-    state_sharding = state_shardings(state_shapes, shardings, mesh)
-    start = 0
-    if resume is None:
-        state = jax.jit(init, out_shardings=state_sharding)(params)
-    else:  # restore straight into the sharded layout; no throw-away optimiser state (the reject counts
-        # travel inside the data iterators' state)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
-                                state_sharding)
-        state = ckpt.restore(int(resume["global_step"]), abstract, iterators)
-        start = int(resume["stage_step"])
-    step_fn = jax.jit(make_train_step(graphdef, tx, trainable, schedule, accum), donate_argnums=0,
-                      out_shardings=(state_sharding, None))
-    compiled: dict = {}  # one executable per batch shape (bucket)
+    shards: DataShards
+    iterators: ShardIterators
+    counters: list  # the data iterators' reject counters
+    built: StageStep
+    state_sharding: Any  # TrainState of shardings
+    local_vision: bool  # the ViT runs on each device's own patches (``batching.units_local``)
+
+
+def _setup(run: StageRun) -> SupervisedStage:
+    """The stage's data iterators (one per data shard this host reads) and its train step."""
+    config, sc = run.config, run.config.stages[run.name]
+    shards = data_shards(config, run.name, run.model_config, run.mesh)
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.update(batch_size=shards.shard_batch_size, max_length=sc.max_length)
+    sources = load_sources(resolve_mixture(sc.mixture, run.workdir))
+    made = [make_iterator(sources, data_cfg, shard_index=s, shard_count=shards.num_shards) for s in shards.shard_ids]
+    built = build_stage_step(config, run.name, run.graphdef, run.params, run.model_config)
+    state_shapes = jax.eval_shape(built.init, run.params)
+    local_vision = batching.units_local(shards.num_shards, shards.batch_devices)
+    _log_vision_layout(run.name, shards, local_vision)
+    return SupervisedStage(shards, ShardIterators([m[0] for m in made]), [m[1] for m in made], built,
+                           state_shardings(state_shapes, run.shardings, run.mesh), local_vision)
+
+
+def _log_vision_layout(name: str, shards: DataShards, local_vision: bool) -> None:
+    """Says (process 0, several batch devices) whether the ViT stays on each device's patches."""
+    if shards.batch_devices == 1 or jax.process_index() != 0:
+        return
+    if local_vision:
+        log.info("%s: %d data shards over %d batch devices: the ViT's attention and window permutation run on each "
+                 "device's own patches", name, shards.num_shards, shards.batch_devices)
+    else:
+        log.warning("%s: %d data shards over %d batch devices: every device gathers the patch axis and repeats the "
+                    "ViT's full-attention layers for the whole batch; data.num_shards=-1 (one shard per batch "
+                    "device) keeps the ViT on each device's own patches", name, shards.num_shards,
+                    shards.batch_devices)
+
+
+def _init_or_restore(run: StageRun, stage: SupervisedStage) -> tuple[TrainState, int]:
+    """(state, first micro-step): a fresh state, or the checkpoint's restored straight into the sharded layout
+    (no throw-away optimiser state; the reject counts travel inside the data iterators' state)."""
+    params = jax.device_put(run.params, run.shardings)
+    if run.resume is None:
+        return jax.jit(stage.built.init, out_shardings=stage.state_sharding)(params), 0
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(stage.built.init, params), stage.state_sharding)
+    return run.ckpt.restore(int(run.resume["global_step"]), abstract, stage.iterators), int(run.resume["stage_step"])
+
+
+def _compiled_step(run: StageRun, stage: SupervisedStage) -> Callable:
+    """``train_step(state, batch)``: the jitted, donated step, compiled ahead of time per batch shape (bucket);
+    after each compile every host waits for the others before the first run: hosts compile at different speeds (a
+    persistent-cache hit on one, a miss on another) and the step's first collective must not wait on a host that
+    is still compiling."""
+    step_fn = jax.jit(stage.built.train_step, donate_argnums=0, out_shardings=(stage.state_sharding, None))
+    compiled: dict = {}
 
     def train_step(state, batch):
-        """Compiles ahead of time, then waits for every host before the first run: hosts compile at different
-        speeds (a persistent-cache hit on one, a miss on another) and the step's first collective must not wait
-        on a host that is still compiling."""
         key = (jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
         if key not in compiled:
             compiled[key] = step_fn.lower(state, batch).compile()
-            hosts.barrier(f"{name}_compiled")
+            hosts.barrier(f"{run.name}_compiled")
         return compiled[key](state, batch)
 
+    return train_step
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Real tokens, row slots and model FLOPs since the last metrics record (all hosts), and when it began."""
+
+    tokens: float = 0.0
+    slots: float = 0.0
+    flops: float = 0.0
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, local, mcfg: ModelConfig) -> None:
+        """Counts one step's batch from this host's part (``local``), scaled to every host."""
+        processes = jax.process_count()
+        self.tokens += float(local.text.attention_mask.sum()) * processes
+        self.slots += float(local.text.attention_mask.size) * processes
+        self.flops += flops.batch_train_flops(mcfg, local) * processes  # model FLOPs of the real tokens
+
+
+def _record(run: StageRun, stage: SupervisedStage, micro: int, global_step: int, metrics, seen: Throughput) -> dict:
+    """The metrics row of micro-step ``micro`` (0-based): the step's metrics and the throughput since ``seen``."""
+    m = jax.device_get(metrics)
+    elapsed = max(time.perf_counter() - seen.t0, 1e-9)
+    peak = float(run.config.train.peak_flops_per_device) * jax.device_count()
+    record = {"stage": run.name, "step": micro + 1, "global_step": global_step,
+              **{k: m[k] for k in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "gate_weights", "lb_loss",
+                                   "z_loss", "dropped_tokens")},
+              "skipped": int(not m["finite"]), "tokens_per_s": seen.tokens / elapsed,
+              # real (not padding) tokens per row slot since the last record: what packing raises
+              "real_token_fraction": seen.tokens / max(seen.slots, 1.0),
+              "mfu": seen.flops / elapsed / peak,
+              "data_rejected": sum(sum(c.summary()["rejected"].values()) for c in stage.counters),
+              "nonfinite_in_a_row": int(m["nonfinite_in_a_row"])}
+    return {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
+
+
+def _loop(run: StageRun, stage: SupervisedStage, state: TrainState, start: int) -> tuple[dict, int, dict]:
+    """Micro-steps ``start``.. of the stage: batch, step, metrics rows, checkpoints, preemption; returns (final
+    params, global step, the last record)."""
+    config, name, mcfg, ckpt = run.config, run.name, run.model_config, run.ckpt
+    shards = stage.shards
+    info = D.tokenizer_info(mcfg.text.vocab_size)
+    aspec = audio_spec(mcfg)
+    layout = data_layout(shards.num_shards, jax.process_count())  # recorded in every checkpoint, checked on resume
+    train_step = _compiled_step(run, stage)
     total = stage_micro_steps(config, name)
-    log_every = int(config.train.log_every)
-    peak = float(config.train.peak_flops_per_device) * jax.device_count()
-    max_bad = int(config.train.max_nonfinite_in_a_row)
-    last: dict[str, Any] = {"trained_leaves": len(trained)}
-    tokens_seen, slots_seen, flops_seen, t0 = 0.0, 0.0, 0.0, time.perf_counter()
-    bar = tqdm(total=total, initial=start, desc=name, disable=pid != 0, dynamic_ncols=True)
+    log_every, max_bad = int(config.train.log_every), int(config.train.max_nonfinite_in_a_row)
+    trained = {"trained_leaves": len(stage.built.trainable.paths),
+               "trainable_params": stage.built.trainable.count(state.params)}
+    global_step, last, seen = run.global_step, dict(trained), Throughput()
+    bar = tqdm(total=total, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
     hosts.barrier(f"{name}_start")  # the first batch's all-gather must not wait on a host still compiling
-    local_vision = batching.units_local(num_shards, batch_devices)
-    if batch_devices > 1 and pid == 0:
-        if local_vision:
-            log.info("%s: %d data shards over %d batch devices: the ViT's attention and window permutation run on "
-                     "each device's own patches", name, num_shards, batch_devices)
-        else:
-            log.warning("%s: %d data shards over %d batch devices: every device gathers the patch axis and repeats "
-                        "the ViT's full-attention layers for the whole batch; data.num_shards=-1 (one shard per "
-                        "batch device) keeps the ViT on each device's own patches", name, num_shards, batch_devices)
-    with PreemptionWatch() as preemption, axis_rules(mesh, DEFAULT_RULES, units_local=local_vision):
+    with PreemptionWatch() as preemption, axis_rules(run.mesh, run.rules, units_local=stage.local_vision):
         for micro in range(start, total):
-            batch, local = global_batch(next(iterators), shard_ids, spec, shard_batch_size, info.pad_id, mesh,
-                                         aspec, config.data.patch_buckets, num_shards)
+            batch, local = global_batch(next(stage.iterators), shards.shard_ids, run.spec, shards.shard_batch_size,
+                                        info.pad_id, run.mesh, aspec, config.data.patch_buckets, shards.num_shards)
             state, metrics = train_step(state, batch)
             global_step += 1
-            tokens = float(local.text.attention_mask.sum()) * processes
-            tokens_seen += tokens
-            slots_seen += float(local.text.attention_mask.size) * processes
-            flops_seen += flops.batch_train_flops(mcfg, local) * processes  # model FLOPs of the real tokens
+            seen.add(local, mcfg)
             bar.update(1)
             done = micro + 1 == total
             if (micro + 1) % log_every == 0 or done:
-                m = jax.device_get(metrics)
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                rejected = sum(sum(c.summary()["rejected"].values()) for c in counters)
-                record = {"stage": name, "step": micro + 1, "global_step": global_step,
-                          **{k: m[k] for k in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "gate_weights",
-                                               "lb_loss", "z_loss", "dropped_tokens")},
-                          "skipped": int(not m["finite"]), "tokens_per_s": tokens_seen / elapsed,
-                          # real (not padding) tokens per row slot since the last record: what packing raises
-                          "real_token_fraction": tokens_seen / max(slots_seen, 1.0),
-                          "mfu": flops_seen / elapsed / peak, "data_rejected": rejected}
-                record = {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
-                writer.write(record)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-                tokens_seen, slots_seen, flops_seen, t0 = 0.0, 0.0, 0.0, time.perf_counter()
-                last = dict(record, trained_leaves=len(trained))
-                if int(m["nonfinite_in_a_row"]) >= max_bad:
-                    raise RuntimeError(f"stage {name}: {int(m['nonfinite_in_a_row'])} non-finite updates in a row "
-                                       f"at step {micro + 1}; stopping (train.max_nonfinite_in_a_row={max_bad})")
+                record = _record(run, stage, micro, global_step, metrics, seen)
+                bad = record.pop("nonfinite_in_a_row")
+                run.writer.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                seen, last = Throughput(), dict(record, **trained)
+                if bad >= max_bad:
+                    raise RuntimeError(f"stage {name}: {bad} non-finite updates in a row at step {micro + 1}; "
+                                       f"stopping (train.max_nonfinite_in_a_row={max_bad})")
             preempted = preemption.reached(global_step)  # every host, every step: they agree on the step
             due = (micro + 1) % ckpt.every_steps == 0 and int(jax.device_get(state.nonfinite)) == 0
             if due or done or preempted:  # the stage's final step is always checkpointed
                 meta = {"stage": name, "stage_step": micro + 1, "global_step": global_step, "data_layout": layout}
-                ckpt.save(global_step, state, meta, iterators, force=done or preempted)
+                ckpt.save(global_step, state, meta, stage.iterators, force=done or preempted)
             if preempted:
                 ckpt.wait()
                 bar.close()
@@ -452,3 +502,8 @@ def _run_stage(run: StageRun):
     return state.params, global_step, last
 
 
+def _run_stage(run: StageRun) -> tuple[dict, int, dict]:
+    """The supervised stage runner: setup, init or restore, the loop (which writes the records)."""
+    stage = _setup(run)
+    state, start = _init_or_restore(run, stage)
+    return _loop(run, stage, state, start)

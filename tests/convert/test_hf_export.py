@@ -28,12 +28,12 @@ from transformers import (
 )
 
 from emoqwen_jax import layout
-from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.convert import from_hf, hf_names, to_hf
 from emoqwen_jax.data.tokenizer import load_tokenizer, tokenizer_info
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad
 from emoqwen_jax.model import layout_spec
+from emoqwen_jax.model_dir import save_model
 
 TOL = 1e-4
 TOK = tokenizer_info(512)

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from tolerance import assert_close_rel
 
-from emoqwen_jax.checkpoint import load_model, save_model
 from emoqwen_jax.convert import config_from_hf, from_hf
+from emoqwen_jax.model_dir import load_model, save_model
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from safetensors.numpy import load_file
 from test_hf_export import CASES, TOL, _perturb, src_dir, type_ids  # noqa: F401 — src_dir is a fixture
 from transformers import AutoModelForImageTextToText
 
-from emoqwen_jax.checkpoint import save_model
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.convert import from_hf
 from emoqwen_jax.convert.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_hf, peft_tensors
 from emoqwen_jax.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora
+from emoqwen_jax.model_dir import save_model
 
 TARGETS = DEFAULT_TARGETS + (r"^visual/blocks/\d+/attn/qkv$", r"^compressor/gate/fc1$")
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emoqwen_jax.checkpoint import load_model, save_model
 from emoqwen_jax.convert import from_hf
+from emoqwen_jax.model_dir import load_model, save_model
 from emoqwen_jax.parallel import make_mesh
 from emoqwen_jax.parallel.rules import variable_sharding
 

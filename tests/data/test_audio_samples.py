@@ -120,8 +120,8 @@ def test_collate_pads_windows_to_a_bucket(media, acfg):
 
 def test_interleave_rule_sample(media, acfg):
     """'interleave': the clip block is <|vision_start|><|audio_bos|> [video chunk, audio chunk]… <|audio_eos|>
-    <|vision_end|>, and its positions follow layout_audio's rule."""
-    from emoqwen_jax import layout, layout_audio
+    <|vision_end|>, and its positions follow the interleave rule."""
+    from emoqwen_jax import layout
 
     acfg.audio.position_rule = "interleave"
     acfg.audio.interleave_seconds = 1.0
@@ -137,21 +137,21 @@ def test_interleave_rule_sample(media, acfg):
     assert ids[end - 1] == info.audio_eos_id
     body = ids[start + 2:end - 1]
     grid, spt = sample["video_grid_thw"][0], float(sample["second_per_grid_ts"][0])
-    chunks = layout_audio.interleave_chunks(grid, spt, 75, 1.0)
+    chunks = layout.interleave_chunks(grid, spt, 75, 1.0)
     expected = np.concatenate([[info.video_pad_id] * v + [info.audio_id] * a for v, a in chunks])
     np.testing.assert_array_equal(body, expected)
     assert len(chunks) == 3 and all(v > 0 and a == 25 for v, a in chunks)  # 3 s, frames and sound per second
     vision = layout.LayoutSpec(image_token_id=info.image_pad_id, video_token_id=info.video_pad_id,
                                vision_start_token_id=info.vision_start_id)
-    spec = layout_audio.AudioSpec(info.audio_id, info.audio_bos_id, info.audio_eos_id, window_frames=100,
+    spec = layout.AudioSpec(info.audio_id, info.audio_bos_id, info.audio_eos_id, window_frames=100,
                                   position_rule="interleave", interleave_seconds=1.0)
     out = layout.build_model_inputs(ids[None], None, None, None, sample["pixel_values_videos"],
                                     sample["video_grid_thw"], sample["second_per_grid_ts"], spec=vision,
                                     input_features=sample["input_features"],
                                     feature_attention_mask=sample["feature_attention_mask"],
                                     audio_lengths=sample["audio_lengths"], audio_spec=spec)
-    audio_pos = out["position_ids"][:, 0, ids == info.audio_id]
+    audio_pos = out.text.position_ids[:, 0, ids == info.audio_id]
     np.testing.assert_array_equal(audio_pos[0], audio_pos[1])
-    bos_pos = out["position_ids"][0, 0, start + 1]
+    bos_pos = out.text.position_ids[0, 0, start + 1]
     np.testing.assert_array_equal(audio_pos[0], bos_pos + 1 + np.floor(np.arange(75) * 0.04 * 2 + 1e-9))
-    np.testing.assert_array_equal(out["audio_token_index"][0, ids == info.audio_id], np.arange(75))
+    np.testing.assert_array_equal(out.audio.token_index[0, ids == info.audio_id], np.arange(75))

@@ -11,13 +11,13 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from emoqwen_jax.checkpoint import read_model_config, save_model
 from emoqwen_jax.cli import eval as eval_cli
 from emoqwen_jax.cli import forgetting as forgetting_cli
 from emoqwen_jax.eval.general.demo import build_demo_general
 from emoqwen_jax.eval.suites.report import read_report, write_report
 from emoqwen_jax.eval.suites.stage_eval import resolve_eval_suite, run_stage_eval
 from emoqwen_jax.model import EmotionQwen, ModelConfig
+from emoqwen_jax.model_dir import read_model_config, save_model
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
 
 COUNTS = {"mmbench": 3, "mme": 16, "pope": 12, "scienceqa": 2, "seedbench": 3, "textvqa": 2, "vqav2": 6}
@@ -214,7 +214,7 @@ def test_general_eval_suite_report_and_forgetting_on_uris(ckpt, demo, scratch, c
     """Benchmark roots, suite config, outputs and reports all on scratch:// (the test filesystem standing in for
     gs://): the demo writer, one general benchmark, a suite report (relative roots resolved against the
     config's URI; MMBench's image cache written there), the stage-eval suite form and a forgetting report."""
-    from emoqwen_jax import storage
+    from emoqwen_jax.runtime import storage
 
     suite_path = build_demo_general(storage.join(scratch, "general"), emotion_demo=str(demo))
     assert suite_path == "scratch://bucket/general/suite.json"

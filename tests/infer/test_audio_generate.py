@@ -55,7 +55,7 @@ def test_cached_decoding_equals_uncached_with_audio(audio_model):
     audio = dict(input_features=feats, feature_attention_mask=fmask, audio_lengths=lengths)
     ids, mask = left_pad(rows, 0)
     inputs = m.prepare_inputs(ids, mask, **audio)
-    logits, _, _ = prefill(m, {k: v for k, v in inputs.items() if k != "rope_deltas"}, cache_len=ids.shape[1] + 4)
+    logits, _, _ = prefill(m, inputs.replace(rope_deltas=None), cache_len=ids.shape[1] + 4)
     full = np.asarray(m(ids, attention_mask=mask, **audio).logits)
     # Two float32 paths (other attention shapes): measured 1.2e-6 of max|logit| here, 6e-7 for text-only rows of
     # the same sharpened model (audio adds an encoder, no cache-specific error). An element-wise bound (atol=1e-5)
@@ -81,12 +81,12 @@ def test_cached_decoding_equals_uncached_with_audio(audio_model):
 def test_describe_uses_the_clip_audio(audio_model, tmp_path, capsys):
     """A model directory with an audio encoder: describe's prompt carries the clip's audio block (and an
     audio-only file works), built by the training code's own processor."""
-    from emoqwen_jax.checkpoint import save_model
     from emoqwen_jax.cli.describe import main
     from emoqwen_jax.data.audio import write_audio
     from emoqwen_jax.data.demo import demo_clip
     from emoqwen_jax.data.demo_audio import demo_audio, write_demo_clip
     from emoqwen_jax.infer.session import Session
+    from emoqwen_jax.model_dir import save_model
 
     ckpt = save_model(audio_model, str(tmp_path / "ckpt"))
     clip = str(tmp_path / "clip.mp4")

@@ -22,8 +22,8 @@ def test_prefill_and_decode_match_uncached_forward(tiny):
                   video_grid_thw=np.array([grid]), second_per_grid_ts=np.array([1.5], np.float32))
     ids, mask = left_pad(rows, 0)
     inputs = tiny.prepare_inputs(ids, mask, **vision)
-    assert len(set(inputs["rope_deltas"].tolist())) == 2
-    logits, _, _ = prefill(tiny, {k: v for k, v in inputs.items() if k != "rope_deltas"}, cache_len=ids.shape[1] + 4)
+    assert len(set(inputs.text.rope_deltas.tolist())) == 2
+    logits, _, _ = prefill(tiny, inputs.replace(rope_deltas=None), cache_len=ids.shape[1] + 4)
     full = np.asarray(tiny(ids, attention_mask=mask, **vision).logits)
     assert_close_rel(logits, full[:, -1], 1e-5, what="prefill vs uncached forward")
 

@@ -111,16 +111,16 @@ def test_build_model_inputs_shapes_and_errors():
     pixels = O.pixels(grid, 0)
     out = layout.build_model_inputs(ids, mask, pixel_values_videos=pixels, video_grid_thw=[grid],
                                     second_per_grid_ts=[1.0], spec=SPEC, pad_patches_to=24, pad_items_to=2)
-    assert out["pixel_values"].shape == (24, 1176) and np.all(out["pixel_values"][16:] == 0)
-    np.testing.assert_array_equal(out["pixel_values"][:16], pixels)
-    assert out["position_ids"].shape == (3, 2, ids.shape[1]) and out["rope_deltas"].shape == (2,)
-    assert out["visual_token_index"].shape == ids.shape and out["input_ids"].dtype == np.int32
+    assert out.vision.pixel_values.shape == (24, 1176) and np.all(out.vision.pixel_values[16:] == 0)
+    np.testing.assert_array_equal(out.vision.pixel_values[:16], pixels)
+    assert out.text.position_ids.shape == (3, 2, ids.shape[1]) and out.text.rope_deltas.shape == (2,)
+    assert out.text.visual_token_index.shape == ids.shape and out.text.input_ids.dtype == np.int32
     # Explicit position ids are taken as given; rope deltas follow HF's definition (max + 1 - L).
     given = np.broadcast_to(np.arange(ids.shape[1]), (3, *ids.shape)) + 5
     out = layout.build_model_inputs(ids, mask, pixel_values_videos=pixels, video_grid_thw=[grid], spec=SPEC,
                                     position_ids=given)
-    np.testing.assert_array_equal(out["position_ids"], given)
-    np.testing.assert_array_equal(out["rope_deltas"], [5, 5])
+    np.testing.assert_array_equal(out.text.position_ids, given)
+    np.testing.assert_array_equal(out.text.rope_deltas, [5, 5])
 
     with pytest.raises(ValueError, match=r"input_ids must be int\[B, L\], got shape \(7,\)"):
         layout.build_model_inputs(ids[0, :7], spec=SPEC)

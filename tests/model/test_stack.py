@@ -34,9 +34,9 @@ def _batch(model):
     mask = (np.arange(len(row))[None] < np.array([[len(row)], [14]])).astype(np.int32)
     ids[1, 14:] = 0
     pix = rng.standard_normal((2 * int(np.prod(grid)), cfg.vision.patch_dim)).astype(np.float32)
-    batch = model.prepare_inputs(ids, mask, None, None, pix, np.array([grid, grid]), [1.0, 1.0])
-    batch["labels"] = np.where(mask > 0, ids, -100).astype(np.int32)
-    return {k: jnp.asarray(v) for k, v in batch.items()}
+    batch = model.prepare_inputs(ids, mask, None, None, pix, np.array([grid, grid]), [1.0, 1.0],
+                                 labels=np.where(mask > 0, ids, -100))
+    return jax.tree.map(jnp.asarray, batch)
 
 
 def _loss_and_grads(model, batch):

@@ -18,6 +18,7 @@ from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
+from config_files import optimizer_config
 
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
 
@@ -83,15 +84,15 @@ def test_frozen_experts_stay_bit_identical_inside_a_trained_stacked_leaf():
     params = nnx.to_pure_dict(state)
     trainable = stage_trainable(params, sc, mc)
     assert trainable.expert_masks["compressor/experts/mlp_0_kernel"] == (False, True, True, True)
-    tx, schedule = make_optimizer({"learning_rate": 1e-2, "warmup_fraction": 0.0, "weight_decay": 0.1}, 10,
+    tx, schedule = make_optimizer(optimizer_config(learning_rate=1e-2, warmup_fraction=0.0), 10,
                                   trainable)
     step = jax.jit(make_train_step(graphdef, tx, trainable, schedule))
     rng = np.random.default_rng(0)
     grid = np.array([[1, 4, 4]])
     ids = np.array([[5, mc.vision_start_token_id, *[mc.image_token_id] * 4, mc.vision_end_token_id, 7, 9]], np.int32)
-    batch = model.prepare_inputs(ids, np.ones_like(ids), rng.standard_normal((16, 1176)).astype(np.float32), grid)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    batch["labels"] = jnp.asarray(ids)
+    batch = model.prepare_inputs(ids, np.ones_like(ids), rng.standard_normal((16, 1176)).astype(np.float32), grid,
+                                 labels=ids)
+    batch = jax.tree.map(jnp.asarray, batch)
     s0 = init_state(params, tx, 0)
     s1, metrics = step(s0, batch)
     s2, _ = step(s1, batch)
@@ -118,12 +119,12 @@ def test_adam_moments_keep_the_expert_sharding_and_shrink_with_the_expert_axis()
     for expert in (1, 2, 4, 8):
         config.mesh.update(data=8 // expert, fsdp=1, expert=expert, tensor=1)
         mesh = make_mesh(dict(config.mesh))
-        mc, _, _, init = build_train_step(config, "stage1_align")
+        mc, _, built = build_train_step(config, "stage1_align")
         abstract = nnx.eval_shape(lambda mc=mc: EmotionQwen(mc, rngs=nnx.Rngs(0)))
         pshard = pure_param_shardings(abstract, mesh)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               abstract_params(mc), pshard)
-        shapes = jax.eval_shape(init, params)
+        shapes = jax.eval_shape(built.init, params)
         shardings = state_shardings(shapes, pshard, mesh)
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
         moments = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)

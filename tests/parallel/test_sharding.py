@@ -65,8 +65,7 @@ def make_batch(mc, batch_size: int = 8) -> dict:
     batch = model.prepare_inputs(
         ids, mask, rng.standard_normal((int(img.prod(-1).sum()), 1176)).astype(np.float32), img,
         rng.standard_normal((int(vid.prod(-1).sum()), 1176)).astype(np.float32), vid, [1.0] * len(vid),
-        pad_patches_to=256, pad_items_to=8)
-    batch["labels"] = np.where(mask > 0, ids, -100).astype(np.int32)
+        pad_patches_to=256, pad_items_to=8, labels=np.where(mask > 0, ids, -100))
     return batch
 
 
@@ -123,7 +122,7 @@ def test_sharded_loss_and_grads_equal_single_device(mode):
     mc = tiny_config(mode)
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
     batch = make_batch(mc)
-    ref_loss, ref_metrics, ref_grads = _step(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    ref_loss, ref_metrics, ref_grads = _step(model, jax.tree.map(jnp.asarray, batch))
     ref_flat = jax.tree.leaves(nnx.to_pure_dict(ref_grads))
     if mode != "paper":
         assert float(ref_metrics["aux_loss"]) > 0

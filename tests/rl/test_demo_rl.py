@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from rl_configs import ROOT
+from config_files import ROOT
 
 from emoqwen_jax.rl.rewards import RewardInput, accuracy, format_reward
 

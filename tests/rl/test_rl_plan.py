@@ -5,8 +5,8 @@ import sys
 
 import jax
 import numpy as np
+from config_files import ROOT
 from flax import nnx
-from rl_configs import ROOT
 
 from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.rl.plan import rl_plan

@@ -12,8 +12,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from config_files import ROOT
 from flax import nnx
-from rl_configs import ROOT, write_rl_config
+from rl_configs import write_rl_config
 from test_rl_sharded import ADAM_EPS
 from test_rl_stage import PER_STEP, metric_rows
 

@@ -6,11 +6,12 @@ import os
 
 import jax
 import numpy as np
+from config_files import load_config
 from flax import nnx
-from rl_configs import load_rl_config, write_rl_config
+from rl_configs import write_rl_config
 from test_rl_stage import PER_STEP
 
-from emoqwen_jax.checkpoint import load_model
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.rl.stage import run_rl_stage
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
@@ -22,7 +23,7 @@ ADAM_EPS = "c.stages.stage4_rl.optimizer.eps = 1e-3\n"
 
 
 def _run(tmp_path, demo_dir, name, mesh_lines):
-    config = load_rl_config(write_rl_config(tmp_path / f"{name}.py", demo_dir, steps=1, extra=mesh_lines + ADAM_EPS))
+    config = load_config(write_rl_config(tmp_path / f"{name}.py", demo_dir, steps=1, extra=mesh_lines + ADAM_EPS))
     workdir = str(tmp_path / name)
     train_and_evaluate(config, workdir, stage_runners={"rl": run_rl_stage})
     params = nnx.to_pure_dict(nnx.state(load_model(os.path.join(workdir, "stages", "stage4_rl")), nnx.Param))
@@ -43,11 +44,11 @@ def test_one_round_on_fsdp2_data2_equals_one_device(tmp_path, rl_demo_dir):
 
 
 def test_an_rl_round_with_lora_runs_and_saves_the_adapters(tmp_path, rl_demo_dir):
-    from emoqwen_jax.checkpoint import read_model_config
+    from emoqwen_jax.model_dir import read_model_config
 
     lora = ("s.lora.enabled = True\ns.lora.rank = 4\ns.lora.dropout = 0.0\ns.trainable = ()\n"
             "s.trainable_roles = ()\nc.mesh.num_devices = 1\n")
-    config = load_rl_config(write_rl_config(tmp_path / "lora.py", rl_demo_dir, steps=1, extra=lora))
+    config = load_config(write_rl_config(tmp_path / "lora.py", rl_demo_dir, steps=1, extra=lora))
     workdir = str(tmp_path / "lora")
     summary = train_and_evaluate(config, workdir, stage_runners={"rl": run_rl_stage})
     row = read_metrics(workdir)[-1]

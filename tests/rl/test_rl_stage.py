@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from rl_configs import ROOT, write_rl_config
+from config_files import ROOT
+from rl_configs import write_rl_config
 
 from emoqwen_jax.train.trainer import train_and_evaluate
 

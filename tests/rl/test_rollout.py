@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
+from config_files import ROOT
 from flax import nnx
-from rl_configs import ROOT
 
 from emoqwen_jax.data.manifests import load_manifest
 from emoqwen_jax.data.pipeline import Collate

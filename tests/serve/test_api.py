@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from serve_helpers import API_KEY, Running, data_url, parse_sse
 
+from emoqwen_jax.infer.gate_timeline import gate_over_time
 from emoqwen_jax.infer.generate import prefill
 
 DFEW_QUESTION = ("<video>\nWhat is the emotion of the person in this video? Choose one of: happy, sad, neutral, "
@@ -97,6 +98,20 @@ def test_emotion_scores_are_the_first_token_probabilities(running, client, media
     gates = np.asarray(out["gate_weights"])
     assert gates.shape[0] == 1 and np.allclose(gates.sum(axis=1), 1.0, atol=1e-5)
     assert isinstance(out["description"], str) and out["usage"]["completion_tokens"] > 0
+    assert "gate_timeline" not in out  # only on request: it costs one more ViT pass
+
+
+def test_emotion_gate_timeline_gives_one_row_per_temporal_group(running, client, media_root):
+    r = client.post("/v1/emotion", json={"video": f"file://{media_root}/clip.mp4", "gate_timeline": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    session = running.server.session
+    prompt = session.prompt(DFEW_QUESTION, [("video", str(media_root / "clip.mp4"))])
+    want = gate_over_time(session, prompt)
+    got = np.asarray(out["gate_timeline"]["weights"])
+    assert got.shape == want.shape == (2, len(out["gate_weights"][0]))  # 4 frames, 2 per temporal group
+    assert np.max(np.abs(got - want)) <= 1e-5  # the JSON rounds to 6 decimals
+    assert out["gate_timeline"]["times"] == [out["frames"][0], out["frames"][2]]
 
 
 def test_emotion_with_words_an_image_and_a_stream(client, media_root):

@@ -53,7 +53,13 @@ def test_page_labels_a_dropped_clip_like_the_api(running, client, media_root, br
     assert list(shown) == list(api["scores"])
     np.testing.assert_allclose(list(shown.values()), list(api["scores"].values()), atol=1e-3)  # shown as 0.xxx
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#frames canvas")) == len(api["frames"]))
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#gates .gate")) == len(api["gate_weights"])
+    api_timeline = client.post("/v1/emotion", json={"video": f"file://{media_root}/clip.mp4",
+                                                     "gate_timeline": True}).json()["gate_timeline"]
+    moments = browser.find_elements(By.CSS_SELECTOR, "#gates .gate.moment")
+    assert len(moments) == len(api_timeline["weights"]) == 2
+    shown_at = [float(m.find_element(By.TAG_NAME, "span").text.removesuffix(" s")) for m in moments]
+    np.testing.assert_allclose(shown_at, api_timeline["times"], atol=0.005 + 1e-9)  # shown with 2 decimals
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gates .gate:not(.moment)")) == len(api["gate_weights"])
     assert browser.find_element(By.ID, "description").text.strip()
     shot = tmp_path / "page.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

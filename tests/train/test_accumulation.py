@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_files import optimizer_config
 from flax import nnx
 from tiny_model import tiny_model
 
@@ -16,8 +17,8 @@ from emoqwen_jax.train.step import init_state, make_train_step
 
 B1 = 0.9
 # No clipping, no decay: Adam's first moment after an update from zero is exactly (1 - b1) x the gradient.
-OPT = {"learning_rate": 1e-2, "warmup_fraction": 0.0, "weight_decay": 0.0, "b1": B1, "b2": 0.95,
-       "clip_norm": 1e9, "grad_accum": 2}
+OPT = optimizer_config(learning_rate=1e-2, warmup_fraction=0.0, weight_decay=0.0, b1=B1, b2=0.95, clip_norm=1e9,
+                       grad_accum=2)
 GRID = (1, 4, 4)  # one image per row pair: 16 patches, 4 merged tokens
 
 

@@ -3,11 +3,12 @@ with the LLM; the encoder (frozen by default) and Whisper's positions never chan
 
 import jax
 import numpy as np
+from config_files import load_config
 from flax import nnx
-from train_configs import load_config, write_config
+from train_configs import write_config
 
-from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.model import ModelConfig
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import init_params, train_and_evaluate
 

@@ -58,8 +58,8 @@ def _batch(mc, grids):
     pix = lambda g: rng.standard_normal((int(np.prod(np.array(g), -1).sum()), 1176)).astype(np.float32) if g else None  # noqa: E731
     model = nnx.eval_shape(lambda: EmotionQwen(mc, rngs=nnx.Rngs(0)))
     batch = model.prepare_inputs(ids, mask, pix(images), np.array(images) if images else None, pix(videos),
-                                 np.array(videos) if videos else None, [1.0] * len(videos) if videos else None)
-    batch["labels"] = np.where(mask > 0, ids, -100).astype(np.int32)
+                                 np.array(videos) if videos else None, [1.0] * len(videos) if videos else None,
+                                 labels=np.where(mask > 0, ids, -100))
     return batch
 
 
@@ -93,6 +93,6 @@ def test_segment_pairs_and_count_only_formula():
     # for a single un-padded video whose windows are all full.
     batch = _batch(mc, ((4, 8, 8),))
     exact = flops.batch_train_flops(mc, batch)
-    approx = flops.train_flops(mc, tokens=int(batch["attention_mask"].sum()), patches=256, window_tokens=16,
+    approx = flops.train_flops(mc, tokens=int(batch.text.attention_mask.sum()), patches=256, window_tokens=16,
                                frame_tokens=64, items=1)
     assert approx == pytest.approx(exact, rel=1e-9)

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from train_configs import ROOT, write_config
+from config_files import ROOT
+from train_configs import write_config
 
 
 def _free_port() -> int:

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_files import optimizer_config
 from tiny_model import tiny_model
 
 from emoqwen_jax.train.optim import make_optimizer, updates_applied
 from emoqwen_jax.train.step import init_state, make_train_step
 
 HEAD = r"^language_model/lm_head/"
-SIGN_ADAM = {"b1": 0.0, "b2": 0.0, "eps": 1e-12, "weight_decay": 0.0, "clip_norm": 1e9}
+SIGN_ADAM = optimizer_config(b1=0.0, b2=0.0, eps=1e-12, weight_decay=0.0, clip_norm=1e9)
 
 
 @pytest.fixture(scope="module")

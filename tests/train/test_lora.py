@@ -9,18 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_files import load_config
 from flax import nnx
-from train_configs import load_config, write_config
+from train_configs import write_config
 
-from emoqwen_jax.checkpoint import load_model, read_model_config, save_model
 from emoqwen_jax.cli.convert import main as convert_main
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad
 from emoqwen_jax.model import EmotionQwen, ModelConfig, abstract_model
 from emoqwen_jax.model.lora import ADAPTER_PATTERN, LoRAConfig, apply_lora, dropout_key, lora_modules, merge_lora
 from emoqwen_jax.model.sharding import axis_rules
+from emoqwen_jax.model_dir import load_model, read_model_config, save_model
 from emoqwen_jax.parallel import DEFAULT_RULES, make_mesh, shard_batch, shard_model
 from emoqwen_jax.train.loss import loss_fn
 from emoqwen_jax.train.optim import make_optimizer, stage_trainable
+from emoqwen_jax.train.plan import build_train_step
 from emoqwen_jax.train.trainer import init_params, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +58,7 @@ def _text_inputs(model):
 def test_zero_b_is_exactly_the_base_model_and_merge_matches_adapters():
     mc = tiny_config("paper")
     model = EmotionQwen(mc, rngs=nnx.Rngs(0))
-    batch = {k: jnp.asarray(v) for k, v in make_batch(mc, 4).items()}
+    batch = jax.tree.map(jnp.asarray, make_batch(mc, 4))
     logits = nnx.jit(lambda m, b: m.forward(b).logits)
     base = np.asarray(logits(model, batch))
     paths = apply_lora(model, CFG, rngs=nnx.Rngs(1))
@@ -85,7 +87,7 @@ def test_targets_errors_and_dropout():
         apply_lora(model, CFG)
     _randomize_b(model, 1)
     ids, mask = _text_inputs(model)
-    batch = {k: jnp.asarray(v) for k, v in model.prepare_inputs(ids, mask).items()}
+    batch = jax.tree.map(jnp.asarray, model.prepare_inputs(ids, mask))
     run = nnx.jit(lambda m, b, k: m.forward(b).logits if k is None else _with_key(m, b, k))
     plain = run(model, batch, None)
     k1, k2 = jax.random.key(1), jax.random.key(2)
@@ -108,7 +110,7 @@ def _with_key(model, batch, key):
 
 
 def _grad_with_key(model, batch, key):
-    batch = dict(batch, labels=jnp.where(batch["attention_mask"] > 0, batch["input_ids"], -100))
+    batch = batch.replace(labels=jnp.where(batch.text.attention_mask > 0, batch.text.input_ids, -100))
     with dropout_key(key):
         return nnx.value_and_grad(lambda m: loss_fn(m, batch)[0])(model)
 
@@ -161,7 +163,7 @@ def test_sharded_lora_loss_and_grads_equal_single_device(mode):
     _randomize_b(model, 2)
     batch = make_batch(mc, 4)  # fsdp * expert = 4 batch shards
     step = nnx.jit(lambda m, b: nnx.value_and_grad(lambda m_: loss_fn(m_, b)[0])(m))
-    ref_loss, ref_grads = step(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    ref_loss, ref_grads = step(model, jax.tree.map(jnp.asarray, batch))
     mesh = make_mesh(dict(fsdp=2, expert=2, tensor=2))
     sharded = shard_model(nnx.clone(model), mesh)
     a = sharded.language_model.layers[0].self_attn.q_proj.lora_a[...]
@@ -224,6 +226,13 @@ def test_trainer_lora_stage_freezes_base_and_merge_lora_cli(tmp_path, demo_dir):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(ref), err_msg=str(keys))  # bit-identical base
     assert len(changed) == 16
     assert float(jnp.abs(trained.language_model.layers[0].self_attn.q_proj.lora_b[...]).max()) > 0
+    # emoqwen-plan compiles the step this stage trained (one builder): the same trainable set, the adapters.
+    _, abstract, built = build_train_step(config, "stage3_lora")
+    adapters = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(after)
+                   if getattr(path[-1], "key", None) in ("lora_a", "lora_b"))
+    last = summary["stages"]["stage3_lora"]
+    assert last["trainable_params"] == built.trainable.count(_pure(abstract)) == adapters
+    assert last["trained_leaves"] == len(built.trainable.paths) == 16
     # merge-lora: a plain model directory with the same logits (float32, 1e-5).
     out = tmp_path / "merged"
     assert convert_main(["merge-lora", "--ckpt", stage_dir, "--out", str(out)]) == 0

@@ -3,7 +3,8 @@ one data shard per process), and a layout that cannot work stops before any comp
 
 import numpy as np
 import pytest
-from train_configs import load_config, write_config
+from config_files import load_config
+from train_configs import write_config
 
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate

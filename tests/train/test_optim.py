@@ -28,6 +28,7 @@ from emoqwen_jax.train.optim import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
+from config_files import optimizer_config
 
 LR = optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=8)
 HYPER = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
@@ -225,8 +226,7 @@ def test_one_update_equals_optax_adamw_with_the_same_mask(mode):
     patterns = (r"^(compressor|language_model|visual)/",) + ((r"^audio_(projector|gate_proj)/",) if mode == "audio"
                                                             else ())
     trainable = select_trainable(params, patterns, expert_names=mc.expert_names, expert_roles=mc.expert_roles)
-    opt = {"learning_rate": 3e-2, "warmup_fraction": 0.0, "weight_decay": 0.5, "b1": 0.8, "b2": 0.9,
-           "clip_norm": 5.0}
+    opt = optimizer_config(learning_rate=3e-2, warmup_fraction=0.0, weight_decay=0.5, b1=0.8, b2=0.9, clip_norm=5.0)
     ours, lr = make_optimizer(opt, 10, trainable)
     ref = optax.multi_transform(
         {"trainable": optax.chain(optax.clip_by_global_norm(5.0),

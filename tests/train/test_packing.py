@@ -113,7 +113,8 @@ def test_packed_flops_count_pairs_within_samples(setup):
 
 @pytest.mark.slow
 def test_metrics_log_the_real_token_fraction(tmp_path, demo_dir):
-    from train_configs import load_config, write_config
+    from config_files import load_config
+    from train_configs import write_config
 
     from emoqwen_jax.train.metrics import read_metrics
     from emoqwen_jax.train.trainer import train_and_evaluate

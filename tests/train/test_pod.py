@@ -20,11 +20,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from config_files import ROOT, load_config
 from flax import nnx
-from train_configs import ROOT, load_config, write_config
+from train_configs import write_config
 
-from emoqwen_jax.checkpoint import load_model
 from emoqwen_jax.model import ModelConfig
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import init_params
 

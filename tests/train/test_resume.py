@@ -20,11 +20,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from config_files import ROOT, load_config
 from flax import nnx
 from tolerance import assert_close_rel
-from train_configs import ROOT, load_config, write_config
+from train_configs import write_config
 
-from emoqwen_jax.checkpoint import load_model
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.train.trainer import train_and_evaluate
 
 STEPS = 8  # per stage; checkpoints every 2 steps
@@ -242,7 +243,7 @@ def test_resume_refuses_a_changed_data_layout(tmp_path, demo_dir, monkeypatch):
 
 
 def test_data_layout_check_names_the_process_count():
-    from emoqwen_jax.train.checkpoint import check_data_layout, data_layout
+    from emoqwen_jax.train.run_state import check_data_layout, data_layout
 
     saved = data_layout(4, 2)
     assert saved["shard_ids"] == [[0, 1], [2, 3]]

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_files import ROOT, load_config, optimizer_config
 from flax import nnx
-from train_configs import ROOT, load_config, write_config
+from train_configs import write_config
 
-from emoqwen_jax.checkpoint import load_model
+from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
 
@@ -94,11 +95,11 @@ def _tiny_step(patterns, opt):
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     labels = select_trainable(params, patterns, expert_names=mc.expert_names, expert_roles=mc.expert_roles)
+    opt = optimizer_config(**opt)
     tx, schedule = make_optimizer(opt, 10, labels)
-    step = jax.jit(make_train_step(graphdef, tx, labels, schedule, grad_accum=int(opt.get("grad_accum", 1))))
+    step = jax.jit(make_train_step(graphdef, tx, labels, schedule, grad_accum=int(opt["grad_accum"])))
     ids = np.arange(1, 9, dtype=np.int32).reshape(1, 8)
-    batch = {k: jnp.asarray(v) for k, v in model.prepare_inputs(ids).items()}
-    batch["labels"] = jnp.asarray(ids)
+    batch = jax.tree.map(jnp.asarray, model.prepare_inputs(ids, labels=ids))
     return params, batch, tx, step
 
 

@@ -20,8 +20,8 @@ import json
 import re
 from typing import Sequence
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.manifests import BENCHMARK_CLASSES, BENCHMARK_COLUMNS, benchmark_prompt
+from emoqwen_jax.runtime import storage
 
 NUM_FOLDS = 5
 

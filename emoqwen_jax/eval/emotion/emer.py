@@ -26,9 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion.benchmarks import read_predictions
 from emoqwen_jax.eval.parse import WORDS, LabelParser
+from emoqwen_jax.runtime import storage
 
 # The default question of emoqwen-describe and of EMER runs.
 REASONING_PROMPT = ("Please analyse the emotional state of the person in this video. Describe the facial "

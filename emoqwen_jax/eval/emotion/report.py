@@ -17,10 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion.benchmarks import Benchmark, read_labels, read_predictions, resolve_classes
 from emoqwen_jax.eval.emotion.scores import INVALID, Scores, score
 from emoqwen_jax.eval.parse import LabelParser
+from emoqwen_jax.runtime import storage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,6 @@ from typing import Sequence
 import jax
 from tqdm import tqdm
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.manifests import VIDEO_EXTENSIONS, resolve_path
 from emoqwen_jax.data.reasons import Rejected
 from emoqwen_jax.eval.emotion import emer
@@ -27,6 +26,7 @@ from emoqwen_jax.infer.engine import SamplingParams
 from emoqwen_jax.infer.feed import complete_in_order
 from emoqwen_jax.infer.generate import SamplingConfig
 from emoqwen_jax.infer.session import Session
+from emoqwen_jax.runtime import storage
 
 
 def find_video(video_root: str, clip: str) -> str | None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.choice import parse_yes_no_by
 from emoqwen_jax.eval.emotion.benchmarks import read_predictions
 from emoqwen_jax.eval.general import data as vl_data
 from emoqwen_jax.eval.general import scores as vl_scores
 from emoqwen_jax.eval.general.data import VLItem
+from emoqwen_jax.runtime import storage
 
 # Image settings of the general benchmarks, the same for every model: qwen-vl-utils' image pixel range (the
 # Qwen2.5-VL processor defaults), no prompt-length cap. Videos keep the emotion benchmarks' settings.

@@ -1,5 +1,5 @@
 """Readers for the general vision-language benchmarks, each from its PUBLISHED annotation layout in a folder
-(a local path or a URI such as ``gs://bucket/MME``, read through ``emoqwen_jax.storage``; nothing is
+(a local path or a URI such as ``gs://bucket/MME``, read through ``emoqwen_jax.runtime.storage``; nothing is
 downloaded), into one item list the runner answers and the scorers score.
 
 Layouts (``root`` is the folder a user points ``--root`` / the suite config at; file names can be overridden):
@@ -36,8 +36,8 @@ import os
 import sys
 from typing import Any
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.choice import LETTERS
+from emoqwen_jax.runtime import storage
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."

@@ -19,7 +19,7 @@ import io
 import json
 import os
 
-from emoqwen_jax import storage
+from emoqwen_jax.runtime import storage
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")

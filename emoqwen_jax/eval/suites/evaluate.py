@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion.benchmarks import EMER_MAX_NEW_TOKENS, EVAL_MAX_NEW_TOKENS
 from emoqwen_jax.eval.general.benchmarks import GENERAL_MAX_NEW_TOKENS
 from emoqwen_jax.eval.suites import registry as suites
 from emoqwen_jax.eval.suites.report import write_report
+from emoqwen_jax.runtime import storage
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ decoding) are flagged: their deltas mix the model change with the settings chang
 
 from __future__ import annotations
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.suites.report import flatten_metrics, headline_value
+from emoqwen_jax.runtime import storage
 
 _COMPARED_SETTINGS = ("data", "sampling", "prompts", "overrides")
 

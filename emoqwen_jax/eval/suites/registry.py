@@ -24,11 +24,11 @@ import os
 import sys
 from typing import Any, Sequence
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.emotion import benchmarks
 from emoqwen_jax.eval.emotion.emer import REASONING_PROMPT
 from emoqwen_jax.eval.general import benchmarks as general
 from emoqwen_jax.eval.general.data import MC_INSTRUCTION, SHORT_ANSWER, load_json
+from emoqwen_jax.runtime import storage
 
 SUITES = ("general", "emotion", "all")
 EMOTION_BENCHMARKS = (*benchmarks.BENCHMARKS, "emer")

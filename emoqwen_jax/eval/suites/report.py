@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from emoqwen_jax import storage
 from emoqwen_jax.eval.general.data import load_json
+from emoqwen_jax.runtime import storage
 
 REPORT_FORMAT = "emoqwen_jax.eval.emotion.report"
 # Keys of a benchmark result that are bookkeeping, not metrics.

@@ -27,9 +27,9 @@ import json
 import tempfile
 from typing import Any, Iterator
 
-from emoqwen_jax import storage
 from emoqwen_jax.data.demo import DEMO_PLACEHOLDER, build_demo, demo_root, fill_demo
 from emoqwen_jax.eval.suites.report import flatten_metrics
+from emoqwen_jax.runtime import storage
 
 
 def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
@@ -47,7 +47,7 @@ def resolve_eval_suite(eval_suite: Any) -> tuple[list[dict], dict]:
     if isinstance(eval_suite, str):
         path, suite = _suite_and_list(eval_suite)
         return suites.load_suite(path, suite or "all")
-    specs = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in eval_suite]
+    specs = [dict(s) for s in eval_suite]
     suites.check_specs(specs)
     return specs, {}
 
@@ -94,9 +94,9 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
     folder that is then deleted."""
     import jax
 
-    from emoqwen_jax.checkpoint import read_model_config
     from emoqwen_jax.eval.emotion.benchmarks import EVAL_MAX_NEW_TOKENS
     from emoqwen_jax.eval.suites.evaluate import evaluate
+    from emoqwen_jax.model_dir import read_model_config
 
     stage = config.stages[stage_name]
     specs, suite_sets = resolve_eval_suite(stage.get("eval_suite", ()))
@@ -117,7 +117,7 @@ def run_stage_eval(config: Any, stage_name: str, model_dir: str, workdir: str, w
 
         mesh = make_mesh(config.mesh)
     eval_set = stage.get("eval_set", None)
-    overrides = {**suite_sets, **(eval_set.to_dict() if hasattr(eval_set, "to_dict") else dict(eval_set or {}))}
+    overrides = {**suite_sets, **(eval_set.to_dict() if eval_set is not None else {})}
     _, meta = read_model_config(model_dir)
     with _report_dir(storage.join(workdir, "eval", stage_name)) as out_dir:
         report = evaluate(model_dir, specs, out_dir, overrides=overrides, suite=f"stage {stage_name}",

@@ -105,7 +105,27 @@ function itemName(kind, item, times) {
   return kind === "image" ? "image" : `item ${item}`;
 }
 
-function drawGates(gates, kind, times) {
+function gateRow(label, weights, className) {
+  const row = document.createElement("div");
+  row.className = className;
+  const name = document.createElement("span");
+  name.textContent = label;
+  const stack = document.createElement("div");
+  stack.className = "stack";
+  weights.forEach((w, e) => {
+    const part = document.createElement("div");
+    part.style.width = `${(100 * w).toFixed(1)}%`;
+    part.style.background = GATE_COLOURS[e % GATE_COLOURS.length];
+    part.title = `expert ${e}: ${w.toFixed(3)}`;
+    stack.append(part);
+  });
+  row.append(name, stack);
+  return row;
+}
+
+function drawGates(gates, kind, times, timeline) {
+  // One row per image or clip (the weights the model used), then, for a clip, one row per temporal patch
+  // group: the gate applied to that moment alone.
   const box = $("gates");
   box.replaceChildren();
   if (!gates || !gates.length) {
@@ -120,22 +140,15 @@ function drawGates(gates, kind, times) {
     legend.append(s);
   });
   box.append(legend);
-  gates.forEach((weights, item) => {
-    const row = document.createElement("div");
-    row.className = "gate";
-    const name = document.createElement("span");
-    name.textContent = itemName(kind, item, times);
-    const stack = document.createElement("div");
-    stack.className = "stack";
-    weights.forEach((w, e) => {
-      const part = document.createElement("div");
-      part.style.width = `${(100 * w).toFixed(1)}%`;
-      part.style.background = GATE_COLOURS[e % GATE_COLOURS.length];
-      part.title = `expert ${e}: ${w.toFixed(3)}`;
-      stack.append(part);
-    });
-    row.append(name, stack);
-    box.append(row);
+  gates.forEach((weights, item) => box.append(gateRow(itemName(kind, item, times), weights, "gate")));
+  if (!timeline || !timeline.weights.length) return;
+  const title = document.createElement("p");
+  title.className = "hint";
+  title.textContent = "over time (each moment's frames alone):";
+  box.append(title);
+  timeline.weights.forEach((weights, g) => {
+    const at = timeline.times[g] === undefined ? `moment ${g}` : `${timeline.times[g].toFixed(2)} s`;
+    box.append(gateRow(at, weights, "gate moment"));
   });
 }
 
@@ -168,7 +181,7 @@ async function analyse(file) {
   if (objectUrl) URL.revokeObjectURL(objectUrl);
   objectUrl = URL.createObjectURL(file);
   setStatus(`sending ${file.name} ...`);
-  const body = { labels: $("labels").value, describe: $("describe").checked, stream: true };
+  const body = { labels: $("labels").value, describe: $("describe").checked, stream: true, gate_timeline: true };
   body[kind] = await readAsDataUrl(file);
   if ($("subtitle").value.trim()) body.subtitle = $("subtitle").value.trim();
   const headers = { "Content-Type": "application/json" };
@@ -190,7 +203,7 @@ async function analyse(file) {
     if (event.object === "emotion.frames") { times = event.frames; framesDrawn = drawFrames(kind, times); }
     else if (event.object === "emotion.scores") {
       drawScores(event.label, event.scores);
-      drawGates(event.gate_weights, kind, times);
+      drawGates(event.gate_weights, kind, times, event.gate_timeline);
     }
     else if (event.object === "emotion.delta") $("description").textContent += event.delta;
     else if (event.object === "emotion.done") {

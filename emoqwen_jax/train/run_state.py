@@ -1,11 +1,12 @@
-"""Orbax checkpoints of a run: train state, metadata (stage, steps, config) and the data iterators' state.
+"""A run's state on disk: orbax checkpoints of the train state, metadata (stage, steps, config) and the data
+iterators' state.
 
     workdir/checkpoints/<global step>/{state, meta, data}   every ``config.checkpoint.every_steps`` (async)
     workdir/stages/<stage name>/                           each finished stage's weights (a model directory)
 
 Every stage also checkpoints its final step (meta ``stage_step`` == the stage's micro-step count), before its
 weights are written: a run stopped between the two finishes the stage from that checkpoint without training.
-``workdir`` may be a URI (``gs://…``, see ``emoqwen_jax.storage``); all hosts must see the same one.
+``workdir`` may be a URI (``gs://…``, see ``emoqwen_jax.runtime.storage``); all hosts must see the same one.
 
 Resume order (read by the trainer): latest checkpoint -> its stage -> rebuild that stage's optimiser ->
 restore state into the stage's abstract shapes and shardings -> restore the data iterators -> continue at the
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 import grain
 import orbax.checkpoint as ocp
 
-from emoqwen_jax import storage
+from emoqwen_jax.runtime import storage
 
 
 def data_layout(num_shards: int, process_count: int) -> dict:
