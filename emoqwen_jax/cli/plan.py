@@ -7,6 +7,10 @@ and print its per-device memory and FLOPs.
   emoqwen-plan --config=configs/emotion_qwen.py:tiny --num_devices=8 --num_slices=2 --config.mesh.dcn_data=2 \
       --config.mesh.fsdp=-1 --config.mesh.data=1 --frames=4 --frame_size=112
   emoqwen-plan --config=configs/emotion_qwen.py:7b --serve --max_batch 32 --max_len 8192
+  emoqwen-plan --config=configs/emotion_qwen.py:7b --stage stage4_rl --num_devices 64 --device_memory_gb 80
+
+``--stage stage4_rl`` (a stage of kind 'rl') plans the RL stage instead (``rl.plan.rl_plan``): policy, optimiser
+state, reference and the rollouts' KV cache per device, from abstract shapes.
 
 ``--serve`` plans the generation engine instead (``train.plan.serve_plan``): weights, KV cache and
 activation bytes per device, and whether they fit ``--device_memory_gb`` (default 80) with 10 % to spare.
@@ -82,6 +86,13 @@ def main(argv: list[str] | None = None) -> None:
                             dtype=args.dtype, frames=args.frames, frame_size=args.frame_size, length=args.length,
                             device_memory_gb=args.device_memory_gb or 80.0)
         print(format_serve_table(report))
+        print(json.dumps(report))
+        return
+    if config.stages[args.stage].get("kind") == "rl":  # per-device parts of an RL stage (emoqwen_jax.rl.plan)
+        from emoqwen_jax.rl.plan import format_rl_table, rl_plan  # noqa: PLC0415
+
+        report = rl_plan(config, num_devices=devices, stage=args.stage, device_memory_gb=args.device_memory_gb or 0.0)
+        print(format_rl_table(report))
         print(json.dumps(report))
         return
     if args.frame_block >= 0:

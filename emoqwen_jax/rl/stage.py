@@ -25,6 +25,7 @@ run's initial weights), so it is not stored again.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zlib
 from typing import Any
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from emoqwen_jax.data import data_config
 from emoqwen_jax.data.pipeline import (
@@ -48,7 +50,7 @@ from emoqwen_jax.data.tokenizer import tokenizer_info
 from emoqwen_jax.infer.session import Session
 from emoqwen_jax.model.emotion_qwen import audio_spec
 from emoqwen_jax.model.sharding import axis_rules
-from emoqwen_jax.parallel import check_divisibility
+from emoqwen_jax.parallel import check_divisibility, make_mesh
 from emoqwen_jax.parallel.rules import batch_sharding
 from emoqwen_jax.rl.grpo import NORMALIZATIONS, group_advantages, policy_loss
 from emoqwen_jax.rl.rewards import RewardInput, check_rewards, score
@@ -169,7 +171,47 @@ def _mean(passes: list[dict], key: str) -> float:
 
 
 def _on_mesh(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    return {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}
+    """This process's rows (its data shards, in order) -> global arrays over the batch axes of ``mesh``."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in arrays.items()}
+
+
+def all_rows(rows: np.ndarray) -> np.ndarray:
+    """This process's rows -> every process's, in data-shard order (the global batch's row order)."""
+    if jax.process_count() == 1:
+        return rows
+    return np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+
+
+def reward_metrics(rewards: np.ndarray, parts: dict[str, np.ndarray], lengths: np.ndarray, group_size: int
+                   ) -> dict[str, float]:
+    """A round's reward metrics over every process's completions (this process's float[R] rewards, its
+    rewards by name and int[R] completion lengths): ``reward``, ``reward_<name>``, ``reward_std`` (the mean of
+    the groups' stds), ``groups_all_equal`` (the share of groups whose rewards are all equal: they add no policy
+    gradient) and ``completion_length``."""
+    rewards, lengths = all_rows(rewards), all_rows(lengths)
+    groups = rewards.reshape(-1, group_size)
+    return {"reward": float(rewards.mean()), **{f"reward_{k}": float(all_rows(v).mean()) for k, v in parts.items()},
+            "reward_std": float(groups.std(axis=1, ddof=1).mean()),
+            "groups_all_equal": float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
+            "completion_length": float(lengths.mean())}
+
+
+def rollout_mesh(mesh):
+    """Where rollouts sample: the run's mesh in one process; with several processes, this process's own devices
+    (data-parallel over them, the run's tensor split where it fits), so each process samples its own prompts
+    without waiting on the others."""
+    if jax.process_count() == 1:
+        return mesh
+    local = jax.local_devices()
+    return make_mesh({"data": -1, "tensor": math.gcd(int(mesh.shape["tensor"]), len(local))}, local)
+
+
+def rollout_params(params: dict) -> dict:
+    """The policy's weights for ``rollout_mesh``: themselves in one process; with several processes, gathered
+    whole onto every process (host numpy arrays; a collective, so every process calls it)."""
+    if jax.process_count() == 1:
+        return params
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, int, dict]:
@@ -180,9 +222,6 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
     sc = config.stages[name]
     rl = sc.rl
     check_rl_config(name, sc)
-    if jax.process_count() > 1:
-        raise ValueError(f"stage {name}: the RL stage runs in one process (any number of its devices); "
-                         f"{jax.process_count()} processes were started")
     settings = RolloutSettings.from_config(rl)
     group = settings.group_size
     shards = data_shards(config, name, run.model_config, mesh)
@@ -227,10 +266,13 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
     logprobs_fn = jax.jit(lambda p, inputs, positions, tokens: completion_logprobs(
         nnx.merge(run.graphdef, p), inputs, positions, tokens, temperature)[:2])
     known = data_config().to_dict()  # the session's settings (the trainer's own, e.g. num_shards, are not)
-    session = Session(nnx.merge(run.graphdef, state.params),
+    session = Session(nnx.merge(run.graphdef, rollout_params(state.params)),
                       {k: v for k, v in config.data.to_dict().items() if k in known})
-    sampler = sampler or EngineSampler(session, max_batch=int(sc.batch_size),
-                                       max_len=int(sc.max_length) + settings.max_new_tokens, mesh=mesh)
+    local_rows = shards.shard_batch_size * len(shards.shard_ids)
+    sampler = sampler or EngineSampler(session, max_batch=local_rows,
+                                       max_len=int(sc.max_length) + settings.max_new_tokens, mesh=rollout_mesh(mesh))
+    # Row i of the global batch samples with the round's seed + i, in one process or several.
+    first_row = shards.shard_ids[0] * shards.shard_batch_size
     weights = {k: float(v) for k, v in dict(rl.rewards).items()}
     media_ids = media_token_ids(run.model_config)
     global_step, last = run.global_step, {}
@@ -242,9 +284,9 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
             t0 = time.perf_counter()
             per_shard = next(iterators)
             rollout_prompts = [split_sample(s, session) for shard in per_shard for s in shard]
-            model = nnx.merge(run.graphdef, state.params)
+            model = nnx.merge(run.graphdef, rollout_params(state.params))
             completions = [cut_at_media(c, media_ids) for c in sampler(
-                model, [p.prompt for p in rollout_prompts], settings, rollout_seed(state.rng, step))]
+                model, [p.prompt for p in rollout_prompts], settings, rollout_seed(state.rng, step) + first_row)]
             samples = [RewardInput(session.decode(c.token_ids), rollout_prompts[i // group].reference,
                                    len(c.token_ids), settings.max_new_tokens, c.stopped, int(rl.length_buffer))
                        for i, c in enumerate(completions)]
@@ -273,15 +315,12 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
             passes = jax.device_get(passes)
             t2 = time.perf_counter()
             global_step += 1
-            groups = rewards.reshape(-1, group)
             record = {"stage": name, "step": step + 1, "global_step": global_step,
-                      **{k: _mean(passes, k) for k in ("loss", "policy_loss", "grad_norm")},
+                      **{k: _mean(passes, k) for k in ("loss", "policy_loss", "grad_norm", "kl", "clip_fraction",
+                                                       "entropy")},
                       "lr": float(passes[-1]["lr"]), "skipped": int(sum(not p["finite"] for p in passes)),
-                      "reward": float(rewards.mean()), **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
-                      "reward_std": float(groups.std(axis=1, ddof=1).mean()), "kl": _mean(passes, "kl"),
-                      "clip_fraction": _mean(passes, "clip_fraction"),
-                      "completion_length": float(np.mean([len(c.token_ids) for c in completions])),
-                      "entropy": _mean(passes, "entropy"), "rollout_s": t1 - t0, "update_s": t2 - t1}
+                      **reward_metrics(rewards, parts, np.array([len(c.token_ids) for c in completions]), group),
+                      "rollout_s": t1 - t0, "update_s": t2 - t1}
             record = {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
             run.writer.write(record)
             last = record

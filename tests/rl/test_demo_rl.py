@@ -1,6 +1,8 @@
 """The demo_rl preset: its stages, and demo answers in the think/answer format that the rewards accept."""
 
+import csv
 import json
+import os
 import sys
 
 from config_files import ROOT
@@ -39,3 +41,11 @@ def test_every_bash_block_of_docs_rl_is_marked():
     assert fences
     for i in fences:
         assert lines[i - 1].startswith(("<!-- illustrative:", "<!-- readme-test:")), f"docs/rl.md line {i + 1}"
+
+
+def test_the_held_out_fold_shares_no_clip_with_the_rl_training_data(rl_demo_dir):
+    trained = {os.path.splitext(r.get("video") or r["image"])[0]
+               for r in map(json.loads, open(rl_demo_dir / "train_think.jsonl"))}
+    held_out = {row["video_name"] for row in csv.DictReader(open(rl_demo_dir / "eval_dfew.csv"))}
+    assert held_out and trained and not held_out & trained
+    assert all(os.path.exists(rl_demo_dir / f"{name}.mp4") for name in held_out)
