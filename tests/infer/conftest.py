@@ -15,3 +15,19 @@ import emotion_qwen  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny():
     return EmotionQwen(ModelConfig.from_run_config(emotion_qwen.get_config("tiny")), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The engine tests' sharpened ``demo``-preset model (audio on; decisive greedy margins)."""
+    import engine_helpers
+
+    return engine_helpers.sharp_model()
+
+
+@pytest.fixture(scope="session")
+def session(model, tmp_path_factory):
+    """A ``Session`` over ``model`` with its own tokenizer cache."""
+    import engine_helpers
+
+    return engine_helpers.session_of(model, str(tmp_path_factory.mktemp("tok")))

@@ -13,16 +13,6 @@ from emoqwen_jax.infer.engine import Engine, QueueFull, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def model():
-    return H.sharp_model()
-
-
-@pytest.fixture(scope="module")
-def session(model, tmp_path_factory):
-    return H.session_of(model, str(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="module")
 def engine(session):
     """One engine for most tests (every test leaves it idle): its shapes compile once."""
     return Engine(session, max_batch=3, max_len=128, prefill_batch=2)

@@ -3,7 +3,6 @@ never attends across temporal groups), rows follow the groups' order, and there 
 
 import engine_helpers as H
 import numpy as np
-import pytest
 from tolerance import assert_close_rel
 
 from emoqwen_jax.infer.gate_timeline import gate_over_time, group_times
@@ -12,16 +11,6 @@ from emoqwen_jax.layout import build_model_inputs
 from emoqwen_jax.model import layout_spec
 
 GRID = (3, 4, 4)  # three temporal patch groups of 4 x 4 patches
-
-
-@pytest.fixture(scope="module")
-def model():
-    return H.sharp_model()
-
-
-@pytest.fixture(scope="module")
-def session(model, tmp_path_factory):
-    return H.session_of(model, str(tmp_path_factory.mktemp("tok")))
 
 
 def alone(model, prompt: Prompt, group: int) -> np.ndarray:
