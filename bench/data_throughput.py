@@ -13,7 +13,6 @@ setting and a JSON line with all figures and ``machine`` (cores, load average be
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -22,6 +21,8 @@ import time
 import grain
 import numpy as np
 from machine import describe, machine_info  # bench/machine.py (this script's directory is on sys.path)
+
+from emoqwen_jax.runtime.commands import command_parser
 
 
 def make_clips(root: str, n: int) -> list[dict]:
@@ -65,7 +66,7 @@ def run(records: list[dict], cfg, workers: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_parser(__doc__, prog="python bench/data_throughput.py")
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--faces", nargs="+", default=["none"], choices=["none", "extra"])

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emoqwen_jax.runtime.commands import command_parser
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 sys.path.insert(0, str(ROOT))
@@ -133,7 +135,7 @@ def child(args, side: str, weights: str, cache: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command_parser(__doc__, prog="python bench/generate.py")
     ap.add_argument("--preset", default="small", help="configs/emotion_qwen.py preset for the sizes")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)

@@ -32,7 +32,6 @@ Prints a table and, last, a JSON line ``{"rows": [{"experts", "units", "ms", "mi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -41,6 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from emoqwen_jax.runtime.commands import command_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -124,7 +125,7 @@ def make_step(num_experts: int, units: int, dispatch: str | None, top_k: int, ca
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command_parser(__doc__, prog="python bench/moe_scaling.py")
     ap.add_argument("--experts", type=int, nargs="+", default=[2, 64])
     ap.add_argument("--units", type=int, nargs="+", default=[2304, 9216], help="merged tokens per step")
     ap.add_argument("--dispatch", default=None, choices=("einsum", "shard_map", "ragged"),

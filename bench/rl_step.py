@@ -12,12 +12,13 @@ give the shares. Prints a table and, last, a JSON line {"rollout_s", "update_s",
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+from emoqwen_jax.runtime.commands import command_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser(__doc__, prog="python bench/rl_step.py")
     parser.add_argument("--preset", default="demo_rl")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--group", type=int, default=8)

@@ -19,7 +19,6 @@ ratio of N clients' throughput to one client's, and a JSON line with all figures
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import json
@@ -32,6 +31,8 @@ import time
 import httpx
 import numpy as np
 from machine import describe, machine_info  # bench/machine.py (this script's directory is on sys.path)
+
+from emoqwen_jax.runtime.commands import command_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +135,7 @@ async def run(url: str, workload: str, clients: int, requests: int, tokens: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, prog="python bench/serve.py")
     parser.add_argument("--ckpt", default=None, help="a model directory (default: a random demo-preset model)")
     parser.add_argument("--preset", default="demo", help="the random model's preset when --ckpt is not given")
     parser.add_argument("--clients", type=int, default=8)

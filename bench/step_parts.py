@@ -25,7 +25,6 @@ medians. Prints a table and, last, a JSON line {"parts": {part: {"jax_ms", "torc
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -37,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import train_step  # noqa: E402  (puts configs/ and the repository on sys.path)
+
+from emoqwen_jax.runtime.commands import command_parser  # noqa: E402
 
 PARTS = ("vit", "decoder", "attention", "matmul")
 MATMUL = (1156, 512, 1408)  # M, K, N
@@ -175,7 +176,7 @@ def _child(args, side: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command_parser(__doc__, prog="python bench/step_parts.py")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--side", choices=("both", "jax", "torch"), default="both", help="internal: one framework")

@@ -28,7 +28,6 @@ memory and FLOPs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -39,6 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from emoqwen_jax.runtime.commands import command_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -328,7 +329,7 @@ def round_ratio(ours: dict, theirs: dict, first_experts: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command_parser(__doc__, prog="python bench/train_step.py")
     ap.add_argument("--preset", default="small", choices=("small", "gpu"))
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)

@@ -1,4 +1,5 @@
-"""The command-line layer (emoqwen_jax/cli/args.py): every console script's --help ends with examples, and
+"""The command-line layer (emoqwen_jax/cli/args.py, runtime/commands.py): every console script's and
+benchmark's --help ends with examples, and
 ``--config=FILE:ARG`` with ``--config.a.b=VALUE`` overrides parses as ml_collections' config_flags does (the
 oracle: absl flags with ``config_flags.DEFINE_config_file``, the parser the commands used before)."""
 
@@ -6,8 +7,11 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -39,6 +43,21 @@ def test_every_console_script_help_ends_with_examples_of_itself(name, module, fu
         commands = [line.strip() for line in examples.splitlines() if line.startswith("  ") and
                     not line.startswith("    ")]
         assert commands and all(c.startswith(" ".join([name, *sub])) for c in commands), examples
+
+
+# bench/eval_throughput.py keeps a plain parser: it must run on checkouts older than emoqwen_jax.runtime.commands.
+BENCH = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name not in ("machine.py", "eval_throughput.py"))
+
+
+@pytest.mark.parametrize("script", BENCH)
+def test_every_benchmark_help_ends_with_examples_of_itself(script):
+    done = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    head, sep, examples = done.stdout.rpartition("\nExamples:\n")
+    assert sep and head.startswith(f"usage: python bench/{script}"), done.stdout[:200]
+    commands = [line.strip() for line in examples.splitlines() if line.startswith("  ") and not line.startswith("    ")]
+    assert commands and all(c.startswith(f"python bench/{script}") for c in commands), examples
 
 
 def test_the_scripts_are_the_ten_commands():

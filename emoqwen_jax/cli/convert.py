@@ -25,7 +25,7 @@ import json
 import sys
 import time
 
-from emoqwen_jax.cli.args import command_parser, subcommand
+from emoqwen_jax.runtime.commands import command_parser, subcommand
 
 
 def _from_hf(args: argparse.Namespace) -> int:

@@ -22,10 +22,11 @@ import sys
 import grain
 from tqdm import tqdm
 
-from emoqwen_jax.cli.args import command_parser, load_config, subcommand
+from emoqwen_jax.cli.args import load_config
 from emoqwen_jax.data import defaults, demo, manifests, prepare
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.reasons import RejectCounter
+from emoqwen_jax.runtime.commands import command_parser, subcommand
 
 
 def load_data_config(config: str, overrides: list[str]):

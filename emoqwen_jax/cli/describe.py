@@ -21,7 +21,8 @@ import argparse
 import json
 import sys
 
-from emoqwen_jax.cli.args import add_generation_args, command_parser, parse_sets, run_command
+from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
+from emoqwen_jax.runtime.commands import command_parser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,11 +23,12 @@ import argparse
 import os
 import sys
 
-from emoqwen_jax.cli.args import add_generation_args, command_parser, parse_sets, run_command
+from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
 from emoqwen_jax.eval.general.benchmarks import GENERAL_BENCHMARKS
 from emoqwen_jax.eval.suites.evaluate import evaluate as run_evaluation
 from emoqwen_jax.eval.suites.registry import EMOTION_BENCHMARKS, SUITES
 from emoqwen_jax.runtime import storage
+from emoqwen_jax.runtime.commands import command_parser
 
 BENCHMARK_CHOICES = (*EMOTION_BENCHMARKS, *GENERAL_BENCHMARKS)
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax.cli.args import add_generation_args, command_parser, parse_sets, run_command
+from emoqwen_jax.cli.args import add_generation_args, parse_sets, run_command
 from emoqwen_jax.eval.suites.registry import SUITES
 from emoqwen_jax.runtime import storage
+from emoqwen_jax.runtime.commands import command_parser
 
 
 def build_parser() -> argparse.ArgumentParser:

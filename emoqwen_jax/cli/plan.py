@@ -35,7 +35,8 @@ import argparse
 import json
 import os
 
-from emoqwen_jax.cli.args import add_config_arg, command_parser, parse_config_args
+from emoqwen_jax.cli.args import add_config_arg, parse_config_args
+from emoqwen_jax.runtime.commands import command_parser
 
 
 def build_parser():

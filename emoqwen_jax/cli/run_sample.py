@@ -14,7 +14,8 @@ import json
 
 import numpy as np
 
-from emoqwen_jax.cli.args import add_config_arg, command_parser, parse_config_args
+from emoqwen_jax.cli.args import add_config_arg, parse_config_args
+from emoqwen_jax.runtime.commands import command_parser
 
 
 def build_parser():

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax.cli.args import command_parser, run_command
+from emoqwen_jax.cli.args import run_command
+from emoqwen_jax.runtime.commands import command_parser
 
 BENCHMARK_CHOICES = ("dfew", "mafw", "mer2023", "mer2024", "emer")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emoqwen_jax.cli.args import command_parser, parse_sets
+from emoqwen_jax.cli.args import parse_sets
+from emoqwen_jax.runtime.commands import command_parser
 
 
 def build_parser() -> argparse.ArgumentParser:

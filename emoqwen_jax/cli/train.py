@@ -21,7 +21,8 @@ import json
 from absl import flags as absl_flags
 from absl import logging
 
-from emoqwen_jax.cli.args import add_config_arg, command_parser, parse_config_args
+from emoqwen_jax.cli.args import add_config_arg, parse_config_args
+from emoqwen_jax.runtime.commands import command_parser
 
 
 def build_parser():
