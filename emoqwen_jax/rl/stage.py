@@ -66,10 +66,9 @@ from emoqwen_jax.rl.rollout import (
 )
 from emoqwen_jax.train import batching
 from emoqwen_jax.train.metrics import to_python
-from emoqwen_jax.train.optim import make_optimizer, stage_trainable
 from emoqwen_jax.train.preemption import PreemptionWatch
 from emoqwen_jax.train.run_state import ShardIterators, data_layout
-from emoqwen_jax.train.step import init_state, make_train_step, state_shardings
+from emoqwen_jax.train.step import build_stage_step, state_shardings
 from emoqwen_jax.train.trainer import (
     Preempted,
     StageRun,
@@ -238,17 +237,17 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
     collate = Collate(shards.shard_batch_size, config.data.length_buckets, config.data.patch_buckets, info.pad_id,
                       config.data.audio.window_buckets)
 
+    # The supervised stages' builder with the GRPO objective: the stage's trainables, LoRA and AdamW, one
+    # optimiser update per pass over a round's rollouts.
     iterations = int(rl.num_iterations)
-    trainable = stage_trainable(run.params, sc, run.model_config, run.extra_trainable)
-    tx, schedule = make_optimizer(sc.optimizer, int(sc.num_steps) * iterations, trainable)
+    built = build_stage_step(config, name, run.graphdef, run.params, run.model_config, loss=make_rl_loss(rl),
+                             num_updates=int(sc.num_steps) * iterations)
     params = jax.device_put(run.params, run.shardings)
     # The frozen reference: the stage's incoming weights (copied: the policy's buffers are donated).
     reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.shardings)(params) \
         if float(rl.beta) else None
 
-    def init(p):
-        return init_state(p, tx, config.seed)
-
+    init = built.init
     state_shapes = jax.eval_shape(init, params)
     state_sharding = state_shardings(state_shapes, run.shardings, mesh)
     start = 0
@@ -260,8 +259,7 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
         state = run.ckpt.restore(int(run.resume["global_step"]), abstract, iterators)
         start = int(run.resume["stage_step"])
     del params
-    step_fn = jax.jit(make_train_step(run.graphdef, tx, trainable, schedule, loss=make_rl_loss(rl)),
-                      donate_argnums=0, out_shardings=(state_sharding, None))
+    step_fn = jax.jit(built.train_step, donate_argnums=0, out_shardings=(state_sharding, None))
     temperature = float(rl.temperature)
     logprobs_fn = jax.jit(lambda p, inputs, positions, tokens: completion_logprobs(
         nnx.merge(run.graphdef, p), inputs, positions, tokens, temperature)[:2])
