@@ -7,8 +7,11 @@ from importlib import metadata
 from pathlib import Path
 
 import hf_oracle as O
+import pytest
 
 from emoqwen_jax.model_dir import load_model
+
+pytestmark = pytest.mark.slow  # runs the commands end to end
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from emoqwen_jax.model import EmotionQwen, ModelConfig
@@ -16,6 +17,8 @@ from emoqwen_jax.train.plan import patch_all_gathers, video_batch_shapes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 import emotion_qwen  # noqa: E402
+
+pytestmark = pytest.mark.slow  # compiles plans on simulated meshes
 
 TINY = ModelConfig.from_run_config(emotion_qwen.get_config("tiny"))
 

@@ -18,6 +18,8 @@ from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.text import IGNORE
 from emoqwen_jax.infer.session import Session
 
+pytestmark = pytest.mark.slow  # runs the evaluation commands end to end
+
 
 def last_json(out):
     return json.loads(out.strip().splitlines()[-1])

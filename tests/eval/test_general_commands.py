@@ -20,6 +20,8 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig
 from emoqwen_jax.model_dir import read_model_config, save_model
 from emoqwen_jax.train.metrics import MetricsWriter, read_metrics
 
+pytestmark = pytest.mark.slow  # runs the evaluation commands end to end
+
 COUNTS = {"mmbench": 3, "mme": 16, "pope": 12, "scienceqa": 2, "seedbench": 3, "textvqa": 2, "vqav2": 6}
 
 

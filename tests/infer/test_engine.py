@@ -11,6 +11,8 @@ import pytest
 
 from emoqwen_jax.infer.engine import Engine, QueueFull, SamplingParams
 
+pytestmark = pytest.mark.slow  # runs the engine end to end
+
 
 @pytest.fixture(scope="module")
 def engine(session):

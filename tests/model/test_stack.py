@@ -17,6 +17,8 @@ from emoqwen_jax.train.loss import loss_fn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles scanned and rematerialised stacks
+
 
 def _config(**runtime):
     cfg = ModelConfig.from_dict(emotion_qwen.get_config("tiny").model.to_dict())

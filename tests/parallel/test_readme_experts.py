@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains from the README's commands
+
 ROOT = Path(__file__).resolve().parents[2]
 # The README and the docs pages, one text (the scale-mode examples live in docs/sharding.md).
 README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])

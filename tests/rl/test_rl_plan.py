@@ -5,6 +5,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from config_files import ROOT
 from flax import nnx
 
@@ -13,6 +14,8 @@ from emoqwen_jax.rl.plan import rl_plan
 
 sys.path.insert(0, str(ROOT / "configs"))
 import emotion_qwen  # noqa: E402
+
+pytestmark = pytest.mark.slow  # compiles 7b plans
 
 
 def param_counts(config) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from config_files import load_config
 from flax import nnx
 from rl_configs import write_rl_config
@@ -15,6 +16,8 @@ from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.rl.stage import run_rl_stage
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import train_and_evaluate
+
+pytestmark = pytest.mark.slow  # trains RL rounds on 4 devices
 
 # Adam divides by sqrt(v) + eps: with eps = 1e-8 a weight whose gradient is ~1e-8 (a sum that cancels, whose
 # last bits depend on the reduction order of the mesh) moves by about +-lr either way. A larger eps keeps the

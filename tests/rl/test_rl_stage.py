@@ -15,6 +15,8 @@ from rl_configs import write_rl_config
 
 from emoqwen_jax.train.trainer import train_and_evaluate
 
+pytestmark = pytest.mark.slow  # trains RL stages
+
 TIMINGS = ("rollout_s", "update_s")
 PER_STEP = ("reward", "reward_format", "reward_vowels", "reward_std", "kl", "clip_fraction", "completion_length",
             "entropy", "loss", "grad_norm", "lr", "skipped")

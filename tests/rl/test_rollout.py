@@ -28,6 +28,8 @@ from emoqwen_jax.rl.stage import completion_logprobs
 from emoqwen_jax.tokens import IGNORE
 from emoqwen_jax.train import batching
 
+pytestmark = pytest.mark.slow  # samples on the engine and compiles the training forward
+
 SETTINGS = RolloutSettings(group_size=3, temperature=1.0, top_p=1.0, max_new_tokens=8)
 
 

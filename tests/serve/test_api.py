@@ -14,6 +14,8 @@ from serve_helpers import API_KEY, Running, data_url, parse_sse
 from emoqwen_jax.infer.gate_timeline import gate_over_time
 from emoqwen_jax.infer.generate import prefill
 
+pytestmark = pytest.mark.slow  # starts a server
+
 DFEW_QUESTION = ("<video>\nWhat is the emotion of the person in this video? Choose one of: happy, sad, neutral, "
                  "angry, surprise, disgust, fear. Answer with one word.")
 

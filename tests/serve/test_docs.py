@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from serve_helpers import API_KEY
 
+pytestmark = pytest.mark.slow  # starts a server
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 MARK = "<!-- readme-test: tests/serve/test_docs.py -->"
 

@@ -12,6 +12,8 @@ from serve_helpers import API_KEY
 
 from emoqwen_jax.data.reasons import REASONS
 
+pytestmark = pytest.mark.slow  # starts a server
+
 
 def chat_body(parts, **fields):
     return {"messages": [{"role": "user", "content": parts}], "max_tokens": 2, **fields}

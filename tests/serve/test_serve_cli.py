@@ -7,9 +7,12 @@ import sys
 import time
 
 import httpx
+import pytest
 from serve_helpers import free_port
 
 from emoqwen_jax.cli.serve import build_parser, main
+
+pytestmark = pytest.mark.slow  # starts servers
 
 FLAGS = ("--ckpt", "--host", "--port", "--max_batch", "--max_len", "--media_root", "--api_key", "--max_upload_mb")
 

@@ -8,7 +8,10 @@ import random
 import time
 
 import httpx
+import pytest
 from serve_helpers import API_KEY, data_url
+
+pytestmark = pytest.mark.slow  # starts a server
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Describe the weather."}], "max_tokens": 6, "temperature": 0}
 

@@ -15,6 +15,8 @@ from emoqwen_jax.train.loss import loss_fn
 from emoqwen_jax.train.optim import AdamWState, make_optimizer, updates_applied
 from emoqwen_jax.train.step import init_state, make_train_step
 
+pytestmark = pytest.mark.slow  # compiles several train steps
+
 B1 = 0.9
 # No clipping, no decay: Adam's first moment after an update from zero is exactly (1 - b1) x the gradient.
 OPT = optimizer_config(learning_rate=1e-2, warmup_fraction=0.0, weight_decay=0.0, b1=B1, b2=0.95, clip_norm=1e9,

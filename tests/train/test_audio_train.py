@@ -3,6 +3,7 @@ with the LLM; the encoder (frozen by default) and Whisper's positions never chan
 
 import jax
 import numpy as np
+import pytest
 from config_files import load_config
 from flax import nnx
 from train_configs import write_config
@@ -11,6 +12,8 @@ from emoqwen_jax.model import ModelConfig
 from emoqwen_jax.model_dir import load_model
 from emoqwen_jax.train.metrics import read_metrics
 from emoqwen_jax.train.trainer import init_params, train_and_evaluate
+
+pytestmark = pytest.mark.slow  # trains the audio stages
 
 
 def _params(path):

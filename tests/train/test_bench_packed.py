@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,6 +19,8 @@ import train_step  # noqa: E402
 
 from emoqwen_jax.model import EmotionQwen, ModelConfig  # noqa: E402
 from emoqwen_jax.train.loss import loss_fn  # noqa: E402
+
+pytestmark = pytest.mark.slow  # compiles the benchmark's train steps
 
 
 def test_packed_bench_batch_equals_the_padded_one():

@@ -22,6 +22,8 @@ from emoqwen_jax.train.loss import loss_fn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles packed and padded train steps
+
 TOL = 1e-5
 
 
