@@ -93,9 +93,10 @@ class GenerateSampler:
 
 
 class EngineSampler:
-    """Rollouts on the generation engine (module docstring). The engine runs with ``ignore_eos`` and the
-    completion is cut here after its first stop id: its Completion then holds the stop token and that
-    token's log-probability too, which the update trains on (the policy learns where to stop)."""
+    """Rollouts on the generation engine (module docstring). A row ends at its first stop id (the session's,
+    the engine's EOS ids), so no decode step is spent past it; the completion keeps that id and its
+    log-probability (``Completion.end_token_id``/``end_logprob``), which the update trains on (the policy learns
+    where to stop)."""
 
     def __init__(self, session: Session, *, max_batch: int, max_len: int, mesh=None):
         self.session = session
@@ -106,13 +107,14 @@ class EngineSampler:
         self.engine.set_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         rows = [p for p in prompts for _ in range(settings.group_size)]
         params = [SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                 top_p=settings.top_p, ignore_eos=True, seed=(seed + i) % 2**31, logprobs=True)
+                                 top_p=settings.top_p, seed=(seed + i) % 2**31, logprobs=True)
                   for i in range(len(rows))]
         out = []
         for c in self.engine.generate(rows, params):
-            end = next((i for i, t in enumerate(c.token_ids) if t in self.stop_ids), None)
-            n = len(c.token_ids) if end is None else end + 1
-            out.append(Completion(list(c.token_ids[:n]), end is not None, np.asarray(c.logprobs[:n], np.float32)))
+            stopped = c.end_token_id is not None and c.end_token_id in self.stop_ids
+            ids = list(c.token_ids) + ([int(c.end_token_id)] if stopped else [])
+            logprobs = list(c.logprobs) + ([float(c.end_logprob)] if stopped else [])
+            out.append(Completion(ids, stopped, np.asarray(logprobs, np.float32)))
         return out
 
 

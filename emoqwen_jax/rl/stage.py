@@ -24,6 +24,7 @@ run's initial weights), so it is not stored again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -68,8 +69,9 @@ from emoqwen_jax.train import batching
 from emoqwen_jax.train.metrics import to_python
 from emoqwen_jax.train.preemption import PreemptionWatch
 from emoqwen_jax.train.run_state import ShardIterators, data_layout
-from emoqwen_jax.train.step import build_stage_step, state_shardings
+from emoqwen_jax.train.step import StageStep, build_stage_step, state_shardings
 from emoqwen_jax.train.trainer import (
+    DataShards,
     Preempted,
     StageRun,
     data_shards,
@@ -213,53 +215,77 @@ def rollout_params(params: dict) -> dict:
     return multihost_utils.process_allgather(params, tiled=True)
 
 
+@dataclasses.dataclass
+class RLStage:
+    """What every round of one RL stage uses (``_setup``): the prompt data, the built step and its jitted
+    functions, the rollout session and sampler, the rewards."""
+
+    run: StageRun
+    settings: RolloutSettings
+    shards: DataShards
+    iterators: ShardIterators
+    collate: Collate
+    pad_id: int
+    audio_spec: Any
+    step_fn: Any  # jitted (state, (inputs, rollout)) -> (state, metrics), the state donated
+    logprobs_fn: Any  # jitted (params, inputs, positions, tokens) -> (logp, entropy)
+    reference: dict | None  # the frozen reference's params (beta > 0)
+    session: Session
+    sampler: Sampler
+    first_row: int  # this process's first row of the global batch (row i samples with the round's seed + i)
+    weights: dict[str, float]  # reward name -> weight
+    media_ids: frozenset[int]
+
+
 def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, int, dict]:
     """Runs one RL stage (module docstring); returns (final params, global step, the last metrics record).
     ``sampler``: how rollouts are drawn (default: ``EngineSampler``, the generation engine on the run's mesh,
     which records the sampling log-probabilities)."""
+    stage, state, start = _setup(run, sampler)
+    sc = run.config.stages[run.name]
+    global_step, last = run.global_step, {}
+    local_vision = batching.units_local(stage.shards.num_shards, stage.shards.batch_devices)
+    with PreemptionWatch() as preemption, axis_rules(run.mesh, run.rules, units_local=local_vision):
+        for step in range(start, int(sc.num_steps)):
+            t0 = time.perf_counter()
+            inputs, rollout, completions, rewards, parts = _rollouts(stage, state, step)
+            t1 = time.perf_counter()
+            passes = []
+            for _ in range(int(sc.rl.num_iterations)):
+                state, metrics = stage.step_fn(state, (inputs, rollout))
+                passes.append(metrics)
+            passes = jax.device_get(passes)
+            global_step += 1
+            last = _record(stage, step, global_step, passes, rewards, parts, completions, (t0, t1,
+                                                                                          time.perf_counter()))
+            _save(stage, state, step, global_step, preemption)
+    run.ckpt.wait()
+    return state.params, global_step, last
+
+
+def _setup(run: StageRun, sampler: Sampler | None) -> tuple[RLStage, Any, int]:
+    """The stage's pieces, its state (fresh or restored) and the round to start from."""
     config, name, mesh = run.config, run.name, run.mesh
     sc = config.stages[name]
     rl = sc.rl
     check_rl_config(name, sc)
     settings = RolloutSettings.from_config(rl)
-    group = settings.group_size
     shards = data_shards(config, name, run.model_config, mesh)
     # The rollout arrays (one row per completion) are split over the batch devices as they are: no padded rows.
     check_divisibility(run.model_config, mesh, int(sc.batch_size))
-    prompts = int(sc.batch_size) // group
+    prompts = int(sc.batch_size) // settings.group_size
     if prompts % shards.num_shards:
         raise ValueError(f"stages.{name}: {prompts} prompts per round (batch_size / rl.group_size) must split "
                          f"over data.num_shards={shards.num_shards}")
-    prompts_per_shard = prompts // shards.num_shards
-    iterators = _prompt_iterators(config, name, sc, run.workdir, shards, prompts_per_shard)
+    iterators = _prompt_iterators(config, name, sc, run.workdir, shards, prompts // shards.num_shards)
     info = tokenizer_info(run.model_config.text.vocab_size)
-    aspec = audio_spec(run.model_config)
     collate = Collate(shards.shard_batch_size, config.data.length_buckets, config.data.patch_buckets, info.pad_id,
                       config.data.audio.window_buckets)
-
     # The supervised stages' builder with the GRPO objective: the stage's trainables, LoRA and AdamW, one
     # optimiser update per pass over a round's rollouts.
-    iterations = int(rl.num_iterations)
     built = build_stage_step(config, name, run.graphdef, run.params, run.model_config, loss=make_rl_loss(rl),
-                             num_updates=int(sc.num_steps) * iterations)
-    params = jax.device_put(run.params, run.shardings)
-    # The frozen reference: the stage's incoming weights (copied: the policy's buffers are donated).
-    reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.shardings)(params) \
-        if float(rl.beta) else None
-
-    init = built.init
-    state_shapes = jax.eval_shape(init, params)
-    state_sharding = state_shardings(state_shapes, run.shardings, mesh)
-    start = 0
-    if run.resume is None:
-        state = jax.jit(init, out_shardings=state_sharding)(params)
-    else:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
-                                state_sharding)
-        state = run.ckpt.restore(int(run.resume["global_step"]), abstract, iterators)
-        start = int(run.resume["stage_step"])
-    del params
-    step_fn = jax.jit(built.train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+                             num_updates=int(sc.num_steps) * int(rl.num_iterations))
+    state, start, state_sharding, reference = _init_or_restore(run, built, iterators, float(rl.beta))
     temperature = float(rl.temperature)
     logprobs_fn = jax.jit(lambda p, inputs, positions, tokens: completion_logprobs(
         nnx.merge(run.graphdef, p), inputs, positions, tokens, temperature)[:2])
@@ -269,72 +295,95 @@ def run_rl_stage(run: StageRun, sampler: Sampler | None = None) -> tuple[dict, i
     local_rows = shards.shard_batch_size * len(shards.shard_ids)
     sampler = sampler or EngineSampler(session, max_batch=local_rows,
                                        max_len=int(sc.max_length) + settings.max_new_tokens, mesh=rollout_mesh(mesh))
-    # Row i of the global batch samples with the round's seed + i, in one process or several.
-    first_row = shards.shard_ids[0] * shards.shard_batch_size
-    weights = {k: float(v) for k, v in dict(rl.rewards).items()}
-    media_ids = media_token_ids(run.model_config)
-    global_step, last = run.global_step, {}
-    max_bad = int(config.train.max_nonfinite_in_a_row)
-    local_vision = batching.units_local(shards.num_shards, shards.batch_devices)
+    stage = RLStage(run=run, settings=settings, shards=shards, iterators=iterators, collate=collate,
+                    pad_id=info.pad_id, audio_spec=audio_spec(run.model_config),
+                    step_fn=jax.jit(built.train_step, donate_argnums=0, out_shardings=(state_sharding, None)),
+                    logprobs_fn=logprobs_fn, reference=reference, session=session, sampler=sampler,
+                    first_row=shards.shard_ids[0] * shards.shard_batch_size,
+                    weights={k: float(v) for k, v in dict(rl.rewards).items()},
+                    media_ids=media_token_ids(run.model_config))
+    return stage, state, start
 
-    with PreemptionWatch() as preemption, axis_rules(mesh, run.rules, units_local=local_vision):
-        for step in range(start, int(sc.num_steps)):
-            t0 = time.perf_counter()
-            per_shard = next(iterators)
-            rollout_prompts = [split_sample(s, session) for shard in per_shard for s in shard]
-            model = nnx.merge(run.graphdef, rollout_params(state.params))
-            completions = [cut_at_media(c, media_ids) for c in sampler(
-                model, [p.prompt for p in rollout_prompts], settings, rollout_seed(state.rng, step) + first_row)]
-            samples = [RewardInput(session.decode(c.token_ids), rollout_prompts[i // group].reference,
-                                   len(c.token_ids), settings.max_new_tokens, c.stopped, int(rl.length_buffer))
-                       for i, c in enumerate(completions)]
-            rewards, parts = score(samples, weights)
-            advantages = np.asarray(group_advantages(jnp.asarray(rewards), group,
-                                                     std_normalize=bool(rl.std_normalize)))
-            rows = [update_sample(p, c, f"{p.sample_id}#{i % group}")
-                    for i, c in enumerate(completions) for p in [rollout_prompts[i // group]]]
-            per = shards.shard_batch_size
-            batches = [collate(rows[k * per:(k + 1) * per]) for k in range(len(shards.shard_ids))]
-            inputs, _ = global_batch(batches, shards.shard_ids, run.spec, per, info.pad_id, mesh, aspec,
-                                     config.data.patch_buckets, shards.num_shards)
-            arrays = completion_arrays(rollout_prompts, completions, group, settings.max_new_tokens)
-            has_logp = bool(arrays.pop("has_logp"))
-            rollout = _on_mesh({**arrays, "advantages": advantages.astype(np.float32)}, mesh)
-            if not has_logp:  # the sampler recorded none: the sampling policy's, right after sampling
-                rollout["old_logp"] = logprobs_fn(state.params, inputs, rollout["positions"], rollout["tokens"])[0]
-            if reference is not None:
-                rollout["ref_logp"] = logprobs_fn(reference, inputs, rollout["positions"], rollout["tokens"])[0]
-            jax.block_until_ready(rollout)
-            t1 = time.perf_counter()
-            passes = []
-            for _ in range(iterations):
-                state, metrics = step_fn(state, (inputs, rollout))
-                passes.append(metrics)
-            passes = jax.device_get(passes)
-            t2 = time.perf_counter()
-            global_step += 1
-            record = {"stage": name, "step": step + 1, "global_step": global_step,
-                      **{k: _mean(passes, k) for k in ("loss", "policy_loss", "grad_norm", "kl", "clip_fraction",
-                                                       "entropy")},
-                      "lr": float(passes[-1]["lr"]), "skipped": int(sum(not p["finite"] for p in passes)),
-                      **reward_metrics(rewards, parts, np.array([len(c.token_ids) for c in completions]), group),
-                      "rollout_s": t1 - t0, "update_s": t2 - t1}
-            record = {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
-            run.writer.write(record)
-            last = record
-            if int(passes[-1]["nonfinite_in_a_row"]) >= max_bad:
-                raise RuntimeError(f"stage {name}: {int(passes[-1]['nonfinite_in_a_row'])} non-finite updates in a "
-                                   f"row at step {step + 1}; stopping (train.max_nonfinite_in_a_row={max_bad})")
-            done = step + 1 == int(sc.num_steps)
-            preempted = preemption.reached(global_step)
-            due = (step + 1) % run.ckpt.every_steps == 0 and int(jax.device_get(state.nonfinite)) == 0
-            if due or done or preempted:
-                meta = {"stage": name, "stage_step": step + 1, "global_step": global_step,
-                        "reference": "the stage's incoming weights",
-                        "data_layout": data_layout(shards.num_shards, jax.process_count())}
-                run.ckpt.save(global_step, state, meta, iterators, force=done or preempted)
-            if preempted:
-                run.ckpt.wait()
-                raise Preempted(f"SIGTERM: saved step {global_step} of stage {name}; start again to resume")
-    run.ckpt.wait()
-    return state.params, global_step, last
+
+def _init_or_restore(run: StageRun, built: StageStep, iterators: ShardIterators, beta: float):
+    """(state, first round, the state's shardings, the frozen reference or None): a fresh state over the
+    stage's incoming weights, or the checkpoint ``run.resume`` names (the iterators restored with it)."""
+    params = jax.device_put(run.params, run.shardings)
+    # The frozen reference: the stage's incoming weights (copied: the policy's buffers are donated).
+    reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.shardings)(params) if beta else None
+    state_shapes = jax.eval_shape(built.init, params)
+    state_sharding = state_shardings(state_shapes, run.shardings, run.mesh)
+    if run.resume is None:
+        return jax.jit(built.init, out_shardings=state_sharding)(params), 0, state_sharding, reference
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
+                            state_sharding)
+    state = run.ckpt.restore(int(run.resume["global_step"]), abstract, iterators)
+    return state, int(run.resume["stage_step"]), state_sharding, reference
+
+
+def _rollouts(stage: RLStage, state, step: int):
+    """One round's rollouts: (the update batch's inputs, the rollout arrays on the mesh, this process's
+    completions, their float[R] rewards and rewards by name)."""
+    run, settings, shards = stage.run, stage.settings, stage.shards
+    rl, group = run.config.stages[run.name].rl, settings.group_size
+    rollout_prompts = [split_sample(s, stage.session) for shard in next(stage.iterators) for s in shard]
+    model = nnx.merge(run.graphdef, rollout_params(state.params))
+    completions = [cut_at_media(c, stage.media_ids) for c in stage.sampler(
+        model, [p.prompt for p in rollout_prompts], settings, rollout_seed(state.rng, step) + stage.first_row)]
+    samples = [RewardInput(stage.session.decode(c.token_ids), rollout_prompts[i // group].reference,
+                           len(c.token_ids), settings.max_new_tokens, c.stopped, int(rl.length_buffer))
+               for i, c in enumerate(completions)]
+    rewards, parts = score(samples, stage.weights)
+    advantages = np.asarray(group_advantages(jnp.asarray(rewards), group, std_normalize=bool(rl.std_normalize)))
+    rows = [update_sample(p, c, f"{p.sample_id}#{i % group}")
+            for i, c in enumerate(completions) for p in [rollout_prompts[i // group]]]
+    per = shards.shard_batch_size
+    batches = [stage.collate(rows[k * per:(k + 1) * per]) for k in range(len(shards.shard_ids))]
+    inputs, _ = global_batch(batches, shards.shard_ids, run.spec, per, stage.pad_id, run.mesh, stage.audio_spec,
+                             run.config.data.patch_buckets, shards.num_shards)
+    arrays = completion_arrays(rollout_prompts, completions, group, settings.max_new_tokens)
+    has_logp = bool(arrays.pop("has_logp"))
+    rollout = _on_mesh({**arrays, "advantages": advantages.astype(np.float32)}, run.mesh)
+    if not has_logp:  # the sampler recorded none: the sampling policy's, right after sampling
+        rollout["old_logp"] = stage.logprobs_fn(state.params, inputs, rollout["positions"], rollout["tokens"])[0]
+    if stage.reference is not None:
+        rollout["ref_logp"] = stage.logprobs_fn(stage.reference, inputs, rollout["positions"], rollout["tokens"])[0]
+    jax.block_until_ready(rollout)
+    return inputs, rollout, completions, rewards, parts
+
+
+def _record(stage: RLStage, step: int, global_step: int, passes: list[dict], rewards, parts, completions,
+            times: tuple[float, float, float]) -> dict:
+    """Writes the round's metrics record (and returns it); stops the run after too many non-finite updates in a
+    row."""
+    run = stage.run
+    t0, t1, t2 = times
+    record = {"stage": run.name, "step": step + 1, "global_step": global_step,
+              **{k: _mean(passes, k) for k in ("loss", "policy_loss", "grad_norm", "kl", "clip_fraction", "entropy")},
+              "lr": float(passes[-1]["lr"]), "skipped": int(sum(not p["finite"] for p in passes)),
+              **reward_metrics(rewards, parts, np.array([len(c.token_ids) for c in completions]),
+                               stage.settings.group_size),
+              "rollout_s": t1 - t0, "update_s": t2 - t1}
+    record = {k: v if isinstance(v, str) else to_python(v) for k, v in record.items()}
+    run.writer.write(record)
+    max_bad = int(run.config.train.max_nonfinite_in_a_row)
+    if int(passes[-1]["nonfinite_in_a_row"]) >= max_bad:
+        raise RuntimeError(f"stage {run.name}: {int(passes[-1]['nonfinite_in_a_row'])} non-finite updates in a "
+                           f"row at step {step + 1}; stopping (train.max_nonfinite_in_a_row={max_bad})")
+    return record
+
+
+def _save(stage: RLStage, state, step: int, global_step: int, preemption: PreemptionWatch) -> None:
+    """Checkpoints when due, at the stage's end and on SIGTERM (then raises ``Preempted``)."""
+    run = stage.run
+    done = step + 1 == int(run.config.stages[run.name].num_steps)
+    preempted = preemption.reached(global_step)
+    due = (step + 1) % run.ckpt.every_steps == 0 and int(jax.device_get(state.nonfinite)) == 0
+    if due or done or preempted:
+        meta = {"stage": run.name, "stage_step": step + 1, "global_step": global_step,
+                "reference": "the stage's incoming weights",
+                "data_layout": data_layout(stage.shards.num_shards, jax.process_count())}
+        run.ckpt.save(global_step, state, meta, stage.iterators, force=done or preempted)
+    if preempted:
+        run.ckpt.wait()
+        raise Preempted(f"SIGTERM: saved step {global_step} of stage {run.name}; start again to resume")
