@@ -17,6 +17,8 @@ from emoqwen_jax.model import EmotionQwen, ModelConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
 
+pytestmark = pytest.mark.slow  # generates with audio end to end
+
 
 def _sharpen(model):
     """Larger weights so greedy margins are decisive (an equal argmax then means something)."""

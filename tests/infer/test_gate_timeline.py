@@ -3,12 +3,15 @@ never attends across temporal groups), rows follow the groups' order, and there 
 
 import engine_helpers as H
 import numpy as np
+import pytest
 from tolerance import assert_close_rel
 
 from emoqwen_jax.infer.gate_timeline import gate_over_time, group_times
 from emoqwen_jax.infer.session import Prompt
 from emoqwen_jax.layout import build_model_inputs
 from emoqwen_jax.model import layout_spec
+
+pytestmark = pytest.mark.slow  # compiles the model's embedding for several clips
 
 GRID = (3, 4, 4)  # three temporal patch groups of 4 x 4 patches
 

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 import emotion_qwen  # noqa: E402
 from config_files import optimizer_config
 
+pytestmark = pytest.mark.slow  # trains stacked experts
+
 STAGES = ("stage1_align", "stage2_emotion", "stage3_video")
 
 

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import emotion_qwen  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles train steps for XLA's cost analysis
+
 TOL = 0.05
 GRIDS = {"image+video": ((1, 8, 12), (4, 8, 8)), "video": ((6, 8, 8),)}
 
