@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from emoqwen_jax.infer.session import Prompt, Session
-from emoqwen_jax.inputs import VisionInputs
+from emoqwen_jax.inputs import ModelInputs, TextInputs, VisionInputs
 from emoqwen_jax.layout import vision_layout
 from emoqwen_jax.model import layout_spec
 
@@ -38,9 +38,7 @@ def gate_over_time(session: Session, prompt: Prompt) -> np.ndarray | None:
     t, h, w = (int(x) for x in np.asarray(grids)[0])
     pixels = np.asarray(prompt.vision["pixel_values_videos"], np.float32)[: t * h * w]
     lay = vision_layout(np.tile([[1, h, w]], (t, 1)), layout_spec(model.config))
-    vision = VisionInputs(pixel_values=pixels, pos_hw=lay["vision_pos_hw"], window_index=lay["vision_window_index"],
-                          frame_segment=lay["vision_frame_segment"], window_segment=lay["vision_window_segment"],
-                          patch_item=lay["vision_patch_item"], item_valid=lay["vision_item_valid"])
+    vision = ModelInputs(text=TextInputs()).replace(pixel_values=pixels, **lay).vision  # the layout's flat names
     return np.asarray(_group_gates(model, vision), np.float32)
 
 
