@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import av
 import numpy as np
@@ -263,7 +263,8 @@ def read_audio(source: Any, *, start: float = 0.0, end: float | None = None, req
     """Decodes the first audio stream of a clip or audio file, resampled to 16 kHz mono.
 
     Args:
-      source: a path or the file's bytes (mp4/mkv/webm with an audio track, wav, flac, mp3…).
+      source: a path or the file's bytes (mp4/mkv/webm with an audio track, wav, flac, mp3…), or a
+        ``video_io.MediaFile`` whose frames were read (its audio packets decode without a second open).
       start, end: the span to keep in seconds from the stream's start (``end=None``: to the end); pass the
         sampled frames' span so audio and frames cover the same time.
       required: a container without an audio stream is rejected ('no_audio') instead of returning None.
@@ -277,24 +278,21 @@ def read_audio(source: Any, *, start: float = 0.0, end: float | None = None, req
     """
     if end is not None and end < start:
         raise ValueError(f"audio span end={end} < start={start}")
-    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
-        raise Rejected("missing_file", str(source))
-    check_riff(*_head(source), max_seconds)
-    container = video_io._open(source, "corrupt_audio")
-    try:
-        if not container.streams.audio:
-            if required:
-                raise Rejected("no_audio", "the manifest requires audio but the file has no audio stream")
-            return None
-        stream = container.streams.audio[0]
-        if not stream.sample_rate or stream.sample_rate <= 0:
-            raise Rejected("bad_sample_rate", f"the audio stream declares sample rate {stream.sample_rate}")
-        declared = _declared_seconds(container, stream)
-        if declared is not None and declared > max_seconds:
-            raise Rejected("audio_too_long", f"{declared:.1f} s of audio > max_audio_seconds {max_seconds:g}")
-        wave = _decode(container, stream, max_seconds)
-    finally:
-        container.close()
+    opened = source if isinstance(source, video_io.MediaFile) else None
+    file = opened.source if opened else source
+    if not isinstance(file, (bytes, bytearray, memoryview)) and not os.path.isfile(file):
+        raise Rejected("missing_file", str(file))
+    check_riff(*_head(file), max_seconds)
+    if opened:
+        wave, declared = _decode_track(opened.container, opened.audio_packets, required, max_seconds)
+    else:
+        container = video_io._open(file, "corrupt_audio")
+        try:
+            wave, declared = _decode_track(container, None, required, max_seconds)
+        finally:
+            container.close()
+    if wave is None:
+        return None
     if wave.size == 0:
         raise Rejected("corrupt_audio", "the audio stream decodes to no samples")
     if not np.all(np.isfinite(wave)):
@@ -310,8 +308,25 @@ def read_audio(source: Any, *, start: float = 0.0, end: float | None = None, req
     return np.ascontiguousarray(wave[lo:hi])
 
 
-def _decode(container: av.container.InputContainer, stream: av.audio.stream.AudioStream,
-            max_seconds: float) -> np.ndarray:
+def _decode_track(container: av.container.InputContainer, packets: list | None, required: bool,
+                  max_seconds: float) -> tuple[np.ndarray | None, float | None]:
+    """The first audio stream → (float32[S] at 16 kHz, its declared seconds or None); (None, None) without an
+    audio stream. ``packets``: the stream's packets already demuxed (``video_io.MediaFile``), else None."""
+    if not container.streams.audio:
+        if required:
+            raise Rejected("no_audio", "the manifest requires audio but the file has no audio stream")
+        return None, None
+    stream = container.streams.audio[0]
+    if not stream.sample_rate or stream.sample_rate <= 0:
+        raise Rejected("bad_sample_rate", f"the audio stream declares sample rate {stream.sample_rate}")
+    declared = _declared_seconds(container, stream)
+    if declared is not None and declared > max_seconds:
+        raise Rejected("audio_too_long", f"{declared:.1f} s of audio > max_audio_seconds {max_seconds:g}")
+    frames = container.decode(stream) if packets is None else (f for p in packets for f in p.decode())
+    return _decode(frames, max_seconds), declared
+
+
+def _decode(frames: Iterator[av.AudioFrame], max_seconds: float) -> np.ndarray:
     # Resample each channel to 16 kHz and average them ourselves: FFmpeg's own stereo → mono downmix scales
     # by 1/sqrt(2) per channel (a correlated stereo pair comes out 1.41× louder); Whisper and Qwen2-Audio
     # load audio with librosa's channel mean.
@@ -320,7 +335,7 @@ def _decode(container: av.container.InputContainer, stream: av.audio.stream.Audi
     chunks: list[np.ndarray] = []
     total = 0
     try:
-        for frame in container.decode(stream):
+        for frame in frames:
             if not frame.sample_rate:
                 raise Rejected("bad_sample_rate", "a decoded audio frame has sample rate 0")
             for out in resampler.resample(frame):

@@ -24,6 +24,7 @@ face detector from the cache and the config on first use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -31,7 +32,7 @@ import grain
 import numpy as np
 
 from emoqwen_jax import layout
-from emoqwen_jax.data import audio, faces, text, vision
+from emoqwen_jax.data import audio, faces, text, video_io, vision
 from emoqwen_jax.data.reasons import Rejected, rejection
 from emoqwen_jax.data.tokenizer import load_tokenizer
 
@@ -93,18 +94,27 @@ class SampleProcessor(grain.transforms.Map):
     def _media(self, medium: dict[str, Any]) -> Any:
         return medium["bytes"] if medium.get("bytes") is not None else medium["path"]
 
-    def _vision(self, medium: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-        """One medium → (its arrays, extra arrays for the face canvas when fusion is 'extra')."""
+    def _opened(self, medium: dict[str, Any], use_audio: bool) -> contextlib.AbstractContextManager:
+        """The medium's source for ``_vision`` and ``_audio``: a clip whose audio is wanted is opened once for
+        both (``video_io.MediaFile``); anything else is its path or bytes."""
+        if medium["kind"] == "video" and use_audio:
+            return video_io.MediaFile(self._media(medium), float(self.cfg["audio"]["max_seconds"]) + 1.0)
+        return contextlib.nullcontext(self._media(medium))
+
+    def _vision(self, medium: dict[str, Any], source: Any) -> tuple[dict[str, np.ndarray],
+                                                                     list[dict[str, np.ndarray]]]:
+        """One medium (read from ``source``) → (its arrays, extra arrays for the face canvas when fusion is
+        'extra')."""
         c = self.cfg
         use_faces = c.get("faces", {}).get("fusion", "none") == "extra"
         if medium["kind"] == "image":
-            img = vision.load_image(self._media(medium))
+            img = vision.load_image(source)
             out = vision.process_image(img, min_pixels=c["image_min_pixels"], max_pixels=c["image_max_pixels"],
                                        cfg=c)
             frames = np.asarray(img)[None]
             grid_key = "image_grid_thw"
         else:
-            out = vision.process_video(self._media(medium), fps=c["fps"], min_frames=c["min_frames"],
+            out = vision.process_video(source, fps=c["fps"], min_frames=c["min_frames"],
                                        max_frames=c["max_frames"], min_pixels=c["video_min_pixels"],
                                        max_pixels=c["video_max_pixels"], total_pixels=c.get("video_total_pixels"),
                                        cfg=c, return_frames=use_faces)
@@ -122,11 +132,11 @@ class SampleProcessor(grain.transforms.Map):
             extras.append(extra)
         return out, extras
 
-    def _audio(self, medium: dict[str, Any], span: tuple[float, float] | None,
+    def _audio(self, medium: dict[str, Any], source: Any, span: tuple[float, float] | None,
                required: bool) -> dict[str, np.ndarray] | None:
         """An audio medium, or a clip's track over ``span`` (seconds) → encoder windows; None: no audio."""
         a = self.cfg["audio"]
-        wave = audio.read_audio(self._media(medium), start=span[0] if span else 0.0, end=span[1] if span else None,
+        wave = audio.read_audio(source, start=span[0] if span else 0.0, end=span[1] if span else None,
                                 required=required or medium["kind"] == "audio", max_seconds=float(a["max_seconds"]))
         if wave is None:
             _CLIPS_WITHOUT_AUDIO[0] += 1
@@ -180,30 +190,38 @@ class SampleProcessor(grain.transforms.Map):
         parts: dict[str, list[np.ndarray]] = {k: [v] for k, v in (empty_vision() | empty_audio(c)).items()}
         blocks = []
         for medium in media:
-            block, span = [], None
-            if medium["kind"] != "audio":
-                out, extras = self._vision(medium)
-                span = out.pop("frame_span", None)
-                for arrays in [out] + extras:
-                    arrays.pop("frame_span", None)
-                    for k, v in arrays.items():
-                        parts[k].append(v)
-                    grid_key = "image_grid_thw" if "image_grid_thw" in arrays else "video_grid_thw"
-                    pad = info.image_pad_id if grid_key == "image_grid_thw" else info.video_pad_id
-                    block.append((pad, text.num_vision_tokens(arrays[grid_key][0])))
-            elif not use_audio:
-                raise Rejected("placeholder_mismatch", "an audio sample, but config.data.audio.enabled is False")
-            if use_audio and medium["kind"] != "image":
-                sound = self._audio(medium, span, audio_required)
-                if sound is not None:
-                    for k, v in sound.items():
-                        parts[k].append(v)
-                    n = int(sound["audio_lengths"][0, 1])
-                    if medium["kind"] == "video" and c["audio"].get("position_rule", "text") == "interleave":
-                        block[0] = self._interleaved(block[0][1], n, out, info)
-                    else:
-                        block.append((info.audio_id, n, info.audio_bos_id, info.audio_eos_id))
-            blocks.append(block)
+            with self._opened(medium, use_audio) as source:
+                blocks.append(self._medium_parts(medium, source, info, audio_required, parts))
         # Skip the copy when one part holds all rows (the usual single clip): pixel arrays are tens of MB.
         return {k: (v[-1] if sum(len(x) > 0 for x in v) <= 1 and len(v[-1]) else np.concatenate(v))
                 for k, v in parts.items()}, blocks
+
+    def _medium_parts(self, medium: dict[str, Any], source: Any, info: Any, audio_required: bool,
+                      parts: dict[str, list[np.ndarray]]) -> list[tuple]:
+        """Appends one medium's arrays (read from ``source``) to ``parts``; returns its placeholder's blocks."""
+        c = self.cfg
+        use_audio = bool(c.get("audio", {}).get("enabled", False))
+        block, span = [], None
+        if medium["kind"] != "audio":
+            out, extras = self._vision(medium, source)
+            span = out.pop("frame_span", None)
+            for arrays in [out] + extras:
+                arrays.pop("frame_span", None)
+                for k, v in arrays.items():
+                    parts[k].append(v)
+                grid_key = "image_grid_thw" if "image_grid_thw" in arrays else "video_grid_thw"
+                pad = info.image_pad_id if grid_key == "image_grid_thw" else info.video_pad_id
+                block.append((pad, text.num_vision_tokens(arrays[grid_key][0])))
+        elif not use_audio:
+            raise Rejected("placeholder_mismatch", "an audio sample, but config.data.audio.enabled is False")
+        if use_audio and medium["kind"] != "image":
+            sound = self._audio(medium, source, span, audio_required)
+            if sound is not None:
+                for k, v in sound.items():
+                    parts[k].append(v)
+                n = int(sound["audio_lengths"][0, 1])
+                if medium["kind"] == "video" and c["audio"].get("position_rule", "text") == "interleave":
+                    block[0] = self._interleaved(block[0][1], n, out, info)
+                else:
+                    block.append((info.audio_id, n, info.audio_bos_id, info.audio_eos_id))
+        return block

@@ -211,8 +211,8 @@ def process_video(video: Any, *, fps: float, min_frames: int, max_frames: int, m
                   return_frames: bool = False) -> dict[str, np.ndarray]:
     """A clip → patch rows and grid, sampled and resized by the qwen-vl-utils rules.
 
-    ``video``: path, encoded bytes, or decoded frames (uint8[N, H, W, 3] or a list of them / PIL images),
-    for which ``video_fps`` (default ``fps``) is the rate they were taken at.
+    ``video``: path, encoded bytes, an open ``video_io.MediaFile``, or decoded frames (uint8[N, H, W, 3] or a
+    list of them / PIL images), for which ``video_fps`` (default ``fps``) is the rate they were taken at.
     Returns ``{"pixel_values_videos": float32[P, 1176], "video_grid_thw": int32[1, 3],
     "second_per_grid_ts": float32[1], "frame_indices": int64[T]}``; with ``return_frames`` also
     ``"frames": uint8[T, h0, w0, 3]``, the sampled frames before resizing (the faces module reuses them).
@@ -224,7 +224,7 @@ def process_video(video: Any, *, fps: float, min_frames: int, max_frames: int, m
             raise Rejected("too_few_frames", f"{total} frame(s) < min_video_frames {cfg.get('min_video_frames')}")
         return sample_indices(total, clip_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
 
-    if isinstance(video, (str, bytes, bytearray, memoryview, os.PathLike)):
+    if isinstance(video, (str, bytes, bytearray, memoryview, os.PathLike, video_io.MediaFile)):
         frames, indices, clip_fps = video_io.read_video(video, choose)
     else:
         decoded = [np.asarray(to_rgb(f)) if isinstance(f, PIL.Image.Image) else np.asarray(f) for f in video]

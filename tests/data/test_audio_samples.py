@@ -6,7 +6,7 @@ import pytest
 from data_helpers import numbered_frames, write_manifest
 
 from emoqwen_jax.data import audio as A
-from emoqwen_jax.data import video_io
+from emoqwen_jax.data import video_io, vision
 from emoqwen_jax.data.manifests import load_manifest
 from emoqwen_jax.data.pipeline import Collate
 from emoqwen_jax.data.process import SampleProcessor
@@ -51,6 +51,29 @@ def _block(ids, info):
     assert ids[where[0] - 1] == info.audio_bos_id and ids[where[-1] + 1] == info.audio_eos_id
     assert np.all(np.diff(where) == 1)
     return int(where[0]), len(where)
+
+
+@pytest.mark.parametrize("name", ["talk.mp4", "mute.mp4"])
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_one_open_reads_what_two_opens_read(media, name, as_bytes):
+    """A clip opened once for frames and audio (``video_io.MediaFile``) gives exactly the arrays and samples
+    that opening it separately for each gives."""
+    source = (media / name).read_bytes() if as_bytes else str(media / name)
+    kw = dict(fps=4.0, min_frames=4, max_frames=16, min_pixels=28 * 28, max_pixels=56 * 56)
+    separate = vision.process_video(source, **kw)
+    wave = A.read_audio(source, start=0.25, end=2.5)
+    with video_io.MediaFile(source) as clip:
+        shared = vision.process_video(clip, **kw)
+        shared_wave = A.read_audio(clip, start=0.25, end=2.5)
+    assert separate.keys() == shared.keys()
+    for key, value in separate.items():
+        assert shared[key].dtype == value.dtype
+        np.testing.assert_array_equal(shared[key], value)
+    if name == "mute.mp4":
+        assert wave is None and shared_wave is None
+    else:
+        assert shared_wave.dtype == wave.dtype and wave.shape == (int(2.25 * SR),)
+        np.testing.assert_array_equal(shared_wave, wave)
 
 
 def test_clip_audio_follows_its_vision_block(media, acfg):

@@ -12,7 +12,7 @@ from tolerance import assert_close_rel
 from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from emoqwen_jax.data import vision
+from emoqwen_jax.data import video_io, vision
 from emoqwen_jax.data.reasons import Rejected
 
 MIN_PX, MAX_PX = 56 * 56, 28 * 28 * 120
@@ -119,6 +119,21 @@ def test_sample_indices_match_qwen_vl_utils(total, video_fps, fps):
     ours = vision.sample_indices(total, video_fps, fps=fps, min_frames=4, max_frames=768)
     np.testing.assert_array_equal(ours, qwen_vl_utils_indices(total, video_fps, fps, 4, 768))
     assert len(ours) % 2 == 0 and 2 <= len(ours) <= min(total, 768)
+
+
+@pytest.mark.parametrize("h,w", [(48, 64), (368, 640)])  # single-threaded and threaded decoding
+def test_decoded_frames_equal_pyav_full_decode(tmp_path, h, w):
+    """Seeking, the decoder's thread setting and the clip's one RGB converter give exactly the pixels of
+    PyAV's plain decode of every frame with ``to_ndarray(format="rgb24")``."""
+    rng = np.random.default_rng(h)
+    path = str(tmp_path / "noise.mp4")
+    video_io.write_video(path, rng.integers(0, 256, (30, h, w, 3), dtype=np.uint8), 10.0, gop=5)
+    with av.open(path) as container:
+        every = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    indices = np.asarray([0, 3, 3, 11, 12, 28, 29])
+    frames, got, _ = video_io.read_video(path, lambda n, fps: indices)
+    np.testing.assert_array_equal(got, indices)
+    np.testing.assert_array_equal(frames, every[indices])
 
 
 @pytest.mark.parametrize("name,total,video_fps", [("c10_25", 10, 25.0), ("c29_30", 29, 30.0), ("c24_12", 24, 12.0),
