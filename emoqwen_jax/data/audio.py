@@ -108,10 +108,11 @@ def _live_frames(num_samples: int) -> int:
     return min(N_FRAMES, (num_samples + N_FFT // 2) // HOP_LENGTH + 1)
 
 
-def _log_mel_window(wave: np.ndarray, num_mel_bins: int) -> np.ndarray:
-    """float64[≤ N_SAMPLES] → float32[M, N_FRAMES] for one zero-padded 30 s window.
+def _log_mel_live(wave: np.ndarray, num_mel_bins: int) -> tuple[np.ndarray, float]:
+    """float64[≤ N_SAMPLES] → (float64[M, live] features of the ``_live_frames`` of its zero-padded 30 s window,
+    the feature value of every later frame).
 
-    Only the ``_live_frames`` are transformed: the others have mel power 0, i.e. log10(1e-10) = -10 before
+    Only the live frames are transformed: the others have mel power 0, i.e. log10(1e-10) = -10 before
     Whisper's floor, which is what they get (the same numbers as transforming all 3000 frames)."""
     live = _live_frames(wave.shape[0])
     span = N_SAMPLES if live == N_FRAMES else (live - 1) * HOP_LENGTH + N_FFT  # samples the live frames reach
@@ -125,8 +126,14 @@ def _log_mel_window(wave: np.ndarray, num_mel_bins: int) -> np.ndarray:
     mel = np.einsum("fm,tf->mt", mel_filters(num_mel_bins), power)  # [M, live]
     log_spec = np.log10(np.maximum(mel, 1e-10))
     top = log_spec.max() if live == N_FRAMES else max(log_spec.max(), -10.0)
-    out = np.full((num_mel_bins, N_FRAMES), (max(-10.0, top - 8.0) + 4.0) / 4.0, np.float32)
-    out[:, :live] = (np.maximum(log_spec, top - 8.0) + 4.0) / 4.0
+    return (np.maximum(log_spec, top - 8.0) + 4.0) / 4.0, (max(-10.0, top - 8.0) + 4.0) / 4.0
+
+
+def _log_mel_window(wave: np.ndarray, num_mel_bins: int) -> np.ndarray:
+    """float64[≤ N_SAMPLES] → float32[M, N_FRAMES] for one zero-padded 30 s window."""
+    live, rest = _log_mel_live(wave, num_mel_bins)
+    out = np.full((num_mel_bins, N_FRAMES), rest, np.float32)
+    out[:, :live.shape[1]] = live
     return out
 
 
@@ -198,15 +205,22 @@ def encoder_windows(waveform: Any, *, num_mel_bins: int = 128,
     """
     if window_frames <= 0 or window_frames % 4 or N_FRAMES % window_frames:
         raise ValueError(f"window_frames={window_frames} must be a multiple of 4 that divides {N_FRAMES}")
-    feats, mask = log_mel_windows(waveform, num_mel_bins=num_mel_bins)
-    frames = np.concatenate(list(feats), axis=1)  # [M, W30 · 3000]
-    flat_mask = mask.reshape(-1)
-    valid = int(flat_mask.sum())
+    wave = check_waveform(waveform, SAMPLING_RATE)
+    valid = -(-wave.shape[0] // HOP_LENGTH)  # frames holding audio (``feature_mask``)
     w = max(1, -(-valid // window_frames))
     if w > 1 and encoder_output_length(valid - (w - 1) * window_frames) == 0:
         w -= 1  # a tail of <= 2 frames (20 ms) can give no token; it is what the conv's last tap sees
         valid = w * window_frames
-    out = frames[:, :w * window_frames].reshape(num_mel_bins, w, window_frames).transpose(1, 0, 2)
+    # The first w · window_frames frames of log_mel_windows' consecutive 30 s windows, filled window by window
+    # (only the windows and frames kept are computed: a short clip needs a few of 3000).
+    frames = np.empty((num_mel_bins, w * window_frames), np.float32)  # [M, kept frames]
+    for start in range(0, frames.shape[1], N_FRAMES):
+        live, rest = _log_mel_live(wave[start * HOP_LENGTH:start * HOP_LENGTH + N_SAMPLES], num_mel_bins)
+        stop = min(frames.shape[1], start + N_FRAMES)
+        cut = min(stop, start + live.shape[1])
+        frames[:, start:cut] = live[:, :cut - start]
+        frames[:, cut:stop] = rest
+    out = frames.reshape(num_mel_bins, w, window_frames).transpose(1, 0, 2)
     out_mask = (np.arange(w * window_frames) < valid).astype(np.int32).reshape(w, window_frames)
     tokens = (w - 1) * (window_frames // 4) + encoder_output_length(int(out_mask[-1].sum()))
     return np.ascontiguousarray(out), out_mask, tokens

@@ -102,6 +102,25 @@ def test_encoder_output_length_is_25_tokens_per_second():
     assert A.encoder_output_length(3000) == 750
 
 
+@pytest.mark.parametrize("num_samples", [0, 400, SR, 29 * SR + 777, A.N_SAMPLES, A.N_SAMPLES + 320,
+                                         2 * A.N_SAMPLES + 5 * SR])
+@pytest.mark.parametrize("window_frames", [100, 1500, 3000])
+def test_encoder_windows_cut_log_mel_windows(num_samples, window_frames):
+    """The encoder windows are exactly the leading frames of ``log_mel_windows``' 30 s windows (computed only
+    as far as they are kept), cut every ``window_frames``; windows past the audio are dropped."""
+    x = _signal(num_samples, seed=num_samples % 7)
+    feats, mask = A.log_mel_windows(x, num_mel_bins=80)
+    frames, flat_mask = np.concatenate(list(feats), axis=1), mask.reshape(-1)
+    got, got_mask, tokens = A.encoder_windows(x, num_mel_bins=80, window_frames=window_frames)
+    w = got.shape[0]
+    assert got.dtype == np.float32 and got.shape == (w, 80, window_frames) and got_mask.shape == (w, window_frames)
+    want = frames[:, :w * window_frames].reshape(80, w, window_frames).transpose(1, 0, 2)
+    np.testing.assert_array_equal(got, want)
+    assert got_mask[:-1].all() and got_mask[-1].sum() > 0 or num_samples == 0
+    assert got_mask.sum() <= flat_mask.sum() < got_mask.sum() + 3  # only a token-less tail (<= 2 frames) is cut
+    assert tokens == (w - 1) * window_frames // 4 + A.encoder_output_length(int(got_mask[-1].sum()))
+
+
 # ---- decoding ---------------------------------------------------------------------------------------------
 def _wav_bytes(rate: int, data: np.ndarray, declared_bytes: int | None = None) -> bytes:
     """A float32 mono WAV written by hand, so the header can lie."""
