@@ -353,17 +353,24 @@ def _decode(frames: Iterator[av.AudioFrame], max_seconds: float) -> np.ndarray:
             if not frame.sample_rate:
                 raise Rejected("bad_sample_rate", "a decoded audio frame has sample rate 0")
             for out in resampler.resample(frame):
-                chunk = out.to_ndarray().mean(axis=0)
+                chunk = _channel_mean(out)
                 chunks.append(chunk)
                 total += chunk.shape[0]
             if total > limit:
                 raise Rejected("audio_too_long", f"more than max_audio_seconds {max_seconds:g} s decoded "
                                                  f"(the header understated the length)")
         for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().mean(axis=0))
+            chunks.append(_channel_mean(out))
     except (av.error.FFmpegError, ValueError, MemoryError) as e:
         raise Rejected("corrupt_audio", f"decode failed: {e}") from None
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0,), np.float32)
+
+
+def _channel_mean(frame: av.AudioFrame) -> np.ndarray:
+    """A planar float frame → float32[S], the mean of its channels (a mono frame's one channel as it is: the
+    same numbers as averaging one value)."""
+    planes = frame.to_ndarray()  # [channels, S]
+    return planes[0] if planes.shape[0] == 1 else planes.mean(axis=0)
 
 
 def resample(waveform: Any, sampling_rate: int) -> np.ndarray:

@@ -132,6 +132,15 @@ def load_tokenizer(vocab_size: int = REAL_VOCAB_SIZE,
     return tok, dataclasses.replace(info, cache_path=path)
 
 
+class EncodingCache:
+    """A tokenizer's ``encode(text, add_special_tokens=False)`` remembered for the last ``size`` texts, for
+    ``text.encode_conversation``: an evaluation asks every clip the same question, whose text runs (system
+    turn, question, ``assistant\n``) are then encoded once, not once per clip. Thread-safe."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, size: int = 1024):
+        self.encode = functools.lru_cache(maxsize=size)(tokenizer.encode)
+
+
 def hf_tokenizer_json(info: TokenizerInfo) -> dict:
     """The cached tokenizer.json as a dict (for exports that ship a Hugging Face tokenizer)."""
     with open(info.cache_path) as f:

@@ -70,14 +70,16 @@ def probe(container: av.container.InputContainer, audio_packets: list | None = N
     if not container.streams.video:
         raise Rejected("zero_frames", "the container holds no video stream (no frames)")
     stream = container.streams.video[0]
-    streams = [stream]
+    streams, audio_end = [stream], math.inf  # audio_end: audio_seconds in the audio stream's time base
     if audio_packets is not None and container.streams.audio:
         streams.append(container.streams.audio[0])
+        time_base = container.streams.audio[0].time_base
+        audio_end = audio_seconds / float(time_base) if time_base else math.inf
     pts = []
     try:
         for p in container.demux(streams):
             if p.stream.index != stream.index:
-                if p.pts is None or float(p.pts * p.time_base) <= audio_seconds:
+                if p.pts is None or p.pts <= audio_end:
                     audio_packets.append(p)
             elif p.pts is not None and p.size > 0:
                 pts.append(p.pts)

@@ -25,6 +25,7 @@ import numpy as np
 from emoqwen_jax.data import data_config, load_tokenizer
 from emoqwen_jax.data.process import SampleProcessor
 from emoqwen_jax.data.text import prompt_ids
+from emoqwen_jax.data.tokenizer import EncodingCache
 from emoqwen_jax.infer.generate import SamplingConfig, batch_vision, generate, left_pad
 from emoqwen_jax.model import EmotionQwen
 from emoqwen_jax.runtime import storage
@@ -90,6 +91,7 @@ class Session:
         self.model, self.data = model, cfg
         self.trained_data = dict(data or {})  # the checkpoint's own settings (what it was trained with)
         self.tokenizer, self.info = load_tokenizer(int(cfg["tokenizer_vocab_size"]), cfg["tokenizer_cache_dir"])
+        self._prompt_encoder = EncodingCache(self.tokenizer)  # prompts repeat their text runs clip after clip
         mc, info = model.config, self.info
         want = (info.image_pad_id, info.video_pad_id, info.vision_start_id, info.vision_end_id)
         have = (mc.image_token_id, mc.video_token_id, mc.vision_start_token_id, mc.vision_end_token_id)
@@ -151,8 +153,9 @@ class Session:
             text = "".join(f"<{kind}>\n" for kind, _ in media) + text
         if subtitle:
             text += "\nSubtitle: " + subtitle
-        ids = prompt_ids([{"role": "user", "content": text}], [blocks for _, blocks in parts], self.tokenizer,
-                         self.info, system_prompt=self.data["system_prompt"], max_length=int(self.data["max_length"]))
+        ids = prompt_ids([{"role": "user", "content": text}], [blocks for _, blocks in parts],
+                         self._prompt_encoder, self.info, system_prompt=self.data["system_prompt"],
+                         max_length=int(self.data["max_length"]))
         vision = batch_vision([v for v, _ in parts])
         return Prompt(np.asarray(ids, np.int32), {k: v for k, v in vision.items() if v is not None})
 

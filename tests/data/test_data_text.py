@@ -167,3 +167,19 @@ def test_prompt_ids_end_with_assistant_header(tiny_tok):
                                             max_length=100)
     first_label = int(np.flatnonzero(labels != text.IGNORE)[0])
     np.testing.assert_array_equal(prompt, full[:first_label])
+
+
+def test_encoding_cache_gives_the_tokenizer_s_ids(tiny_tok):
+    """Prompts built through ``EncodingCache`` are the tokenizer's own, and a repeated text is encoded once."""
+    tok, info = tiny_tok
+    cached = tk.EncodingCache(tok)
+    for question in ("<video>\nWhat?", "<video>\nHow does she feel?", "<video>\nWhat?"):
+        turns = [{"role": "user", "content": question}]
+        blocks = [[(info.video_pad_id, 3)]]
+        np.testing.assert_array_equal(
+            text.prompt_ids(turns, blocks, cached, info, system_prompt=SYSTEM, max_length=100),
+            text.prompt_ids(turns, blocks, tok, info, system_prompt=SYSTEM, max_length=100))
+    hits = cached.encode.cache_info()
+    # Six runs a prompt (system turn, "\n", "user\n", question, "\n", "assistant\n"): only the 6 distinct texts
+    # (two questions) are encoded.
+    assert (hits.misses, hits.hits) == (6, 12)
