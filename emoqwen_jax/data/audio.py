@@ -76,6 +76,33 @@ def mel_filters(num_mel_bins: int) -> np.ndarray:
     return filters * (2.0 / (filter_freqs[2:num_mel_bins + 2] - filter_freqs[:num_mel_bins]))[None, :]
 
 
+@functools.lru_cache(maxsize=4)
+def _mel_runs(num_mel_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each mel filter's run of frequency bins, from its first non-zero weight to its last (a triangle spans a
+    few of the 201 bins): (bins int64[K, M], weights float64[K, M]); K is the longest run, shorter runs end
+    in weight-0 padding (an all-zero filter is all padding)."""
+    filters = mel_filters(num_mel_bins)  # [F, M]
+    nonzero = filters > 0
+    first = np.argmax(nonzero, axis=0)
+    width = np.where(nonzero.any(axis=0), filters.shape[0] - np.argmax(nonzero[::-1], axis=0) - first, 0)
+    step = np.arange(max(int(width.max()), 1))[:, None]
+    bins = np.minimum(first[None, :] + step, filters.shape[0] - 1)
+    weights = np.where(step < width[None, :], filters[bins, np.arange(num_mel_bins)[None, :]], 0.0)
+    return bins, weights
+
+
+def _mel_power(power: np.ndarray, num_mel_bins: int) -> np.ndarray:
+    """float64[T, F] power spectrum → float64[M, T] mel power, ``einsum("fm,tf->mt", mel_filters, power)``
+    bit for bit: that sum runs over the bins in order from 0, and this one adds the same products in the same
+    order, skipping only the zero-weight ones (adding 0.0 changes no sum) — a few bins per filter, not 201."""
+    bins, weights = _mel_runs(num_mel_bins)
+    by_bin = power.T  # [F, T]
+    mel = np.zeros((num_mel_bins, power.shape[0]))
+    for k in range(bins.shape[0]):
+        mel += weights[k][:, None] * by_bin[bins[k]]
+    return mel
+
+
 @functools.lru_cache(maxsize=1)
 def _hann() -> np.ndarray:
     """Periodic Hann window of N_FFT (torch.hann_window's default)."""
@@ -121,9 +148,9 @@ def _log_mel_live(wave: np.ndarray, num_mel_bins: int) -> tuple[np.ndarray, floa
     padded = np.pad(padded, N_FFT // 2, mode="reflect")  # torch.stft(center=True, pad_mode='reflect')
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:live]
     power = np.abs(np.fft.rfft(frames * _hann(), axis=-1)) ** 2  # [live, N_FFT/2 + 1]
-    # einsum, not @: a product this small waits milliseconds for BLAS's threads when the cores are busy
-    # (the data workers' case), and einsum's own loop takes a fraction of one.
-    mel = np.einsum("fm,tf->mt", mel_filters(num_mel_bins), power)  # [M, live]
+    # Not @: a product this small waits milliseconds for BLAS's threads when the cores are busy (the data
+    # workers' case); the filters' runs take a fraction of one.
+    mel = _mel_power(power, num_mel_bins)  # [M, live]
     log_spec = np.log10(np.maximum(mel, 1e-10))
     top = log_spec.max() if live == N_FRAMES else max(log_spec.max(), -10.0)
     return (np.maximum(log_spec, top - 8.0) + 4.0) / 4.0, (max(-10.0, top - 8.0) + 4.0) / 4.0

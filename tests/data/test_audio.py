@@ -102,6 +102,15 @@ def test_encoder_output_length_is_25_tokens_per_second():
     assert A.encoder_output_length(3000) == 750
 
 
+@pytest.mark.parametrize("mels", [128, 80])
+def test_mel_power_is_the_filter_bank_product_bit_for_bit(mels):
+    """The filters' runs of non-zero bins add the products of the full bank's product in its order."""
+    rng = np.random.default_rng(mels)
+    for frames, scale in [(1, 1.0), (103, 1e-9), (3000, 1e3)]:
+        power = np.abs(rng.standard_normal((frames, A.N_FFT // 2 + 1))) ** 2 * scale
+        np.testing.assert_array_equal(A._mel_power(power, mels), np.einsum("fm,tf->mt", A.mel_filters(mels), power))
+
+
 @pytest.mark.parametrize("num_samples", [0, 400, SR, 29 * SR + 777, A.N_SAMPLES, A.N_SAMPLES + 320,
                                          2 * A.N_SAMPLES + 5 * SR])
 @pytest.mark.parametrize("window_frames", [100, 1500, 3000])
