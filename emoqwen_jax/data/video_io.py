@@ -26,9 +26,9 @@ from emoqwen_jax.runtime import storage
 
 # Decoding forward is cheaper than seeking when the next wanted frame is this close (in frames).
 _SEEK_GAP = 16
-# Frames up to this many pixels decode in single-threaded mode: starting the decoder's threads costs more
-# than a small clip's whole decode (1.3 ms vs 0.2 ms for a 112x112 one), and an evaluation already builds
-# several prompts at once on the cores. H.264 and the other codecs decode bit-exactly either way.
+# Frames up to this many pixels decode in single-threaded mode: starting the decoder's threads costs several
+# times a small clip's whole decode, and an evaluation already builds several prompts at once on the cores.
+# H.264 and the other codecs decode bit-exactly either way.
 _THREADED_DECODE_PIXELS = 320 * 240
 
 
@@ -110,7 +110,7 @@ def decode_frames(container: av.container.InputContainer, info: VideoInfo, indic
     else:
         stream.thread_count = 1
     # One single-threaded converter for the clip: ``frame.to_ndarray(format=...)`` makes a converter per frame
-    # whose automatic thread pool costs ten times the conversion of a small frame; the pixels are the same.
+    # whose automatic thread pool costs many times the conversion of a small frame; the pixels are the same.
     to_rgb = VideoReformatter()
     wanted = [int(info.pts[i]) for i in indices]
     out: dict[int, np.ndarray] = {}
