@@ -84,6 +84,14 @@ def test_manifest_and_media_from_a_uri_data_root(scratch, upload, demo_dir):
     first_two = lambda n, fps: np.arange(2)  # noqa: E731
     np.testing.assert_array_equal(read_video(video, first_two)[0],
                                   read_video(video.replace(root, str(demo_dir)), first_two)[0])
+    # The clip's sound too, opened on its own and through the one open the prompts share.
+    from emoqwen_jax.data.audio import read_audio
+    from emoqwen_jax.data.video_io import MediaFile
+
+    local_wave = read_audio(video.replace(root, str(demo_dir)))
+    np.testing.assert_array_equal(read_audio(video), local_wave)
+    with MediaFile(video) as opened:
+        np.testing.assert_array_equal(read_audio(opened), local_wave)
 
 
 def test_path_escaping_a_uri_root_is_rejected(scratch):

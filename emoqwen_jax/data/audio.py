@@ -30,6 +30,7 @@ import numpy as np
 
 from emoqwen_jax.data import video_io
 from emoqwen_jax.data.reasons import Rejected
+from emoqwen_jax.runtime import storage
 
 SAMPLING_RATE = 16000
 N_FFT = 400
@@ -259,8 +260,10 @@ def _head(source: Any) -> tuple[bytes, int]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         return data[:65536], len(data)
-    with open(source, "rb") as f:
-        return f.read(65536), os.path.getsize(source)
+    with storage.open(source, "rb") as f:  # a local path or a remote URI (gs://…)
+        head = f.read(65536)
+        f.seek(0, os.SEEK_END)
+        return head, f.tell()
 
 
 def check_riff(head: bytes, total: int, max_seconds: float) -> None:
@@ -321,7 +324,7 @@ def read_audio(source: Any, *, start: float = 0.0, end: float | None = None, req
         raise ValueError(f"audio span end={end} < start={start}")
     opened = source if isinstance(source, video_io.MediaFile) else None
     file = opened.source if opened else source
-    if not isinstance(file, (bytes, bytearray, memoryview)) and not os.path.isfile(file):
+    if not isinstance(file, (bytes, bytearray, memoryview)) and not storage.isfile(file):
         raise Rejected("missing_file", str(file))
     check_riff(*_head(file), max_seconds)
     if opened:
