@@ -218,14 +218,14 @@ class Engine:
             device = getattr(jax.tree.leaves(state)[0], "sharding", None) or jax.local_devices()[0]
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), device), spec)
         else:
-            from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+            from jax.sharding import NamedSharding  # noqa: PLC0415
 
             from emoqwen_jax.parallel.rules import batch_sharding, param_shardings  # noqa: PLC0415
 
             self._state = jax.device_put(state, param_shardings(state, mesh))
             batch = batch_sharding(mesh, 4).spec[0] if self.max_batch % _batch_devices(mesh) == 0 else None
-            heads = "tensor" if "tensor" in mesh.shape and spec[0][0].shape[2] % mesh.shape["tensor"] == 0 else None
-            sharding = NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
+            heads = "tensor" if "tensor" in mesh.shape and steps.kv_heads(spec) % mesh.shape["tensor"] == 0 else None
+            sharding = NamedSharding(mesh, steps.cache_partition(batch, heads))
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), sharding), spec)
         self._lock = threading.Lock()  # guards the queue, the cancel set and the counters
         self._waiting: collections.deque[_Request] = collections.deque()

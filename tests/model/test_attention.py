@@ -104,18 +104,21 @@ def test_xla_causal_query_blocks_are_taken_for_long_rows():
     assert "x300x300x" not in text
 
 
-@pytest.mark.parametrize("impl", ["xla", "blockwise"])
-def test_kv_cache_offset(impl):
+@pytest.mark.parametrize("impl,heads_first", [("xla", False), ("blockwise", False), ("xla", True),
+                                               ("blockwise", True)])
+def test_kv_cache_offset(impl, heads_first):
     """T new queries written at slot `offset` of an S-slot cache (left padding 0, unwritten slots hidden):
-    values and gradients (the blockwise custom VJP takes the offset too)."""
+    values and gradients (the blockwise custom VJP takes the offset too), with the cache as float[B, S, K, H]
+    or, ``kv_heads_first``, float[B, K, S, H] (the decoder's cache layout)."""
     q, k, v = _qkv(2, 3, 20, 4, 2, 8, seed=2)
     qseg = np.ones((2, 3), np.int32)
     kseg = np.ones((2, 20), np.int32)
     kseg[1, :4] = 0  # row 1: 4 left-padding slots
     kseg[:, 14:] = 0  # slots after the new tokens are not valid yet
-    run = lambda q, k, v: attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(qseg),  # noqa: E731
+    layout = (lambda x: x.transpose(0, 2, 1, 3)) if heads_first else (lambda x: x)  # noqa: E731
+    run = lambda q, k, v: attention(q, layout(k), layout(v), scale=0.3, q_segment_ids=jnp.asarray(qseg),  # noqa: E731
                                     kv_segment_ids=jnp.asarray(kseg), causal=True, q_offset=jnp.int32(11),
-                                    implementation=impl, block_size=8)
+                                    implementation=impl, block_size=8, kv_heads_first=heads_first)
     _assert_values_and_gradients(run, q, k, v, qseg, kseg, True, 11, 0.3)
 
 
