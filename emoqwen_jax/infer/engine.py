@@ -50,27 +50,30 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 class _Graph:
-    """A model's graph definition as a jit static argument with its hash computed once: nnx's ``GraphDef``
-    hashes its whole tree on every call, which costs more than a small model's decode step."""
+    """A model's graph definition and the tree structure of its state, as a jit static argument with its hash
+    computed once: nnx's ``GraphDef`` hashes its whole tree on every call, and flattening an ``nnx.State`` (one
+    pytree node per variable, sorted keys) on every call costs as much host time as a small model's decode step
+    computes, so the steps take the state's leaves as a flat list and rebuild the state inside the trace."""
 
-    __slots__ = ("graphdef", "_hash")
+    __slots__ = ("graphdef", "state_def", "_hash")
 
-    def __init__(self, graphdef):
-        self.graphdef, self._hash = graphdef, hash(graphdef)
+    def __init__(self, graphdef, state_def):
+        self.graphdef, self.state_def, self._hash = graphdef, state_def, hash((graphdef, state_def))
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _Graph) and (self.graphdef is other.graphdef or self.graphdef == other.graphdef)
+        return (isinstance(other, _Graph) and self.state_def == other.state_def and
+                (self.graphdef is other.graphdef or self.graphdef == other.graphdef))
 
 
 def _on_graph(fn):
-    """``fn(graphdef, ...)`` called with a ``_Graph`` in place of the graph definition."""
+    """``fn(graphdef, state, ...)`` called as ``(graph: _Graph, state leaves: list, ...)``."""
 
     @functools.wraps(fn)
-    def call(graph: _Graph, *args, **kwargs):
-        return fn(graph.graphdef, *args, **kwargs)
+    def call(graph: _Graph, leaves: list, *args, **kwargs):
+        return fn(graph.graphdef, jax.tree.unflatten(graph.state_def, leaves), *args, **kwargs)
 
     return call
 
@@ -209,10 +212,10 @@ class Engine:
         self.length_buckets = _ladder((64,), self.max_len) + (self.max_len,)
         self.patch_buckets = _ladder((256, 384), 1 << 24)
         self._graphdef, state = nnx.split(session.model)
-        self._graph = _Graph(self._graphdef)
+        self._graph = _Graph(self._graphdef, jax.tree.structure(state))
         spec = steps.cache_spec(session.model, self.max_batch, self.max_len)
         if mesh is None:
-            self._state = state
+            self._set_state(state)
             # Committed to the weights' device like the step outputs that replace it, so the first prefill
             # compiles the same executable as the later ones (an uncommitted cache would compile twice).
             device = getattr(jax.tree.leaves(state)[0], "sharding", None) or jax.local_devices()[0]
@@ -222,7 +225,7 @@ class Engine:
 
             from emoqwen_jax.parallel.rules import batch_sharding, param_shardings  # noqa: PLC0415
 
-            self._state = jax.device_put(state, param_shardings(state, mesh))
+            self._set_state(jax.device_put(state, param_shardings(state, mesh)))
             batch = batch_sharding(mesh, 4).spec[0] if self.max_batch % _batch_devices(mesh) == 0 else None
             heads = "tensor" if "tensor" in mesh.shape and steps.kv_heads(spec) % mesh.shape["tensor"] == 0 else None
             sharding = NamedSharding(mesh, steps.cache_partition(batch, heads))
@@ -340,7 +343,14 @@ class Engine:
                 from emoqwen_jax.parallel.rules import param_shardings  # noqa: PLC0415
 
                 state = jax.device_put(state, param_shardings(state, self.mesh))
-            self._state = state
+            self._set_state(state)
+
+    def _set_state(self, state) -> None:
+        """The weights the steps use: ``state`` (an ``nnx.State`` of ``self._graph``'s structure) and its leaves."""
+        leaves, structure = jax.tree.flatten(state)
+        if structure != self._graph.state_def:
+            raise ValueError("the new weights' tree differs from the model's")
+        self._state, self._leaves = state, leaves
 
     def stats(self) -> dict:
         with self._lock:
@@ -453,7 +463,7 @@ class Engine:
         self._shapes.add((rows, length, buckets.get("pad_patches_to", 0), buckets.get("pad_items_to", 0),
                           0 if vision.get("input_features") is None else len(vision["input_features"])))
         tokens, logp, logits, self._cache, gates = _JIT_PREFILL(
-            self._graph, self._state, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
+            self._graph, self._leaves, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
                                                                          np.int32),
             slots, self._rows(batch, rows), any_sampled=sampled)
         scored = any(r.params.score_token_ids for r in batch)  # one transfer of what the host needs
@@ -495,7 +505,7 @@ class Engine:
                 index[i] = r.length0 + r.drawn - 1
                 position[i] = r.position0 + r.drawn - 1
         sampled = any(r is not None and r.params.temperature > 0 for r in live)
-        out, logp, self._cache = _JIT_DECODE(self._graph, self._state, self._cache, tokens, index, position,
+        out, logp, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, tokens, index, position,
                                                   self._rows(live, b), any_sampled=sampled)
         out, logp = jax.device_get((out, logp))
         with self._lock:
