@@ -18,7 +18,9 @@ variants: all-greedy, or with sampled rows); a prefill's shape is (rows, length,
 windows), each padded to a bucket: rows to a power of two <= ``prefill_batch``, length to ``length_buckets``
 (64 · 2^k, and ``max_len``), patch rows to ``patch_buckets`` (256 · 2^k and 384 · 2^k) and items to a power of
 two (both counted as if the padding rows held prompts like the real ones), audio windows to the checkpoint's
-window buckets (else a multiple of 8). ``warmup`` compiles every row count of one kind of prompt up front.
+window buckets (else a multiple of 8), plus the ViT's ``layout.local_blocks`` (which block sizes hold the
+batch's windows and frames whole: one value per kind of image). ``warmup`` compiles every row count of one kind
+of prompt up front.
 
 Greedy output equals ``emoqwen_jax.infer.generate`` for the prompt alone whatever else is in flight (each row
 of every computation depends on its own inputs only); see ``engine_steps`` for the sampling streams.
@@ -40,10 +42,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from emoqwen_jax import layout
 from emoqwen_jax.infer import engine_steps as steps
 from emoqwen_jax.infer.detokenize import Detokenizer
 from emoqwen_jax.infer.generate import batch_vision, check_sampling
 from emoqwen_jax.infer.session import Prompt, Session, pad_audio_windows
+from emoqwen_jax.model.emotion_qwen import layout_spec
 
 log = logging.getLogger(__name__)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -79,7 +83,8 @@ def _on_graph(fn):
 
 
 # Module level: engines over the same model (equal graph definitions) share the compiled functions.
-_JIT_PREFILL = jax.jit(_on_graph(steps.prefill_into), static_argnums=(0,), static_argnames=("any_sampled",),
+_JIT_PREFILL = jax.jit(_on_graph(steps.prefill_into), static_argnums=(0,),
+                       static_argnames=("any_sampled", "vision_blocks"),
                        donate_argnums=(2,))
 _JIT_DECODE = jax.jit(_on_graph(steps.decode_step), static_argnums=(0,), static_argnames=("any_sampled",),
                       donate_argnums=(2,))
@@ -460,12 +465,13 @@ class Engine:
         inputs = inputs.replace(rope_deltas=None)
         slots = np.array([r.slot for r in batch] + [self.max_batch] * (rows - len(batch)), np.int32)
         sampled = any(r.params.temperature > 0 for r in batch)
+        vision_blocks = self._vision_blocks(inputs)
         self._shapes.add((rows, length, buckets.get("pad_patches_to", 0), buckets.get("pad_items_to", 0),
-                          0 if vision.get("input_features") is None else len(vision["input_features"])))
+                          0 if vision.get("input_features") is None else len(vision["input_features"]), vision_blocks))
         tokens, logp, logits, self._cache, gates = _JIT_PREFILL(
             self._graph, self._leaves, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
                                                                          np.int32),
-            slots, self._rows(batch, rows), any_sampled=sampled)
+            slots, self._rows(batch, rows), any_sampled=sampled, vision_blocks=vision_blocks)
         scored = any(r.params.score_token_ids for r in batch)  # one transfer of what the host needs
         tokens, logp, gates, logits = jax.device_get((tokens, logp, gates if self._has_gate() else None,
                                                       logits if scored else None))
@@ -481,6 +487,14 @@ class Engine:
             self._counts["prompt_tokens"] += sum(lengths)
         for i, r in enumerate(batch):
             self._accept(r, int(tokens[i]), float(logp[i]))
+
+    def _vision_blocks(self, inputs) -> tuple[int, int]:
+        """The ViT's block sizes for this batch's layout (``layout.local_blocks``; (0, 0) without vision)."""
+        vision = inputs.vision
+        if vision is None or vision.pixel_values.shape[0] == 0:
+            return (0, 0)
+        return layout.local_blocks(vision.frame_segment, vision.window_segment,
+                                   layout_spec(self.session.model.config))
 
     def _has_gate(self) -> bool:
         return getattr(self.session.model.compressor, "gate", None) is not None

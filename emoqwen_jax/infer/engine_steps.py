@@ -100,16 +100,16 @@ def kv_heads(spec: list[tuple[jax.ShapeDtypeStruct, ...]]) -> int:
 
 
 def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, rows: RowSampling,
-                 any_sampled: bool):
+                 any_sampled: bool, vision_blocks: tuple[int, int] = (0, 0)):
     """Runs P right-padded prompts and writes their cache columns [0, L) into ``slots`` int32[P] (a slot index
-    >= B drops the row: batch padding).
+    >= B drops the row: batch padding). ``vision_blocks`` (static): the ViT's ``layout.local_blocks``.
 
     Returns (first tokens int32[P], their log-probs float32[P], last-prompt-token logits float32[P, V], the
     cache, gate weights float32[G, E] of the batch's visual items)."""
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     text = inputs.text
-    embeds, gate_weights, _ = model.embed(inputs)
+    embeds, gate_weights, _ = model.embed(inputs, vision_blocks)
     p, length = text.input_ids.shape
     cfg = model.config.text
     empty = [(jnp.zeros((p, cfg.num_kv_heads, length, cfg.head_dim), lm.dtype),) * 2 for _ in cache]

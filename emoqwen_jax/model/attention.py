@@ -101,7 +101,7 @@ def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bo
 def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Array | None = None,
               kv_segment_ids: Array | None = None, causal: bool = False, q_offset: Array | int = 0,
               implementation: str = "xla", block_size: int = DEFAULT_BLOCK, band: int | None = None,
-              kv_heads_first: bool = False) -> Array:
+              kv_heads_first: bool = False, local_block: int = 0) -> Array:
     """Softmax attention of q float[B, T, N, H] over k, v float[B, S, K, H] -> float[B, T, N, H].
 
     Args:
@@ -114,6 +114,11 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
         block only needs the key blocks within ``band`` tokens of it (the ViT's windows). Exact either way
         for ids that obey it; None = no such promise.
       kv_heads_first: k, v are float[B, K, S, H] (see the module docstring).
+      local_block: a promise for self-attention without causality or cache (the ViT's frames and windows):
+        every segment lies whole within one block of ``local_block`` positions (``layout.local_block`` finds
+        such a size on the host; T a multiple of it). Attention then runs dense within each block, with no
+        logits across blocks and no loop, whatever ``implementation`` says (``_block_diagonal``). 0 = no
+        promise.
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
@@ -128,6 +133,11 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     cache = not (isinstance(q_offset, int) and q_offset == 0)
+    if local_block:
+        if causal or cache or t != s or t % local_block:
+            raise ValueError(f"local_block={local_block} needs self-attention without causality or cache over a "
+                             f"multiple of it (T={t}, S={s}, causal={causal})")
+        return _block_diagonal(q, kt, vt, q_segment_ids, kv_segment_ids, block=local_block, scale=scale)
     banded = band is not None and not causal and t == s and not cache  # the ViT's window layers
     devices = sharding.shard_count("units", t) if implementation == "auto" and banded and b == 1 else 1
     if devices > 1:  # a patch axis split over devices (see the module docstring)
@@ -150,6 +160,18 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
     if impl == "splash":
         return _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, scale)
     return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale)
+
+
+# ---- local blocks: block-diagonal self-attention ----------------------------------------------------------------
+def _block_diagonal(q, kt, vt, qseg, kseg, *, block, scale):
+    """Dense attention within each block of ``block`` positions under the segment mask: q float[B, T, N, H],
+    kt/vt float[B, K, T, H] -> float[B, T, N, H]; equal to the whole when no segment crosses a block boundary."""
+    b, t, n, h = q.shape
+    kh, c = kt.shape[1], t // block
+    per_block = lambda x: x.reshape(b, kh, c, block, h).transpose(0, 2, 1, 3, 4).reshape(b * c, kh, block, h)  # noqa: E731
+    out = _xla(q.reshape(b * c, block, n, h), per_block(kt), per_block(vt), qseg.reshape(b * c, block),
+               kseg.reshape(b * c, block), False, 0, scale)
+    return out.reshape(b, t, n, h)
 
 
 # ---- xla: dense ------------------------------------------------------------------------------------------------

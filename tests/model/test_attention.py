@@ -133,6 +133,20 @@ def test_band_paths_equal_reference(impl, block):
     _assert_values_and_gradients(run, q, k, v, seg, seg, False, 0, 0.3)
 
 
+def test_local_block_equals_reference():
+    """Segments of unequal sizes, each whole within an aligned block of 16 (several in one block, padding
+    included): the block-diagonal path gives dense attention's values and gradients; a call it cannot serve
+    is refused."""
+    seg = np.concatenate([np.repeat([0, 1], [5, 11]), np.full(16, 2), np.repeat([3, 4, 5], [3, 9, 4]),
+                          np.full(16, -1)])[None]
+    q, k, v = _qkv(1, seg.shape[1], seg.shape[1], 4, 2, 8, seed=4)
+    run = lambda q, k, v: attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(seg),  # noqa: E731
+                                    kv_segment_ids=jnp.asarray(seg), implementation="blockwise", local_block=16)
+    _assert_values_and_gradients(run, q, k, v, seg, seg, False, 0, 0.3)
+    with pytest.raises(ValueError, match="local_block"):
+        attention(q, k, v, scale=0.3, causal=True, local_block=16)
+
+
 # ---- accelerator kernels on CPU ------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal,segments", [(False, SEGMENTS), (True, LONG_SEGMENTS)])
 def test_splash_in_the_pallas_interpreter_equals_reference(causal, segments):
@@ -247,6 +261,24 @@ def test_vit_frames_larger_than_a_block_equal_dense(impl, frame_block, scan):
     got = np.asarray(jax.jit(lambda p: other(p, **kw))(pixels))
     assert np.isfinite(got).all()
     assert _rel(got[real], ref) <= TOL
+
+
+def test_vit_local_blocks_equal_the_masked_paths():
+    """Images and a video of unequal sizes whose windows (16 patches) and frames lie whole in aligned blocks of
+    16 and 64 patches: ``layout.local_blocks`` finds those sizes, and the ViT attending block by block equals
+    the masked whole-axis paths (float32, rel 1e-5); a layout whose frames straddle every candidate gets none."""
+    grids = [(1, 8, 8), (1, 4, 8), (2, 4, 4), (1, 4, 4), (1, 4, 12)]  # 64 | 32 16 16 | 16 48 patches
+    model, cfg = _vit("blockwise")
+    pixels, kw, lay = _vit_inputs(cfg, grids, 192)
+    spec = layout.LayoutSpec(window_size=cfg.window_size)
+    blocks = layout.local_blocks(lay["vision_frame_segment"], lay["vision_window_segment"], spec)
+    assert blocks == (16, 64)
+    masked = np.asarray(jax.jit(lambda p: model(p, **kw))(pixels))
+    local = np.asarray(jax.jit(lambda p: model(p, **kw, local_blocks=blocks))(pixels))
+    assert _rel(local, masked) <= TOL
+    _, _, straddling = _vit_inputs(cfg, [(1, 12, 20), (2, 4, 8), (1, 2, 2)], 336)
+    assert layout.local_blocks(straddling["vision_frame_segment"], straddling["vision_window_segment"],
+                               spec) == (0, 0)
 
 
 def test_vit_period_groups_window_and_full_layers():
