@@ -18,7 +18,9 @@ variants: all-greedy, or with sampled rows); a prefill's shape is (rows, length,
 windows), each padded to a bucket: rows to a power of two <= ``prefill_batch``, length to ``length_buckets``
 (64 · 2^k, and ``max_len``), patch rows to ``patch_buckets`` (256 · 2^k and 384 · 2^k) and items to a power of
 two (both counted as if the padding rows held prompts like the real ones), audio windows to the checkpoint's
-window buckets (else a multiple of 8). ``warmup`` compiles every row count of one kind of prompt up front.
+window buckets (else a multiple of 8), plus the ViT's ``layout.local_blocks`` (which block sizes hold the
+batch's windows and frames whole: one value per kind of image). ``warmup`` compiles every row count of one kind
+of prompt up front.
 
 Greedy output equals ``emoqwen_jax.infer.generate`` for the prompt alone whatever else is in flight (each row
 of every computation depends on its own inputs only); see ``engine_steps`` for the sampling streams.
@@ -40,43 +42,49 @@ import jax
 import numpy as np
 from flax import nnx
 
+from emoqwen_jax import layout
 from emoqwen_jax.infer import engine_steps as steps
 from emoqwen_jax.infer.detokenize import Detokenizer
 from emoqwen_jax.infer.generate import batch_vision, check_sampling
 from emoqwen_jax.infer.session import Prompt, Session, pad_audio_windows
+from emoqwen_jax.model.emotion_qwen import layout_spec
 
 log = logging.getLogger(__name__)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 class _Graph:
-    """A model's graph definition as a jit static argument with its hash computed once: nnx's ``GraphDef``
-    hashes its whole tree on every call, which costs more than a small model's decode step."""
+    """A model's graph definition and the tree structure of its state, as a jit static argument with its hash
+    computed once: nnx's ``GraphDef`` hashes its whole tree on every call, and flattening an ``nnx.State`` (one
+    pytree node per variable, sorted keys) on every call costs as much host time as a small model's decode step
+    computes, so the steps take the state's leaves as a flat list and rebuild the state inside the trace."""
 
-    __slots__ = ("graphdef", "_hash")
+    __slots__ = ("graphdef", "state_def", "_hash")
 
-    def __init__(self, graphdef):
-        self.graphdef, self._hash = graphdef, hash(graphdef)
+    def __init__(self, graphdef, state_def):
+        self.graphdef, self.state_def, self._hash = graphdef, state_def, hash((graphdef, state_def))
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _Graph) and (self.graphdef is other.graphdef or self.graphdef == other.graphdef)
+        return (isinstance(other, _Graph) and self.state_def == other.state_def and
+                (self.graphdef is other.graphdef or self.graphdef == other.graphdef))
 
 
 def _on_graph(fn):
-    """``fn(graphdef, ...)`` called with a ``_Graph`` in place of the graph definition."""
+    """``fn(graphdef, state, ...)`` called as ``(graph: _Graph, state leaves: list, ...)``."""
 
     @functools.wraps(fn)
-    def call(graph: _Graph, *args, **kwargs):
-        return fn(graph.graphdef, *args, **kwargs)
+    def call(graph: _Graph, leaves: list, *args, **kwargs):
+        return fn(graph.graphdef, jax.tree.unflatten(graph.state_def, leaves), *args, **kwargs)
 
     return call
 
 
 # Module level: engines over the same model (equal graph definitions) share the compiled functions.
-_JIT_PREFILL = jax.jit(_on_graph(steps.prefill_into), static_argnums=(0,), static_argnames=("any_sampled",),
+_JIT_PREFILL = jax.jit(_on_graph(steps.prefill_into), static_argnums=(0,),
+                       static_argnames=("any_sampled", "vision_blocks"),
                        donate_argnums=(2,))
 _JIT_DECODE = jax.jit(_on_graph(steps.decode_step), static_argnums=(0,), static_argnames=("any_sampled",),
                       donate_argnums=(2,))
@@ -209,23 +217,23 @@ class Engine:
         self.length_buckets = _ladder((64,), self.max_len) + (self.max_len,)
         self.patch_buckets = _ladder((256, 384), 1 << 24)
         self._graphdef, state = nnx.split(session.model)
-        self._graph = _Graph(self._graphdef)
+        self._graph = _Graph(self._graphdef, jax.tree.structure(state))
         spec = steps.cache_spec(session.model, self.max_batch, self.max_len)
         if mesh is None:
-            self._state = state
+            self._set_state(state)
             # Committed to the weights' device like the step outputs that replace it, so the first prefill
             # compiles the same executable as the later ones (an uncommitted cache would compile twice).
             device = getattr(jax.tree.leaves(state)[0], "sharding", None) or jax.local_devices()[0]
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), device), spec)
         else:
-            from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+            from jax.sharding import NamedSharding  # noqa: PLC0415
 
             from emoqwen_jax.parallel.rules import batch_sharding, param_shardings  # noqa: PLC0415
 
-            self._state = jax.device_put(state, param_shardings(state, mesh))
+            self._set_state(jax.device_put(state, param_shardings(state, mesh)))
             batch = batch_sharding(mesh, 4).spec[0] if self.max_batch % _batch_devices(mesh) == 0 else None
-            heads = "tensor" if "tensor" in mesh.shape and spec[0][0].shape[2] % mesh.shape["tensor"] == 0 else None
-            sharding = NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
+            heads = "tensor" if "tensor" in mesh.shape and steps.kv_heads(spec) % mesh.shape["tensor"] == 0 else None
+            sharding = NamedSharding(mesh, steps.cache_partition(batch, heads))
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), sharding), spec)
         self._lock = threading.Lock()  # guards the queue, the cancel set and the counters
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -340,7 +348,14 @@ class Engine:
                 from emoqwen_jax.parallel.rules import param_shardings  # noqa: PLC0415
 
                 state = jax.device_put(state, param_shardings(state, self.mesh))
-            self._state = state
+            self._set_state(state)
+
+    def _set_state(self, state) -> None:
+        """The weights the steps use: ``state`` (an ``nnx.State`` of ``self._graph``'s structure) and its leaves."""
+        leaves, structure = jax.tree.flatten(state)
+        if structure != self._graph.state_def:
+            raise ValueError("the new weights' tree differs from the model's")
+        self._state, self._leaves = state, leaves
 
     def stats(self) -> dict:
         with self._lock:
@@ -450,12 +465,13 @@ class Engine:
         inputs = inputs.replace(rope_deltas=None)
         slots = np.array([r.slot for r in batch] + [self.max_batch] * (rows - len(batch)), np.int32)
         sampled = any(r.params.temperature > 0 for r in batch)
+        vision_blocks = self._vision_blocks(inputs)
         self._shapes.add((rows, length, buckets.get("pad_patches_to", 0), buckets.get("pad_items_to", 0),
-                          0 if vision.get("input_features") is None else len(vision["input_features"])))
+                          0 if vision.get("input_features") is None else len(vision["input_features"]), vision_blocks))
         tokens, logp, logits, self._cache, gates = _JIT_PREFILL(
-            self._graph, self._state, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
+            self._graph, self._leaves, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
                                                                          np.int32),
-            slots, self._rows(batch, rows), any_sampled=sampled)
+            slots, self._rows(batch, rows), any_sampled=sampled, vision_blocks=vision_blocks)
         scored = any(r.params.score_token_ids for r in batch)  # one transfer of what the host needs
         tokens, logp, gates, logits = jax.device_get((tokens, logp, gates if self._has_gate() else None,
                                                       logits if scored else None))
@@ -471,6 +487,14 @@ class Engine:
             self._counts["prompt_tokens"] += sum(lengths)
         for i, r in enumerate(batch):
             self._accept(r, int(tokens[i]), float(logp[i]))
+
+    def _vision_blocks(self, inputs) -> tuple[int, int]:
+        """The ViT's block sizes for this batch's layout (``layout.local_blocks``; (0, 0) without vision)."""
+        vision = inputs.vision
+        if vision is None or vision.pixel_values.shape[0] == 0:
+            return (0, 0)
+        return layout.local_blocks(vision.frame_segment, vision.window_segment,
+                                   layout_spec(self.session.model.config))
 
     def _has_gate(self) -> bool:
         return getattr(self.session.model.compressor, "gate", None) is not None
@@ -495,7 +519,7 @@ class Engine:
                 index[i] = r.length0 + r.drawn - 1
                 position[i] = r.position0 + r.drawn - 1
         sampled = any(r is not None and r.params.temperature > 0 for r in live)
-        out, logp, self._cache = _JIT_DECODE(self._graph, self._state, self._cache, tokens, index, position,
+        out, logp, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, tokens, index, position,
                                                   self._rows(live, b), any_sampled=sampled)
         out, logp = jax.device_get((out, logp))
         with self._lock:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from emoqwen_jax.infer.generate import sample_logits
 
@@ -81,33 +82,44 @@ def choose(logits: Array, rows: RowSampling, any_sampled: bool) -> tuple[Array, 
 
 
 def cache_spec(model: Any, max_batch: int, max_len: int) -> list[tuple[jax.ShapeDtypeStruct, ...]]:
-    """One (k, v) pair of float[B, S, K, H] per decoder layer, in the compute dtype."""
+    """One (k, v) pair of float[B, K, S, H] per decoder layer (``model.text``'s cache layout), in the compute
+    dtype."""
     cfg = model.config.text
-    shape = jax.ShapeDtypeStruct((max_batch, max_len, cfg.num_kv_heads, cfg.head_dim), model.language_model.dtype)
+    shape = jax.ShapeDtypeStruct((max_batch, cfg.num_kv_heads, max_len, cfg.head_dim), model.language_model.dtype)
     return [(shape, shape) for _ in range(cfg.num_layers)]
 
 
+def cache_partition(batch_axes, heads_axis) -> PartitionSpec:
+    """The cache's PartitionSpec: slots over ``batch_axes``, KV heads over ``heads_axis`` (either None)."""
+    return PartitionSpec(batch_axes, heads_axis, None, None)
+
+
+def kv_heads(spec: list[tuple[jax.ShapeDtypeStruct, ...]]) -> int:
+    """The KV head count of a ``cache_spec``."""
+    return spec[0][0].shape[1]
+
+
 def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, rows: RowSampling,
-                 any_sampled: bool):
+                 any_sampled: bool, vision_blocks: tuple[int, int] = (0, 0)):
     """Runs P right-padded prompts and writes their cache columns [0, L) into ``slots`` int32[P] (a slot index
-    >= B drops the row: batch padding).
+    >= B drops the row: batch padding). ``vision_blocks`` (static): the ViT's ``layout.local_blocks``.
 
     Returns (first tokens int32[P], their log-probs float32[P], last-prompt-token logits float32[P, V], the
     cache, gate weights float32[G, E] of the batch's visual items)."""
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     text = inputs.text
-    embeds, gate_weights, _ = model.embed(inputs)
+    embeds, gate_weights, _ = model.embed(inputs, vision_blocks)
     p, length = text.input_ids.shape
     cfg = model.config.text
-    empty = [(jnp.zeros((p, length, cfg.num_kv_heads, cfg.head_dim), lm.dtype),) * 2 for _ in cache]
+    empty = [(jnp.zeros((p, cfg.num_kv_heads, length, cfg.head_dim), lm.dtype),) * 2 for _ in cache]
     # Segment ids = the mask (1 real, 0 padding): right padding attends only to itself.
     hidden, rows_cache = lm(embeds, text.position_ids, text.attention_mask, empty, jnp.int32(0),
                             text.attention_mask)
     last = hidden[jnp.arange(p), lengths - 1]
     logits = lm.logits(last[:, None])[:, 0]
     tokens, logp = choose(logits, rows, any_sampled)
-    cache = [(k.at[slots, :length].set(nk, mode="drop"), v.at[slots, :length].set(nv, mode="drop"))
+    cache = [(k.at[slots, :, :length].set(nk, mode="drop"), v.at[slots, :, :length].set(nv, mode="drop"))
              for (k, v), (nk, nv) in zip(cache, rows_cache, strict=True)]
     return tokens, logp, logits, cache, gate_weights
 
@@ -120,7 +132,7 @@ def decode_step(graphdef, state, cache, tokens: Array, index: Array, position: A
     Returns (tokens int32[B], log-probs float32[B], the cache)."""
     model = nnx.merge(graphdef, state)
     lm = model.language_model
-    b, s = cache[0][0].shape[:2]
+    b, s = cache[0][0].shape[0], cache[0][0].shape[2]
     seen = (jnp.arange(s)[None, :] <= index[:, None]).astype(jnp.int32)  # int[B, S]: 1 = visible slot
     positions = jnp.broadcast_to(position[None, :, None], (3, b, 1))
     hidden, cache = lm(lm.embed(tokens[:, None]), positions, jnp.ones((b, 1), jnp.int32), cache, index, seen)

@@ -117,9 +117,9 @@ def check_left_padded(attention_mask: np.ndarray) -> None:
 
 
 def init_cache(model: EmotionQwen, batch: int, length: int) -> KVCache:
-    """Zeroed static cache: one (k, v) pair per decoder layer, each float[B, S, K, H] in the compute dtype."""
+    """Zeroed static cache: one (k, v) pair per decoder layer, each float[B, K, S, H] in the compute dtype."""
     cfg = model.config.text
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     dtype = model.language_model.dtype
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 

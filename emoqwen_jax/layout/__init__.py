@@ -13,7 +13,8 @@ U = P/4 merged units, G visual items (images + videos, padded).
 from emoqwen_jax.layout.audio import AudioSpec, audio_token_index, interleave_chunks, interleaved_block
 from emoqwen_jax.layout.model_inputs import build_model_inputs
 from emoqwen_jax.layout.positions import get_rope_index, interleaved_positions
-from emoqwen_jax.layout.vision import LayoutSpec, vision_layout, visual_token_index
+from emoqwen_jax.layout.vision import LayoutSpec, local_blocks, vision_layout, visual_token_index
 
 __all__ = ["AudioSpec", "LayoutSpec", "audio_token_index", "build_model_inputs", "get_rope_index",
-           "interleave_chunks", "interleaved_block", "interleaved_positions", "vision_layout", "visual_token_index"]
+           "interleave_chunks", "interleaved_block", "interleaved_positions", "local_blocks", "vision_layout",
+           "visual_token_index"]

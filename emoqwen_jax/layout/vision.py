@@ -109,6 +109,30 @@ def vision_layout(grids: np.ndarray, spec: LayoutSpec, *, pad_patches_to: int | 
     }
 
 
+def local_blocks(frame_segment: np.ndarray, window_segment: np.ndarray, spec: LayoutSpec) -> tuple[int, int]:
+    """(window layers' block, full layers' block) for the ViT attention's ``local_block``: the smallest of one
+    window's patches (window layers) or 4 and 16 windows' patches (full layers: a 224x224 image is 4) whose
+    aligned blocks each hold their segments whole, given int[P] segment ids (``vision_layout``'s); 0 where
+    none does."""
+    window = (spec.window_size // spec.patch_size) ** 2
+    return (_whole_blocks(window_segment, (window,)), _whole_blocks(frame_segment, (4 * window, 16 * window)))
+
+
+def _whole_blocks(segment: np.ndarray, sizes: tuple[int, ...]) -> int:
+    """The first size in ``sizes`` dividing P whose blocks of int[P] ids never split an id, else 0."""
+    segment = np.asarray(segment).reshape(-1)
+    _, ids = np.unique(segment, return_inverse=True)
+    position = np.arange(segment.size)
+    first = np.full(ids.max(initial=-1) + 1, segment.size)
+    last = np.full_like(first, -1)
+    np.minimum.at(first, ids, position)
+    np.maximum.at(last, ids, position)
+    for size in sizes:
+        if segment.size % size == 0 and np.all(first // size == last // size):
+            return size
+    return 0
+
+
 def visual_token_index(input_ids, spec: LayoutSpec, image_grids: np.ndarray, video_grids: np.ndarray) -> np.ndarray:
     """int32[B, L]: for each placeholder token, the row of the merged visual tokens (images first, then
     videos, each in row-major batch order like HF's ``masked_scatter``) that replaces it; -1 elsewhere."""

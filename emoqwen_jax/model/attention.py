@@ -24,8 +24,10 @@ Implementations (``config.model.attention``):
              where blockwise's scan over query blocks makes it all-gather q, k, v and repeat every block on
              every device. One log line per distinct choice says what was chosen and why.
 
-Shapes: q float[B, T, N, H]; k, v float[B, S, K, H] with N a multiple of K (G = N / K query heads per KV head);
-segment ids int[B, T] / int[B, S]. Logits and softmax in float32; the output has q's dtype.
+Shapes: q float[B, T, N, H]; k, v float[B, S, K, H] with N a multiple of K (G = N / K query heads per KV head),
+or float[B, K, S, H] with ``kv_heads_first`` (the decoder's KV cache layout: the xla and blockwise paths then
+read it as it lies, where [B, S, K, H] would be relaid out, cache and all, on every call); segment ids
+int[B, T] / int[B, S]. Logits and softmax in float32; the output has q's dtype.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def resolve(implementation: str, kv_length: int, *, dtype=jnp.float32, cache: bo
 
 def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Array | None = None,
               kv_segment_ids: Array | None = None, causal: bool = False, q_offset: Array | int = 0,
-              implementation: str = "xla", block_size: int = DEFAULT_BLOCK, band: int | None = None) -> Array:
+              implementation: str = "xla", block_size: int = DEFAULT_BLOCK, band: int | None = None,
+              kv_heads_first: bool = False, local_block: int = 0) -> Array:
     """Softmax attention of q float[B, T, N, H] over k, v float[B, S, K, H] -> float[B, T, N, H].
 
     Args:
@@ -110,11 +113,18 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
       band: blockwise: a hint that every segment is at most ``band`` tokens long and contiguous, so a query
         block only needs the key blocks within ``band`` tokens of it (the ViT's windows). Exact either way
         for ids that obey it; None = no such promise.
+      kv_heads_first: k, v are float[B, K, S, H] (see the module docstring).
+      local_block: a promise for self-attention without causality or cache (the ViT's frames and windows):
+        every segment lies whole within one block of ``local_block`` positions (``layout.local_block`` finds
+        such a size on the host; T a multiple of it). Attention then runs dense within each block, with no
+        logits across blocks and no loop, whatever ``implementation`` says (``_block_diagonal``). 0 = no
+        promise.
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kt, vt = (k, v) if kv_heads_first else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # [B, K, S, H]
+    kh, s = kt.shape[1], kt.shape[2]
     if n % kh:
         raise ValueError(f"query heads {n} not a multiple of key/value heads {kh}")
     if q_segment_ids is None:
@@ -123,6 +133,11 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     cache = not (isinstance(q_offset, int) and q_offset == 0)
+    if local_block:
+        if causal or cache or t != s or t % local_block:
+            raise ValueError(f"local_block={local_block} needs self-attention without causality or cache over a "
+                             f"multiple of it (T={t}, S={s}, causal={causal})")
+        return _block_diagonal(q, kt, vt, q_segment_ids, kv_segment_ids, block=local_block, scale=scale)
     banded = band is not None and not causal and t == s and not cache  # the ViT's window layers
     devices = sharding.shard_count("units", t) if implementation == "auto" and banded and b == 1 else 1
     if devices > 1:  # a patch axis split over devices (see the module docstring)
@@ -131,18 +146,32 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
                           f"blocks shard, blockwise's scan over query blocks would gather it")
     else:
         impl = resolve(implementation, s, dtype=q.dtype, cache=cache, causal=causal)
-    if impl == "xla":
-        if banded:
-            return _banded(q, k, v, q_segment_ids, kv_segment_ids, band, scale)
-        return _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset, scale)
+    if impl == "xla" and not banded:
+        return _xla(q, kt, vt, q_segment_ids, kv_segment_ids, causal, q_offset, scale)
     if impl == "blockwise":
-        return _blockwise_entry(q, k, v, q_segment_ids, kv_segment_ids, jnp.asarray(q_offset, jnp.int32),
+        return _blockwise_entry(q, kt, vt, q_segment_ids, kv_segment_ids, jnp.asarray(q_offset, jnp.int32),
                                 scale=scale, causal=causal, block=block_size, band=band)
+    if kv_heads_first:  # the other kernels take [B, S, K, H]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if impl == "xla":
+        return _banded(q, k, v, q_segment_ids, kv_segment_ids, band, scale)
     if cache:
         raise ValueError(f"attention={impl!r} has no query offset (KV cache); use 'xla' or 'blockwise'")
     if impl == "splash":
         return _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, scale)
     return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale)
+
+
+# ---- local blocks: block-diagonal self-attention ----------------------------------------------------------------
+def _block_diagonal(q, kt, vt, qseg, kseg, *, block, scale):
+    """Dense attention within each block of ``block`` positions under the segment mask: q float[B, T, N, H],
+    kt/vt float[B, K, T, H] -> float[B, T, N, H]; equal to the whole when no segment crosses a block boundary."""
+    b, t, n, h = q.shape
+    kh, c = kt.shape[1], t // block
+    per_block = lambda x: x.reshape(b, kh, c, block, h).transpose(0, 2, 1, 3, 4).reshape(b * c, kh, block, h)  # noqa: E731
+    out = _xla(q.reshape(b * c, block, n, h), per_block(kt), per_block(vt), qseg.reshape(b * c, block),
+               kseg.reshape(b * c, block), False, 0, scale)
+    return out.reshape(b, t, n, h)
 
 
 # ---- xla: dense ------------------------------------------------------------------------------------------------
@@ -165,19 +194,20 @@ def _allowed(qseg: Array, kseg: Array, qpos: Array, kpos: Array, causal: bool) -
     return mask
 
 
-def _dense(qg: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
-    """qg float[B, K, G, T, H], k/v float[B, S, K, H], mask bool[B, T, S] -> float[B, K, G, T, H]."""
-    logits = jnp.einsum("bkgth,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+def _dense(qg: Array, kt: Array, vt: Array, mask: Array, scale: float) -> Array:
+    """qg float[B, K, G, T, H], kt/vt float[B, K, S, H], mask bool[B, T, S] -> float[B, K, G, T, H]."""
+    logits = jnp.einsum("bkgth,bksh->bkgts", qg, kt, preferred_element_type=jnp.float32) * scale
     m = mask[:, None, None]
     logits = jnp.where(m, logits, _NEG)
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * m  # a row with no key: all zeros
     probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-    return jnp.einsum("bkgts,bskh->bkgth", probs.astype(v.dtype), v)
+    return jnp.einsum("bkgts,bksh->bkgth", probs.astype(vt.dtype), vt)
 
 
-def _xla(q, k, v, qseg, kseg, causal, q_offset, scale):
+def _xla(q, kt, vt, qseg, kseg, causal, q_offset, scale):
+    """q float[B, T, N, H], kt/vt float[B, K, S, H] -> float[B, T, N, H]."""
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh, s = kt.shape[1], kt.shape[2]
     qg = _grouped(q, kh)
     qpos = jnp.arange(t, dtype=jnp.int32) + q_offset
     kpos = jnp.arange(s, dtype=jnp.int32)
@@ -187,10 +217,10 @@ def _xla(q, k, v, qseg, kseg, causal, q_offset, scale):
         for c in range(blocks):
             lo, hi = c * CAUSAL_QUERY_BLOCK, min(t, (c + 1) * CAUSAL_QUERY_BLOCK)
             mask = _allowed(qseg[:, lo:hi], kseg[:, :hi], qpos[lo:hi], kpos[:hi], True)
-            outs.append(_dense(qg[:, :, :, lo:hi], k[:, :hi], v[:, :hi], mask, scale))
+            outs.append(_dense(qg[:, :, :, lo:hi], kt[:, :, :hi], vt[:, :, :hi], mask, scale))
         out = jnp.concatenate(outs, axis=3)
     else:
-        out = _dense(qg, k, v, _allowed(qseg, kseg, qpos, kpos, causal), scale)
+        out = _dense(qg, kt, vt, _allowed(qseg, kseg, qpos, kpos, causal), scale)
     return _ungrouped(out).astype(q.dtype)
 
 
@@ -254,13 +284,13 @@ def _key_grad(ds: Array, x: Array) -> Array:
     return _bdot(ds.reshape(b * kh, g * q, s), x.reshape(b * kh, g * q, -1), (1, 1)).reshape(b, kh, s, -1)
 
 
-def _blockwise_entry(q, k, v, qseg, kseg, q_offset, *, scale, causal, block, band):
+def _blockwise_entry(q, kt, vt, qseg, kseg, q_offset, *, scale, causal, block, band):
+    """q float[B, T, N, H], kt/vt float[B, K, S, H] -> float[B, T, N, H]."""
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh, s = kt.shape[1], kt.shape[2]
     bq, bk = min(block, t), min(block, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     qg = _grouped(q, kh)  # [B, K, G, T, H]
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     if tp > t:
         qg = jnp.pad(qg, ((0, 0),) * 3 + ((0, tp - t), (0, 0)))
         qseg = jnp.pad(qseg, ((0, 0), (0, tp - t)), constant_values=_QPAD)

@@ -85,12 +85,15 @@ class EmotionQwen(nnx.Module):
                                                   config.dtype), param_dtype=as_dtype(config.param_dtype))
 
     # ---- jittable core -------------------------------------------------------------------------------
-    def encode_vision(self, vision, gate_extra: Array | None = None) -> tuple[Array, Array, dict]:
+    def encode_vision(self, vision, gate_extra: Array | None = None, vision_blocks: tuple[int, int] = (0, 0)
+                      ) -> tuple[Array, Array, dict]:
         """``VisionInputs`` (pixel_values float[P, 1176] + layout) -> merged visual tokens float[U, D] (HF
         order), per-item expert weights float32[G, E] and the compressor's aux dict. ``gate_extra``
-        float[G, Dv]: added to the gate's per-item feature (``audio.gate_audio``)."""
+        float[G, Dv]: added to the gate's per-item feature (``audio.gate_audio``). ``vision_blocks``: the ViT's
+        ``local_blocks`` (``layout.local_blocks`` of this layout; static)."""
         features = self.visual(vision.pixel_values, pos_hw=vision.pos_hw, window_index=vision.window_index,
-                               frame_segment=vision.frame_segment, window_segment=vision.window_segment)
+                               frame_segment=vision.frame_segment, window_segment=vision.window_segment,
+                               local_blocks=vision_blocks)
         tokens, gate_weights, aux = self.compressor(features, vision.patch_item, vision.item_valid.shape[0],
                                                     gate_extra)
         return from_window_order(tokens, vision.window_index), gate_weights, aux
@@ -105,9 +108,10 @@ class EmotionQwen(nnx.Module):
         feats = feats.reshape(-1, feats.shape[-1])
         return self.audio_projector(feats), feats
 
-    def embed(self, inputs: ModelInputs) -> tuple[Array, Array, dict]:
+    def embed(self, inputs: ModelInputs, vision_blocks: tuple[int, int] = (0, 0)) -> tuple[Array, Array, dict]:
         """Token embeddings float[B, L, D] with the audio and visual tokens scattered into their placeholder
-        positions, plus the per-item expert weights float32[G, E] and the compressor's aux dict."""
+        positions, plus the per-item expert weights float32[G, E] and the compressor's aux dict
+        (``vision_blocks``: see ``encode_vision``)."""
         text, vision, audio = inputs.text, inputs.vision, inputs.audio
         embeds = sharding.constrain(self.language_model.embed(text.input_ids), ("batch", "length", "act_embed"))
         audio_feats = None
@@ -125,7 +129,7 @@ class EmotionQwen(nnx.Module):
             pooled = pooled_audio_per_item(audio_feats, audio.token_index, text.visual_token_index, unit_item,
                                            num_items)
             gate_extra = self.audio_gate_proj(pooled)
-        visual, gate_weights, aux = self.encode_vision(vision, gate_extra)
+        visual, gate_weights, aux = self.encode_vision(vision, gate_extra, vision_blocks)
         index = text.visual_token_index
         gathered = visual[jnp.maximum(index, 0)].astype(embeds.dtype)
         return jnp.where((index >= 0)[..., None], gathered, embeds), gate_weights, aux

@@ -5,7 +5,9 @@ Attention masks are segment ids (``emoqwen_jax.model.attention``): query i sees 
 are equal and j <= i (+ the cache index). Without packing a row's segment ids are its attention mask (1 real,
 0 padding: padding attends only to padding); a packed row numbers its samples 1, 2, ... (0 padding).
 
-Cache layout: one (k, v) pair per layer, each float[B, S, K, H] with S the cache length; ``cache_index``
+Cache layout: one (k, v) pair per layer, each float[B, K, S, H] with S the cache length (KV heads before the
+slots: the layout the attention's score and value products read, so a decode step writes its one column and
+reads the cache in place instead of relaying all of it out in every layer); ``cache_index``
 is where the current T tokens are written (a scalar, or int[B] per row for one token each: the serving
 engine's slots each sit at their own length); ``kv_segment_ids`` int[B, S] are the segment ids of the S slots.
 """
@@ -59,25 +61,23 @@ class TextAttention(nnx.Module):
                 raise ValueError(f"a per-row cache_index int[B] writes one token per row, got {t}")
             rows = jnp.arange(b)
             k_cache, v_cache = cache
-            k = k_cache.at[rows, cache_index].set(k[:, 0].astype(k_cache.dtype))
-            v = v_cache.at[rows, cache_index].set(v[:, 0].astype(v_cache.dtype))
-            cache = (k, v)
-            # One query per row: dense logits are only [B, N, S], and the xla path reads the cache in place
-            # (blockwise would transpose a copy of every layer's cache).
+            k = k_cache.at[rows, :, cache_index].set(k[:, 0].astype(k_cache.dtype))  # [B, K, H] at column i_b
+            v = v_cache.at[rows, :, cache_index].set(v[:, 0].astype(v_cache.dtype))
+            # One query per row: dense logits are only [B, N, S], read from the cache in place.
             out = attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5,
                             q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=False,
-                            implementation="xla")
-            return self.o_proj(out.reshape(b, t, -1)), cache
+                            implementation="xla", kv_heads_first=True)
+            return self.o_proj(out.reshape(b, t, -1)), (k, v)
         if cache is not None:
             k_cache, v_cache = cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            start = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
             cache = (k, v)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5, q_segment_ids=segment_ids,
                         kv_segment_ids=segment_ids if kv_segment_ids is None else kv_segment_ids, causal=True,
                         q_offset=0 if cache is None else cache_index, implementation=self.attention,
-                        block_size=self.attention_block)
+                        block_size=self.attention_block, kv_heads_first=cache is not None)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 

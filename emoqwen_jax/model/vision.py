@@ -17,6 +17,11 @@ touch). Full-attention layers attend over the whole frame; ``vision.frame_block`
 ``blockwise`` (0 = the model's ``attention_block``). Frames may be as large as the data allows (Qwen2.5-VL's
 video budget is 768·28·28 pixels, 3072 patches per frame).
 
+``local_blocks`` (window layers' block, full layers' block; ``layout.local_blocks`` finds them on the host) says
+that every window (frame) lies whole within aligned blocks of that many patches: those layers then attend block
+by block (``attention``'s ``local_block``: one dense [block, block] attention per block, no logits between
+blocks, no loop), as Hugging Face attends per window and per image. 0 = no such promise (the paths above).
+
 On a mesh whose batch devices split the flat patch axis, the trainer may promise a device-by-device layout
 (``sharding.axis_rules(units_local=True)``: whole data shards per device); the window permutation and the
 attention then run on each device's own patches (``sharding.map_units``), with no all-gather of the patch axis.
@@ -82,17 +87,20 @@ class VisionAttention(nnx.Module):
         self.block = block  # blockwise block size
         self.band = band  # window layers: segments are at most this many patches; None: whole frames
 
-    def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array) -> Array:
-        """x float[P, D]; cos/sin float32[P, H]; segment_ids int[P] -> float[P, D]."""
+    def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array, local_block: int = 0) -> Array:
+        """x float[P, D]; cos/sin float32[P, H]; segment_ids int[P] -> float[P, D]. ``local_block``: every
+        segment lies whole within aligned blocks of this many patches (0 = no promise)."""
         p = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, self.head_dim), 1, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         def core(q, k, v, segment_ids):  # within frames (windows): on each device's own patches when laid out so
             seg = segment_ids[None]
+            # Blocks aligned on the whole axis stay whole on a device's slice when they divide it.
+            local = local_block if local_block and q.shape[0] % local_block == 0 else 0
             return attention(q[None], k[None], v[None], scale=self.head_dim**-0.5, q_segment_ids=seg,
                              kv_segment_ids=seg, implementation=self.attention, block_size=self.block,
-                             band=self.band)[0]
+                             band=self.band, local_block=local)[0]
 
         heads = ("units", "act_heads", None)
         out = sharding.map_units(core, q, k, v, segment_ids, in_names=(heads, heads, heads, ("units",)),
@@ -109,8 +117,8 @@ class VisionBlock(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, use_bias=True, rngs=rngs, dtype=dtype,
                             param_dtype=param_dtype)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array) -> Array:
-        x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
+    def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array, local_block: int = 0) -> Array:
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids, local_block)
         return x + self.mlp(self.norm2(x))
 
 
@@ -136,8 +144,9 @@ class VisionTransformer(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, pixel_values: Array, *, pos_hw: Array, window_index: Array, frame_segment: Array,
-                 window_segment: Array) -> Array:
-        """pixel_values float[P, C*2*14*14] in HF order -> float[P, D] in window order."""
+                 window_segment: Array, local_blocks: tuple[int, int] = (0, 0)) -> Array:
+        """pixel_values float[P, C*2*14*14] in HF order -> float[P, D] in window order. ``local_blocks``: (window
+        layers', full layers') block sizes that hold their segments whole (module docstring; static)."""
         cfg = self.cfg
         x = self.patch_embed(pixel_values.astype(self.dtype))
         # Keep the flat patch axis sharded like the batch (the index gather alone would let GSPMD replicate it).
@@ -147,8 +156,8 @@ class VisionTransformer(nnx.Module):
         period = _period(cfg.depth, full)
 
         def call(i, block, x):  # i: the layer's index within its period (the same kind of layer in every group)
-            segment = frame_segment if i in full else window_segment
-            return sharding.constrain(block(x, cos, sin, segment), ("units", "act_embed"))
+            segment, local = (frame_segment, local_blocks[1]) if i in full else (window_segment, local_blocks[0])
+            return sharding.constrain(block(x, cos, sin, segment, local), ("units", "act_embed"))
 
         return run_stack(self.blocks, x, call, scan=self.scan_layers, remat=self.remat, period=period)
 

@@ -25,9 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from emoqwen_jax.infer.engine_steps import cache_spec
+from emoqwen_jax.infer.engine_steps import cache_partition, cache_spec, kv_heads
 from emoqwen_jax.parallel import make_mesh
 from emoqwen_jax.parallel.rules import batch_devices, batch_sharding, pure_param_shardings
 from emoqwen_jax.train import step as step_lib
@@ -80,8 +80,8 @@ def _rollout_cache(abstract, mesh, slots: int, length: int) -> list:
     """The engine's KV cache (``Engine.__init__``'s placement) as sharded ShapeDtypeStructs."""
     spec = cache_spec(abstract, slots, length)
     batch = batch_sharding(mesh, 4).spec[0] if slots % batch_devices(mesh) == 0 else None
-    heads = "tensor" if spec[0][0].shape[2] % mesh.shape["tensor"] == 0 else None
-    sharding = NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
+    heads = "tensor" if kv_heads(spec) % mesh.shape["tensor"] == 0 else None
+    sharding = NamedSharding(mesh, cache_partition(batch, heads))
     return jax.tree.map(lambda s: _placed(s, sharding), spec)
 
 

@@ -272,9 +272,9 @@ def serve_plan(config, *, max_batch: int, max_len: int, num_devices: int = 1, dt
 def _engine_arrays(config, dtype: str, max_batch: int, max_len: int, num_devices: int):
     """((graphdef, abstract sharded state, model config), abstract sharded KV cache, mesh) of the engine's model
     in ``dtype`` (weights and compute) on a tensor=``num_devices`` mesh."""
-    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+    from jax.sharding import NamedSharding  # noqa: PLC0415
 
-    from emoqwen_jax.infer.engine_steps import cache_spec  # noqa: PLC0415
+    from emoqwen_jax.infer.engine_steps import cache_partition, cache_spec  # noqa: PLC0415
     from emoqwen_jax.parallel.rules import variable_sharding  # noqa: PLC0415
 
     mcfg = ModelConfig.from_dict({**ModelConfig.from_run_config(config).to_dict(), "dtype": dtype,
@@ -286,7 +286,7 @@ def _engine_arrays(config, dtype: str, max_batch: int, max_len: int, num_devices
     state = jax.tree.map(lambda var: var.replace(place(var, variable_sharding(var, mesh))), state,
                          is_leaf=lambda x: isinstance(x, nnx.Variable))
     heads = "tensor" if mcfg.text.num_kv_heads % num_devices == 0 else None
-    kv = NamedSharding(mesh, PartitionSpec(None, None, heads, None))
+    kv = NamedSharding(mesh, cache_partition(None, heads))
     cache = jax.tree.map(lambda s: place(s, kv), cache_spec(abstract, max_batch, max_len))
     return (graphdef, state, mcfg), cache, mesh
 

@@ -2,7 +2,12 @@
 the argmax of an uncached forward over prompt + the tokens before it (positions by the released rule over
 the whole sequence, so the M-RoPE delta carried into decoding is checked too)."""
 
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tolerance import assert_close_rel
 
 from emoqwen_jax.infer import SamplingConfig, generate, left_pad, prefill
@@ -38,3 +43,26 @@ def test_prefill_and_decode_match_uncached_forward(tiny):
         assert (top2[:, 1] - top2[:, 0]).min() > 1e-4 * np.abs(step_logits).max()
         want = step_logits.argmax(-1)
         np.testing.assert_array_equal(out.tokens[b], want)
+
+
+def test_decode_step_reads_the_cache_in_place(tiny):
+    """The engine's decode step writes one column per row and reads every layer's cache as it lies: the compiled
+    program has no transpose or copy of a cache-sized array (the cache layout is the attention's), and the
+    cache comes back in its donated buffers."""
+    from emoqwen_jax.infer import engine_steps as steps
+
+    cfg = tiny.config.text
+    b, s = 3, 48  # sizes no weight has, so a cache-shaped result is the cache
+    graphdef, state = nnx.split(tiny)
+    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), steps.cache_spec(tiny, b, s))
+    step = jax.jit(steps.decode_step, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))
+    zeros = np.zeros(b, np.int32)
+    hlo = step.lower(graphdef, state, cache, zeros, zeros, zeros, steps.RowSampling.host(b, cfg.vocab_size),
+                     any_sampled=False).compile().as_text()
+    cache_dims = sorted((b, cfg.num_kv_heads, s, cfg.head_dim))
+    results = re.findall(r"%(\S+) = f32\[([\d,]+)\]\S* (\w+)\(", hlo)  # (name, dims, op) of every instruction
+    cache_sized = [(name, op) for name, dims, op in results if sorted(map(int, dims.split(","))) == cache_dims]
+    assert cache_sized, "the cache's shape should appear (its column writes)"
+    relaid = [(name, op) for name, op in cache_sized if any(w in name or w == op for w in ("transpose", "copy"))]
+    assert not relaid, relaid
+    assert "input_output_alias" in hlo

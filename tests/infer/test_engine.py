@@ -178,7 +178,7 @@ def test_a_mesh_of_four_devices_gives_the_tokens_of_one(model, session, mixed, e
     sharded = Engine(session, max_batch=4, max_len=128, prefill_batch=2, mesh=mesh)
     from jax.sharding import PartitionSpec as P
 
-    assert sharded._cache[0][0].sharding.spec == P("fsdp", None, "tensor", None)  # slots x KV heads
+    assert sharded._cache[0][0].sharding.spec == P("fsdp", "tensor", None, None)  # slots x KV heads
     up = sharded._state["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert up[...].sharding.spec == P("fsdp", "tensor")
     picks = [0, 1, 3, 4]

@@ -104,18 +104,21 @@ def test_xla_causal_query_blocks_are_taken_for_long_rows():
     assert "x300x300x" not in text
 
 
-@pytest.mark.parametrize("impl", ["xla", "blockwise"])
-def test_kv_cache_offset(impl):
+@pytest.mark.parametrize("impl,heads_first", [("xla", False), ("blockwise", False), ("xla", True),
+                                               ("blockwise", True)])
+def test_kv_cache_offset(impl, heads_first):
     """T new queries written at slot `offset` of an S-slot cache (left padding 0, unwritten slots hidden):
-    values and gradients (the blockwise custom VJP takes the offset too)."""
+    values and gradients (the blockwise custom VJP takes the offset too), with the cache as float[B, S, K, H]
+    or, ``kv_heads_first``, float[B, K, S, H] (the decoder's cache layout)."""
     q, k, v = _qkv(2, 3, 20, 4, 2, 8, seed=2)
     qseg = np.ones((2, 3), np.int32)
     kseg = np.ones((2, 20), np.int32)
     kseg[1, :4] = 0  # row 1: 4 left-padding slots
     kseg[:, 14:] = 0  # slots after the new tokens are not valid yet
-    run = lambda q, k, v: attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(qseg),  # noqa: E731
+    layout = (lambda x: x.transpose(0, 2, 1, 3)) if heads_first else (lambda x: x)  # noqa: E731
+    run = lambda q, k, v: attention(q, layout(k), layout(v), scale=0.3, q_segment_ids=jnp.asarray(qseg),  # noqa: E731
                                     kv_segment_ids=jnp.asarray(kseg), causal=True, q_offset=jnp.int32(11),
-                                    implementation=impl, block_size=8)
+                                    implementation=impl, block_size=8, kv_heads_first=heads_first)
     _assert_values_and_gradients(run, q, k, v, qseg, kseg, True, 11, 0.3)
 
 
@@ -128,6 +131,20 @@ def test_band_paths_equal_reference(impl, block):
     run = lambda q, k, v: attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(seg),  # noqa: E731
                                     kv_segment_ids=jnp.asarray(seg), implementation=impl, block_size=block, band=13)
     _assert_values_and_gradients(run, q, k, v, seg, seg, False, 0, 0.3)
+
+
+def test_local_block_equals_reference():
+    """Segments of unequal sizes, each whole within an aligned block of 16 (several in one block, padding
+    included): the block-diagonal path gives dense attention's values and gradients; a call it cannot serve
+    is refused."""
+    seg = np.concatenate([np.repeat([0, 1], [5, 11]), np.full(16, 2), np.repeat([3, 4, 5], [3, 9, 4]),
+                          np.full(16, -1)])[None]
+    q, k, v = _qkv(1, seg.shape[1], seg.shape[1], 4, 2, 8, seed=4)
+    run = lambda q, k, v: attention(q, k, v, scale=0.3, q_segment_ids=jnp.asarray(seg),  # noqa: E731
+                                    kv_segment_ids=jnp.asarray(seg), implementation="blockwise", local_block=16)
+    _assert_values_and_gradients(run, q, k, v, seg, seg, False, 0, 0.3)
+    with pytest.raises(ValueError, match="local_block"):
+        attention(q, k, v, scale=0.3, causal=True, local_block=16)
 
 
 # ---- accelerator kernels on CPU ------------------------------------------------------------------------------
@@ -244,6 +261,24 @@ def test_vit_frames_larger_than_a_block_equal_dense(impl, frame_block, scan):
     got = np.asarray(jax.jit(lambda p: other(p, **kw))(pixels))
     assert np.isfinite(got).all()
     assert _rel(got[real], ref) <= TOL
+
+
+def test_vit_local_blocks_equal_the_masked_paths():
+    """Images and a video of unequal sizes whose windows (16 patches) and frames lie whole in aligned blocks of
+    16 and 64 patches: ``layout.local_blocks`` finds those sizes, and the ViT attending block by block equals
+    the masked whole-axis paths (float32, rel 1e-5); a layout whose frames straddle every candidate gets none."""
+    grids = [(1, 8, 8), (1, 4, 8), (2, 4, 4), (1, 4, 4), (1, 4, 12)]  # 64 | 32 16 16 | 16 48 patches
+    model, cfg = _vit("blockwise")
+    pixels, kw, lay = _vit_inputs(cfg, grids, 192)
+    spec = layout.LayoutSpec(window_size=cfg.window_size)
+    blocks = layout.local_blocks(lay["vision_frame_segment"], lay["vision_window_segment"], spec)
+    assert blocks == (16, 64)
+    masked = np.asarray(jax.jit(lambda p: model(p, **kw))(pixels))
+    local = np.asarray(jax.jit(lambda p: model(p, **kw, local_blocks=blocks))(pixels))
+    assert _rel(local, masked) <= TOL
+    _, _, straddling = _vit_inputs(cfg, [(1, 12, 20), (2, 4, 8), (1, 2, 2)], 336)
+    assert layout.local_blocks(straddling["vision_frame_segment"], straddling["vision_window_segment"],
+                               spec) == (0, 0)
 
 
 def test_vit_period_groups_window_and_full_layers():
