@@ -57,18 +57,29 @@ def _timeline(session, prompt, frames: list[float]) -> dict | None:
 
 
 async def _events(request: Request, queue: asyncio.Queue, jobs: list[Job]) -> AsyncIterator[tuple[str, str | None]]:
-    """Yields the jobs' ``(tag, delta | None)`` items until all have finished; a gone client cancels them."""
-    open_jobs = len(jobs)
+    """Yields the jobs' ``(tag, delta | None)`` items until all have finished; a gone client cancels them.
+    Deltas of one tag already queued one after another come joined: when the event loop runs behind the engine
+    (many streams on few cores) a stream sends one chunk per turn of the loop instead of one per token."""
+    open_jobs, held = len(jobs), None
     while open_jobs:
-        try:  # what is queued already is taken without wait_for's task per item (one per streamed token)
-            tag, delta = queue.get_nowait()
-        except asyncio.QueueEmpty:
-            try:
-                tag, delta = await asyncio.wait_for(queue.get(), timeout=_DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise ConnectionError("the client went away") from None
-                continue
+        if held is not None:
+            (tag, delta), held = held, None
+        else:
+            try:  # what is queued already is taken without wait_for's task per item (one per streamed token)
+                tag, delta = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    tag, delta = await asyncio.wait_for(queue.get(), timeout=_DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise ConnectionError("the client went away") from None
+                    continue
+        while delta is not None and not queue.empty():
+            following = queue.get_nowait()
+            if following[0] != tag or following[1] is None:
+                held = following
+                break
+            delta += following[1]
         open_jobs -= delta is None
         yield tag, delta
 
@@ -203,8 +214,9 @@ def _finish(c: Completion) -> str:
 
 async def _chat_stream(request: Request, server: Server, job: Job, queue: asyncio.Queue, rid: str, created: int,
                        include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI chunks: the role, then one delta per token, a last delta reconciling with the final text (stop
-    strings are cut from it), the finish reason, optionally usage, then [DONE]."""
+    """OpenAI chunks: the role, then the deltas as they come (tokens queued together join into one), a last
+    delta reconciling with the final text (stop strings are cut from it), the finish reason, optionally usage,
+    then [DONE]."""
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
 
     def chunk(delta: dict, finish: str | None = None) -> str:
@@ -236,7 +248,8 @@ async def _chat_stream(request: Request, server: Server, job: Job, queue: asynci
 async def _emotion_stream(request: Request, server: Server, jobs: list[Job], queue: asyncio.Queue,
                           frames: list[float], scored) -> AsyncIterator[str]:
     """Events: ``emotion.frames`` at once, ``emotion.scores`` when the answer is scored, ``emotion.delta``
-    per description token, ``emotion.done`` with the whole description and usage, then [DONE]."""
+    per description token (tokens queued together join into one), ``emotion.done`` with the whole description
+    and usage, then [DONE]."""
     sent = ""
     try:
         yield sse({"object": "emotion.frames", "frames": frames})
