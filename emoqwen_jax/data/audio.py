@@ -323,14 +323,16 @@ def read_audio(source: Any, *, start: float = 0.0, end: float | None = None, req
     if end is not None and end < start:
         raise ValueError(f"audio span end={end} < start={start}")
     opened = source if isinstance(source, video_io.MediaFile) else None
-    file = opened.source if opened else source
-    if not isinstance(file, (bytes, bytearray, memoryview)) and not storage.isfile(file):
-        raise Rejected("missing_file", str(file))
-    check_riff(*_head(file), max_seconds)
+    if opened is None:
+        if not isinstance(source, (bytes, bytearray, memoryview)) and not storage.isfile(source):
+            raise Rejected("missing_file", str(source))
+        check_riff(*_head(source), max_seconds)
+    elif not opened.container.streams.video:  # a WAV holds no video stream; a clip's head needs no second read
+        check_riff(*_head(opened.source), max_seconds)
     if opened:
         wave, declared = _decode_track(opened.container, opened.audio_packets, required, max_seconds)
     else:
-        container = video_io._open(file, "corrupt_audio")
+        container = video_io._open(source, "corrupt_audio")
         try:
             wave, declared = _decode_track(container, None, required, max_seconds)
         finally:
