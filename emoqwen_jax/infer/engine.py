@@ -226,14 +226,10 @@ class Engine:
             device = getattr(jax.tree.leaves(state)[0], "sharding", None) or jax.local_devices()[0]
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), device), spec)
         else:
-            from jax.sharding import NamedSharding  # noqa: PLC0415
-
-            from emoqwen_jax.parallel.rules import batch_sharding, param_shardings  # noqa: PLC0415
+            from emoqwen_jax.parallel.rules import param_shardings  # noqa: PLC0415
 
             self._set_state(jax.device_put(state, param_shardings(state, mesh)))
-            batch = batch_sharding(mesh, 4).spec[0] if self.max_batch % _batch_devices(mesh) == 0 else None
-            heads = "tensor" if "tensor" in mesh.shape and steps.kv_heads(spec) % mesh.shape["tensor"] == 0 else None
-            sharding = NamedSharding(mesh, steps.cache_partition(batch, heads))
+            sharding = steps.cache_sharding(mesh, spec, self.max_batch)
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), sharding), spec)
         self._lock = threading.Lock()  # guards the queue, the cancel set and the counters
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -576,9 +572,3 @@ class Engine:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for r in [r for r in self._slots if r is not None] + waiting:
                 self._finish(r, "error", error)
-
-
-def _batch_devices(mesh) -> int:
-    from emoqwen_jax.parallel.rules import batch_devices  # noqa: PLC0415
-
-    return batch_devices(mesh) if all(a in mesh.shape for a in ("data", "fsdp", "expert")) else 1

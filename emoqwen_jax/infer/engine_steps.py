@@ -99,6 +99,19 @@ def kv_heads(spec: list[tuple[jax.ShapeDtypeStruct, ...]]) -> int:
     return spec[0][0].shape[1]
 
 
+def cache_sharding(mesh, spec: list[tuple[jax.ShapeDtypeStruct, ...]], slots: int):
+    """Where the engine's KV cache (``cache_spec``) lies on ``mesh``: a NamedSharding with the ``slots`` over the
+    batch axes when they divide them, and the KV heads over ``tensor`` when it divides them (else replicated)."""
+    from jax.sharding import NamedSharding  # noqa: PLC0415
+
+    from emoqwen_jax.parallel.rules import batch_devices, batch_sharding  # noqa: PLC0415
+
+    split = batch_devices(mesh) if all(a in mesh.shape for a in ("data", "fsdp", "expert")) else 1
+    batch = batch_sharding(mesh, 4).spec[0] if slots % split == 0 else None
+    heads = "tensor" if "tensor" in mesh.shape and kv_heads(spec) % mesh.shape["tensor"] == 0 else None
+    return NamedSharding(mesh, cache_partition(batch, heads))
+
+
 def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, rows: RowSampling,
                  any_sampled: bool, vision_blocks: tuple[int, int] = (0, 0)):
     """Runs P right-padded prompts and writes their cache columns [0, L) into ``slots`` int32[P] (a slot index

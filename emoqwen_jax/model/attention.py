@@ -115,7 +115,7 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, q_segment_ids: Arra
         for ids that obey it; None = no such promise.
       kv_heads_first: k, v are float[B, K, S, H] (see the module docstring).
       local_block: a promise for self-attention without causality or cache (the ViT's frames and windows):
-        every segment lies whole within one block of ``local_block`` positions (``layout.local_block`` finds
+        every segment lies whole within one block of ``local_block`` positions (``layout.local_blocks`` finds
         such a size on the host; T a multiple of it). Attention then runs dense within each block, with no
         logits across blocks and no loop, whatever ``implementation`` says (``_block_diagonal``). 0 = no
         promise.

@@ -25,11 +25,10 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from emoqwen_jax.infer.engine_steps import cache_partition, cache_spec, kv_heads
+from emoqwen_jax.infer.engine_steps import cache_sharding, cache_spec
 from emoqwen_jax.parallel import make_mesh
-from emoqwen_jax.parallel.rules import batch_devices, batch_sharding, pure_param_shardings
+from emoqwen_jax.parallel.rules import batch_sharding, pure_param_shardings
 from emoqwen_jax.train import step as step_lib
 from emoqwen_jax.train.plan import build_train_step, shard_bytes
 
@@ -79,9 +78,7 @@ def _placed(x, sharding) -> jax.ShapeDtypeStruct:
 def _rollout_cache(abstract, mesh, slots: int, length: int) -> list:
     """The engine's KV cache (``Engine.__init__``'s placement) as sharded ShapeDtypeStructs."""
     spec = cache_spec(abstract, slots, length)
-    batch = batch_sharding(mesh, 4).spec[0] if slots % batch_devices(mesh) == 0 else None
-    heads = "tensor" if kv_heads(spec) % mesh.shape["tensor"] == 0 else None
-    sharding = NamedSharding(mesh, cache_partition(batch, heads))
+    sharding = cache_sharding(mesh, spec, slots)
     return jax.tree.map(lambda s: _placed(s, sharding), spec)
 
 
