@@ -147,6 +147,8 @@ class RequestHandle:
     def __init__(self, request_id: str, engine: "Engine"):
         self.request_id = request_id
         self._engine, self._event, self._completion = engine, threading.Event(), None
+        self._callbacks: list[Callable[[Completion], None]] | None = []  # None once finished
+        self._callbacks_lock = threading.Lock()
 
     def result(self, timeout: float | None = None) -> Completion:
         """Blocks until the request finishes (TimeoutError after ``timeout`` seconds)."""
@@ -158,12 +160,28 @@ class RequestHandle:
         """Ends the request with finish_reason 'cancelled'; its slot is free at the next step."""
         self._engine._cancel(self.request_id)
 
+    def add_done_callback(self, fn: Callable[[Completion], None]) -> None:
+        """Calls ``fn(completion)`` when the request finishes: on the engine's thread, or at once on this one if
+        it has finished already. (A caller that waits on many requests needs no thread blocked in ``result``.)"""
+        with self._callbacks_lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        fn(self._completion)
+
     def done(self) -> bool:
         return self._event.is_set()
 
     def _finish(self, completion: Completion) -> None:
         self._completion = completion
         self._event.set()
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks:
+            try:
+                fn(completion)
+            except Exception:  # a caller's callback must not take the engine down
+                log.exception("done callback of request %s failed", self.request_id)
 
 
 @dataclasses.dataclass

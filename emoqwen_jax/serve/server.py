@@ -86,10 +86,10 @@ class Server:
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine is not None else {})
         self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-media")
-        self.waiters = ThreadPoolExecutor(max_workers=2 * config.admitted, thread_name_prefix="serve-wait")
         self.inflight = 0
         self.live: set[Job] = set()  # jobs not finished yet (cancelled at shutdown)
         self._lock = threading.Lock()
+        self._mailbox: LoopMailbox | None = None
 
     # ---- start-up -----------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -146,11 +146,18 @@ class Server:
             for job in list(self.live):
                 job.cancel()
             deadline = time.monotonic() + grace_s
-            while self.live and time.monotonic() < deadline:
+            # The handles, not ``live``: this runs on the event loop, which cannot deliver the endings meanwhile.
+            while any(not job.handle.done() for job in list(self.live)) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.engine.stop()
         self.prep.shutdown(wait=False, cancel_futures=True)
-        self.waiters.shutdown(wait=False, cancel_futures=True)
+
+    def mailbox(self, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+        """The one mailbox from the engine's thread to ``loop`` (the server's event loop)."""
+        with self._lock:
+            if self._mailbox is None or self._mailbox.loop is not loop:
+                self._mailbox = LoopMailbox(loop)
+            return self._mailbox
 
     # ---- per request --------------------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -245,19 +252,53 @@ class Server:
         return jobs
 
 
+class LoopMailbox:
+    """Calls from the engine's thread to the event loop, one wake-up per batch.
+
+    ``post(fn, arg)`` queues ``fn(arg)``; the first post after a delivery schedules one ``deliver`` on the
+    loop, which runs everything posted until then, in order. (One ``call_soon_threadsafe`` per streamed token
+    wakes the loop, through its self-pipe, once per row and token: 8 times a decode step with 8 streams.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._posted: list[tuple[Callable[[Any], None], Any]] = []
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        with self._lock:
+            self._posted.append((fn, arg))
+            if len(self._posted) > 1:  # a delivery is scheduled and has not taken the list yet
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed (shutdown): nobody is left to read it
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            posted, self._posted = self._posted, []
+        for fn, arg in posted:
+            try:
+                fn(arg)
+            except Exception:  # one reader's failure must not stop the others' deliveries
+                log.exception("delivering to the event loop failed")
+
+
 class Job:
     """One engine request seen from the event loop: ``future`` resolves to its Completion; with a ``queue``,
-    ``(tag, text_delta)`` items arrive as tokens are generated and ``(tag, None)`` when it is finished."""
+    ``(tag, text_delta)`` items arrive as tokens are generated and ``(tag, None)`` when it is finished. Tokens
+    and the ending come through the server's mailbox, in the order the engine made them."""
 
     def __init__(self, server: Server, prompt: Prompt, params: SamplingParams, queue: asyncio.Queue | None,
                  tag: str):
         loop = asyncio.get_running_loop()
         self.server, self.clock = server, TokenClock()
+        mailbox = server.mailbox(loop)
 
         def on_token(token_id: int, delta: str) -> None:  # the engine's thread
             self.clock.tick()
             if queue is not None and delta:
-                loop.call_soon_threadsafe(queue.put_nowait, (tag, delta))
+                mailbox.post(queue.put_nowait, (tag, delta))
 
         limit = server.config.max_len
         try:
@@ -266,11 +307,16 @@ class Job:
             raise ApiError(503, "the engine's queue is full", "queue_full", {"Retry-After": "1"}) from None
         except ValueError as err:
             raise ApiError(400, f"too_long: {err} (the server's --max_len is {limit})", "too_long") from None
-        self.future = loop.run_in_executor(server.waiters, self.handle.result)
+        self.future: asyncio.Future = loop.create_future()
         server.live.add(self)
         self.future.add_done_callback(self._finished)
         if queue is not None:
             self.future.add_done_callback(lambda _: queue.put_nowait((tag, None)))
+        self.handle.add_done_callback(lambda done: mailbox.post(self._resolve, done))
+
+    def _resolve(self, done: Completion) -> None:
+        if not self.future.done():
+            self.future.set_result(done)
 
     def cancel(self) -> None:
         if not self.handle.done():

@@ -242,3 +242,16 @@ def test_warmup_compiles_every_row_count_of_a_prompt_kind(session, mixed):
         engine.generate([mixed[3]] * n, SamplingParams(max_tokens=2))
     stats = engine.stats()
     assert stats["compiled_prefill_shapes"] == shapes and stats["live_slots"] == 0
+
+
+def test_done_callbacks_run_once_in_order_after_the_tokens(engine, mixed):
+    seen = []
+    handle = engine.submit(mixed[0], SamplingParams(max_tokens=3, ignore_eos=True),
+                           on_token=lambda t, d: seen.append("token"))
+    handle.add_done_callback(lambda c: 1 / 0)  # a failing callback is logged, the engine and later ones go on
+    handle.add_done_callback(lambda c: seen.append(("done", c.finish_reason, len(c.token_ids))))
+    while not handle.done():
+        engine.step()
+    handle.add_done_callback(lambda c: seen.append(("late", c.finish_reason)))  # finished already: runs at once
+    assert seen == ["token"] * 3 + [("done", "length", 3), ("late", "length")]
+    assert engine.stats()["live_slots"] == 0
