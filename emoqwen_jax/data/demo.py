@@ -14,7 +14,9 @@ Written under ``out``::
     videos/heldout_XXX.mp4   held-out clips (other positions, drifts and colours), never trained on
     images/face_XXX.png      training stills, 96×128
     train.jsonl              conversations (official format) over the training clips and stills
-    train_think.jsonl        the same, answered "<think>a cue</think><answer>class</answer>" (the RL demo)
+    train_think.jsonl        the same, answered "<think>a cue</think><answer>class</answer>"
+    train_format.jsonl       the same, answered "<think>the face</think><answer>class</answer>": one think text
+                             for every clip, so the class word is the answer's only decision (the RL demo)
     eval_dfew.csv            a DFEW-style fold (video_name,label with DFEW ids) over the held-out clips
     README.txt               this description
 """
@@ -93,11 +95,17 @@ CUES = {"happy": "mouth up", "sad": "mouth down", "neutral": "mouth flat", "angr
         "surprise": "mouth round"}
 
 
-def conversation(sample_id: str, kind: str, rel: str, emotion: str, think: bool = False) -> dict:
-    """A training record: the DFEW question about the medium, answered with the one class word (``think``:
-    ``<think>cue</think><answer>word</answer>``)."""
+FIXED_THINK = "the face"  # train_format.jsonl's think text, the same for every clip
+
+
+def conversation(sample_id: str, kind: str, rel: str, emotion: str, think: str | None = None) -> dict:
+    """A training record: the DFEW question about the medium, answered with the one class word; ``think``
+    "cue": ``<think>cue</think><answer>word</answer>``, "fixed": the same with ``FIXED_THINK`` as the think."""
     question = benchmark_prompt("dfew").replace("video", kind)  # "<image>\n… in this image? …" for stills
-    answer = f"<think>{CUES[emotion]}</think><answer>{emotion}</answer>" if think else emotion
+    if think not in (None, "cue", "fixed"):
+        raise ValueError(f"think={think!r}; choose None, 'cue' or 'fixed'")
+    answer = emotion if think is None else \
+        f"<think>{CUES[emotion] if think == 'cue' else FIXED_THINK}</think><answer>{emotion}</answer>"
     return {"id": sample_id, kind: rel, "label": emotion, "conversations": [
         {"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
@@ -124,13 +132,14 @@ def build_demo(out: str, *, num_clips: int = 60, num_images: int = 10, num_heldo
         emotion = EMOTIONS[j % len(EMOTIONS)]
         write_clip(os.path.join(out, f"videos/heldout_{j:03d}.mp4"), HELDOUT_SEED + j, emotion)
         fold.append(f"videos/heldout_{j:03d},{BENCHMARK_CLASSES['dfew'].index(emotion) + 1}")
-    paths = {"train": os.path.join(out, "train.jsonl"), "train_think": os.path.join(out, "train_think.jsonl"),
-             "eval_dfew": os.path.join(out, "eval_dfew.csv")}
+    paths = {name: os.path.join(out, f"{name}.jsonl") for name in ("train", "train_think", "train_format")}
+    paths["eval_dfew"] = os.path.join(out, "eval_dfew.csv")
     with open(paths["train"], "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in entries)
-    with open(paths["train_think"], "w") as f:
-        f.writelines(json.dumps(conversation(e["id"], kind, e[kind], e["label"], think=True)) + "\n"
-                     for e in entries for kind in ("video", "image") if kind in e)
+    for name, think in (("train_think", "cue"), ("train_format", "fixed")):
+        with open(paths[name], "w") as f:
+            f.writelines(json.dumps(conversation(e["id"], kind, e[kind], e["label"], think=think)) + "\n"
+                         for e in entries for kind in ("video", "image") if kind in e)
     with open(paths["eval_dfew"], "w") as f:
         f.write("\n".join(fold) + "\n")
     with open(os.path.join(out, "README.txt"), "w") as f:
