@@ -420,8 +420,8 @@ DEMO_BATCH, DEMO_LENGTH, DEMO_STAGE3_STEPS = 8, 192, 300
 
 
 # demo_rl: stage 3's steps on {demo}/train_format.jsonl (a start that names about half the held-out clips: the
-# plain demo's 300 steps name all of them, but the think span's tokens share each step's loss with the class word,
-# so the same steps learn the faces more slowly), the RL rounds, completions per prompt and prompts per round.
+# plain demo's 300 steps name all of them; after the think span the class word is learned more slowly), the RL
+# rounds, completions per prompt and prompts per round.
 DEMO_RL_STAGE3_STEPS, DEMO_RL_STEPS, DEMO_RL_GROUP, DEMO_RL_PROMPTS = 300, 150, 8, 8
 
 
