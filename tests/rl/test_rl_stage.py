@@ -35,6 +35,13 @@ def train_cmd(cfg, workdir) -> list[str]:
     return [sys.executable, "-m", "emoqwen_jax.cli.train", f"--config={cfg}", f"--config.workdir={workdir}"]
 
 
+def run_train(cfg, workdir) -> dict:
+    """``emoqwen-train`` on ``cfg`` as a process that must succeed; its summary (the last JSON line)."""
+    done = subprocess.run(train_cmd(cfg, workdir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
@@ -44,10 +51,7 @@ def reference(tmp_path_factory, rl_demo_dir):
     in-process matmul precision differs)."""
     root = tmp_path_factory.mktemp("rl_reference")
     workdir = str(root / "run")
-    done = subprocess.run(train_cmd(write_rl_config(root / "cfg.py", rl_demo_dir), workdir), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return workdir, json.loads(done.stdout.strip().splitlines()[-1])
+    return workdir, run_train(write_rl_config(root / "cfg.py", rl_demo_dir), workdir)
 
 
 def test_rl_stage_logs_every_metric_and_learns_from_its_rewards(reference):
@@ -80,8 +84,7 @@ def test_kill_9_mid_stage_then_resume_gives_the_same_metrics_at_every_step(refer
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert max(r["step"] for r in metric_rows(workdir)) == 3  # killed before the last step
-    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_train(cfg, workdir)
     rows = metric_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4]  # the restart resumed after step 2's checkpoint
     got = {r["step"]: r for r in rows}  # the last row of each step
@@ -113,8 +116,7 @@ def test_rounds_raise_a_learnable_reward_and_lower_it_when_its_weight_is_negativ
         s.optimizer.learning_rate = 3e-2
         """)
     workdir = str(tmp_path / "run")
-    done = subprocess.run(train_cmd(cfg, workdir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_train(cfg, workdir)
     share = [r["reward_vowels"] for r in metric_rows(workdir)]
     assert len(share) == 30
     first, last = np.mean(share[:5]), np.mean(share[-5:])
