@@ -422,7 +422,7 @@ DEMO_BATCH, DEMO_LENGTH, DEMO_STAGE3_STEPS = 8, 192, 300
 # demo_rl: stage 3's steps on {demo}/train_format.jsonl (a start that names about half the held-out clips: the
 # plain demo's 300 steps name all of them; after the think span the class word is learned more slowly), the RL
 # rounds, completions per prompt and prompts per round. 400 rounds at 5e-4: at 1e-3 the policy's entropy
-# collapses after about 250 rounds from one seed's start (docs/rl.md, The demo).
+# collapses after about 300 rounds, and from one seed's start the reward falls back (docs/rl.md, The demo).
 DEMO_RL_STAGE3_STEPS, DEMO_RL_STEPS, DEMO_RL_GROUP, DEMO_RL_PROMPTS = 300, 400, 8, 8
 
 
