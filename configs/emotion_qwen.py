@@ -445,7 +445,7 @@ def demo_rl(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     rl.train_audio_projector = False
     rl.optimizer.learning_rate = 5e-4
     rl.optimizer.warmup_fraction = 0.0
-    rl.optimizer.end_lr_fraction = 1.0  # a constant rate: the reward still climbs at the last round
+    rl.optimizer.end_lr_fraction = 1.0  # a constant rate: a cosine decay to 0 did worse (docs/rl.md)
     rl.optimizer.weight_decay = 0.0
     # Temperature 1 (R1-Omni's): the start's class words are spread, so a group finds the right one. Token
     # normalisation (DAPO's): every token weighs the same, so the tokens a group's completions share cancel
