@@ -10,6 +10,9 @@ The loop (one thread: ``start``'s, or the caller's inside ``generate``) repeats:
   2. if requests wait and slots are free: ONE prefill of up to ``prefill_batch`` waiting prompts (arrival
      order), written into free slots; their first token is drawn from the prefill's logits;
   3. one decode step that advances every live slot by one token; finished slots are free for the next round.
+     The step is queued on the device first and the previous step's tokens are read back after it (one step in
+     flight; the previous tokens feed it on the device), so the host's work on a step's tokens (detokenising,
+     callbacks, the next inputs) overlaps the device's next step.
 So a request that arrives waits at most for the running decode step, and the live requests are never held
 up by more than one prefill between two of their tokens (the interleaving policy).
 
@@ -243,12 +246,15 @@ class Engine:
             # compiles the same executable as the later ones (an uncommitted cache would compile twice).
             device = getattr(jax.tree.leaves(state)[0], "sharding", None) or jax.local_devices()[0]
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), device), spec)
+            carried = jax.device_put(np.zeros(self.max_batch, np.int32), device)
         else:
             from emoqwen_jax.parallel.rules import param_shardings  # noqa: PLC0415
 
             self._set_state(jax.device_put(state, param_shardings(state, mesh)))
             sharding = steps.cache_sharding(mesh, spec, self.max_batch)
             self._cache = jax.tree.map(lambda s: jax.device_put(jax.numpy.zeros(s.shape, s.dtype), sharding), spec)
+            carried = jax.device_put(np.zeros(self.max_batch, np.int32),
+                                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self._lock = threading.Lock()  # guards the queue, the cancel set and the counters
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cancelled: set[str] = set()
@@ -260,6 +266,11 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._counts = collections.Counter()
         self._shapes: set[tuple] = set()
+        # The decode step queued on the device and not read back yet: (tokens, log-probs, the request of each
+        # slot it advanced). Its tokens feed the next step on the device, so the host's work for one step
+        # (reading tokens, detokenising, callbacks, the next step's inputs) overlaps the device's next step.
+        self._inflight: tuple | None = None
+        self._carried = carried  # the last decode step's token array (the ``carried`` input of the next one)
 
     # ---- public ----------------------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None,
@@ -442,15 +453,16 @@ class Engine:
             self._slots[slot] = r
         return batch
 
-    def _rows(self, reqs: Sequence[_Request | None], count: int) -> steps.RowSampling:
+    def _rows(self, reqs: Sequence[_Request | None], count: int, ahead: Sequence[int] = ()) -> steps.RowSampling:
+        """The rows' sampling state for their next draw; ``ahead[i]``: row i's drawn tokens not read back yet."""
         rows = steps.RowSampling.host(count, self.vocab)
         for i, r in enumerate(reqs):
             if r is None:
                 continue
-            p = r.params
+            p, drawn = r.params, r.drawn + (ahead[i] if ahead else 0)
             rows.temperature[i], rows.top_p[i], rows.top_k[i] = p.temperature, p.top_p, p.top_k
-            rows.seed[i], rows.index[i] = r.seed, r.drawn
-            if r.drawn < p.min_tokens:  # EOS and the stop ids are masked until min_tokens
+            rows.seed[i], rows.index[i] = r.seed, drawn
+            if drawn < p.min_tokens:  # EOS and the stop ids are masked until min_tokens
                 ids = sorted(set(p.stop_token_ids) | set(self.eos_ids))
                 rows.ban[i], rows.ban_ids[i, :len(ids)] = True, ids
         return rows
@@ -524,23 +536,40 @@ class Engine:
                 if n_img[i] + n_vid[i] else None for i in range(len(batch))]
 
     def _decode(self) -> None:
-        live = list(self._slots)
+        """Queues one decode step over the live slots, then reads back and accepts the previous one (one step in
+        flight). A row whose token in flight is its last by ``max_tokens`` is not advanced again; one that ends
+        on a stop is, once, and that extra token is dropped (its column is past the request's end)."""
         b = self.max_batch
+        inflight, self._inflight = self._inflight, None
+        carried = inflight[2] if inflight is not None else [None] * b
+        live: list[_Request | None] = [None] * b
+        ahead = [0] * b  # 1: the row's last token is the step in flight's output, still on the device
         tokens, index, position = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
-        for i, r in enumerate(live):
-            if r is not None:  # the last drawn token goes to column n + drawn - 1
-                tokens[i] = r.tokens[-1]
-                index[i] = r.length0 + r.drawn - 1
-                position[i] = r.position0 + r.drawn - 1
-        sampled = any(r is not None and r.params.temperature > 0 for r in live)
-        out, logp, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, tokens, index, position,
-                                                  self._rows(live, b), any_sampled=sampled)
-        out, logp = jax.device_get((out, logp))
-        with self._lock:
-            self._counts["decode_steps"] += 1
-        for i, r in enumerate(live):
-            if r is not None:
-                self._accept(r, int(out[i]), float(logp[i]))
+        for i, r in enumerate(self._slots):
+            if r is None:
+                continue
+            ahead[i] = int(carried[i] is r)
+            drawn = r.drawn + ahead[i]
+            if drawn >= r.params.max_tokens:
+                continue
+            live[i] = r  # the last drawn token goes to column n + drawn - 1
+            tokens[i] = 0 if ahead[i] else r.tokens[-1]
+            index[i] = r.length0 + drawn - 1
+            position[i] = r.position0 + drawn - 1
+        if any(live):
+            sampled = any(r is not None and r.params.temperature > 0 for r in live)
+            use_carried = np.array([bool(a) and r is not None for a, r in zip(ahead, live, strict=True)])
+            out, logp, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, tokens, index, position,
+                                                 self._rows(live, b, ahead), any_sampled=sampled,
+                                                 carried=self._carried, use_carried=use_carried)
+            self._carried, self._inflight = out, (out, logp, live)
+            with self._lock:
+                self._counts["decode_steps"] += 1
+        if inflight is not None:
+            out, logp = jax.device_get(inflight[:2])
+            for i, r in enumerate(inflight[2]):
+                if r is not None and self._slots[i] is r:  # not finished or cancelled since it was queued
+                    self._accept(r, int(out[i]), float(logp[i]))
 
     def _accept(self, r: _Request, token: int, logp: float) -> None:
         """Records one drawn token of ``r`` and finishes it when it ends."""
@@ -586,6 +615,7 @@ class Engine:
 
     def _fail_all(self, error: str) -> None:
         with self._step_lock:
+            self._inflight = None
             with self._lock:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for r in [r for r in self._slots if r is not None] + waiting:

@@ -138,11 +138,15 @@ def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, r
 
 
 def decode_step(graphdef, state, cache, tokens: Array, index: Array, position: Array, rows: RowSampling,
-                any_sampled: bool):
+                any_sampled: bool, carried: Array | None = None, use_carried: Array | None = None):
     """Feeds ``tokens`` int32[B] (each slot's last token) at cache column ``index`` int32[B] with M-RoPE position
-    ``position`` int32[B] (all three axes) and draws the next token of every slot.
+    ``position`` int32[B] (all three axes) and draws the next token of every slot. Rows where ``use_carried``
+    bool[B] is set take their token from ``carried`` int32[B] instead: the previous step's output, still on the
+    device, so the host can queue this step before it has read the last one.
 
     Returns (tokens int32[B], log-probs float32[B], the cache)."""
+    if carried is not None:
+        tokens = jnp.where(use_carried, carried, tokens)
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     b, s = cache[0][0].shape[0], cache[0][0].shape[2]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from emoqwen_jax.infer.engine import Engine, QueueFull, SamplingParams
+from emoqwen_jax.infer.engine import _JIT_DECODE, Engine, QueueFull, SamplingParams
 
 pytestmark = pytest.mark.slow  # runs the engine end to end
 
@@ -181,9 +181,12 @@ def test_a_mesh_of_four_devices_gives_the_tokens_of_one(model, session, mixed, e
     assert sharded._cache[0][0].sharding.spec == P("fsdp", "tensor", None, None)  # slots x KV heads
     up = sharded._state["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert up[...].sharding.spec == P("fsdp", "tensor")
+    sharded.warmup(mixed[0])
+    compiled = _JIT_DECODE._cache_size()
     picks = [0, 1, 3, 4]
     done = sharded.generate([mixed[i] for i in picks], [SamplingParams(max_tokens=MAX_TOKENS[i]) for i in picks])
     assert [c.token_ids for c in done] == [expected[i] for i in picks]
+    assert _JIT_DECODE._cache_size() == compiled  # the warm-up compiled every decode step the traffic runs
 
 
 def test_gate_weights_per_request_and_weight_swap(engine, model, mixed, expected):
@@ -233,18 +236,21 @@ def test_feed_answers_in_order_and_grows_the_cache(engine, session):
 
 def test_warmup_compiles_every_row_count_of_a_prompt_kind(session, mixed):
     """After ``warmup`` with one video prompt, batches of 1-4 such prompts (3 rows pad to 4, their patches as if
-    full) add no prefill shape, and the warm-up requests leave every slot free."""
+    full) add no prefill shape and no decode step (the steps that take the previous step's tokens on the device
+    included), and the warm-up requests leave every slot free."""
     engine = Engine(session, max_batch=4, max_len=128, prefill_batch=4)
     engine.warmup(mixed[3])
-    shapes = engine.stats()["compiled_prefill_shapes"]
+    shapes, decode_steps = engine.stats()["compiled_prefill_shapes"], _JIT_DECODE._cache_size()
     assert shapes == 3  # rows 1, 2, 4
     for n in (3, 1, 4, 2):
-        engine.generate([mixed[3]] * n, SamplingParams(max_tokens=2))
+        engine.generate([mixed[3]] * n, SamplingParams(max_tokens=4))
     stats = engine.stats()
     assert stats["compiled_prefill_shapes"] == shapes and stats["live_slots"] == 0
+    assert _JIT_DECODE._cache_size() == decode_steps
 
 
 def test_done_callbacks_run_once_in_order_after_the_tokens(engine, mixed):
+    steps_before = engine.stats().get("decode_steps", 0)
     seen = []
     handle = engine.submit(mixed[0], SamplingParams(max_tokens=3, ignore_eos=True),
                            on_token=lambda t, d: seen.append("token"))
@@ -254,4 +260,6 @@ def test_done_callbacks_run_once_in_order_after_the_tokens(engine, mixed):
         engine.step()
     handle.add_done_callback(lambda c: seen.append(("late", c.finish_reason)))  # finished already: runs at once
     assert seen == ["token"] * 3 + [("done", "length", 3), ("late", "length")]
-    assert engine.stats()["live_slots"] == 0
+    # the prefill draws token 1, two decode steps the rest: the step in flight when token 3 is queued is not
+    # followed by another (its row has reached max_tokens)
+    assert engine.stats()["live_slots"] == 0 and engine.stats()["decode_steps"] - steps_before == 2
