@@ -16,14 +16,15 @@ The loop (one thread: ``start``'s, or the caller's inside ``generate``) repeats:
 So a request that arrives waits at most for the running decode step, and the live requests are never held
 up by more than one prefill between two of their tokens (the interleaving policy).
 
-Compiled shapes stay few (``engine_steps`` holds the device functions): the decode step has one shape (two
-variants: all-greedy, or with sampled rows); a prefill's shape is (rows, length, patches, items, audio
+Compiled shapes stay few (``engine_steps`` holds the device functions): the decode step has one shape per
+``length_buckets`` entry, the cache columns its attention reads (the bucket that holds the longest live row),
+each in two variants (all-greedy, or with sampled rows); a prefill's shape is (rows, length, patches, items, audio
 windows), each padded to a bucket: rows to a power of two <= ``prefill_batch``, length to ``length_buckets``
 (64 · 2^k, and ``max_len``), patch rows to ``patch_buckets`` (256 · 2^k and 384 · 2^k) and items to a power of
 two (both counted as if the padding rows held prompts like the real ones), audio windows to the checkpoint's
 window buckets (else a multiple of 8), plus the ViT's ``layout.local_blocks`` (which block sizes hold the
 batch's windows and frames whole: one value per kind of image). ``warmup`` compiles every row count of one kind
-of prompt up front.
+of prompt, and the decode step at every column bucket, up front.
 
 Greedy output equals ``emoqwen_jax.infer.generate`` for the prompt alone whatever else is in flight (each row
 of every computation depends on its own inputs only); see ``engine_steps`` for the sampling streams.
@@ -89,7 +90,7 @@ def _on_graph(fn):
 _JIT_PREFILL = jax.jit(_on_graph(steps.prefill_into), static_argnums=(0,),
                        static_argnames=("any_sampled", "vision_blocks"),
                        donate_argnums=(2,))
-_JIT_DECODE = jax.jit(_on_graph(steps.decode_step), static_argnums=(0,), static_argnames=("any_sampled",),
+_JIT_DECODE = jax.jit(_on_graph(steps.decode_step), static_argnums=(0,), static_argnames=("any_sampled", "visible"),
                       donate_argnums=(2,))
 
 
@@ -320,13 +321,25 @@ class Engine:
     def warmup(self, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Compiles, before any traffic, what prompts like ``prompt`` will need: the prefill of 1, 2, 4, …,
         ``prefill_batch`` copies of it and the decode step (greedy, or sampled when ``params`` samples), so
-        that no compilation stalls a later round. Runs throw-away requests; call it while the loop is idle."""
+        that no compilation stalls a later round: the prefills by throw-away requests, the decode step at every
+        visible length by throw-away steps. Call it while the loop is idle."""
         temperature = 0.0 if params is None else params.temperature
         room = self.max_len - len(prompt.input_ids)  # a prompt that fills the cache but one column: no decode
         probe = SamplingParams(max_tokens=max(1, min(2, room)), temperature=temperature, ignore_eos=True, seed=0)
         self.check(prompt, probe)
         for n in sorted({min(1 << k, self.prefill_batch) for k in range(self.prefill_batch.bit_length() + 1)}):
             self.generate([prompt] * n, probe)  # n copies: a prefill of n rows padded to the next power of two
+        self._warm_decode(temperature > 0)
+
+    def _warm_decode(self, sampled: bool) -> None:
+        """Compiles the decode step at every visible length (``length_buckets``) with throw-away steps that write
+        past the cache's end (scatter drops them), so the slots' columns are left as they were."""
+        b, far = self.max_batch, np.full(self.max_batch, self.max_len, np.int32)
+        with self._step_lock, self._rules():
+            for visible in self.length_buckets:
+                _, _, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, np.zeros(b, np.int32), far,
+                                                far, self._rows([None] * b, b), any_sampled=sampled,
+                                                carried=self._carried, use_carried=np.zeros(b, bool), visible=visible)
 
     def check(self, prompt: Prompt, params: SamplingParams) -> None:
         """ValueError naming the limit when the engine cannot take this request (``submit`` checks it too)."""
@@ -559,9 +572,11 @@ class Engine:
         if any(live):
             sampled = any(r is not None and r.params.temperature > 0 for r in live)
             use_carried = np.array([bool(a) and r is not None for a, r in zip(ahead, live, strict=True)])
+            # attention reads the cache only up to the length bucket that holds the longest live row
+            visible = _fit(int(index.max()) + 1, self.length_buckets, self.max_len)
             out, logp, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, tokens, index, position,
                                                  self._rows(live, b, ahead), any_sampled=sampled,
-                                                 carried=self._carried, use_carried=use_carried)
+                                                 carried=self._carried, use_carried=use_carried, visible=visible)
             self._carried, self._inflight = out, (out, logp, live)
             with self._lock:
                 self._counts["decode_steps"] += 1

@@ -138,11 +138,13 @@ def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, r
 
 
 def decode_step(graphdef, state, cache, tokens: Array, index: Array, position: Array, rows: RowSampling,
-                any_sampled: bool, carried: Array | None = None, use_carried: Array | None = None):
+                any_sampled: bool, carried: Array | None = None, use_carried: Array | None = None,
+                visible: int | None = None):
     """Feeds ``tokens`` int32[B] (each slot's last token) at cache column ``index`` int32[B] with M-RoPE position
     ``position`` int32[B] (all three axes) and draws the next token of every slot. Rows where ``use_carried``
     bool[B] is set take their token from ``carried`` int32[B] instead: the previous step's output, still on the
-    device, so the host can queue this step before it has read the last one.
+    device, so the host can queue this step before it has read the last one. ``visible`` (static; default S):
+    attention reads only the cache's first ``visible`` columns, which must hold every row's ``index``.
 
     Returns (tokens int32[B], log-probs float32[B], the cache)."""
     if carried is not None:
@@ -150,7 +152,7 @@ def decode_step(graphdef, state, cache, tokens: Array, index: Array, position: A
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     b, s = cache[0][0].shape[0], cache[0][0].shape[2]
-    seen = (jnp.arange(s)[None, :] <= index[:, None]).astype(jnp.int32)  # int[B, S]: 1 = visible slot
+    seen = (jnp.arange(visible or s)[None, :] <= index[:, None]).astype(jnp.int32)  # int[B, S']: 1 = visible
     positions = jnp.broadcast_to(position[None, :, None], (3, b, 1))
     hidden, cache = lm(lm.embed(tokens[:, None]), positions, jnp.ones((b, 1), jnp.int32), cache, index, seen)
     next_tokens, logp = choose(lm.logits(hidden)[:, 0], rows, any_sampled)

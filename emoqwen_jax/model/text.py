@@ -61,12 +61,15 @@ class TextAttention(nnx.Module):
                 raise ValueError(f"a per-row cache_index int[B] writes one token per row, got {t}")
             rows = jnp.arange(b)
             k_cache, v_cache = cache
-            k = k_cache.at[rows, :, cache_index].set(k[:, 0].astype(k_cache.dtype))  # [B, K, H] at column i_b
-            v = v_cache.at[rows, :, cache_index].set(v[:, 0].astype(v_cache.dtype))
-            # One query per row: dense logits are only [B, N, S], read from the cache in place.
-            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5,
-                            q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=False,
-                            implementation="xla", kv_heads_first=True)
+            # [B, K, H] at column i_b; a column past the cache is dropped (the engine's warm-up steps write there)
+            k = k_cache.at[rows, :, cache_index].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+            v = v_cache.at[rows, :, cache_index].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+            # One query per row: dense logits are only [B, N, S'], read from the cache in place. S' =
+            # kv_segment_ids' columns: the keys past them are masked for every row, so they are not read.
+            seen = kv_segment_ids.shape[1]
+            out = attention(q, k[:, :, :seen].astype(q.dtype), v[:, :, :seen].astype(q.dtype),
+                            scale=self.head_dim**-0.5, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                            causal=False, implementation="xla", kv_heads_first=True)
             return self.o_proj(out.reshape(b, t, -1)), (k, v)
         if cache is not None:
             k_cache, v_cache = cache

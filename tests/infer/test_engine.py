@@ -65,6 +65,17 @@ def test_greedy_equals_generate_alone(engine, session, mixed, expected, order, a
     assert len({tuple(c.token_ids) for c in done}) == len(done)  # the rows really differ
 
 
+def test_a_row_that_outgrows_the_read_columns_beside_short_rows(engine, model):
+    """The decode step reads the cache only up to the length bucket of the longest live row: a row that crosses
+    the 64-column bucket mid-request (while short rows run beside it) keeps ``generate``'s tokens."""
+    rng = np.random.default_rng(3)
+    prompts = [H.text_prompt(rng, 5), H.text_prompt(rng, 58), H.text_prompt(rng, 9)]
+    budgets = (4, 12, 12)  # the long row's tokens 7.. lie past column 64; the first row ends before it gets there
+    done = engine.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in budgets])
+    for c, p, n in zip(done, prompts, budgets, strict=True):
+        assert c.token_ids == H.reference(model, p, n)
+
+
 def test_sampling_reproduces_from_the_seed_whatever_else_runs(engine, model, session, mixed):
     sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, top_k=50, seed=7)
     prompt = mixed[3]
