@@ -28,7 +28,8 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
 ]
 
-SERVE = ["fastapi==0.165.0", "uvicorn==0.55.0", "prometheus_client==0.26.0", "httpx==0.29.0"]
+SERVE = ["fastapi==0.165.0", "uvicorn==0.55.0", "uvloop==0.23.0", "httptools==0.9.0", "prometheus_client==0.26.0",
+         "httpx==0.29.0"]
 
 EXTRAS = {
     # The HF oracle for parity tests. Install torch separately with `pip install torch==2.13.0`

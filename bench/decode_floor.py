@@ -1,11 +1,14 @@
-r"""The floor under a decode step: the time to read the decoder's weights once.
+r"""The floors under generation: the time to read the decoder's weights once (a decode step), and the matmul
+rate (a prefill).
 
   python bench/decode_floor.py [--rows 8] [--runs 50]
 
 Times a jitted chain of the `small` decoder's weight products (8 layers of q, k, v, o, gate, up, down and
 the LM head, float32, ``--rows`` rows: the batch of `bench/generate.py`) and a numpy sum over 200 MB (memory
 bandwidth). A decode step cannot be faster than reading its weights once; `bench/generate.py` says how close
-the engine's step comes. Prints a JSON line with both figures and ``machine_info()``.
+the engine's step comes. A prefill is bound by arithmetic instead: it also times one jitted float32 matmul of the
+decoder's MLP shape at the prefill of `bench/generate.py` (1024 tokens x 512 -> 1408) and prints its GFLOP/s.
+Prints a JSON line with the figures and ``machine_info()``.
 """
 
 from __future__ import annotations
@@ -64,12 +67,24 @@ def main(argv=None) -> dict:
         chain(x, layers, head).block_until_ready()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+
+    tokens = jnp.asarray(rng.standard_normal((1024, D), np.float32))
+    up = jnp.asarray(rng.standard_normal((D, FF), np.float32))
+    matmul = jax.jit(jnp.matmul)
+    matmul(tokens, up).block_until_ready()
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        matmul(tokens, up).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    matmul_gflop_s = 2 * 1024 * D * FF / statistics.median(times) / 1e9
     machine = machine_info(before)
     report = {"rows": args.rows, "weight_mb": round(weight_bytes / 1e6, 1), "chain_ms": round(step_s * 1e3, 3),
               "chain_gb_s": round(weight_bytes / step_s / 1e9, 1), "numpy_sum_gb_s": round(sum_gb_s, 1),
-              "machine": machine}
+              "matmul_gflop_s": round(matmul_gflop_s), "machine": machine}
     print(f"weights {report['weight_mb']} MB: {report['chain_ms']} ms a chain ({report['chain_gb_s']} GB/s); "
-          f"numpy sum {report['numpy_sum_gb_s']} GB/s; {describe(machine)}")
+          f"numpy sum {report['numpy_sum_gb_s']} GB/s; matmul {report['matmul_gflop_s']} GFLOP/s; "
+          f"{describe(machine)}")
     print(json.dumps(report))
     return report
 

@@ -34,6 +34,9 @@ log = logging.getLogger("emoqwen_jax.serve")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/emotion")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# uvicorn's event loop and HTTP parser, both in C: with many streams on few cores, h11's pure-Python HTTP cost a
+# quarter of the 8-client throughput (bench/RESULTS.md, Serving)
+UVICORN_STACK = {"loop": "uvloop", "http": "httptools"}
 
 
 def sse(obj: Any) -> str:
@@ -335,4 +338,5 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, l
     import uvicorn  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                **UVICORN_STACK)

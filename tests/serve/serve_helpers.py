@@ -30,13 +30,14 @@ class Running:
         import uvicorn
 
         from emoqwen_jax.serve import create_app
+        from emoqwen_jax.serve.app import UVICORN_STACK
 
         self.app = create_app(config, load=load)
         self.server = self.app.state.server
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                     timeout_graceful_shutdown=2))
+                                                     timeout_graceful_shutdown=2, **UVICORN_STACK))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + load_timeout
