@@ -34,8 +34,8 @@ log = logging.getLogger("emoqwen_jax.serve")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/emotion")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# uvicorn's event loop and HTTP parser, both in C: with many streams on few cores, h11's pure-Python HTTP cost a
-# quarter of the 8-client throughput (bench/RESULTS.md, Serving)
+# uvicorn's event loop and HTTP parser, both in C: with many streams on few cores, h11's pure-Python HTTP cut the
+# 8-client throughput by up to a quarter (bench/RESULTS.md, Serving)
 UVICORN_STACK = {"loop": "uvloop", "http": "httptools"}
 
 
