@@ -28,6 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 LAYERS, D, KV, FF, VOCAB = 8, 512, 128, 1408, 4096  # emoqwen_jax/sizes.py "small" text sizes
 
 
+def median_s(fn, runs: int) -> float:
+    """Median wall seconds of ``fn()`` (a jitted call; blocks on its result) over ``runs`` calls after one warm-up."""
+    fn().block_until_ready()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn().block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main(argv=None) -> dict:
     ap = command_parser(__doc__, prog="python bench/decode_floor.py")
     ap.add_argument("--rows", type=int, default=8)
@@ -60,24 +71,12 @@ def main(argv=None) -> dict:
         return x @ head
 
     x = jnp.ones((args.rows, D), jnp.float32)
-    chain(x, layers, head).block_until_ready()
-    times = []
-    for _ in range(args.runs):
-        t0 = time.perf_counter()
-        chain(x, layers, head).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    step_s = median_s(lambda: chain(x, layers, head), args.runs)
 
     tokens = jnp.asarray(rng.standard_normal((1024, D), np.float32))
     up = jnp.asarray(rng.standard_normal((D, FF), np.float32))
     matmul = jax.jit(jnp.matmul)
-    matmul(tokens, up).block_until_ready()
-    times = []
-    for _ in range(args.runs):
-        t0 = time.perf_counter()
-        matmul(tokens, up).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    matmul_gflop_s = 2 * 1024 * D * FF / statistics.median(times) / 1e9
+    matmul_gflop_s = 2 * 1024 * D * FF / median_s(lambda: matmul(tokens, up), args.runs) / 1e9
     machine = machine_info(before)
     report = {"rows": args.rows, "weight_mb": round(weight_bytes / 1e6, 1), "chain_ms": round(step_s * 1e3, 3),
               "chain_gb_s": round(weight_bytes / step_s / 1e9, 1), "numpy_sum_gb_s": round(sum_gb_s, 1),

@@ -557,6 +557,7 @@ class Engine:
         carried = inflight[2] if inflight is not None else [None] * b
         live: list[_Request | None] = [None] * b
         ahead = [0] * b  # 1: the row's last token is the step in flight's output, still on the device
+        use_carried = np.zeros(b, bool)  # the live rows among those
         tokens, index, position = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
         for i, r in enumerate(self._slots):
             if r is None:
@@ -565,13 +566,12 @@ class Engine:
             drawn = r.drawn + ahead[i]
             if drawn >= r.params.max_tokens:
                 continue
-            live[i] = r  # the last drawn token goes to column n + drawn - 1
+            live[i], use_carried[i] = r, ahead[i]  # the last drawn token goes to column n + drawn - 1
             tokens[i] = 0 if ahead[i] else r.tokens[-1]
             index[i] = r.length0 + drawn - 1
             position[i] = r.position0 + drawn - 1
         if any(live):
             sampled = any(r is not None and r.params.temperature > 0 for r in live)
-            use_carried = np.array([bool(a) and r is not None for a, r in zip(ahead, live, strict=True)])
             # attention reads the cache only up to the length bucket that holds the longest live row
             visible = _fit(int(index.max()) + 1, self.length_buckets, self.max_len)
             out, logp, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, tokens, index, position,

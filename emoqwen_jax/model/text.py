@@ -66,8 +66,8 @@ class TextAttention(nnx.Module):
             v = v_cache.at[rows, :, cache_index].set(v[:, 0].astype(v_cache.dtype), mode="drop")
             # One query per row: dense logits are only [B, N, S'], read from the cache in place. S' =
             # kv_segment_ids' columns: the keys past them are masked for every row, so they are not read.
-            seen = kv_segment_ids.shape[1]
-            out = attention(q, k[:, :, :seen].astype(q.dtype), v[:, :, :seen].astype(q.dtype),
+            read = kv_segment_ids.shape[1]
+            out = attention(q, k[:, :, :read].astype(q.dtype), v[:, :, :read].astype(q.dtype),
                             scale=self.head_dim**-0.5, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                             causal=False, implementation="xla", kv_heads_first=True)
             return self.o_proj(out.reshape(b, t, -1)), (k, v)
