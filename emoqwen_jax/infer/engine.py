@@ -90,8 +90,8 @@ def _on_graph(fn):
 _JIT_PREFILL = jax.jit(_on_graph(steps.prefill_into), static_argnums=(0,),
                        static_argnames=("any_sampled", "vision_blocks"),
                        donate_argnums=(2,))
-_JIT_DECODE = jax.jit(_on_graph(steps.decode_step), static_argnums=(0,), static_argnames=("any_sampled", "visible"),
-                      donate_argnums=(2,))
+_JIT_DECODE = jax.jit(_on_graph(steps.decode_step), static_argnums=(0,),
+                      static_argnames=("any_sampled", "visible", "steps"), donate_argnums=(2,))
 
 
 class QueueFull(RuntimeError):
@@ -223,16 +223,20 @@ def _fit(n: int, buckets: Sequence[int], step: int) -> int:
 
 class Engine:
     def __init__(self, session: Session, *, max_batch: int = 8, max_len: int = 2048, mesh=None, seed: int = 0,
-                 prefill_batch: int = 4, max_queue: int = 4096, eos_ids: Sequence[int] | None = None):
+                 prefill_batch: int = 4, max_queue: int = 4096, eos_ids: Sequence[int] | None = None,
+                 decode_steps: int = 1):
         """``prefill_batch``: most prompts one prefill takes; ``max_queue``: most waiting requests (then
         ``submit`` raises QueueFull); ``eos_ids``: the ids that end a request unless ``ignore_eos`` (default:
         the tokenizer's ``<|im_end|>``/``<|endoftext|>``); ``mesh``: shard the weights (logical-axis rules) and
-        the KV cache (slots over the batch axes, KV heads over 'tensor') over it."""
-        if max_batch < 1 or max_len < 2 or prefill_batch < 1:
-            raise ValueError(f"need max_batch >= 1, max_len >= 2, prefill_batch >= 1; got {max_batch}, {max_len}, "
-                             f"{prefill_batch}")
+        the KV cache (slots over the batch axes, KV heads over 'tensor') over it; ``decode_steps``: tokens per
+        slot that one decode call draws (vLLM's multi-step scheduling): the host's cost per call is paid once
+        for that many tokens, and waiting prompts join between calls."""
+        if max_batch < 1 or max_len < 2 or prefill_batch < 1 or decode_steps < 1:
+            raise ValueError(f"need max_batch >= 1, max_len >= 2, prefill_batch >= 1, decode_steps >= 1; got "
+                             f"{max_batch}, {max_len}, {prefill_batch}, {decode_steps}")
         self.session, self.max_batch, self.max_len, self.mesh = session, int(max_batch), int(max_len), mesh
         self.seed, self.prefill_batch, self.max_queue = int(seed), min(int(prefill_batch), self.max_batch), max_queue
+        self.decode_steps = int(decode_steps)
         self.vocab = session.model.config.text.vocab_size
         self.eos_ids = tuple(int(i) for i in (session.info.stop_ids if eos_ids is None else eos_ids))
         self.pad_id = int(session.info.pad_id)
@@ -267,11 +271,12 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._counts = collections.Counter()
         self._shapes: set[tuple] = set()
-        # The decode step queued on the device and not read back yet: (tokens, log-probs, the request of each
-        # slot it advanced). Its tokens feed the next step on the device, so the host's work for one step
-        # (reading tokens, detokenising, callbacks, the next step's inputs) overlaps the device's next step.
+        # The decode call queued on the device and not read back yet: (tokens, log-probs, the request of each
+        # slot it advanced, its step count). Its last tokens feed the next call on the device, so the host's work
+        # for one call (reading tokens, detokenising, callbacks, the next inputs) overlaps the device's next call.
         self._inflight: tuple | None = None
-        self._carried = carried  # the last decode step's token array (the ``carried`` input of the next one)
+        self._prefilled: list[tuple] = []  # this round's prefills, queued and not read back: (requests, outputs)
+        self._carried = carried  # the last decode call's last tokens (the ``carried`` input of the next one)
 
     # ---- public ----------------------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None,
@@ -332,14 +337,15 @@ class Engine:
         self._warm_decode(temperature > 0)
 
     def _warm_decode(self, sampled: bool) -> None:
-        """Compiles the decode step at every visible length (``length_buckets``) with throw-away steps that write
-        past the cache's end (scatter drops them), so the slots' columns are left as they were."""
+        """Compiles the decode call (each step count it runs) at every visible length (``length_buckets``) with
+        throw-away calls that write past the cache's end (scatter drops them), so the slots' columns are left as
+        they were."""
         b, far = self.max_batch, np.full(self.max_batch, self.max_len, np.int32)
         with self._step_lock, self._rules():
-            for visible in self.length_buckets:
-                _, _, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, np.zeros(b, np.int32), far,
-                                                far, self._rows([None] * b, b), any_sampled=sampled,
-                                                carried=self._carried, use_carried=np.zeros(b, bool), visible=visible)
+            for visible, n in itertools.product(self.length_buckets, sorted({1, self.decode_steps})):
+                *_, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, np.zeros(b, np.int32), far, far,
+                                              self._rows([None] * b, b), any_sampled=sampled, carried=self._carried,
+                                              use_carried=np.zeros(b, bool), visible=visible, steps=n)
 
     def check(self, prompt: Prompt, params: SamplingParams) -> None:
         """ValueError naming the limit when the engine cannot take this request (``submit`` checks it too)."""
@@ -416,7 +422,8 @@ class Engine:
                 self._fail_all(f"{type(err).__name__}: {err}")
 
     def step(self) -> None:
-        """One round: cancellations, at most one prefill, one decode step over the live slots."""
+        """One round: cancellations, at most one prefill, one decode call over the live slots, then the previous
+        decode call's tokens and this round's prefill are read back (the device runs the new call meanwhile)."""
         with self._step_lock, self._rules():
             self._drop_cancelled()
             batch = self._take_waiting()
@@ -424,12 +431,21 @@ class Engine:
                 try:
                     self._prefill(batch)
                 except Exception as err:  # a prompt the model cannot take fails alone, the loop goes on
-                    log.exception("prefill of %d requests failed", len(batch))
-                    for r in batch:
-                        if not r.handle.done():
-                            self._finish(r, "error", f"{type(err).__name__}: {err}")
+                    self._fail_batch(batch, err)
             if any(self._slots):
                 self._decode()
+            prefilled, self._prefilled = self._prefilled, []
+            for batch, outputs in prefilled:
+                try:
+                    self._accept_prefill(batch, outputs)
+                except Exception as err:
+                    self._fail_batch(batch, err)
+
+    def _fail_batch(self, batch: list[_Request], err: Exception) -> None:
+        log.exception("prefill of %d requests failed", len(batch))
+        for r in batch:
+            if not r.handle.done():
+                self._finish(r, "error", f"{type(err).__name__}: {err}")
 
     def _rules(self):
         if self.mesh is None:
@@ -477,7 +493,7 @@ class Engine:
             rows.seed[i], rows.index[i] = r.seed, drawn
             if drawn < p.min_tokens:  # EOS and the stop ids are masked until min_tokens
                 ids = sorted(set(p.stop_token_ids) | set(self.eos_ids))
-                rows.ban[i], rows.ban_ids[i, :len(ids)] = True, ids
+                rows.ban[i], rows.ban_ids[i, :len(ids)] = p.min_tokens - drawn, ids
         return rows
 
     def _prefill(self, batch: list[_Request]) -> None:
@@ -507,23 +523,29 @@ class Engine:
         vision_blocks = self._vision_blocks(inputs)
         self._shapes.add((rows, length, buckets.get("pad_patches_to", 0), buckets.get("pad_items_to", 0),
                           0 if vision.get("input_features") is None else len(vision["input_features"]), vision_blocks))
-        tokens, logp, logits, self._cache, gates = _JIT_PREFILL(
+        tokens, logp, logits, self._cache, gates, self._carried = _JIT_PREFILL(
             self._graph, self._leaves, self._cache, inputs, np.asarray(lengths + [1] * (rows - len(batch)),
                                                                          np.int32),
-            slots, self._rows(batch, rows), any_sampled=sampled, vision_blocks=vision_blocks)
-        scored = any(r.params.score_token_ids for r in batch)  # one transfer of what the host needs
-        tokens, logp, gates, logits = jax.device_get((tokens, logp, gates if self._has_gate() else None,
-                                                      logits if scored else None))
-        gates = self._gate_rows(batch, np.asarray(gates)) if self._has_gate() else [None] * len(batch)
+            slots, self._rows(batch, rows), any_sampled=sampled, vision_blocks=vision_blocks, carried=self._carried)
         for i, r in enumerate(batch):
             r.position0, r.length0 = int(next_position[i]), lengths[i]
+        scored = any(r.params.score_token_ids for r in batch)
+        # Read back after the next decode call is queued (``_accept_prefill``): the device goes on meanwhile.
+        self._prefilled.append((batch, (tokens, logp, gates if self._has_gate() else None, logits if scored else None)))
+        with self._lock:
+            self._counts["prefills"] += 1
+            self._counts["prompt_tokens"] += sum(lengths)
+
+    def _accept_prefill(self, batch: list[_Request], outputs: tuple) -> None:
+        """Reads back one prefill's first tokens, log-probs, gate weights and (when scored) logits, and accepts
+        the first tokens."""
+        tokens, logp, gates, logits = jax.device_get(outputs)  # one transfer of what the host needs
+        gates = self._gate_rows(batch, np.asarray(gates)) if gates is not None else [None] * len(batch)
+        for i, r in enumerate(batch):
             r.gate_weights = gates[i]
             if r.params.score_token_ids:
                 row = np.asarray(logits[i], np.float64)[list(r.params.score_token_ids)]
                 r.first_scores = (row - np.logaddexp.reduce(row)).astype(np.float32).tolist()
-        with self._lock:
-            self._counts["prefills"] += 1
-            self._counts["prompt_tokens"] += sum(lengths)
         for i, r in enumerate(batch):
             self._accept(r, int(tokens[i]), float(logp[i]))
 
@@ -549,42 +571,52 @@ class Engine:
                 if n_img[i] + n_vid[i] else None for i in range(len(batch))]
 
     def _decode(self) -> None:
-        """Queues one decode step over the live slots, then reads back and accepts the previous one (one step in
-        flight). A row whose token in flight is its last by ``max_tokens`` is not advanced again; one that ends
-        on a stop is, once, and that extra token is dropped (its column is past the request's end)."""
+        """Queues one decode call over the live slots, then reads back and accepts the previous one (one call in
+        flight). The call runs ``decode_steps`` steps while some live row wants more than half that many tokens
+        (by ``max_tokens``), else one. A row whose tokens in flight reach its ``max_tokens`` is not advanced
+        again; tokens drawn after a row's end (a stop, EOS, ``max_tokens`` inside a call) are dropped: their
+        columns are past the request's end."""
         b = self.max_batch
         inflight, self._inflight = self._inflight, None
-        carried = inflight[2] if inflight is not None else [None] * b
+        fed, fed_steps = (inflight[2], inflight[3]) if inflight is not None else ([None] * b, 0)
+        first = {id(r) for batch, _ in self._prefilled for r in batch}  # first token on the device, not read yet
         live: list[_Request | None] = [None] * b
-        ahead = [0] * b  # 1: the row's last token is the step in flight's output, still on the device
+        ahead = [0] * b  # the row's tokens drawn by the call in flight, still on the device
         use_carried = np.zeros(b, bool)  # the live rows among those
         tokens, index, position = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+        wanted = 0  # the most tokens a live row still wants
         for i, r in enumerate(self._slots):
             if r is None:
                 continue
-            ahead[i] = int(carried[i] is r)
+            ahead[i] = 1 if id(r) in first else fed_steps if fed[i] is r else 0
             drawn = r.drawn + ahead[i]
             if drawn >= r.params.max_tokens:
                 continue
-            live[i], use_carried[i] = r, ahead[i]  # the last drawn token goes to column n + drawn - 1
+            live[i], use_carried[i] = r, ahead[i] > 0  # the last drawn token goes to column n + drawn - 1
             tokens[i] = 0 if ahead[i] else r.tokens[-1]
             index[i] = r.length0 + drawn - 1
             position[i] = r.position0 + drawn - 1
+            wanted = max(wanted, r.params.max_tokens - drawn)
         if any(live):
             sampled = any(r is not None and r.params.temperature > 0 for r in live)
-            # attention reads the cache only up to the length bucket that holds the longest live row
-            visible = _fit(int(index.max()) + 1, self.length_buckets, self.max_len)
-            out, logp, self._cache = _JIT_DECODE(self._graph, self._leaves, self._cache, tokens, index, position,
-                                                 self._rows(live, b, ahead), any_sampled=sampled,
-                                                 carried=self._carried, use_carried=use_carried, visible=visible)
-            self._carried, self._inflight = out, (out, logp, live)
+            n = self.decode_steps if 2 * wanted > self.decode_steps else 1
+            # attention reads the cache only up to the length bucket that holds the longest live row's last column
+            visible = _fit(int(index.max()) + n, self.length_buckets, self.max_len)
+            out, logp, self._carried, self._cache = _JIT_DECODE(
+                self._graph, self._leaves, self._cache, tokens, index, position, self._rows(live, b, ahead),
+                any_sampled=sampled, carried=self._carried, use_carried=use_carried,
+                visible=min(visible, self.max_len), steps=n)
+            self._inflight = (out, logp, live, n)
             with self._lock:
-                self._counts["decode_steps"] += 1
+                self._counts["decode_steps"] += n
+                self._counts["decode_calls"] += 1
         if inflight is not None:
             out, logp = jax.device_get(inflight[:2])
             for i, r in enumerate(inflight[2]):
-                if r is not None and self._slots[i] is r:  # not finished or cancelled since it was queued
-                    self._accept(r, int(out[i]), float(logp[i]))
+                for j in range(inflight[3]):
+                    if r is None or self._slots[i] is not r:  # finished (or cancelled) since the call was queued
+                        break
+                    self._accept(r, int(out[i, j]), float(logp[i, j]))
 
     def _accept(self, r: _Request, token: int, logp: float) -> None:
         """Records one drawn token of ``r`` and finishes it when it ends."""
@@ -630,7 +662,7 @@ class Engine:
 
     def _fail_all(self, error: str) -> None:
         with self._step_lock:
-            self._inflight = None
+            self._inflight, self._prefilled = None, []
             with self._lock:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for r in [r for r in self._slots if r is not None] + waiting:

@@ -14,6 +14,10 @@ by the temperature, cut to the ``top_k`` best (0 = off) and to the nucleus ``top
 ``fold_in(key(seed), i)`` for the row's i-th generated token: a request's draws depend only on its seed and
 its own token index, never on the other rows (the same draws ``generate`` makes for that prompt alone with
 ``rng=seed``).
+
+Several steps per call (``decode_step(steps=K)``): the step's own output feeds it again inside one compiled
+loop, so the host's share of a step (dispatch, reading tokens back) is paid once per K tokens. A row that ends
+inside the K steps (EOS, a stop, ``max_tokens``) is computed to the end of the call; the host drops those tokens.
 """
 
 from __future__ import annotations
@@ -43,14 +47,14 @@ class RowSampling:
     top_k: Array  # 0 = off
     seed: Array  # uint32: the request's seed
     index: Array  # which generated token (0, 1, ...) is drawn now: the PRNG stream position
-    ban: Array  # bool: mask ban_ids (the row is below min_tokens)
+    ban: Array  # int32: for how many more draws ban_ids are masked (the row's tokens short of min_tokens)
     ban_ids: Array  # int32[R, M]; V (out of range) = unused
 
     @classmethod
     def host(cls, rows: int, vocab: int) -> "RowSampling":
         """Neutral numpy rows (greedy, nothing masked) to fill in on the host."""
         return cls(np.zeros(rows, np.float32), np.ones(rows, np.float32), np.zeros(rows, np.int32),
-                   np.zeros(rows, np.uint32), np.zeros(rows, np.int32), np.zeros(rows, bool),
+                   np.zeros(rows, np.uint32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
                    np.full((rows, STOP_SLOTS), vocab, np.int32))
 
 
@@ -68,7 +72,7 @@ def choose(logits: Array, rows: RowSampling, any_sampled: bool) -> tuple[Array, 
     logits, 1 for greedy rows). ``any_sampled`` False compiles the greedy-only step (no sort over V)."""
     vocab = logits.shape[-1]
     logits = logits.astype(jnp.float32)
-    banned = jnp.where(rows.ban[:, None], rows.ban_ids, vocab)
+    banned = jnp.where(rows.ban[:, None] > 0, rows.ban_ids, vocab)
     logits = logits.at[jnp.arange(logits.shape[0])[:, None], banned].set(jnp.finfo(jnp.float32).min, mode="drop")
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     greedy = rows.temperature <= 0
@@ -113,12 +117,14 @@ def cache_sharding(mesh, spec: list[tuple[jax.ShapeDtypeStruct, ...]], slots: in
 
 
 def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, rows: RowSampling,
-                 any_sampled: bool, vision_blocks: tuple[int, int] = (0, 0)):
+                 any_sampled: bool, vision_blocks: tuple[int, int] = (0, 0), carried: Array | None = None):
     """Runs P right-padded prompts and writes their cache columns [0, L) into ``slots`` int32[P] (a slot index
     >= B drops the row: batch padding). ``vision_blocks`` (static): the ViT's ``layout.local_blocks``.
+    ``carried`` int32[B] (optional): ``decode_step``'s carried tokens; the first tokens are written into it at
+    ``slots``, so the next decode call takes them on the device before the host has read them.
 
     Returns (first tokens int32[P], their log-probs float32[P], last-prompt-token logits float32[P, V], the
-    cache, gate weights float32[G, E] of the batch's visual items)."""
+    cache, gate weights float32[G, E] of the batch's visual items, ``carried`` updated (None without it))."""
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     text = inputs.text
@@ -134,26 +140,43 @@ def prefill_into(graphdef, state, cache, inputs, lengths: Array, slots: Array, r
     tokens, logp = choose(logits, rows, any_sampled)
     cache = [(k.at[slots, :, :length].set(nk, mode="drop"), v.at[slots, :, :length].set(nv, mode="drop"))
              for (k, v), (nk, nv) in zip(cache, rows_cache, strict=True)]
-    return tokens, logp, logits, cache, gate_weights
+    if carried is not None:
+        carried = carried.at[slots].set(tokens, mode="drop")
+    return tokens, logp, logits, cache, gate_weights, carried
 
 
 def decode_step(graphdef, state, cache, tokens: Array, index: Array, position: Array, rows: RowSampling,
                 any_sampled: bool, carried: Array | None = None, use_carried: Array | None = None,
-                visible: int | None = None):
+                visible: int | None = None, steps: int = 1):
     """Feeds ``tokens`` int32[B] (each slot's last token) at cache column ``index`` int32[B] with M-RoPE position
-    ``position`` int32[B] (all three axes) and draws the next token of every slot. Rows where ``use_carried``
-    bool[B] is set take their token from ``carried`` int32[B] instead: the previous step's output, still on the
-    device, so the host can queue this step before it has read the last one. ``visible`` (static; default S):
-    attention reads only the cache's first ``visible`` columns, which must hold every row's ``index``.
+    ``position`` int32[B] (all three axes) and draws the next token of every slot; ``steps`` (static) times in a
+    row, each drawn token fed back at the next column and position. Rows where ``use_carried`` bool[B] is set
+    take their first input from ``carried`` int32[B] instead: the previous call's last tokens, still on the
+    device, so the host can queue this call before it has read the last one. ``visible`` (static; default S):
+    attention reads only the cache's first ``visible`` columns, which must hold every row's ``index + steps - 1``
+    that is kept (later columns are computed and dropped).
 
-    Returns (tokens int32[B], log-probs float32[B], the cache)."""
+    Returns (tokens int32[B, steps], log-probs float32[B, steps], the last tokens int32[B], the cache)."""
     if carried is not None:
         tokens = jnp.where(use_carried, carried, tokens)
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     b, s = cache[0][0].shape[0], cache[0][0].shape[2]
-    seen = (jnp.arange(visible or s)[None, :] <= index[:, None]).astype(jnp.int32)  # int[B, S']: 1 = visible
-    positions = jnp.broadcast_to(position[None, :, None], (3, b, 1))
-    hidden, cache = lm(lm.embed(tokens[:, None]), positions, jnp.ones((b, 1), jnp.int32), cache, index, seen)
-    next_tokens, logp = choose(lm.logits(hidden)[:, 0], rows, any_sampled)
-    return next_tokens, logp, cache
+    columns = jnp.arange(visible or s)[None, :]
+    real = jnp.ones((b, 1), jnp.int32)
+
+    def advance(carry, _):
+        cache, tokens, index, position, rows = carry
+        seen = (columns <= index[:, None]).astype(jnp.int32)  # int[B, S']: 1 = visible
+        positions = jnp.broadcast_to(position[None, :, None], (3, b, 1))
+        hidden, cache = lm(lm.embed(tokens[:, None]), positions, real, cache, index, seen)
+        drawn, logp = choose(lm.logits(hidden)[:, 0], rows, any_sampled)
+        rows = dataclasses.replace(rows, index=rows.index + 1, ban=jnp.maximum(rows.ban - 1, 0))
+        return (cache, drawn, index + 1, position + 1, rows), (drawn, logp)
+
+    carry = (cache, tokens, index, position, rows)
+    if steps == 1:  # straight-line code: no loop around a single step
+        (cache, last, *_), (drawn, logp) = advance(carry, None)
+        return drawn[:, None], logp[:, None], last, cache
+    (cache, last, *_), (drawn, logp) = jax.lax.scan(advance, carry, length=steps)
+    return drawn.T, logp.T, last, cache

@@ -238,8 +238,7 @@ def serve_plan(config, *, max_batch: int, max_len: int, num_devices: int = 1, dt
 
     def rows(n):
         f32 = jax.ShapeDtypeStruct((n,), np.float32)
-        return steps.RowSampling(f32, f32, i32(n), jax.ShapeDtypeStruct((n,), np.uint32), i32(n),
-                                 jax.ShapeDtypeStruct((n,), bool),
+        return steps.RowSampling(f32, f32, i32(n), jax.ShapeDtypeStruct((n,), np.uint32), i32(n), i32(n),
                                  jax.ShapeDtypeStruct((n, steps.STOP_SLOTS), np.int32))
 
     prompt = video_batch_shapes(mcfg, 1, frames, frame_size, length or max_len).replace(labels=None,

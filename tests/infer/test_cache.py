@@ -7,6 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from tolerance import assert_close_rel
 
@@ -45,20 +46,23 @@ def test_prefill_and_decode_match_uncached_forward(tiny):
         np.testing.assert_array_equal(out.tokens[b], want)
 
 
-def test_decode_step_reads_the_cache_in_place(tiny):
+@pytest.mark.parametrize("decode_steps", [1, 3])
+def test_decode_step_reads_the_cache_in_place(tiny, decode_steps):
     """The engine's decode step writes one column per row and reads every layer's cache as it lies: the compiled
     program has no transpose or copy of a cache-sized array (the cache layout is the attention's), and the
-    cache comes back in its donated buffers."""
+    cache comes back in its donated buffers; also when several steps run in one call (the cache is the loop's
+    carry)."""
     from emoqwen_jax.infer import engine_steps as steps
 
     cfg = tiny.config.text
     b, s = 3, 48  # sizes no weight has, so a cache-shaped result is the cache
     graphdef, state = nnx.split(tiny)
     cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), steps.cache_spec(tiny, b, s))
-    step = jax.jit(steps.decode_step, static_argnums=(0,), static_argnames=("any_sampled",), donate_argnums=(2,))
+    step = jax.jit(steps.decode_step, static_argnums=(0,), static_argnames=("any_sampled", "steps"),
+                   donate_argnums=(2,))
     zeros = np.zeros(b, np.int32)
     hlo = step.lower(graphdef, state, cache, zeros, zeros, zeros, steps.RowSampling.host(b, cfg.vocab_size),
-                     any_sampled=False).compile().as_text()
+                     any_sampled=False, steps=decode_steps).compile().as_text()
     cache_dims = sorted((b, cfg.num_kv_heads, s, cfg.head_dim))
     results = re.findall(r"%(\S+) = f32\[([\d,]+)\]\S* (\w+)\(", hlo)  # (name, dims, op) of every instruction
     cache_sized = [(name, op) for name, dims, op in results if sorted(map(int, dims.split(","))) == cache_dims]

@@ -14,10 +14,11 @@ from emoqwen_jax.infer.engine import _JIT_DECODE, Engine, QueueFull, SamplingPar
 pytestmark = pytest.mark.slow  # runs the engine end to end
 
 
-@pytest.fixture(scope="module")
-def engine(session):
-    """One engine for most tests (every test leaves it idle): its shapes compile once."""
-    return Engine(session, max_batch=3, max_len=128, prefill_batch=2)
+@pytest.fixture(scope="module", params=[1, 3], ids=lambda n: f"decode_steps={n}")
+def engine(session, request):
+    """One engine for most tests (every test leaves it idle): its shapes compile once. Every test runs with one
+    token per decode call and with three (rows then end inside a call, and calls straddle the read buckets)."""
+    return Engine(session, max_batch=3, max_len=128, prefill_batch=2, decode_steps=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +118,13 @@ def test_min_tokens_ignore_eos_and_stop_ids(engine, session, mixed):
     free = free_run.token_ids
     eos = free[2]
     assert eos not in free[:2]
-    stopped, ignored, held = Engine(session, max_batch=3, max_len=128, prefill_batch=2, eos_ids=(eos,)).generate(
-        [mixed[1]] * 3, [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, ignore_eos=True),
-                         SamplingParams(max_tokens=8, min_tokens=4)])
+    stopped, ignored, held, released = Engine(session, max_batch=3, max_len=128, prefill_batch=2, eos_ids=(eos,),
+                                              decode_steps=engine.decode_steps).generate(
+        [mixed[1]] * 4, [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, ignore_eos=True),
+                         SamplingParams(max_tokens=8, min_tokens=4), SamplingParams(max_tokens=8, min_tokens=2)])
     assert stopped.token_ids == free[:2] and stopped.finish_reason == "stop"
+    # the mask lifts at the min_tokens-th token, also inside a decode call of several steps
+    assert released.token_ids == free[:2] and released.finish_reason == "stop"
     assert ignored.token_ids == free and ignored.finish_reason == "length"
     assert held.token_ids[:2] == free[:2] and eos not in held.token_ids[:4] and len(held.token_ids) >= 4
     assert stopped.end_token_id == eos and ignored.end_token_id is None and ignored.end_logprob is None
@@ -179,14 +183,16 @@ def test_limits_background_loop_and_scores(session, mixed):
 
 
 @pytest.mark.slow
-def test_a_mesh_of_four_devices_gives_the_tokens_of_one(model, session, mixed, expected):
-    """Weights and KV cache sharded over fsdp=2 x tensor=2 (4 of the 8 CPU devices): the same greedy tokens."""
+@pytest.mark.parametrize("decode_steps", [1, 2])
+def test_a_mesh_of_four_devices_gives_the_tokens_of_one(model, session, mixed, expected, decode_steps):
+    """Weights and KV cache sharded over fsdp=2 x tensor=2 (4 of the 8 CPU devices): the same greedy tokens, also
+    with two tokens per decode call."""
     import jax
 
     from emoqwen_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
-    sharded = Engine(session, max_batch=4, max_len=128, prefill_batch=2, mesh=mesh)
+    sharded = Engine(session, max_batch=4, max_len=128, prefill_batch=2, mesh=mesh, decode_steps=decode_steps)
     from jax.sharding import PartitionSpec as P
 
     assert sharded._cache[0][0].sharding.spec == P("fsdp", "tensor", None, None)  # slots x KV heads
@@ -245,23 +251,25 @@ def test_feed_answers_in_order_and_grows_the_cache(engine, session):
         assert got[i][1].token_ids == alone.token_ids and got[i][1].prompt_tokens == len(prompt.input_ids)
 
 
-def test_warmup_compiles_every_row_count_of_a_prompt_kind(session, mixed):
+@pytest.mark.parametrize("decode_steps", [1, 3])
+def test_warmup_compiles_every_row_count_of_a_prompt_kind(session, mixed, decode_steps):
     """After ``warmup`` with one video prompt, batches of 1-4 such prompts (3 rows pad to 4, their patches as if
     full) add no prefill shape and no decode step (the steps that take the previous step's tokens on the device
-    included), and the warm-up requests leave every slot free."""
-    engine = Engine(session, max_batch=4, max_len=128, prefill_batch=4)
+    included; one step and ``decode_steps`` per call), and the warm-up requests leave every slot free."""
+    engine = Engine(session, max_batch=4, max_len=128, prefill_batch=4, decode_steps=decode_steps)
     engine.warmup(mixed[3])
     shapes, decode_steps = engine.stats()["compiled_prefill_shapes"], _JIT_DECODE._cache_size()
     assert shapes == 3  # rows 1, 2, 4
     for n in (3, 1, 4, 2):
         engine.generate([mixed[3]] * n, SamplingParams(max_tokens=4))
+        engine.generate([mixed[3]] * n, SamplingParams(max_tokens=9, ignore_eos=True))
     stats = engine.stats()
     assert stats["compiled_prefill_shapes"] == shapes and stats["live_slots"] == 0
     assert _JIT_DECODE._cache_size() == decode_steps
 
 
 def test_done_callbacks_run_once_in_order_after_the_tokens(engine, mixed):
-    steps_before = engine.stats().get("decode_steps", 0)
+    calls_before = engine.stats().get("decode_calls", 0)
     seen = []
     handle = engine.submit(mixed[0], SamplingParams(max_tokens=3, ignore_eos=True),
                            on_token=lambda t, d: seen.append("token"))
@@ -271,6 +279,7 @@ def test_done_callbacks_run_once_in_order_after_the_tokens(engine, mixed):
         engine.step()
     handle.add_done_callback(lambda c: seen.append(("late", c.finish_reason)))  # finished already: runs at once
     assert seen == ["token"] * 3 + [("done", "length", 3), ("late", "length")]
-    # the prefill draws token 1, two decode steps the rest: the step in flight when token 3 is queued is not
-    # followed by another (its row has reached max_tokens)
-    assert engine.stats()["live_slots"] == 0 and engine.stats()["decode_steps"] - steps_before == 2
+    # the prefill draws token 1, two one-step decode calls the rest (or one call of three steps, its third token
+    # dropped): the call in flight that draws token 3 is not followed by another (its row reached max_tokens)
+    assert engine.stats()["live_slots"] == 0
+    assert engine.stats()["decode_calls"] - calls_before == (2 if engine.decode_steps == 1 else 1)
