@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media_root", default=None, help="folder whose files requests may name as file:// URLs")
     p.add_argument("--api_key", default=None, help="require Authorization: Bearer <key> on /v1/* and /metrics")
     p.add_argument("--max_upload_mb", type=float, default=64.0, help="largest request body (and file:// file)")
+    p.add_argument("--decode_steps", type=int, default=1,
+                   help="tokens per slot that one decode call draws: more cuts the host's cost per token (small "
+                        "models, many clients), and streams and admits new requests every that many tokens")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data setting, e.g. --set fps=1.0 (repeatable)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServeConfig(ckpt=args.ckpt, max_batch=args.max_batch, max_len=args.max_len,
                              media_root=args.media_root, api_key=args.api_key, max_upload_mb=args.max_upload_mb,
-                             data=parse_sets(args.set), dtype=args.dtype)
+                             data=parse_sets(args.set), dtype=args.dtype, decode_steps=args.decode_steps)
     except (FileNotFoundError, ValueError) as err:
         print(f"emoqwen-serve: error: {err}", file=sys.stderr)
         return 2

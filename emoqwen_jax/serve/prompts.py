@@ -32,6 +32,12 @@ DEFAULT_MAX_TOKENS = 512  # a chat completion's budget when the request names no
 _PART_KIND = {"image_url": "image", "video_url": "video", "input_audio": "audio"}
 
 
+def has_media(request: ChatRequest) -> bool:
+    """Whether any message has a part other than text."""
+    return any(not isinstance(m.content, str) and any(part.type != "text" for part in m.content)
+               for m in request.messages)
+
+
 def chat_turns(request: ChatRequest, media: Materialized) -> list[dict[str, str]]:
     """The request's messages as chat turns; media parts are resolved into ``media`` (in order)."""
     turns = []

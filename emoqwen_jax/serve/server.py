@@ -55,11 +55,13 @@ class ServeConfig:
     dtype: str | None = None
     warmup: bool = True
     max_inflight: int | None = None  # requests admitted at once (None: 4 x max_batch); more get 503
+    decode_steps: int = 1  # tokens per slot that one decode call draws (Engine's decode_steps)
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_len < 16 or not self.max_upload_mb > 0:
-            raise ValueError(f"--max_batch {self.max_batch} (>= 1), --max_len {self.max_len} (>= 16) and "
-                             f"--max_upload_mb {self.max_upload_mb} (> 0) are out of range")
+        if self.max_batch < 1 or self.max_len < 16 or not self.max_upload_mb > 0 or self.decode_steps < 1:
+            raise ValueError(f"--max_batch {self.max_batch} (>= 1), --max_len {self.max_len} (>= 16), "
+                             f"--max_upload_mb {self.max_upload_mb} (> 0) or --decode_steps {self.decode_steps} "
+                             f"(>= 1) is out of range")
         if not storage.isdir(self.ckpt):
             raise FileNotFoundError(f"--ckpt {self.ckpt} is not a directory")
         if self.media_root is not None and not os.path.isdir(self.media_root):
@@ -101,7 +103,8 @@ class Server:
             warning = pixel_range_warning(self.session)
             if warning:  # answers at frame sizes the checkpoint never saw are poor: say so, with the fix
                 log.warning("%s", warning)
-            self.engine = Engine(self.session, max_batch=self.config.max_batch, max_len=self.config.max_len)
+            self.engine = Engine(self.session, max_batch=self.config.max_batch, max_len=self.config.max_len,
+                                 decode_steps=self.config.decode_steps)
             self.engine.start()
             if self.config.warmup:
                 self._warm_up()
@@ -224,10 +227,11 @@ class Server:
         for job in jobs:
             job.future.add_done_callback(one_done)
 
-    async def prepare(self, fn: Callable[[], Any]) -> Any:
-        """Runs ``fn`` (media and prompt building) on a worker thread, mapping bad input to API errors."""
+    async def prepare(self, fn: Callable[[], Any], inline: bool = False) -> Any:
+        """Runs ``fn`` (media and prompt building) on a worker thread, or on the event loop when ``inline`` (text
+        only: tokenising takes less than the two thread hops), mapping bad input to API errors."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.prep, fn)
+            return fn() if inline else await asyncio.get_running_loop().run_in_executor(self.prep, fn)
         except Rejected as err:
             if err.reason == "too_long":
                 raise ApiError(400, f"too_long: the prompt is longer than the server's --max_len of "

@@ -41,11 +41,12 @@ def media_root(demo, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def running(ckpt, media_root):
-    """The shared server: 2 slots of 512 tokens, at most 8 requests admitted, a 1 MB body limit, an API key."""
+    """The shared server: 2 slots of 512 tokens, at most 8 requests admitted, a 1 MB body limit, an API key, two
+    tokens per decode call (streams get tokens in pairs, rows end inside calls; the engine's tests cover one)."""
     from emoqwen_jax.serve import ServeConfig
 
     server = Running(ServeConfig(ckpt=ckpt, max_batch=2, max_len=512, media_root=str(media_root), api_key=API_KEY,
-                                 max_upload_mb=1.0, max_inflight=8))
+                                 max_upload_mb=1.0, max_inflight=8, decode_steps=2))
     yield server
     server.stop()
 

@@ -14,7 +14,8 @@ from emoqwen_jax.cli.serve import build_parser, main
 
 pytestmark = pytest.mark.slow  # starts servers
 
-FLAGS = ("--ckpt", "--host", "--port", "--max_batch", "--max_len", "--media_root", "--api_key", "--max_upload_mb")
+FLAGS = ("--ckpt", "--host", "--port", "--max_batch", "--max_len", "--media_root", "--api_key", "--max_upload_mb",
+         "--decode_steps")
 
 
 def test_the_flags_and_their_defaults():
@@ -22,6 +23,7 @@ def test_the_flags_and_their_defaults():
     assert all(flag in text for flag in FLAGS)
     args = build_parser().parse_args(["--ckpt", "c"])
     assert (args.host, args.port, args.max_batch, args.max_upload_mb) == ("127.0.0.1", 8000, 8, 64.0)
+    assert args.decode_steps == 1
 
 
 def test_bad_arguments_exit_2(tmp_path, ckpt, capsys):
@@ -29,6 +31,7 @@ def test_bad_arguments_exit_2(tmp_path, ckpt, capsys):
     assert "--ckpt" in capsys.readouterr().err
     assert main(["--ckpt", ckpt, "--media_root", str(tmp_path / "missing")]) == 2
     assert main(["--ckpt", ckpt, "--max_batch", "0"]) == 2
+    assert main(["--ckpt", ckpt, "--decode_steps", "0"]) == 2
 
 
 def test_the_command_listens_at_once_and_says_it_is_loading(ckpt):
