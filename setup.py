@@ -42,6 +42,7 @@ EXTRAS = {
         "scikit-learn==1.9.1",
         "peft==0.21.2",
         "selenium==4.51.0",  # the page test drives the system's headless Chromium (Debian's chromium-driver)
+        "aiohttp==3.14.5",  # bench/serve.py's clients (vLLM's serving benchmark uses it too)
     ] + SERVE,
     "hf": ["transformers==5.24.0"],
     # emoqwen-serve: the HTTP server and its metrics.

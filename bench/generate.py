@@ -1,7 +1,7 @@
 r"""Batched greedy generation: our engine (``emoqwen_jax.infer.engine``) against transformers' ``generate`` on the
 same weights.
 
-  python bench/generate.py [--preset small] [--rows 8] [--new_tokens 64] [--runs 3]
+  python bench/generate.py [--preset small] [--rows 8] [--new_tokens 64] [--runs 3] [--decode_steps 1]
   python bench/generate.py --preset tiny --rows 2 --new_tokens 8 --runs 1      # a quick check that it runs
 
 The weights: a Qwen2.5-VL of the preset's sizes with transformers' random initialisation, saved with
@@ -72,7 +72,7 @@ def run_jax(args) -> dict:
              for ids, pix in prompts(model.config, args.rows)]
     longest = max(len(p.input_ids) for p in batch)
     engine = Engine(session, max_batch=args.rows, max_len=cache_length(longest + args.new_tokens),
-                    prefill_batch=args.rows)
+                    prefill_batch=args.rows, decode_steps=args.decode_steps)
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
 
     def once():
@@ -130,7 +130,8 @@ def child(args, side: str, weights: str, cache: str) -> dict:
 
     cmd = [sys.executable, __file__, "--side", side, "--weights", weights, "--tokenizer_cache", cache,
            "--preset", args.preset, "--rows", str(args.rows), "--new_tokens", str(args.new_tokens),
-           "--runs", str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--runs", str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--decode_steps", str(args.decode_steps)]
     return run_json(cmd, echo=False)
 
 
@@ -142,6 +143,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--decode_steps", type=int, default=1, help="our engine's tokens per decode call")
     ap.add_argument("--side", choices=("both", "jax", "torch"), default="both", help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer_cache", default="", help=argparse.SUPPRESS)
@@ -163,6 +165,7 @@ def main(argv=None) -> dict:
     machine = machine_info(before)
     same = float(np.mean([a == b for a, b in zip(ours["tokens"], theirs["tokens"], strict=True)]))
     report = {"preset": args.preset, "rows": args.rows, "new_tokens": args.new_tokens, "runs": args.runs,
+              "decode_steps": args.decode_steps,
               "jax_tokens_per_s": round(ours["tokens_per_s"], 1),
               "torch_tokens_per_s": round(theirs["tokens_per_s"], 1),
               "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2), "same_tokens": same,

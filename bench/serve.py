@@ -1,6 +1,6 @@
 r"""Serving throughput: N concurrent clients on loopback against ``emoqwen-serve``, and one client at a time.
 
-  python bench/serve.py [--ckpt DIR] [--clients 8] [--requests 64] [--max_batch 8] [--tokens 32]
+  python bench/serve.py [--ckpt DIR] [--clients 8] [--requests 64] [--max_batch 8] [--tokens 32] [--decode_steps 1]
 
 Starts ``emoqwen-serve`` (its own process, 127.0.0.1, a free port) on ``--ckpt`` — by default a random model
 of the ``demo`` preset saved with the demo's data settings (throughput does not depend on the weights when
@@ -9,12 +9,15 @@ every completion has a fixed length) — and waits for /healthz. Two workloads, 
 
   completion      POST /v1/chat/completions, a short text prompt, ``--tokens`` tokens (``ignore_eos``,
                   ``min_tokens``: fixed lengths, as vLLM's serving benchmark fixes them), streamed: time to
-                  first token and per-token latency measured at the client
+                  first token and time per output token after it, (latency - TTFT) / (tokens - 1), vLLM's TPOT
+                  (a chunk may carry several tokens), measured at the client
   classification  POST /v1/emotion on a demo clip (the short answer: the label and the class scores)
 
 Prints per setting requests/s, generated tokens/s, time to first token p50/p95, per-token latency p50 and the
 ratio of N clients' throughput to one client's, and a JSON line with all figures and ``machine``
 (``machine_info()`` before and after: a run whose load exceeded the core count is marked unreliable).
+The clients are aiohttp's, as in vLLM's serving benchmark: they share the machine with the server, and a
+lighter client leaves more of it to the server (httpx's took three times the CPU per request).
 The default 64 requests check that it runs; a ratio needs the N-client phase to last seconds, not a fraction
 of one (``--requests 1024`` on the demo model: about 5 s; at 256 two runs a minute apart gave 3.3× and 5.1×).
 """
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 
+import aiohttp
 import httpx
 import numpy as np
 from machine import describe, machine_info  # bench/machine.py (this script's directory is on sys.path)
@@ -56,14 +60,16 @@ def random_checkpoint(root: str, preset: str) -> str:
     return save_model(model, os.path.join(root, preset), meta={"data": json.loads(json.dumps(data, default=str))})
 
 
-def start_server(ckpt: str, max_batch: int, max_len: int, timeout: float) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: str, max_batch: int, max_len: int, timeout: float, decode_steps: int = 1
+                 ) -> tuple[subprocess.Popen, str]:
     import socket  # noqa: PLC0415
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "emoqwen_jax.cli.serve", "--ckpt", ckpt, "--port", str(port),
-                             "--max_batch", str(max_batch), "--max_len", str(max_len)],
+                             "--max_batch", str(max_batch), "--max_len", str(max_len),
+                             "--decode_steps", str(decode_steps)],
                             env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -81,33 +87,33 @@ def start_server(ckpt: str, max_batch: int, max_len: int, timeout: float) -> tup
     raise TimeoutError(f"emoqwen-serve was not ready within {timeout} s")
 
 
-async def completion(client: httpx.AsyncClient, tokens: int) -> dict:
+async def completion(client: aiohttp.ClientSession, tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": "Describe how the person in the story feels."}],
             "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
-    times = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    first = None
+    async with client.post("/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"content"' in line and '"role"' not in line:
-                times.append(time.perf_counter())
+        async for line in r.content:  # one SSE line at a time
+            if first is None and line.startswith(b"data: {") and b'"content"' in line and b'"role"' not in line:
+                first = time.perf_counter()
     end = time.perf_counter()
-    gaps = np.diff(times) if len(times) > 1 else np.zeros(0)
-    return {"latency": end - start, "ttft": times[0] - start if times else end - start, "tokens": tokens,
-            "tpot": float(gaps.mean()) if gaps.size else None}
+    ttft = (first or end) - start
+    return {"latency": end - start, "ttft": ttft, "tokens": tokens,
+            "tpot": (end - start - ttft) / (tokens - 1) if tokens > 1 else None}
 
 
-async def classification(client: httpx.AsyncClient, clip_url: str) -> dict:
+async def classification(client: aiohttp.ClientSession, clip_url: str) -> dict:
     start = time.perf_counter()
-    r = await client.post("/v1/emotion", json={"video": clip_url})
-    r.raise_for_status()
+    async with client.post("/v1/emotion", json={"video": clip_url}) as r:
+        r.raise_for_status()
+        usage = (await r.json())["usage"]
     end = time.perf_counter()
-    return {"latency": end - start, "ttft": end - start, "tokens": r.json()["usage"]["completion_tokens"],
-            "tpot": None}
+    return {"latency": end - start, "ttft": end - start, "tokens": usage["completion_tokens"], "tpot": None}
 
 
 async def run(url: str, workload: str, clients: int, requests: int, tokens: int, clip_url: str) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=600)) as client:
         async def one():
             if workload == "completion":
                 return await completion(client, tokens)
@@ -145,6 +151,7 @@ def main() -> None:
     parser.add_argument("--max_batch", type=int, default=8)
     parser.add_argument("--max_len", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=32, help="tokens per completion")
+    parser.add_argument("--decode_steps", type=int, default=1, help="emoqwen-serve's --decode_steps")
     parser.add_argument("--workloads", nargs="+", default=["completion", "classification"],
                         choices=["completion", "classification"])
     parser.add_argument("--ready_timeout", type=float, default=900.0)
@@ -157,7 +164,7 @@ def main() -> None:
         write_clip(os.path.join(tmp, "clip.mp4"), 0, "happy")
         with open(os.path.join(tmp, "clip.mp4"), "rb") as f:
             clip_url = "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
-        proc, url = start_server(ckpt, args.max_batch, args.max_len, args.ready_timeout)
+        proc, url = start_server(ckpt, args.max_batch, args.max_len, args.ready_timeout, args.decode_steps)
         try:
             rows = []
             for workload in args.workloads:
@@ -175,7 +182,8 @@ def main() -> None:
     machine = machine_info(before)
     print(f"throughput with {args.clients} clients / 1 client: {ratios}; {describe(machine)}")
     print(json.dumps({"bench": "serve", "ckpt": args.ckpt or f"random {args.preset}", "max_batch": args.max_batch,
-                      "tokens": args.tokens, "rows": rows, "ratio_vs_one_client": ratios, "machine": machine}))
+                      "tokens": args.tokens, "decode_steps": args.decode_steps, "rows": rows,
+                      "ratio_vs_one_client": ratios, "machine": machine}))
 
 
 if __name__ == "__main__":
