@@ -19,7 +19,8 @@ ratio of N clients' throughput to one client's, and a JSON line with all figures
 The clients are aiohttp's, as in vLLM's serving benchmark: they share the machine with the server, and a
 lighter client leaves more of it to the server (httpx's took three times the CPU per request).
 The default 64 requests check that it runs; a ratio needs the N-client phase to last seconds, not a fraction
-of one (``--requests 1024`` on the demo model: about 5 s; at 256 two runs a minute apart gave 3.3× and 5.1×).
+of one (``--requests 2048`` on the demo model: 4 to 7 s with 8 clients; at 256 two runs a minute apart gave
+3.3× and 5.1×).
 """
 
 from __future__ import annotations

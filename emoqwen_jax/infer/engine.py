@@ -9,22 +9,24 @@ The loop (one thread: ``start``'s, or the caller's inside ``generate``) repeats:
   1. drop cancelled requests (a live one's slot is free from here on);
   2. if requests wait and slots are free: ONE prefill of up to ``prefill_batch`` waiting prompts (arrival
      order), written into free slots; their first token is drawn from the prefill's logits;
-  3. one decode step that advances every live slot by one token; finished slots are free for the next round.
-     The step is queued on the device first and the previous step's tokens are read back after it (one step in
-     flight; the previous tokens feed it on the device), so the host's work on a step's tokens (detokenising,
-     callbacks, the next inputs) overlaps the device's next step.
-So a request that arrives waits at most for the running decode step, and the live requests are never held
-up by more than one prefill between two of their tokens (the interleaving policy).
+  3. one decode call that advances every live slot by one token, or by ``decode_steps`` tokens (several steps
+     in one compiled loop); finished slots are free for the next round. The call is queued on the device first
+     and the previous call's tokens are read back after it (one call in flight; the previous tokens feed it on
+     the device), then this round's prefill (its first tokens feed the call on the device too), so the host's
+     work on the tokens (detokenising, callbacks, the next inputs) overlaps the device's next call.
+So a request that arrives waits at most for the running decode call, and the live requests are never held
+up by more than one prefill between two of their calls (the interleaving policy).
 
-Compiled shapes stay few (``engine_steps`` holds the device functions): the decode step has one shape per
-``length_buckets`` entry, the cache columns its attention reads (the bucket that holds the longest live row),
-each in two variants (all-greedy, or with sampled rows); a prefill's shape is (rows, length, patches, items, audio
+Compiled shapes stay few (``engine_steps`` holds the device functions): the decode call has one shape per
+``length_buckets`` entry, the cache columns its attention reads (the bucket that holds the longest live row's
+last column), and per step count (1, and ``decode_steps``), each in two variants (all-greedy, or with sampled
+rows); a prefill's shape is (rows, length, patches, items, audio
 windows), each padded to a bucket: rows to a power of two <= ``prefill_batch``, length to ``length_buckets``
 (64 · 2^k, and ``max_len``), patch rows to ``patch_buckets`` (256 · 2^k and 384 · 2^k) and items to a power of
 two (both counted as if the padding rows held prompts like the real ones), audio windows to the checkpoint's
 window buckets (else a multiple of 8), plus the ViT's ``layout.local_blocks`` (which block sizes hold the
 batch's windows and frames whole: one value per kind of image). ``warmup`` compiles every row count of one kind
-of prompt, and the decode step at every column bucket, up front.
+of prompt, and the decode call at every column bucket and step count, up front.
 
 Greedy output equals ``emoqwen_jax.infer.generate`` for the prompt alone whatever else is in flight (each row
 of every computation depends on its own inputs only); see ``engine_steps`` for the sampling streams.
@@ -326,8 +328,8 @@ class Engine:
     def warmup(self, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Compiles, before any traffic, what prompts like ``prompt`` will need: the prefill of 1, 2, 4, …,
         ``prefill_batch`` copies of it and the decode step (greedy, or sampled when ``params`` samples), so
-        that no compilation stalls a later round: the prefills by throw-away requests, the decode step at every
-        visible length by throw-away steps. Call it while the loop is idle."""
+        that no compilation stalls a later round: the prefills by throw-away requests, the decode call at every
+        visible length and step count by throw-away calls. Call it while the loop is idle."""
         temperature = 0.0 if params is None else params.temperature
         room = self.max_len - len(prompt.input_ids)  # a prompt that fills the cache but one column: no decode
         probe = SamplingParams(max_tokens=max(1, min(2, room)), temperature=temperature, ignore_eos=True, seed=0)
