@@ -201,19 +201,29 @@ def test_start_up_warns_when_frames_are_far_outside_the_trained_pixel_range(ckpt
 
 
 def test_a_client_that_hangs_up_before_its_answer_frees_its_slot(running, client):
-    """A non-streamed request whose client goes away is cancelled. Two long requests hold both slots, so the
-    hung-up one is still waiting for a slot (or barely started) when the server notices."""
+    """A non-streamed request whose client goes away is cancelled. The engine's loop is paused while two long
+    requests and then the one that hangs up arrive, so the hung-up one is certainly still waiting for a slot
+    when the server notices (however fast the engine is); the loop resumes once the cancel is queued."""
     engine = running.server.engine
     cancelled = engine.stats().get("finished_cancelled", 0)
     long = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 400, "ignore_eos": True}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        busy = [pool.submit(client.post, "/v1/chat/completions", json=long) for _ in range(2)]
-        while engine.stats()["live_slots"] < 2 and not all(f.done() for f in busy):
-            time.sleep(0.01)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{running.url}/v1/chat/completions", json=long, timeout=httpx.Timeout(30, read=0.05),
-                       headers={"Authorization": f"Bearer {API_KEY}"})
-        assert all(f.result().status_code == 200 for f in busy)
+    engine.stop()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            busy = [pool.submit(client.post, "/v1/chat/completions", json=long) for _ in range(2)]
+            deadline = time.monotonic() + 20
+            while engine.stats()["queue_depth"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{running.url}/v1/chat/completions", json=long, timeout=httpx.Timeout(30, read=0.05),
+                           headers={"Authorization": f"Bearer {API_KEY}"})
+            while not engine._cancelled and time.monotonic() < deadline:  # the server has seen the hang-up
+                time.sleep(0.01)
+            assert engine._cancelled and engine.stats()["queue_depth"] == 3
+            engine.start()
+            assert all(f.result().status_code == 200 for f in busy)
+    finally:
+        engine.start()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and engine.stats()["live_slots"]:
         time.sleep(0.05)
