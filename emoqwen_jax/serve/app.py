@@ -136,7 +136,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
                     turns = prompts.chat_turns(body, media)
                     return prompts.build_prompts(server.session, [turns], media.items)[0]
 
-            prompt = await server.prepare(build, inline=not prompts.has_media(body))
+            prompt = await server.prepare(build, inline=prompts.short_text_only(body))
             params = prompts.chat_params(body, len(prompt.input_ids), config.max_len)
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             if not body.stream:

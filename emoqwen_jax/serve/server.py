@@ -228,8 +228,8 @@ class Server:
             job.future.add_done_callback(one_done)
 
     async def prepare(self, fn: Callable[[], Any], inline: bool = False) -> Any:
-        """Runs ``fn`` (media and prompt building) on a worker thread, or on the event loop when ``inline`` (text
-        only: tokenising takes less than the two thread hops), mapping bad input to API errors."""
+        """Runs ``fn`` (media and prompt building) on a worker thread, or on the event loop when ``inline`` (a
+        short text-only prompt: no thread hop there and back), mapping bad input to API errors."""
         try:
             return fn() if inline else await asyncio.get_running_loop().run_in_executor(self.prep, fn)
         except Rejected as err:
