@@ -603,11 +603,10 @@ class Engine:
             sampled = any(r is not None and r.params.temperature > 0 for r in live)
             n = self.decode_steps if 2 * wanted > self.decode_steps else 1
             # attention reads the cache only up to the length bucket that holds the longest live row's last column
-            visible = _fit(int(index.max()) + n, self.length_buckets, self.max_len)
+            visible = _fit(min(int(index.max()) + n, self.max_len), self.length_buckets, self.max_len)
             out, logp, self._carried, self._cache = _JIT_DECODE(
                 self._graph, self._leaves, self._cache, tokens, index, position, self._rows(live, b, ahead),
-                any_sampled=sampled, carried=self._carried, use_carried=use_carried,
-                visible=min(visible, self.max_len), steps=n)
+                any_sampled=sampled, carried=self._carried, use_carried=use_carried, visible=visible, steps=n)
             self._inflight = (out, logp, live, n)
             with self._lock:
                 self._counts["decode_steps"] += n

@@ -258,14 +258,14 @@ def test_warmup_compiles_every_row_count_of_a_prompt_kind(session, mixed, decode
     included; one step and ``decode_steps`` per call), and the warm-up requests leave every slot free."""
     engine = Engine(session, max_batch=4, max_len=128, prefill_batch=4, decode_steps=decode_steps)
     engine.warmup(mixed[3])
-    shapes, decode_steps = engine.stats()["compiled_prefill_shapes"], _JIT_DECODE._cache_size()
+    shapes, decode_programs = engine.stats()["compiled_prefill_shapes"], _JIT_DECODE._cache_size()
     assert shapes == 3  # rows 1, 2, 4
     for n in (3, 1, 4, 2):
         engine.generate([mixed[3]] * n, SamplingParams(max_tokens=4))
         engine.generate([mixed[3]] * n, SamplingParams(max_tokens=9, ignore_eos=True))
     stats = engine.stats()
     assert stats["compiled_prefill_shapes"] == shapes and stats["live_slots"] == 0
-    assert _JIT_DECODE._cache_size() == decode_steps
+    assert _JIT_DECODE._cache_size() == decode_programs
 
 
 def test_done_callbacks_run_once_in_order_after_the_tokens(engine, mixed):
